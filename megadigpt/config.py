@@ -1,0 +1,261 @@
+"""The typed config tree. A YAML file fills it section by section; ``key=value`` overrides follow. Unknown or
+misspelled keys are an error (with a suggestion), never silently ignored.
+
+Every field's comment is its documentation; README's config reference is generated from the same tree
+(``megadigpt config-reference``).
+"""
+
+import dataclasses
+import difflib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A problem with the user's config or inputs, reported in one line before any heavy initialisation."""
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "vit_base"  # vit_tiny|vit_small|vit_base|vit_large|vit_huge|vit_giant|vit_gigantic|vit_e
+    patch_size: int = 16  # 14 or 16 for the paper's models; any divisor of img_size works
+    img_size: int = 224  # student input resolution (square)
+    embed_dim: Optional[int] = None  # override the arch's width
+    depth: Optional[int] = None  # override the arch's depth
+    num_heads: Optional[int] = None  # override the arch's heads
+    mlp_ratio: Optional[float] = None  # override the arch's MLP ratio
+    segment_grid: int = 2  # segments per side: 2 -> 4 quadrant segments, the first 3 encoded (spec §1)
+    taps: Optional[List[int]] = None  # 1-indexed encoder blocks feeding the decoders; default: 4 over the upper half
+    decoder_dim: int = 1024  # width of both decoders
+    decoder_depth: int = 2  # blocks per decoder
+    decoder_heads: int = 32  # heads per decoder block
+    decoder_mlp_ratio: float = 4.0
+    drop_path: float = 0.0  # stochastic depth of the encoder (0 in the reference; 0.1 for EVA-02-L style)
+    attention: str = "sdpa"  # sdpa (CPU+GPU) | flex (CUDA fused, block-sparse) | eager (reference arithmetic)
+
+    def resolved_size(self):
+        from .model.vit import VIT_SIZES, ViTSize
+
+        base = VIT_SIZES[self.arch]
+        return ViTSize(self.embed_dim or base.embed_dim, self.depth or base.depth, self.num_heads or base.num_heads,
+                       self.mlp_ratio or base.mlp_ratio)
+
+    def resolved_taps(self) -> List[int]:
+        from .model.vit import default_taps
+
+        return list(self.taps) if self.taps else default_taps(self.resolved_size().depth)
+
+
+@dataclass
+class TargetConfig:
+    kind: str = "efficientnet_lite0"  # open_clip | timm | efficientnet_lite0 | pixels
+    model: Optional[str] = None  # open_clip arch (e.g. ViT-H-14) or timm model name
+    weights: Optional[str] = None  # local weights file; for open_clip also a pretrained tag (e.g. laion2b_s32b_b79k)
+    image_size: Optional[int] = None  # teacher input resolution; default: the student's img_size
+    layer: str = "stride16"  # efficientnet_lite0 only: stride16 (112-d tokens) | stride32 (1280-d)
+    patch_size: Optional[int] = None  # pixels only: patch of the pixel target; default the student's patch
+    dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16
+
+
+@dataclass
+class DataConfig:
+    source: Union[str, List[str]] = "demo"  # demo | image folder | .tar shards (file, dir, glob or {a..b})
+    loader: str = "torch"  # torch (the DALI loader arrives with the data issue)
+    crop_scale: Tuple[float, float] = (0.2, 1.0)  # RandomResizedCrop scale range
+    crop_ratio: Tuple[float, float] = (0.75, 1.3333333333333333)  # RandomResizedCrop aspect range
+    interpolation: str = "bicubic"  # bicubic | bilinear
+    hflip: bool = True
+    mean: Tuple[float, float, float] = (0.485, 0.456, 0.406)  # student normalisation (ImageNet)
+    std: Tuple[float, float, float] = (0.229, 0.224, 0.225)
+    num_workers: int = 2  # DataLoader workers per rank
+
+
+@dataclass
+class OptimConfig:
+    lr: Optional[float] = None  # absolute peak lr; default blr * global_batch / 256
+    blr: float = 1.5e-4  # base lr per 256 images
+    min_lr: float = 0.0
+    betas: Tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    weight_decay: float = 0.05  # not applied to 1-D parameters and biases
+    warmup_epochs: float = 40.0
+    warmup_steps: Optional[int] = None  # overrides warmup_epochs
+    grad_clip: float = 0.0  # global-norm clipping; 0 = off (the reference clips nothing)
+
+
+@dataclass
+class TrainConfig:
+    run_dir: str = "runs/digpt"  # checkpoints, metrics.jsonl, TensorBoard, the resolved config
+    epochs: float = 300.0
+    max_steps: Optional[int] = None  # optimizer steps; overrides epochs
+    global_batch: int = 4096  # images per optimizer step, all ranks and accumulation together
+    micro_batch: int = 64  # images per rank per forward; accumulation = global / (micro * world)
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16
+    zero_stage: int = 3  # 0 | 1 | 2 | 3
+    ds_config: Optional[str] = None  # DeepSpeed JSON template; default ds_configs/zero<stage>.json
+    activation_checkpointing: bool = False  # recompute encoder blocks in backward
+    ckpt_every: int = 1000  # optimizer steps between checkpoints (and always at the end)
+    log_every: int = 10  # optimizer steps between metric lines
+    tensorboard: bool = True
+    progress: str = "auto"  # auto (a bar when stderr is a terminal) | on | off
+    peak_tflops: Optional[float] = None  # per-device peak for MFU; default: known GPUs, or a measured CPU matmul
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    target: TargetConfig = field(default_factory=TargetConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return _plain(dataclasses.asdict(self))
+
+
+def _plain(x):
+    if isinstance(x, dict):
+        return {k: _plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_plain(v) for v in x]
+    return x
+
+
+# ---------------------------------------------------------------------------------------------- parsing
+def _suggest(name: str, options) -> str:
+    close = difflib.get_close_matches(name, list(options), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _coerce(value, hint, where: str):
+    origin, args = get_origin(hint), get_args(hint)
+    if origin is Union:
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[-1] if errors else f"{where}: invalid value {value!r}")
+    if origin in (list, List):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return [_coerce(v, args[0], where) for v in value]
+    if origin in (tuple, Tuple):
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ConfigError(f"{where}: expected a list of {len(args)} values, got {value!r}")
+        return tuple(_coerce(v, a, where) for v, a in zip(value, args))
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{where}: unsupported type {hint}")
+
+
+def _apply(section_obj, values: Dict[str, Any], section: str):
+    hints = get_type_hints(type(section_obj))
+    for key, value in values.items():
+        if key not in hints:
+            raise ConfigError(f"unknown config key '{section}.{key}'{_suggest(key, hints)}")
+        setattr(section_obj, key, _coerce(value, hints[key], f"{section}.{key}"))
+
+
+def resolve_config_path(name_or_path: str) -> Path:
+    p = Path(name_or_path)
+    if p.suffix in (".yaml", ".yml") or p.exists():
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {name_or_path}")
+        return p
+    builtin = CONFIG_DIR / f"{name_or_path}.yaml"
+    if builtin.is_file():
+        return builtin
+    names = sorted(q.stem for q in CONFIG_DIR.glob("*.yaml"))
+    raise ConfigError(f"no config file or built-in config named {name_or_path!r}{_suggest(name_or_path, names)}; "
+                      f"built-in: {', '.join(names)}")
+
+
+def parse_overrides(items: List[str]) -> Dict[str, Dict[str, Any]]:
+    out: Dict[str, Dict[str, Any]] = {}
+    for item in items:
+        if "=" not in item or "." not in item.split("=", 1)[0]:
+            raise ConfigError(f"override {item!r} is not of the form section.key=value")
+        key, raw = item.split("=", 1)
+        section, name = key.split(".", 1)
+        out.setdefault(section, {})[name] = yaml.safe_load(raw) if raw != "" else None
+    return out
+
+
+def load_config(name_or_path: Optional[str] = None, overrides: Optional[List[str]] = None) -> Config:
+    cfg = Config()
+    layers = []
+    if name_or_path:
+        path = resolve_config_path(name_or_path)
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})")
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections")
+        layers.append(raw)
+    layers.append(parse_overrides(overrides or []))
+    sections = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
+    for layer in layers:
+        for section, values in layer.items():
+            if section not in sections:
+                raise ConfigError(f"unknown config section '{section}'{_suggest(section, sections)}")
+            if not isinstance(values, dict):
+                raise ConfigError(f"config section '{section}' must be a mapping")
+            _apply(sections[section], values, section)
+    return cfg
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
+def reference_markdown() -> str:
+    """The config reference table for the README, from the field comments of this file."""
+    import inspect
+    import re
+
+    lines = ["| key | default | meaning |", "|---|---|---|"]
+    for section_cls, section in ((ModelConfig, "model"), (TargetConfig, "target"), (DataConfig, "data"),
+                                 (OptimConfig, "optim"), (TrainConfig, "train")):
+        src = inspect.getsource(section_cls)
+        comments = dict(re.findall(r"^\s+(\w+):[^#\n]*#\s*(.*)$", src, flags=re.M))
+        for f in dataclasses.fields(section_cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            lines.append(f"| `{section}.{f.name}` | `{_plain(default)}` | {comments.get(f.name, '')} |")
+    return "\n".join(lines)
+
+
+def world_size_from_env() -> int:
+    """World size as the launcher announces it, before any process group exists."""
+    for var in ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "SLURM_NTASKS"):
+        if os.environ.get(var):
+            return int(os.environ[var])
+    return 1

@@ -1,0 +1,161 @@
+"""The pretraining input stream (torch path).
+
+Determinism and resume: the stream is the concatenation of per-epoch permutations of the dataset, each drawn
+from (seed, epoch). Optimizer step s consumes stream positions [s*G, (s+1)*G) for global batch G; rank r's
+micro-batch a of that step is the slice starting at s*G + (a*world + r)*micro. Every random choice of a sample
+(crop box, flip, segment order) is drawn from (seed, epoch, index) alone. So a run reproduces itself exactly
+after a resume at any step, and the global batch is the same set of identically augmented images for any world
+size and accumulation split.
+
+Bad images (truncated, garbage, empty, unreadable) never stop the run: the sample comes back as zeros with
+``valid = False``, the trainer leaves it out of the loss and counts it.
+"""
+
+import io
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Dict, List, Sequence, Tuple
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .sources import Sample
+
+_INTERP = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR}
+
+
+@dataclass(frozen=True)
+class View:
+    """One rendering of the crop: the student's or the teacher's (its own size and normalisation)."""
+
+    size: int
+    mean: Tuple[float, float, float]
+    std: Tuple[float, float, float]
+
+
+def sample_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
+    return np.random.default_rng([seed, epoch, index])
+
+
+def random_resized_crop_box(rng: np.random.Generator, height: int, width: int, scale, ratio):
+    """torchvision's RandomResizedCrop.get_params, drawing from ``rng``. Returns (top, left, h, w)."""
+    area = height * width
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target_area = area * rng.uniform(scale[0], scale[1])
+        aspect = math.exp(rng.uniform(*log_ratio))
+        w = int(round(math.sqrt(target_area * aspect)))
+        h = int(round(math.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            return int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1)), h, w
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        w, h = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        h, w = height, int(round(height * max(ratio)))
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def decode_rgb(data: bytes) -> Image.Image:
+    """Decode any PIL-readable image (JPEG, PNG named .jpg, CMYK, grayscale, palette) to RGB; raises on garbage."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        img = Image.open(io.BytesIO(data))
+        img.load()
+    return img.convert("RGB")
+
+
+class PretrainStream(torch.utils.data.Dataset):
+    """Map-style dataset over global stream positions; see the module docstring."""
+
+    def __init__(self, samples: Sequence[Sample], sizes: Sequence[int], num_segments: int, seed: int,
+                 scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3), interpolation="bicubic", hflip=True):
+        self.samples = list(samples)
+        self.sizes = sorted(set(sizes))
+        self.num_segments, self.seed = num_segments, seed
+        self.scale, self.ratio, self.hflip = tuple(scale), tuple(ratio), hflip
+        if interpolation not in _INTERP:
+            raise ValueError(f"interpolation must be one of {list(_INTERP)}")
+        self.interp = _INTERP[interpolation]
+        self._perm_cache: Dict[int, np.ndarray] = {}
+        self._handles: Dict[str, object] = {}
+
+    def __len__(self):
+        return len(self.samples)
+
+    def locate(self, position: int) -> Tuple[int, int]:
+        """Stream position -> (epoch, dataset index)."""
+        n = len(self.samples)
+        epoch = position // n
+        perm = self._perm_cache.get(epoch)
+        if perm is None:
+            perm = np.random.default_rng([self.seed, epoch]).permutation(n)
+            self._perm_cache = {epoch: perm}  # one epoch at a time
+        return epoch, int(perm[position % n])
+
+    def __getitem__(self, position: int):
+        epoch, index = self.locate(position)
+        sample = self.samples[index]
+        rng = sample_rng(self.seed, epoch, index)
+        top, left, h, w = 0, 0, 0, 0
+        flip = False
+        valid = True
+        try:
+            img = decode_rgb(sample.read(self._handles))
+            top, left, h, w = random_resized_crop_box(rng, img.height, img.width, self.scale, self.ratio)
+            flip = bool(self.hflip and rng.random() < 0.5)
+            crop = img.crop((left, top, left + w, top + h))
+            views = []
+            for s in self.sizes:
+                v = crop.resize((s, s), self.interp)
+                if flip:
+                    v = v.transpose(Image.FLIP_LEFT_RIGHT)
+                views.append(torch.from_numpy(np.asarray(v, dtype=np.uint8).copy()).permute(2, 0, 1))
+        except Exception:  # noqa: BLE001 - any undecodable input is a bad sample, not a dead run
+            valid = False
+            views = [torch.zeros(3, s, s, dtype=torch.uint8) for s in self.sizes]
+        # the segment order has its own stream, so it does not depend on whether the image decoded
+        order = torch.from_numpy(np.random.default_rng([self.seed, epoch, index, 1]).permutation(self.num_segments))
+        return {"views": views, "order": order, "valid": valid, "label": sample.label, "index": index,
+                "epoch": epoch, "box": (top, left, h, w, flip)}
+
+
+def collate(items: List[dict]) -> dict:
+    return {
+        "views": [torch.stack([it["views"][k] for it in items]) for k in range(len(items[0]["views"]))],
+        "order": torch.stack([it["order"] for it in items]).long(),
+        "valid": torch.tensor([it["valid"] for it in items]),
+        "label": torch.tensor([it["label"] for it in items]),
+        "index": torch.tensor([it["index"] for it in items]),
+        "epoch": torch.tensor([it["epoch"] for it in items]),
+    }
+
+
+class StepBatchSampler(torch.utils.data.Sampler):
+    """Yields this rank's micro-batches of stream positions for optimizer steps [start_step, total_steps)."""
+
+    def __init__(self, global_batch: int, micro_batch: int, rank: int, world: int, start_step: int, total_steps: int):
+        self.G, self.m, self.rank, self.world = global_batch, micro_batch, rank, world
+        self.accum = global_batch // (micro_batch * world)
+        self.start, self.total = start_step, total_steps
+
+    def __len__(self):
+        return max(0, self.total - self.start) * self.accum
+
+    def __iter__(self):
+        for step in range(self.start, self.total):
+            for a in range(self.accum):
+                first = step * self.G + (a * self.world + self.rank) * self.m
+                yield list(range(first, first + self.m))
+
+
+def build_pretrain_loader(stream: PretrainStream, global_batch: int, micro_batch: int, rank: int, world: int,
+                          start_step: int, total_steps: int, num_workers: int):
+    sampler = StepBatchSampler(global_batch, micro_batch, rank, world, start_step, total_steps)
+    return torch.utils.data.DataLoader(stream, batch_sampler=sampler, num_workers=num_workers, collate_fn=collate,
+                                       persistent_workers=False, pin_memory=torch.cuda.is_available(),
+                                       prefetch_factor=4 if num_workers > 0 else None)

@@ -1,0 +1,165 @@
+"""Where images come from: webdataset shards (the layout img2dataset writes), image folders, the demo photos.
+
+A source is resolved into a flat, ordered list of :class:`Sample` records; decoding happens in the loader.
+"""
+
+import glob
+import io
+import os
+import re
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List, Optional, Sequence, Union
+
+from ..config import ConfigError
+
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".jpe")
+# Real photos that ship inside the scikit-image wheel: the embedded default data of the demo.
+DEMO_PHOTOS = ("astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "hubble_deep_field.jpg", "retina.jpg",
+               "ihc.png", "motorcycle_left.png", "motorcycle_right.png", "camera.png", "coins.png", "moon.png",
+               "brick.png", "grass.png", "gravel.png", "color.png")
+
+
+@dataclass(frozen=True)
+class Sample:
+    path: str  # an image file, or a tar shard
+    offset: int = -1  # byte offset of the image member inside the tar (-1 for plain files)
+    size: int = -1
+    key: str = ""
+    label: int = -1  # -1 where unknown
+
+    def read(self, handles=None) -> bytes:
+        if self.offset < 0:
+            with open(self.path, "rb") as f:
+                return f.read()
+        f = handles.get(self.path) if handles is not None else None
+        if f is None:
+            f = open(self.path, "rb")
+            if handles is not None:
+                handles[self.path] = f
+        f.seek(self.offset)
+        return f.read(self.size)
+
+
+def demo_dir() -> Path:
+    try:
+        import skimage
+    except ImportError as e:  # pragma: no cover - installed with megadigpt
+        raise ConfigError("the demo data needs scikit-image (pip install scikit-image)") from e
+    return Path(skimage.__file__).parent / "data"
+
+
+def _expand_braces(pattern: str) -> List[str]:
+    m = re.search(r"\{(\d+)\.\.(\d+)\}", pattern)
+    if not m:
+        return [pattern]
+    a, b = m.group(1), m.group(2)
+    width = len(a)
+    out = []
+    for i in range(int(a), int(b) + 1):
+        out += _expand_braces(pattern[:m.start()] + str(i).zfill(width) + pattern[m.end():])
+    return out
+
+
+def _resolve_paths(source: Union[str, Sequence[str]]):
+    """-> ('demo', [files]) | ('tar', [shards]) | ('folder', root)"""
+    items = [source] if isinstance(source, str) else list(source)
+    if items == ["demo"]:
+        d = demo_dir()
+        files = [str(d / n) for n in DEMO_PHOTOS if (d / n).is_file()]
+        if not files:
+            raise ConfigError(f"no demo photos found in {d}")
+        return "demo", files
+    shards, folders = [], []
+    for item in items:
+        item = os.path.expanduser(str(item))
+        expanded = _expand_braces(item)
+        for e in expanded:
+            if any(ch in e for ch in "*?["):
+                matches = sorted(glob.glob(e))
+                if not matches:
+                    raise ConfigError(f"data source pattern matches no file: {e}")
+                shards += [m for m in matches if m.endswith(".tar")]
+                continue
+            p = Path(e)
+            if not p.exists():
+                raise ConfigError(f"data source not found: {e}")
+            if p.is_dir():
+                tars = sorted(str(q) for q in p.glob("*.tar"))
+                if tars:
+                    shards += tars
+                else:
+                    folders.append(str(p))
+            elif p.suffix == ".tar":
+                shards.append(str(p))
+            else:
+                raise ConfigError(f"data source {e} is neither a folder nor a .tar shard")
+    if shards and folders:
+        raise ConfigError("mixing image folders and tar shards in one source is not supported")
+    if folders:
+        if len(folders) > 1:
+            raise ConfigError("give one image folder (or shards)")
+        return "folder", folders[0]
+    if not shards:
+        raise ConfigError(f"data source {source!r} contains no .tar shards or images")
+    return "tar", shards
+
+
+def check_source(source) -> str:
+    """Cheap existence check for early validation; returns the source kind."""
+    kind, _ = _resolve_paths(source)
+    return kind
+
+
+def _tar_samples(shard: str) -> List[Sample]:
+    members = {}
+    try:
+        with tarfile.open(shard, "r:") as tf:
+            for m in tf:
+                if not m.isfile():
+                    continue
+                base = os.path.basename(m.name)
+                if "." not in base:
+                    continue
+                key = os.path.join(os.path.dirname(m.name), base.split(".", 1)[0])
+                ext = "." + base.split(".", 1)[1].lower()
+                members.setdefault(key, {})[ext] = m
+            labels = {}
+            for key, parts in members.items():
+                if ".cls" in parts:
+                    raw = tf.extractfile(parts[".cls"]).read()
+                    try:
+                        labels[key] = int(raw.decode("ascii").strip())
+                    except (UnicodeDecodeError, ValueError):
+                        labels[key] = -1  # unparsable label: the sample still serves pretraining
+    except (tarfile.TarError, OSError) as e:
+        raise ConfigError(f"cannot read shard {shard}: {e}")
+    out = []
+    for key, parts in members.items():
+        img = next((parts[e] for e in IMAGE_EXTS if e in parts), None)
+        if img is None:
+            continue  # a sample with no image component is skipped
+        out.append(Sample(shard, img.offset_data, img.size, key, labels.get(key, -1)))
+    return out
+
+
+def find_samples(source) -> List[Sample]:
+    kind, where = _resolve_paths(source)
+    if kind == "demo":
+        return [Sample(f, key=Path(f).stem) for f in where]
+    if kind == "tar":
+        out = []
+        for shard in where:
+            out += _tar_samples(shard)
+    else:
+        root = Path(where)
+        files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTS and p.is_file())
+        classes = sorted({p.relative_to(root).parts[0] for p in files if len(p.relative_to(root).parts) > 1})
+        cidx = {c: i for i, c in enumerate(classes)}
+        out = [Sample(str(p), key=str(p.relative_to(root)),
+                      label=cidx.get(p.relative_to(root).parts[0], -1) if len(p.relative_to(root).parts) > 1 else -1)
+               for p in files]
+    if not out:
+        raise ConfigError(f"data source {source!r} holds no images")
+    return out

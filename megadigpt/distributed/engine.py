@@ -1,0 +1,84 @@
+"""The DeepSpeed engine: config from a JSON template in ds_configs/, process group, initialize."""
+
+import json
+import os
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from ..config import ConfigError
+
+_PKG = Path(__file__).resolve().parent.parent
+# setup.py installs the top-level ds_configs/ as megadigpt/ds_configs; a source checkout has it beside the package
+DS_CONFIG_DIR = next((d for d in (_PKG / "ds_configs", _PKG.parent / "ds_configs") if d.is_dir()), _PKG / "ds_configs")
+
+
+def template_path(zero_stage: int, path: Optional[str] = None) -> Path:
+    p = Path(path) if path else DS_CONFIG_DIR / f"zero{zero_stage}.json"
+    if not p.is_file():
+        raise ConfigError(f"DeepSpeed config template not found: {p}")
+    return p
+
+
+def build_ds_config(cfg, world_size: int, precision: str) -> dict:
+    """Fill a template with the run's batch geometry, precision and clipping; keys the template sets explicitly
+    (other than "auto") win, so a user's JSON can tune buckets, offload, etc."""
+    t = cfg.train
+    try:
+        ds = json.loads(template_path(t.zero_stage, t.ds_config).read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"DeepSpeed config template is not valid JSON: {e}")
+    accum = t.global_batch // (t.micro_batch * world_size)
+    fill = {
+        "train_batch_size": t.global_batch,
+        "train_micro_batch_size_per_gpu": t.micro_batch,
+        "gradient_accumulation_steps": accum,
+        "gradient_clipping": cfg.optim.grad_clip,
+    }
+    for k, v in fill.items():
+        if ds.get(k, "auto") == "auto":
+            ds[k] = v
+        elif ds[k] != v:
+            raise ConfigError(f"DeepSpeed template sets {k}={ds[k]} but the megadigpt config implies {v}")
+    ds.setdefault("zero_optimization", {})
+    if ds["zero_optimization"].get("stage", "auto") == "auto":
+        ds["zero_optimization"]["stage"] = t.zero_stage
+    ds["bf16"] = {"enabled": precision == "bf16"}
+    ds["fp16"] = {"enabled": precision == "fp16", **({"initial_scale_power": 16} if precision == "fp16" else {})}
+    ds.setdefault("steps_per_print", 10 ** 9)  # megadigpt logs itself
+    ds.setdefault("wall_clock_breakdown", False)
+    return ds
+
+
+def init_distributed(env, device_type: str):
+    import deepspeed
+
+    backend = "nccl" if device_type == "cuda" else "gloo"
+    if device_type == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, rank=env.rank,
+                               world_size=env.world_size)
+    return backend
+
+
+def initialize(model, optimizer, ds_config: dict):
+    import deepspeed
+
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+    return engine
+
+
+def set_lr(engine, lr: float):
+    for group in engine.optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
+
+
+def grad_norm(engine) -> Optional[float]:
+    try:
+        g = engine.get_global_grad_norm()
+    except Exception:  # noqa: BLE001 - not every stage exposes it
+        return None
+    if g is None:
+        return None
+    return float(g.item() if torch.is_tensor(g) else g)

@@ -1,0 +1,22 @@
+"""Applied to the plain model before it is handed to DeepSpeed (the torchtitan order: activation checkpointing,
+then compile, then sharding by the engine). Parameter names never change."""
+
+import functools
+
+import torch.utils.checkpoint as ckpt
+
+
+def apply_activation_checkpointing(model, every: int = 1):
+    """Recompute every ``every``-th encoder block in backward (non-reentrant torch checkpointing, which
+    ZeRO-3 supports; the frozen teacher lives outside the engine, away from the known ZeRO-3 trap)."""
+    for i, blk in enumerate(model.encoder.blocks):
+        if i % every == 0:
+            blk.forward = functools.partial(ckpt.checkpoint, blk.forward, use_reentrant=False)
+    return model
+
+
+def set_attention_backend(model, backend: str):
+    for m in model.modules():
+        if hasattr(m, "backend") and hasattr(m, "num_heads"):
+            m.backend = backend
+    return model

@@ -1,0 +1,116 @@
+"""Attention with the block-causal segment mask, behind interchangeable backends.
+
+- ``sdpa``  : ``F.scaled_dot_product_attention`` with the boolean mask. CPU and GPU; trains everywhere.
+- ``flex``  : ``torch.nn.attention.flex_attention`` with a block mask built once from the segment structure
+              (compiled on CUDA). Its backward is CUDA-only: on CPU it can run inference, not training.
+- ``eager`` : the reference implementation's arithmetic (explicit softmax with an additive -inf mask). The
+              baseline that speed-ups are measured against; also the numerical oracle in tests.
+"""
+
+from typing import Dict
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+BACKENDS = ("sdpa", "flex", "eager")
+
+
+class AttentionMask(nn.Module):
+    """Holds the dense boolean mask (True = may attend) and lazily the per-device structures of each backend."""
+
+    def __init__(self, dense: torch.Tensor):
+        super().__init__()
+        self.register_buffer("dense", dense.bool(), persistent=False)
+        self._flex: Dict[str, object] = {}
+
+    def additive(self, dtype) -> torch.Tensor:
+        zero = torch.zeros((), dtype=dtype, device=self.dense.device)
+        return torch.where(self.dense, zero, torch.tensor(float("-inf"), dtype=dtype, device=self.dense.device))
+
+    def flex_block_mask(self):
+        key = str(self.dense.device)
+        if key not in self._flex:
+            from torch.nn.attention.flex_attention import create_block_mask
+
+            dense = self.dense
+
+            def mask_mod(b, h, q_idx, kv_idx):
+                return dense[q_idx, kv_idx]
+
+            n = dense.shape[0]
+            self._flex[key] = create_block_mask(mask_mod, B=None, H=None, Q_LEN=n, KV_LEN=n, device=dense.device)
+        return self._flex[key]
+
+
+_compiled_flex = None
+
+
+def _flex(q, k, v, block_mask, scale):
+    global _compiled_flex
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if q.is_cuda:
+        if _compiled_flex is None:
+            _compiled_flex = torch.compile(flex_attention, dynamic=False)
+        return _compiled_flex(q, k, v, block_mask=block_mask, scale=scale)
+    if torch.is_grad_enabled() and q.requires_grad:
+        raise RuntimeError("attention backend 'flex' has no backward on CPU; use model.attention=sdpa to train on CPU")
+    return flex_attention(q, k, v, block_mask=block_mask, scale=scale)
+
+
+def masked_attention(q, k, v, mask: AttentionMask, backend: str) -> torch.Tensor:
+    """q, k, v: (B, heads, L, head_dim). Returns (B, heads, L, head_dim)."""
+    scale = q.shape[-1] ** -0.5
+    if backend == "sdpa":
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.dense, scale=scale)
+    if backend == "eager":
+        attn = (q @ k.transpose(-2, -1)) * scale + mask.additive(q.dtype)
+        return attn.softmax(dim=-1) @ v
+    if backend == "flex":
+        return _flex(q, k, v, mask.flex_block_mask(), scale)
+    raise ValueError(f"unknown attention backend {backend!r}; choose one of {BACKENDS}")
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with timm's parameter names (``qkv``, ``proj``)."""
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, backend: str = "sdpa"):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"width {dim} is not divisible by {num_heads} heads")
+        self.num_heads = num_heads
+        self.backend = backend
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, mask: AttentionMask = None) -> torch.Tensor:
+        B, L, C = x.shape
+        q, k, v = self.qkv(x).reshape(B, L, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
+        if mask is None:  # full attention: fine-tuning, feature extraction
+            out = F.scaled_dot_product_attention(q, k, v)
+        else:
+            out = masked_attention(q, k, v, mask, self.backend)
+        return self.proj(out.transpose(1, 2).reshape(B, L, C))
+
+
+class CrossAttention(nn.Module):
+    """Decoder queries attend to the encoder memory; separate ``q`` and ``kv`` projections (with bias)."""
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, backend: str = "sdpa"):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"width {dim} is not divisible by {num_heads} heads")
+        self.num_heads = num_heads
+        self.backend = backend
+        self.q = nn.Linear(dim, dim, bias=qkv_bias)
+        self.kv = nn.Linear(dim, dim * 2, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, memory: torch.Tensor, mask: AttentionMask) -> torch.Tensor:
+        B, L, C = x.shape
+        h, d = self.num_heads, C // self.num_heads
+        q = self.q(x).reshape(B, L, h, d).transpose(1, 2)
+        k, v = self.kv(memory).reshape(B, memory.shape[1], 2, h, d).permute(2, 0, 3, 1, 4)
+        out = masked_attention(q, k, v, mask, self.backend)
+        return self.proj(out.transpose(1, 2).reshape(B, L, C))

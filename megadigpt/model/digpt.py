@@ -1,0 +1,158 @@
+"""D-iGPT: block-causal ViT encoder over randomly ordered segments, a generative decoder that predicts the next
+segment's teacher tokens and a discriminative decoder that predicts the visible segments' teacher tokens."""
+
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .attention import AttentionMask
+from .decoder import Decoder, FeatureTaps
+from .masks import SegmentLayout, random_segment_order, segment_patch_index
+from .pos_embed import sincos_2d
+from .vit import ViTEncoder, default_taps
+
+
+def take_segments(x: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """x: (B, S, T, C), order: (B, K) segment ids -> (B, K, T, C)."""
+    return x[torch.arange(x.shape[0], device=x.device)[:, None], order]
+
+
+def cosine_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per-token ``2 - 2 cos(pred, target)`` in fp32. (..., D) -> (...)."""
+    pred, target = F.normalize(pred.float(), dim=-1), F.normalize(target.float(), dim=-1)
+    return 2 - 2 * (pred * target).sum(dim=-1)
+
+
+class DiGPT(nn.Module):
+    def __init__(self, encoder: ViTEncoder, segment_grid: int, teacher_dim: int, teacher_grid: int,
+                 taps: Optional[Sequence[int]] = None, decoder_dim: int = 1024, decoder_depth: int = 2,
+                 decoder_heads: int = 32, decoder_mlp_ratio: float = 4.0, attention: str = "sdpa"):
+        super().__init__()
+        self.encoder = encoder
+        self.layout = SegmentLayout(encoder.grid, segment_grid)
+        self.taps = list(taps) if taps else default_taps(encoder.depth)
+        if not all(1 <= t <= encoder.depth for t in self.taps):
+            raise ValueError(f"feature taps {self.taps} must lie in 1..{encoder.depth}")
+        if teacher_grid % segment_grid:
+            raise ValueError(f"the teacher's {teacher_grid}x{teacher_grid} token grid cannot be cut into "
+                             f"{segment_grid}x{segment_grid} segments")
+        self.teacher_grid = teacher_grid
+        self.teacher_layout = SegmentLayout(teacher_grid, segment_grid)
+
+        self.mask = AttentionMask(self.layout.mask())
+        self.register_buffer("patch_index", self.layout.patch_index(), persistent=False)
+        self.register_buffer("teacher_patch_index", self.teacher_layout.patch_index(), persistent=False)
+        self.register_buffer("decoder_pos_embed", sincos_2d(decoder_dim, encoder.grid, cls_token=False),
+                             persistent=False)
+
+        C = encoder.embed_dim
+        self.gen_taps = FeatureTaps(C, len(self.taps), decoder_dim, decoder_depth)
+        self.dis_taps = FeatureTaps(C, len(self.taps), decoder_dim, decoder_depth)
+        self.gen_decoder = Decoder(decoder_dim, decoder_depth, decoder_heads, decoder_mlp_ratio, teacher_dim, attention)
+        self.dis_decoder = Decoder(decoder_dim, decoder_depth, decoder_heads, decoder_mlp_ratio, teacher_dim, attention)
+        self.reset_parameters()
+
+    # ------------------------------------------------------------------ init
+    def reset_parameters(self):
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        w = self.encoder.patch_embed.proj.weight
+        nn.init.xavier_uniform_(w.data.view(w.shape[0], -1))  # like a Linear over the flattened patch
+        nn.init.zeros_(self.encoder.patch_embed.proj.bias)
+        nn.init.zeros_(self.encoder.cls_token)
+        nn.init.trunc_normal_(self.gen_decoder.query_token, std=0.02)
+        nn.init.trunc_normal_(self.dis_decoder.query_token, std=0.02)
+
+    # ------------------------------------------------------------------ encoder
+    def random_order(self, batch: int, device=None, generator=None) -> torch.Tensor:
+        return random_segment_order(batch, self.layout.num_segments, generator, device)
+
+    def encode(self, images: torch.Tensor, order: torch.Tensor) -> List[torch.Tensor]:
+        """Encode the first S-1 segments of ``order`` (+ CLS last); returns the tapped block outputs (B, L, C)."""
+        enc, lay = self.encoder, self.layout
+        x = enc.embed_patches(images)  # (B, N, C)
+        B, _, C = x.shape
+        x = take_segments(x[:, self.patch_index], order[:, :lay.num_visible])  # (B, S-1, T, C)
+        x = torch.cat([x.reshape(B, -1, C), enc.cls_token.expand(B, -1, -1).to(x.dtype)], dim=1)
+        want, taps = set(self.taps), {}
+        for i, blk in enumerate(enc.blocks, start=1):
+            x = blk(x, self.mask)
+            if i in want:
+                taps[i] = x
+        return [taps[t] for t in self.taps]
+
+    # ------------------------------------------------------------------ decoders
+    def _query_positions(self, order: torch.Tensor, dtype) -> torch.Tensor:
+        """(B, S, T, D) decoder position of each segment, in the sample's order."""
+        pos = self.decoder_pos_embed[self.patch_index].to(dtype)  # (S, T, D)
+        return pos[order]
+
+    def predict(self, images: torch.Tensor, order: torch.Tensor):
+        """Raw predictions (B, L, teacher_dim) of both decoders; row-block k of Gen predicts segment k+1 of
+        ``order``, of Dis segment k; the last row predicts the teacher's CLS token."""
+        taps = self.encode(images, order)
+        B, nv = images.shape[0], self.layout.num_visible
+        pos = self._query_positions(order, taps[0].dtype)
+        cls_pos = pos.new_zeros(B, 1, pos.shape[-1])
+        gen_pos = torch.cat([pos[:, 1:].reshape(B, -1, pos.shape[-1]), cls_pos], dim=1)
+        dis_pos = torch.cat([pos[:, :nv].reshape(B, -1, pos.shape[-1]), cls_pos], dim=1)
+        gen = self.gen_decoder(gen_pos, self.gen_taps(taps), self.mask)
+        dis = self.dis_decoder(dis_pos, self.dis_taps(taps), self.mask)
+        return gen, dis
+
+    # ------------------------------------------------------------------ loss
+    def to_teacher_grid(self, pred: torch.Tensor) -> torch.Tensor:
+        """(B, (S-1)*T, D) segment predictions -> (B, S-1, Tt, D): bilinear per segment to the teacher's grid."""
+        B, _, D = pred.shape
+        nv, s, st = self.layout.num_visible, self.layout.segment_side, self.teacher_layout.segment_side
+        pred = pred.float().reshape(B * nv, s, s, D)
+        if s != st:
+            pred = F.interpolate(pred.permute(0, 3, 1, 2), size=(st, st), mode="bilinear", align_corners=False)
+            pred = pred.permute(0, 2, 3, 1)
+        return pred.reshape(B, nv, st * st, D)
+
+    def targets(self, teacher_tokens: torch.Tensor, order: torch.Tensor):
+        """Teacher patch tokens (B, Nt, D), row-major on the teacher grid -> Gen and Dis targets (B, S-1, Tt, D)."""
+        segs = take_segments(teacher_tokens[:, self.teacher_patch_index], order)  # (B, S, Tt, D)
+        return segs[:, 1:], segs[:, :-1]
+
+    def forward(self, images: torch.Tensor, teacher_tokens: torch.Tensor, teacher_cls: Optional[torch.Tensor] = None,
+                order: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        """images: (B, 3, H, W) student view; teacher_tokens: (B, Gt*Gt, D); teacher_cls: (B, D) or None;
+        order: (B, S) segment order (a fresh random one per sample when None).
+
+        Returns per-sample (B,) Gen and Dis losses, each the mean of ``2 - 2 cos`` over the sample's predicted
+        tokens (CLS counting as one token); the caller reduces over the batch."""
+        if teacher_tokens.shape[1] != self.teacher_grid ** 2:
+            raise ValueError(f"expected {self.teacher_grid ** 2} teacher tokens, got {teacher_tokens.shape[1]}")
+        if order is None:
+            order = self.random_order(images.shape[0], images.device)
+        gen, dis = self.predict(images, order)
+        gen_t, dis_t = self.targets(teacher_tokens, order)
+        nv_tokens = self.layout.num_visible * self.layout.tokens_per_segment
+        losses = []
+        for pred, tgt in ((gen, gen_t), (dis, dis_t)):
+            tok = cosine_loss(self.to_teacher_grid(pred[:, :nv_tokens]), tgt).flatten(1)  # (B, (S-1)*Tt)
+            if teacher_cls is not None:
+                tok = torch.cat([tok, cosine_loss(pred[:, -1], teacher_cls)[:, None]], dim=1)
+            losses.append(tok.mean(dim=1))
+        return losses[0], losses[1]
+
+
+def build_model(model_cfg, teacher_dim: int, teacher_grid: int) -> DiGPT:
+    """Build the student from a :class:`megadigpt.config.ModelConfig`."""
+    size = model_cfg.resolved_size()
+    encoder = ViTEncoder(model_cfg.img_size, model_cfg.patch_size, size.embed_dim, size.depth, size.num_heads,
+                         size.mlp_ratio, model_cfg.drop_path, model_cfg.attention)
+    return DiGPT(encoder, model_cfg.segment_grid, teacher_dim, teacher_grid, taps=model_cfg.resolved_taps(),
+                 decoder_dim=model_cfg.decoder_dim, decoder_depth=model_cfg.decoder_depth,
+                 decoder_heads=model_cfg.decoder_heads, decoder_mlp_ratio=model_cfg.decoder_mlp_ratio,
+                 attention=model_cfg.attention)

@@ -1,0 +1,10 @@
+"""Frozen target models: image (in the teacher's own resolution and normalisation) -> target tokens.
+
+Every target returns ``(tokens, cls)``: tokens (B, G*G, D) row-major over its G x G grid, cls (B, D) or None.
+``describe_target`` answers the sizes from the config alone, without building anything, so that a bad pairing of
+teacher and student is reported before any heavy initialisation.
+"""
+
+from .base import TargetSpec, build_target, describe_target
+
+__all__ = ["TargetSpec", "build_target", "describe_target"]

@@ -1,0 +1,1 @@
+"""Training loops (pretraining now; fine-tuning and probing later) and what they share."""

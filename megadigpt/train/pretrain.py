@@ -1,0 +1,303 @@
+"""D-iGPT pretraining under DeepSpeed.
+
+    validate (cheap, before anything heavy) -> process group -> teacher (frozen, outside the engine)
+    -> student (plain PyTorch) -> activation checkpointing -> DeepSpeed engine -> resume -> loop -> checkpoints
+
+Run it with ``megadigpt pretrain --config <yaml> [section.key=value ...]`` under plain python, torchrun, the
+deepspeed launcher, mpirun or srun.
+"""
+
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from ..config import Config, ConfigError, dump_config
+from ..distributed import env as dist_env
+
+# ============================================================================ validation (no torch work here)
+
+
+@dataclass
+class Plan:
+    world_size: int
+    accum: int
+    device_type: str
+    precision: str
+    teacher_dtype: str
+    target: object  # TargetSpec
+    lr: float
+
+
+def _device_type(requested: str) -> str:
+    import torch
+
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device=cuda but no CUDA device is visible")
+    if requested not in ("cpu", "cuda"):
+        raise ConfigError(f"train.device must be auto, cpu or cuda, got {requested!r}")
+    return requested
+
+
+def plan_run(cfg: Config, world_size: Optional[int] = None) -> Plan:
+    """Every check that needs no model, no data decoding and no process group. Raises ConfigError."""
+    from ..model.vit import VIT_SIZES
+    from ..model.attention import BACKENDS
+    from ..targets import describe_target
+    from ..data import check_source
+    from ..distributed.engine import template_path
+
+    m, t = cfg.model, cfg.train
+    if m.arch not in VIT_SIZES:
+        from ..config import _suggest
+
+        raise ConfigError(f"unknown model.arch {m.arch!r}{_suggest(m.arch, VIT_SIZES)}; choose from "
+                          f"{', '.join(VIT_SIZES)}")
+    size = m.resolved_size()
+    if m.img_size % m.patch_size:
+        raise ConfigError(f"model.img_size {m.img_size} is not divisible by model.patch_size {m.patch_size}")
+    grid = m.img_size // m.patch_size
+    if m.segment_grid < 2 or grid % m.segment_grid:
+        raise ConfigError(f"the {grid}x{grid} patch grid cannot be cut into {m.segment_grid}x{m.segment_grid} "
+                          f"segments (model.segment_grid must be >= 2 and divide {grid})")
+    for name, width, heads in (("model", size.embed_dim, size.num_heads), ("model.decoder", m.decoder_dim,
+                                                                          m.decoder_heads)):
+        if width % heads:
+            raise ConfigError(f"{name} width {width} is not divisible by its {heads} heads")
+        if width % 4:
+            raise ConfigError(f"{name} width {width} must be divisible by 4 (2-D sin-cos position embedding)")
+    taps = m.resolved_taps()
+    if not taps or not all(1 <= x <= size.depth for x in taps):
+        raise ConfigError(f"model.taps {taps} must be blocks in 1..{size.depth}")
+    if m.attention not in BACKENDS:
+        raise ConfigError(f"model.attention must be one of {', '.join(BACKENDS)}, got {m.attention!r}")
+    device_type = _device_type(t.device)
+    if m.attention == "flex" and device_type != "cuda":
+        raise ConfigError("model.attention=flex trains only on CUDA (FlexAttention has no CPU backward); "
+                          "use model.attention=sdpa on CPU")
+
+    spec = describe_target(cfg.target, m)
+    if spec.grid % m.segment_grid:
+        raise ConfigError(f"the teacher's {spec.grid}x{spec.grid} token grid (target image {spec.image_size}) cannot "
+                          f"be cut into {m.segment_grid}x{m.segment_grid} segments like the student's {grid}x{grid}")
+
+    check_source(cfg.data.source)
+    if cfg.data.loader != "torch":
+        raise ConfigError(f"data.loader {cfg.data.loader!r} is not available yet; use data.loader=torch")
+
+    world = world_size if world_size is not None else dist_env.discover().world_size
+    if t.micro_batch < 1 or t.global_batch < 1:
+        raise ConfigError("train.micro_batch and train.global_batch must be positive")
+    if t.global_batch % (t.micro_batch * world):
+        raise ConfigError(f"train.global_batch {t.global_batch} is not divisible by train.micro_batch "
+                          f"{t.micro_batch} x world size {world}")
+    if t.zero_stage not in (0, 1, 2, 3):
+        raise ConfigError(f"train.zero_stage must be 0, 1, 2 or 3, got {t.zero_stage}")
+    template_path(t.zero_stage, t.ds_config)
+
+    precision = t.precision
+    if precision == "auto":
+        precision = "bf16" if device_type == "cuda" else "fp32"
+    if precision not in ("fp32", "bf16", "fp16"):
+        raise ConfigError(f"train.precision must be auto, fp32, bf16 or fp16, got {precision!r}")
+    if precision == "fp16" and device_type == "cpu":
+        raise ConfigError("train.precision=fp16 is refused by DeepSpeed on CPU; use fp32 or bf16")
+    teacher_dtype = cfg.target.dtype
+    if teacher_dtype == "auto":
+        teacher_dtype = "bf16" if device_type == "cuda" else "fp32"
+    if teacher_dtype not in ("fp32", "bf16", "fp16"):
+        raise ConfigError(f"target.dtype must be auto, fp32, bf16 or fp16, got {teacher_dtype!r}")
+    if t.max_steps is None and t.epochs <= 0:
+        raise ConfigError("set train.epochs > 0 or train.max_steps")
+    if t.ckpt_every < 1 or t.log_every < 1:
+        raise ConfigError("train.ckpt_every and train.log_every must be >= 1")
+    lo, hi = cfg.data.crop_scale
+    if not 0 < lo <= hi <= 1:
+        raise ConfigError(f"data.crop_scale must satisfy 0 < lo <= hi <= 1, got {cfg.data.crop_scale}")
+    try:
+        Path(t.run_dir).mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"cannot create train.run_dir {t.run_dir}: {e.strerror}")
+    lr = cfg.optim.lr if cfg.optim.lr is not None else cfg.optim.blr * t.global_batch / 256
+    return Plan(world, t.global_batch // (t.micro_batch * world), device_type, precision, teacher_dtype, spec, lr)
+
+
+# ============================================================================ the run
+
+
+def _dtype(name):
+    import torch
+
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+
+
+def _normalize(x_uint8, mean, std, dtype):
+    import torch
+
+    m = torch.tensor(mean, device=x_uint8.device).view(1, 3, 1, 1)
+    s = torch.tensor(std, device=x_uint8.device).view(1, 3, 1, 1)
+    return ((x_uint8.float() / 255.0 - m) / s).to(dtype)
+
+
+def _set_threads(env):
+    import torch
+
+    if "OMP_NUM_THREADS" not in os.environ:
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", env.world_size))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local)))
+
+
+def pretrain(cfg: Config) -> dict:
+    """Run (or resume) pretraining; returns a summary of the run."""
+    env = dist_env.discover()
+    plan = plan_run(cfg, env.world_size)  # everything cheap is checked before anything heavy starts
+
+    import numpy as np
+    import torch
+    import torch.distributed as dist
+
+    from ..checkpoint import load_latest, save
+    from ..data import PretrainStream, build_pretrain_loader, find_samples
+    from ..distributed import engine as ds_engine
+    from ..distributed.parallelize import apply_activation_checkpointing
+    from ..model import build_model
+    from ..targets import build_target
+    from .metrics import MetricsSink, count_flops, peak_tflops
+    from .optim import build_optimizer, lr_at
+
+    t, m = cfg.train, cfg.model
+    run_dir = Path(t.run_dir)
+    samples = find_samples(cfg.data.source)  # I/O only (tar headers): still before the heavy part
+    n = len(samples)
+    steps_per_epoch = n / t.global_batch
+    total_steps = t.max_steps if t.max_steps is not None else max(1, int(t.epochs * n // t.global_batch))
+    warmup = cfg.optim.warmup_steps if cfg.optim.warmup_steps is not None else cfg.optim.warmup_epochs * steps_per_epoch
+    warmup = min(warmup, total_steps)
+
+    # ---------------------------------------------------------------- processes and devices
+    dist_env.export(env)
+    _set_threads(env)
+    if plan.device_type == "cuda":
+        torch.cuda.set_device(env.local_rank)
+        device = torch.device("cuda", env.local_rank)
+    else:
+        device = torch.device("cpu")
+    ds_engine.init_distributed(env, plan.device_type)
+    rank0 = env.rank == 0
+    if rank0:
+        (run_dir / "config.yaml").write_text(dump_config(cfg))
+
+    # ---------------------------------------------------------------- teacher: frozen, outside the engine
+    torch.manual_seed(t.seed)
+    teacher = build_target(cfg.target, m, device=device, dtype=_dtype(plan.teacher_dtype))
+    spec = teacher.spec
+
+    # ---------------------------------------------------------------- student
+    torch.manual_seed(t.seed)  # identical initial weights on every rank and for every world size
+    model = build_model(m, spec.dim, spec.grid)
+    with torch.device("meta"):
+        meta_model = build_model(m, spec.dim, spec.grid)
+    x_meta = torch.zeros(1, 3, m.img_size, m.img_size, device="meta")
+    student_fwd = count_flops(meta_model, x_meta, torch.zeros(1, spec.grid ** 2, spec.dim, device="meta"),
+                              torch.zeros(1, spec.dim, device="meta"),
+                              torch.arange(m.segment_grid ** 2, device="meta")[None])
+    del meta_model
+    teacher_fwd = count_flops(teacher, torch.zeros(1, 3, spec.image_size, spec.image_size, device=device,
+                                                   dtype=_dtype(plan.teacher_dtype)))
+    if t.activation_checkpointing:
+        apply_activation_checkpointing(model)
+    optimizer = build_optimizer(model, cfg.optim, plan.lr, plan.device_type)
+    ds_config = ds_engine.build_ds_config(cfg, env.world_size, plan.precision)
+    engine = ds_engine.initialize(model, optimizer, ds_config)
+    compute_dtype = _dtype(plan.precision)
+
+    # ---------------------------------------------------------------- resume
+    tag, client = load_latest(engine, run_dir)
+    start_step = int(client.get("step", 0)) if tag else 0
+    if tag:
+        for key in ("global_batch", "seed"):
+            if key in client and client[key] != getattr(t, key):
+                raise ConfigError(f"{run_dir} was trained with train.{key}={client[key]}, now {getattr(t, key)}: "
+                                  f"resuming would change the data order; use a new train.run_dir")
+
+    # ---------------------------------------------------------------- data
+    stream = PretrainStream(samples, [m.img_size, spec.image_size], m.segment_grid ** 2, t.seed,
+                            cfg.data.crop_scale, cfg.data.crop_ratio, cfg.data.interpolation, cfg.data.hflip)
+    loader = build_pretrain_loader(stream, t.global_batch, t.micro_batch, env.rank, env.world_size, start_step,
+                                   total_steps, cfg.data.num_workers)
+    sizes = stream.sizes
+
+    peak, peak_src = peak_tflops(device, t.peak_tflops)
+    sink = MetricsSink(run_dir, rank0, t.tensorboard, t.progress, total_steps, start_step)
+    sink.event(event="resume" if tag else "start", step=start_step, world_size=env.world_size, images=n,
+               total_steps=total_steps, accum=plan.accum, precision=plan.precision, device=str(device),
+               flops_student_fwd=student_fwd, flops_teacher_fwd=teacher_fwd, peak_tflops=peak,
+               peak_tflops_source=peak_src, checkpoint=tag)
+
+    # ---------------------------------------------------------------- loop
+    step, micro = start_step, 0
+    acc = torch.zeros(4, dtype=torch.float64, device=device)  # gen sum, dis sum, valid count, bad count
+    bad_total = int(client.get("bad_samples", 0)) if tag else 0
+    t_last, steps_since = time.perf_counter(), 0
+    history = []
+    engine.train()
+    for batch in loader:
+        if micro == 0:
+            torch.manual_seed(t.seed * 1_000_003 + step * 1009 + env.rank)  # drop-path etc.: stateless per step
+            lr = lr_at(step, plan.lr, warmup, total_steps, cfg.optim.min_lr)
+            ds_engine.set_lr(engine, lr)
+        views = {s: v.to(device, non_blocking=True) for s, v in zip(sizes, batch["views"])}
+        student_in = _normalize(views[m.img_size], cfg.data.mean, cfg.data.std, compute_dtype)
+        teacher_in = _normalize(views[spec.image_size], spec.mean, spec.std, _dtype(plan.teacher_dtype))
+        with torch.no_grad():
+            tokens, cls = teacher(teacher_in)
+        tokens = tokens.to(compute_dtype)
+        cls = cls.to(compute_dtype) if cls is not None else None
+        valid = batch["valid"].to(device).float()
+        gen_per_sample, dis_per_sample = engine(student_in, tokens, cls, batch["order"].to(device))
+        n_valid = valid.sum().clamp(min=1.0)
+        gen = (gen_per_sample * valid).sum() / n_valid
+        dis = (dis_per_sample * valid).sum() / n_valid
+        engine.backward(gen + dis)
+        engine.step()
+        acc += torch.stack([gen.detach().double() * valid.sum(), dis.detach().double() * valid.sum(),
+                            valid.sum().double(), (1 - valid).sum().double()])
+        micro += 1
+        if micro < plan.accum:
+            continue
+        micro = 0
+        step += 1
+        steps_since += 1
+        sink.advance()
+        if step % t.log_every == 0 or step == total_steps:
+            dist.all_reduce(acc)
+            gen_l, dis_l = (acc[0] / acc[2].clamp(min=1)).item(), (acc[1] / acc[2].clamp(min=1)).item()
+            bad_total += int(acc[3].item())
+            elapsed = time.perf_counter() - t_last
+            ips = steps_since * t.global_batch / elapsed
+            rec = {"gen_loss": gen_l, "dis_loss": dis_l, "loss": gen_l + dis_l, "lr": lr,
+                   "grad_norm": ds_engine.grad_norm(engine), "images_per_s": ips,
+                   "bad_samples": bad_total, "epoch": step / steps_per_epoch, "step_time_s": elapsed / steps_since}
+            if student_fwd and peak:
+                achieved = ips / env.world_size * 3 * student_fwd
+                rec["mfu_student"] = achieved / (peak * 1e12)
+                if teacher_fwd:
+                    rec["mfu_total"] = (achieved + ips / env.world_size * teacher_fwd) / (peak * 1e12)
+            sink.log(step, rec)
+            history.append((step, rec))
+            acc.zero_()
+            t_last, steps_since = time.perf_counter(), 0
+        if step % t.ckpt_every == 0 or step == total_steps:
+            save(engine, run_dir, step, {"step": step, "global_batch": t.global_batch, "seed": t.seed,
+                                         "world_size": env.world_size, "bad_samples": bad_total})
+            sink.event(event="checkpoint", step=step)
+    sink.event(event="done", step=step)
+    sink.close()
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    return {"steps": step, "history": history, "run_dir": str(run_dir)}
