@@ -166,10 +166,19 @@ def _coerce(value, hint, where: str):
             raise ConfigError(f"{where}: expected an integer, got {value!r}")
         return value
     if hint is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: expected a number, got {value!r}")
         return float(value)
     if hint is str:
+        if isinstance(value, bool):  # YAML 1.1 reads on/off/yes/no as booleans
+            return "on" if value else "off"
+        if isinstance(value, (int, float)):
+            return str(value)
         if not isinstance(value, str):
             raise ConfigError(f"{where}: expected a string, got {value!r}")
         return value
@@ -249,7 +258,8 @@ def reference_markdown() -> str:
         comments = dict(re.findall(r"^\s+(\w+):[^#\n]*#\s*(.*)$", src, flags=re.M))
         for f in dataclasses.fields(section_cls):
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            lines.append(f"| `{section}.{f.name}` | `{_plain(default)}` | {comments.get(f.name, '')} |")
+            meaning = comments.get(f.name, "").replace("|", "\\|")
+            lines.append(f"| `{section}.{f.name}` | `{_plain(default)}` | {meaning} |")
     return "\n".join(lines)
 
 

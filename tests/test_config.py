@@ -1,0 +1,94 @@
+import subprocess
+import sys
+import time
+
+import pytest
+
+from megadigpt.config import ConfigError, load_config, reference_markdown
+
+from .conftest import REPO, subprocess_env
+
+
+def test_builtin_configs_load_and_validate(tmp_path):
+    from megadigpt.train.pretrain import plan_run
+
+    for name in ("demo", "digpt_vitb16_in1k", "digpt_vitl14_in21k", "digpt_vith14_merged"):
+        cfg = load_config(name, [f"train.run_dir={tmp_path / name}"])
+        assert cfg.model.arch.startswith("vit_")
+        if name == "demo":
+            plan = plan_run(cfg, world_size=1)
+            assert plan.target.grid == 8 and plan.accum == 1
+
+
+def test_reference_recipe_values():
+    cfg = load_config("digpt_vitb16_in1k")
+    assert (cfg.model.arch, cfg.model.patch_size, cfg.model.img_size) == ("vit_base", 16, 224)
+    assert (cfg.target.kind, cfg.target.model) == ("open_clip", "ViT-H-14")
+    assert cfg.train.global_batch == 4096 and cfg.optim.blr == 1.5e-4 and cfg.optim.betas == (0.9, 0.95)
+    assert cfg.optim.warmup_epochs == 40 and cfg.train.epochs == 300 and cfg.optim.weight_decay == 0.05
+
+
+def test_overrides_are_typed():
+    cfg = load_config("demo", ["model.taps=[1,2,3,6]", "optim.betas=[0.9,0.98]", "train.max_steps=7", "optim.lr=1e-3"])
+    assert cfg.model.taps == [1, 2, 3, 6] and cfg.optim.betas == (0.9, 0.98) and cfg.train.max_steps == 7
+    assert cfg.optim.lr == 1e-3
+
+
+@pytest.mark.parametrize("override,match", [
+    ("model.detph=3", "unknown config key 'model.detph' \\(did you mean 'depth'\\?\\)"),
+    ("modle.depth=3", "unknown config section 'modle' \\(did you mean 'model'\\?\\)"),
+    ("train.max_steps=ten", "train.max_steps: expected an integer"),
+    ("data.hflip=2", "expected true/false"),
+    ("depth=3", "section.key=value"),
+])
+def test_bad_keys_and_values(override, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config("demo", [override])
+
+
+def test_unknown_config_name_suggests():
+    with pytest.raises(ConfigError, match="did you mean 'demo'"):
+        load_config("dem")
+
+
+def _cli_error(args, **env):
+    """Run the CLI in a fresh interpreter; report (exit code, stderr lines, whether DeepSpeed was imported)."""
+    code = ("import sys; from megadigpt.cli import main; rc = main(sys.argv[1:]); "
+            "print('DEEPSPEED_IMPORTED' if 'deepspeed' in sys.modules else 'NO_DEEPSPEED'); sys.exit(rc)")
+    t0 = time.time()
+    p = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=str(REPO),
+                       env=subprocess_env(**env), timeout=120)
+    lines = [ln for ln in p.stderr.splitlines() if ln.strip() and "Warning" not in ln and "warn" not in ln]
+    return p.returncode, lines, p.stdout.strip(), time.time() - t0
+
+
+@pytest.mark.parametrize("args,env,match", [
+    (["pretrain", "model.dpeth=3"], {}, "did you mean 'depth'"),
+    (["pretrain", "--data", "/nonexistent/shards"], {}, "data source not found: /nonexistent/shards"),
+    (["pretrain", "target.kind=timm", "target.model=vit_small_patch14_dinov2", "target.weights=/nope/w.safetensors"],
+     {}, "timm teacher weights file not found: /nope/w.safetensors"),
+    (["pretrain", "target.kind=open_clip", "target.model=ViT-B-16", "target.weights=/nope/clip.bin"], {},
+     "open_clip weights file not found"),
+    (["pretrain", "target.image_size=48"], {}, "teacher's 3x3 token grid"),
+    (["pretrain", "train.global_batch=30", "train.micro_batch=4"], {}, "not divisible by train.micro_batch 4"),
+    (["pretrain", "train.global_batch=32", "train.micro_batch=8"], {"WORLD_SIZE": "3", "RANK": "0"},
+     "world size 3"),
+    (["pretrain", "model.img_size=60"], {}, "not divisible by model.patch_size"),
+    (["pretrain", "model.attention=flex", "train.device=cpu"], {}, "flex trains only on CUDA"),
+    (["pretrain", "train.precision=fp16", "train.device=cpu"], {}, "fp16 is refused"),
+])
+def test_bad_input_fails_early_in_one_line(tmp_path, args, env, match):
+    import re
+
+    rc, lines, out, elapsed = _cli_error(args + [f"train.run_dir={tmp_path / 'run'}"], **env)
+    assert rc == 2, lines
+    assert len(lines) == 1 and lines[0].startswith("megadigpt: error:"), lines
+    assert re.search(match, lines[0]), lines[0]
+    assert out == "NO_DEEPSPEED"  # no DeepSpeed start, no model build
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_readme_config_reference_is_current():
+    readme = (REPO / "README.md").read_text()
+    assert reference_markdown() in readme, "README config reference is stale: regenerate with " \
+                                           "`megadigpt config-reference`"
