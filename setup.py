@@ -32,7 +32,7 @@ setup(
     extras_require={
         "test": ["pytest>=7"],
         "mpi": ["mpi4py"],
-        "dali": ["nvidia-dali-cuda120"],
+        "dali": ["nvidia-dali-cuda130"],
     },
     entry_points={"console_scripts": ["megadigpt=megadigpt.cli:main"]},
 )

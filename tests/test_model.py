@@ -148,7 +148,11 @@ def test_loss_without_teacher_cls_and_downsampling():
 
 
 def test_attention_backends_agree():
-    models = {b: tiny(attention=b) for b in ("sdpa", "eager", "flex")}
+    from megadigpt.distributed.parallelize import set_attention_backend
+
+    models = {b: set_attention_backend(tiny(), b) for b in ("sdpa", "eager", "flex")}
+    assert models["flex"].encoder.blocks[0].attn.backend == "flex"
+    assert models["eager"].gen_decoder.blocks[0].cross_attn.backend == "eager"
     images = torch.randn(2, 3, 32, 32)
     order = torch.stack([torch.randperm(4) for _ in range(2)])
     with torch.no_grad():

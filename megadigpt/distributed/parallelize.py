@@ -16,7 +16,11 @@ def apply_activation_checkpointing(model, every: int = 1):
 
 
 def set_attention_backend(model, backend: str):
+    from ..model.attention import BACKENDS, _MultiHead
+
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown attention backend {backend!r}; choose one of {BACKENDS}")
     for m in model.modules():
-        if hasattr(m, "backend") and hasattr(m, "num_heads"):
+        if isinstance(m, _MultiHead):
             m.backend = backend
     return model

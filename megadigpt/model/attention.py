@@ -72,15 +72,22 @@ def masked_attention(q, k, v, mask: AttentionMask, backend: str) -> torch.Tensor
     raise ValueError(f"unknown attention backend {backend!r}; choose one of {BACKENDS}")
 
 
-class Attention(nn.Module):
-    """Multi-head self-attention with timm's parameter names (``qkv``, ``proj``)."""
+class _MultiHead(nn.Module):
+    """Head count and backend name, shared by both attention kinds."""
 
-    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, backend: str = "sdpa"):
+    def __init__(self, dim: int, num_heads: int, backend: str):
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"width {dim} is not divisible by {num_heads} heads")
         self.num_heads = num_heads
-        self.backend = backend
+        self.backend = backend  # switchable after construction (distributed.parallelize.set_attention_backend)
+
+
+class Attention(_MultiHead):
+    """Multi-head self-attention with timm's parameter names (``qkv``, ``proj``)."""
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, backend: str = "sdpa"):
+        super().__init__(dim, num_heads, backend)
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
 
@@ -94,15 +101,11 @@ class Attention(nn.Module):
         return self.proj(out.transpose(1, 2).reshape(B, L, C))
 
 
-class CrossAttention(nn.Module):
+class CrossAttention(_MultiHead):
     """Decoder queries attend to the encoder memory; separate ``q`` and ``kv`` projections (with bias)."""
 
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, backend: str = "sdpa"):
-        super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"width {dim} is not divisible by {num_heads} heads")
-        self.num_heads = num_heads
-        self.backend = backend
+        super().__init__(dim, num_heads, backend)
         self.q = nn.Linear(dim, dim, bias=qkv_bias)
         self.kv = nn.Linear(dim, dim * 2, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
