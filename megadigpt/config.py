@@ -66,14 +66,14 @@ class TargetConfig:
 @dataclass
 class DataConfig:
     source: Union[str, List[str]] = "demo"  # demo | image folder | .tar shards (file, dir, glob or {a..b})
-    loader: str = "torch"  # torch (the DALI loader arrives with the data issue)
+    loader: str = "auto"  # auto (DALI where installed, else torch) | dali | torch
     crop_scale: Tuple[float, float] = (0.2, 1.0)  # RandomResizedCrop scale range
     crop_ratio: Tuple[float, float] = (0.75, 1.3333333333333333)  # RandomResizedCrop aspect range
     interpolation: str = "bicubic"  # bicubic | bilinear
     hflip: bool = True
     mean: Tuple[float, float, float] = (0.485, 0.456, 0.406)  # student normalisation (ImageNet)
     std: Tuple[float, float, float] = (0.229, 0.224, 0.225)
-    num_workers: int = 2  # DataLoader workers per rank
+    num_workers: int = 2  # per rank: DataLoader workers (torch) or DALI CPU threads
 
 
 @dataclass

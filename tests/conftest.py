@@ -9,7 +9,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import io
+
+import numpy as np
 import pytest
+from PIL import Image
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED = Path(os.environ.get("MEGADIGPT_SHARED", REPO.parent / "shared"))
@@ -74,3 +78,33 @@ TINY = [
     "target.kind=pixels", "target.patch_size=4", "data.num_workers=0", "optim.lr=1e-3", "optim.warmup_steps=2",
     "train.log_every=1", "train.tensorboard=false", "train.progress=off",
 ]
+
+
+def make_jpeg(rng, size=(40, 30), mode="RGB", fmt="JPEG"):
+    arr = rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
+    img = Image.fromarray(arr).convert(mode)
+    buf = io.BytesIO()
+    img.save(buf, format=fmt)
+    return buf.getvalue()
+
+
+@pytest.fixture
+def image_folder(tmp_path):
+    """Good images and every kind of broken one, with the validity expected of each."""
+    rng = np.random.default_rng(0)
+    root = tmp_path / "imgs"
+    (root / "cat").mkdir(parents=True)
+    (root / "dog").mkdir()
+    good = make_jpeg(rng)
+    files = {
+        "cat/good.jpg": (good, True),
+        "cat/gray.jpg": (make_jpeg(rng, mode="L"), True),
+        "cat/cmyk.jpg": (make_jpeg(rng, mode="CMYK"), True),
+        "dog/png_named.jpg": (make_jpeg(rng, fmt="PNG"), True),
+        "dog/truncated.jpg": (good[: len(good) // 2], False),
+        "dog/garbage.jpg": (b"not an image at all" * 10, False),
+        "dog/empty.jpg": (b"", False),
+    }
+    for name, (data, _) in files.items():
+        (root / name).write_bytes(data)
+    return root, {n: ok for n, (_, ok) in files.items()}

@@ -11,35 +11,7 @@ from megadigpt.data import PretrainStream, find_samples
 from megadigpt.data.pretrain_loader import StepBatchSampler, build_pretrain_loader, random_resized_crop_box
 from megadigpt.data.sources import DEMO_PHOTOS
 
-
-def _jpeg(rng, size=(40, 30), mode="RGB", fmt="JPEG"):
-    arr = rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
-    img = Image.fromarray(arr).convert(mode)
-    buf = io.BytesIO()
-    img.save(buf, format=fmt)
-    return buf.getvalue()
-
-
-@pytest.fixture
-def image_folder(tmp_path):
-    """Good images and every kind of broken one, with the validity expected of each."""
-    rng = np.random.default_rng(0)
-    root = tmp_path / "imgs"
-    (root / "cat").mkdir(parents=True)
-    (root / "dog").mkdir()
-    good = _jpeg(rng)
-    files = {
-        "cat/good.jpg": (good, True),
-        "cat/gray.jpg": (_jpeg(rng, mode="L"), True),
-        "cat/cmyk.jpg": (_jpeg(rng, mode="CMYK"), True),
-        "dog/png_named.jpg": (_jpeg(rng, fmt="PNG"), True),
-        "dog/truncated.jpg": (good[: len(good) // 2], False),
-        "dog/garbage.jpg": (b"not an image at all" * 10, False),
-        "dog/empty.jpg": (b"", False),
-    }
-    for name, (data, _) in files.items():
-        (root / name).write_bytes(data)
-    return root, {n: ok for n, (_, ok) in files.items()}
+from .conftest import make_jpeg as _jpeg
 
 
 def test_bad_images_are_masked_not_fatal(image_folder):

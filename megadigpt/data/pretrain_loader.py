@@ -80,7 +80,7 @@ class PretrainStream(torch.utils.data.Dataset):
         self.scale, self.ratio, self.hflip = tuple(scale), tuple(ratio), hflip
         if interpolation not in _INTERP:
             raise ValueError(f"interpolation must be one of {list(_INTERP)}")
-        self.interp = _INTERP[interpolation]
+        self.interp, self.interp_name = _INTERP[interpolation], interpolation
         self._perm_cache: Dict[int, np.ndarray] = {}
         self._handles: Dict[str, object] = {}
 
@@ -146,16 +146,25 @@ class StepBatchSampler(torch.utils.data.Sampler):
     def __len__(self):
         return max(0, self.total - self.start) * self.accum
 
+    def __getitem__(self, i: int) -> List[int]:
+        """The i-th micro-batch this sampler yields (random access, nothing materialised)."""
+        step, a = self.start + i // self.accum, i % self.accum
+        first = step * self.G + (a * self.world + self.rank) * self.m
+        return list(range(first, first + self.m))
+
     def __iter__(self):
-        for step in range(self.start, self.total):
-            for a in range(self.accum):
-                first = step * self.G + (a * self.world + self.rank) * self.m
-                yield list(range(first, first + self.m))
+        for i in range(len(self)):
+            yield self[i]
 
 
 def build_pretrain_loader(stream: PretrainStream, global_batch: int, micro_batch: int, rank: int, world: int,
-                          start_step: int, total_steps: int, num_workers: int):
+                          start_step: int, total_steps: int, num_workers: int, kind: str = "torch", device=None):
+    """This rank's micro-batches for steps [start_step, total_steps), from DALI (``kind="dali"``) or torch."""
     sampler = StepBatchSampler(global_batch, micro_batch, rank, world, start_step, total_steps)
+    if kind == "dali":
+        from .dali_loader import DaliPretrainLoader
+
+        return DaliPretrainLoader(stream, sampler, device or torch.device("cpu"), num_threads=max(1, num_workers))
     return torch.utils.data.DataLoader(stream, batch_sampler=sampler, num_workers=num_workers, collate_fn=collate,
                                        persistent_workers=False, pin_memory=torch.cuda.is_available(),
                                        prefetch_factor=4 if num_workers > 0 else None)

@@ -29,6 +29,7 @@ class Plan:
     teacher_dtype: str
     target: object  # TargetSpec
     lr: float
+    loader: str  # dali | torch
 
 
 def _device_type(requested: str) -> str:
@@ -41,6 +42,18 @@ def _device_type(requested: str) -> str:
     if requested not in ("cpu", "cuda"):
         raise ConfigError(f"train.device must be auto, cpu or cuda, got {requested!r}")
     return requested
+
+
+def resolve_loader(name: str) -> str:
+    from ..data.dali_loader import dali_available
+
+    if name == "auto":
+        return "dali" if dali_available() else "torch"
+    if name == "dali" and not dali_available():
+        raise ConfigError("data.loader=dali but NVIDIA DALI is not installed (pip install 'megadigpt[dali]')")
+    if name not in ("dali", "torch"):
+        raise ConfigError(f"data.loader must be auto, dali or torch, got {name!r}")
+    return name
 
 
 def plan_run(cfg: Config, world_size: Optional[int] = None) -> Plan:
@@ -86,8 +99,7 @@ def plan_run(cfg: Config, world_size: Optional[int] = None) -> Plan:
                           f"be cut into {m.segment_grid}x{m.segment_grid} segments like the student's {grid}x{grid}")
 
     check_source(cfg.data.source)
-    if cfg.data.loader != "torch":
-        raise ConfigError(f"data.loader {cfg.data.loader!r} is not available yet; use data.loader=torch")
+    loader = resolve_loader(cfg.data.loader)
 
     world = world_size if world_size is not None else dist_env.discover().world_size
     if t.micro_batch < 1 or t.global_batch < 1:
@@ -123,7 +135,8 @@ def plan_run(cfg: Config, world_size: Optional[int] = None) -> Plan:
     except OSError as e:
         raise ConfigError(f"cannot create train.run_dir {t.run_dir}: {e.strerror}")
     lr = cfg.optim.lr if cfg.optim.lr is not None else cfg.optim.blr * t.global_batch / 256
-    return Plan(world, t.global_batch // (t.micro_batch * world), device_type, precision, teacher_dtype, spec, lr)
+    return Plan(world, t.global_batch // (t.micro_batch * world), device_type, precision, teacher_dtype, spec, lr,
+                loader)
 
 
 # ============================================================================ the run
@@ -228,13 +241,14 @@ def pretrain(cfg: Config) -> dict:
     stream = PretrainStream(samples, [m.img_size, spec.image_size], m.segment_grid ** 2, t.seed,
                             cfg.data.crop_scale, cfg.data.crop_ratio, cfg.data.interpolation, cfg.data.hflip)
     loader = build_pretrain_loader(stream, t.global_batch, t.micro_batch, env.rank, env.world_size, start_step,
-                                   total_steps, cfg.data.num_workers)
+                                   total_steps, cfg.data.num_workers, plan.loader, device)
     sizes = stream.sizes
 
     peak, peak_src = peak_tflops(device, t.peak_tflops)
     sink = MetricsSink(run_dir, rank0, t.tensorboard, t.progress, total_steps, start_step)
     sink.event(event="resume" if tag else "start", step=start_step, world_size=env.world_size, images=n,
                total_steps=total_steps, accum=plan.accum, precision=plan.precision, device=str(device),
+               loader=plan.loader,
                flops_student_fwd=student_fwd, flops_teacher_fwd=teacher_fwd, peak_tflops=peak,
                peak_tflops_source=peak_src, checkpoint=tag)
 
@@ -282,6 +296,8 @@ def pretrain(cfg: Config) -> dict:
             rec = {"gen_loss": gen_l, "dis_loss": dis_l, "loss": gen_l + dis_l, "lr": lr,
                    "grad_norm": ds_engine.grad_norm(engine), "images_per_s": ips,
                    "bad_samples": bad_total, "epoch": step / steps_per_epoch, "step_time_s": elapsed / steps_since}
+            if hasattr(loader, "failed_batches"):
+                rec["dali_fallback_batches"] = loader.failed_batches
             if student_fwd and peak:
                 achieved = ips / env.world_size * 3 * student_fwd
                 rec["mfu_student"] = achieved / (peak * 1e12)
