@@ -3,6 +3,7 @@
 import argparse
 import os
 import sys
+from pathlib import Path
 
 from .config import ConfigError
 
@@ -47,6 +48,31 @@ def cmd_config_reference(args) -> int:
     return 0
 
 
+def cmd_data(args) -> int:
+    import json
+
+    from .data import tools
+
+    if args.data_command == "validate":
+        res = tools.validate(args.source, args.out, workers=args.workers)
+        print(json.dumps(res))
+        if args.shards:
+            tools.build(str(Path(args.out) / "clean.jsonl"), args.shards, shard_size=args.shard_size)
+            print(f"clean shards in {args.shards}")
+    elif args.data_command == "build":
+        m = tools.build(args.source, args.out, shard_size=args.shard_size, prefix=args.prefix)
+        print(json.dumps({k: m[k] for k in ("count", "classes", "labelled")} | {"shards": len(m["shards"])}))
+    elif args.data_command == "merge":
+        m = tools.merge(args.spec, args.out, seed=args.seed)
+        print(json.dumps(m, indent=1))
+    elif args.data_command == "in21k-labels":
+        labels = tools.in21k_labels(args.root, args.variant)
+        Path(args.out).write_text(json.dumps(labels))
+        print(f"{labels['classes']} classes ({'complete' if labels['complete'] else 'expected ' + str(labels['expected_classes'])}); "
+              f"{sum(i >= 0 for i in labels['in1k_to_in21k'])}/1000 ImageNet-1K classes mapped -> {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="megadigpt", description=__doc__)
     # the deepspeed launcher appends --local_rank=N; the rank comes from the environment anyway
@@ -65,6 +91,33 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--config", default="demo")
     sc.add_argument("overrides", nargs="*", metavar="section.key=value")
     sc.set_defaults(fn=cmd_show_config)
+
+    data = sub.add_parser("data", help="dataset tooling: validate, build shards, merge, ImageNet-21K labels")
+    dsub = data.add_subparsers(dest="data_command", required=True)
+    v = dsub.add_parser("validate", help="decode every sample; write clean.jsonl and bad.jsonl (and clean shards)")
+    v.add_argument("source", help="shards, an image folder, or a sample list (.jsonl)")
+    v.add_argument("--out", required=True, help="folder for clean.jsonl / bad.jsonl")
+    v.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    v.add_argument("--shards", default=None, help="also write clean shards to this folder")
+    v.add_argument("--shard-size", type=int, default=10000)
+    v.set_defaults(fn=cmd_data)
+    b = dsub.add_parser("build", help="write webdataset shards + DALI indexes + manifest.json (restartable)")
+    b.add_argument("source", help="an image folder, a file list (.txt: path [label]), shards, or a sample list")
+    b.add_argument("--out", required=True)
+    b.add_argument("--shard-size", type=int, default=10000)
+    b.add_argument("--prefix", default="shard")
+    b.set_defaults(fn=cmd_data)
+    mg = dsub.add_parser("merge", help="merge sources by weight into a sample list (see README)")
+    mg.add_argument("spec", help="YAML: sources [{name, source, weight, expected_count}], total, "
+                                 "exclude_duplicates_of")
+    mg.add_argument("--out", required=True, help="the merged sample list (.jsonl)")
+    mg.add_argument("--seed", type=int, default=0)
+    mg.set_defaults(fn=cmd_data)
+    lab = dsub.add_parser("in21k-labels", help="ImageNet-21K class indices from the synset folders present")
+    lab.add_argument("root", help="folder of nXXXXXXXX synset folders")
+    lab.add_argument("--variant", choices=["fall11", "winter21"], required=True)
+    lab.add_argument("--out", required=True)
+    lab.set_defaults(fn=cmd_data)
 
     cr = sub.add_parser("config-reference", help="print the config reference (markdown)")
     cr.set_defaults(fn=cmd_config_reference)

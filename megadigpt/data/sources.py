@@ -4,7 +4,7 @@ A source is resolved into a flat, ordered list of :class:`Sample` records; decod
 """
 
 import glob
-import io
+import json
 import os
 import re
 import tarfile
@@ -93,6 +93,10 @@ def _resolve_paths(source: Union[str, Sequence[str]]):
                     folders.append(str(p))
             elif p.suffix == ".tar":
                 shards.append(str(p))
+            elif p.suffix == ".jsonl":
+                if len(items) != 1:
+                    raise ConfigError("a sample list (.jsonl) must be the only data source")
+                return "list", str(p)
             else:
                 raise ConfigError(f"data source {e} is neither a folder nor a .tar shard")
     if shards and folders:
@@ -112,7 +116,71 @@ def check_source(source) -> str:
     return kind
 
 
+def read_sample_list(path) -> List[Sample]:
+    """A sample list (what ``data validate`` and ``data merge`` write): one JSON object per line."""
+    out = []
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+                out.append(Sample(rec["path"], rec.get("offset", -1), rec.get("size", -1), rec.get("key", ""),
+                                  rec.get("label", -1)))
+            except (ValueError, KeyError, TypeError) as e:
+                raise ConfigError(f"{path}:{n}: not a sample record ({e})")
+    return out
+
+
+def write_sample_list(path, samples, extra=None) -> None:
+    """Write samples (plus optional per-sample dicts, e.g. the source name) as a .jsonl sample list, atomically."""
+    tmp = Path(str(path) + ".tmp")
+    with open(tmp, "w") as f:
+        for i, s in enumerate(samples):
+            rec = {"path": s.path, "offset": s.offset, "size": s.size, "key": s.key, "label": s.label}
+            if extra is not None:
+                rec.update(extra[i])
+            f.write(json.dumps(rec) + "\n")
+    os.replace(tmp, path)
+
+
+def _read_dali_index(shard: str):
+    """Offsets from a DALI webdataset index (``<shard>.idx``, as wds2idx or ``data build`` write it)."""
+    idx = Path(shard).with_suffix(".idx")
+    if not idx.is_file():
+        return None
+    lines = idx.read_text().splitlines()
+    if not lines or not lines[0].startswith("v1."):
+        return None
+    recs = []
+    for line in lines[1:]:
+        parts = line.split()
+        comps = {}
+        for j in range(0, len(parts) - 3, 4):
+            ext, off, size, name = parts[j:j + 4]
+            comps["." + ext.lower()] = (int(off), int(size), name)
+        recs.append(comps)
+    return recs
+
+
 def _tar_samples(shard: str) -> List[Sample]:
+    indexed = _read_dali_index(shard)
+    if indexed is not None:
+        out = []
+        with open(shard, "rb") as f:
+            for comps in indexed:
+                img = next((comps[e] for e in IMAGE_EXTS if e in comps), None)
+                if img is None:
+                    continue
+                label = -1
+                if ".cls" in comps:
+                    f.seek(comps[".cls"][0])
+                    try:
+                        label = int(f.read(comps[".cls"][1]).decode("ascii").strip())
+                    except (UnicodeDecodeError, ValueError):
+                        label = -1
+                out.append(Sample(shard, img[0], img[1], img[2].split(".", 1)[0], label))
+        return out
     members = {}
     try:
         with tarfile.open(shard, "r:") as tf:
@@ -148,6 +216,8 @@ def find_samples(source) -> List[Sample]:
     kind, where = _resolve_paths(source)
     if kind == "demo":
         return [Sample(f, key=Path(f).stem) for f in where]
+    if kind == "list":
+        return read_sample_list(where)
     if kind == "tar":
         out = []
         for shard in where:
