@@ -83,6 +83,7 @@ class _LabelledSource:
     def __init__(self, samples, indices, batch_size, drop_last, size=224, crop_pct=0.875):
         self.samples, self.indices, self.bs = samples, list(indices), batch_size
         self.size, self.crop_pct = size, crop_pct
+        self.with_geometry = not drop_last  # eval only: the exact resize / crop of torchvision
         n = len(self.indices)
         self.num_batches = n // batch_size if drop_last else (n + batch_size - 1) // batch_size
         self.handles = {}
@@ -103,9 +104,10 @@ class _LabelledSource:
             enc.append(np.frombuffer(data if ok else _PLACEHOLDER, dtype=np.uint8))
             lab.append(np.array(s.label, dtype=np.int64))
             val.append(np.array(ok, dtype=np.int32))
-            nh, nw, top, left = eval_geometry(*(wh if ok else (8, 8)), self.size, self.crop_pct)
-            geo.append(np.array([nh, nw, top, left], dtype=np.float32))
-        return enc, lab, val, geo
+            if self.with_geometry:
+                nh, nw, top, left = eval_geometry(*(wh if ok else (8, 8)), self.size, self.crop_pct)
+                geo.append(np.array([nh, nw, top, left], dtype=np.float32))
+        return (enc, lab, val, geo) if self.with_geometry else (enc, lab, val)
 
 
 def build_dali_pipeline(source, train: bool, size: int, batch_size: int, mean, std, device_id, num_threads: int,
@@ -118,8 +120,8 @@ def build_dali_pipeline(source, train: bool, size: int, batch_size: int, mean, s
     @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=device_id, seed=seed,
                   enable_conditionals=True, exec_dynamic=True)
     def pipe():
-        enc, label, valid, geo = fn.external_source(source=source, num_outputs=4, batch=True)
         if train:
+            enc, label, valid = fn.external_source(source=source, num_outputs=3, batch=True)
             img = fn.decoders.image_random_crop(enc, device=dev, output_type=types.RGB, random_area=list(scale),
                                                 random_aspect_ratio=[3 / 4, 4 / 3])
             img = fn.resize(img, resize_x=size, resize_y=size, interp_type=types.INTERP_CUBIC, antialias=True)
@@ -127,6 +129,7 @@ def build_dali_pipeline(source, train: bool, size: int, batch_size: int, mean, s
             mirror = fn.random.coin_flip()
             crop = None
         else:
+            enc, label, valid, geo = fn.external_source(source=source, num_outputs=4, batch=True)
             img = fn.decoders.image(enc, device=dev, output_type=types.RGB)
             img = fn.resize(img, resize_y=geo[0], resize_x=geo[1], interp_type=types.INTERP_CUBIC, antialias=True)
             img = fn.slice(img, fn.stack(geo[2], geo[3]), fn.constant(fdata=[float(size), float(size)]),
@@ -154,8 +157,6 @@ class DaliClassificationLoader:
         return self.source.num_batches
 
     def __iter__(self):
-        from .dali_loader import _view_to_torch  # noqa: F401 - same conversion rules
-
         for b in range(self.source.num_batches):
             img, label, valid = self.pipe.run()
             t = img.as_tensor()
