@@ -34,6 +34,15 @@ def cmd_pretrain(args) -> int:
     return 0
 
 
+def cmd_convert(args) -> int:
+    from .checkpoint.convert import convert
+
+    out = convert(args.input, args.to, args.out, tag=args.tag, num_heads=args.num_heads,
+                  segment_grid=args.segment_grid, final_norm=not args.no_final_norm)
+    print(f"wrote {out}")
+    return 0
+
+
 def cmd_show_config(args) -> int:
     from .config import dump_config, load_config
 
@@ -92,6 +101,16 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("overrides", nargs="*", metavar="section.key=value")
     sc.set_defaults(fn=cmd_show_config)
 
+    cv = sub.add_parser("convert", help="DeepSpeed checkpoint -> timm / reference D-iGPT / fp32, and back")
+    cv.add_argument("input", help="a run dir, a checkpoint dir, a megadigpt .safetensors, or a reference .pth")
+    cv.add_argument("--to", required=True, choices=["timm", "reference", "fp32"])
+    cv.add_argument("--out", required=True, help="timm: a folder; reference: a .pth; fp32: a .safetensors")
+    cv.add_argument("--tag", default=None, help="checkpoint tag (default: the newest complete one)")
+    cv.add_argument("--num-heads", type=int, default=None, help="timm: heads (default: from the run or the width)")
+    cv.add_argument("--segment-grid", type=int, default=2, help="reference: the segment grid (its mask buffer)")
+    cv.add_argument("--no-final-norm", action="store_true", help="timm: export without timm's final LayerNorm")
+    cv.set_defaults(fn=cmd_convert)
+
     data = sub.add_parser("data", help="dataset tooling: validate, build shards, merge, ImageNet-21K labels")
     dsub = data.add_subparsers(dest="data_command", required=True)
     v = dsub.add_parser("validate", help="decode every sample; write clean.jsonl and bad.jsonl (and clean shards)")
@@ -125,11 +144,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    """Exit codes: 0 done, 2 bad input, 3 diverged (rolled back), 75 checkpointed on a signal (resume me)."""
+    from .train.pretrain import Checkpointed, TrainingDiverged
+
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
     except ConfigError as e:
         return _fail(str(e))
+    except (Checkpointed, TrainingDiverged) as e:
+        if _rank0():
+            print(f"megadigpt: {e}", file=sys.stderr)
+        return e.exit_code
 
 
 if __name__ == "__main__":

@@ -97,12 +97,16 @@ class TrainConfig:
     global_batch: int = 4096  # images per optimizer step, all ranks and accumulation together
     micro_batch: int = 64  # images per rank per forward; accumulation = global / (micro * world)
     seed: int = 0
+    init_from: Optional[str] = None  # start from these weights: a megadigpt .safetensors, a run/checkpoint dir, or a reference D-iGPT .pth
     device: str = "auto"  # auto | cpu | cuda
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16
     zero_stage: int = 3  # 0 | 1 | 2 | 3
     ds_config: Optional[str] = None  # DeepSpeed JSON template; default ds_configs/zero<stage>.json
     activation_checkpointing: bool = False  # recompute encoder blocks in backward
     ckpt_every: int = 1000  # optimizer steps between checkpoints (and always at the end)
+    ckpt_every_minutes: float = 30.0  # also checkpoint when this much time passed since the last (0 = off)
+    ckpt_keep: int = 3  # complete checkpoints kept (older ones deleted); 0 = keep all
+    nan_tolerance: int = 3  # consecutive non-finite steps skipped before rolling back and stopping
     log_every: int = 10  # optimizer steps between metric lines
     tensorboard: bool = True
     progress: str = "auto"  # auto (a bar when stderr is a terminal) | on | off

@@ -1,5 +1,7 @@
-"""DeepSpeed checkpoints in a run directory and automatic resume."""
+"""Checkpoints in a run directory: atomic, complete-or-ignored, pruned, resumable on any world size."""
 
-from .ds_checkpoint import checkpoint_dir, latest_tag, load_latest, save
+from .ds_checkpoint import (checkpoint_dir, complete_tags, latest_tag, load, make_universal, read_marker, save,
+                            set_latest)
 
-__all__ = ["checkpoint_dir", "latest_tag", "load_latest", "save"]
+__all__ = ["checkpoint_dir", "complete_tags", "latest_tag", "load", "make_universal", "read_marker", "save",
+           "set_latest"]

@@ -127,6 +127,10 @@ def plan_run(cfg: Config, world_size: Optional[int] = None) -> Plan:
         raise ConfigError("set train.epochs > 0 or train.max_steps")
     if t.ckpt_every < 1 or t.log_every < 1:
         raise ConfigError("train.ckpt_every and train.log_every must be >= 1")
+    if t.ckpt_keep < 0 or t.ckpt_every_minutes < 0 or t.nan_tolerance < 0:
+        raise ConfigError("train.ckpt_keep, train.ckpt_every_minutes and train.nan_tolerance must be >= 0")
+    if t.init_from and not Path(t.init_from).exists():
+        raise ConfigError(f"train.init_from not found: {t.init_from}")
     lo, hi = cfg.data.crop_scale
     if not 0 < lo <= hi <= 1:
         raise ConfigError(f"data.crop_scale must satisfy 0 < lo <= hi <= 1, got {cfg.data.crop_scale}")
@@ -140,6 +144,75 @@ def plan_run(cfg: Config, world_size: Optional[int] = None) -> Plan:
 
 
 # ============================================================================ the run
+
+
+def repair_universal_load(engine, groups):
+    """Two defects of DeepSpeed's ZeRO-3 universal-checkpoint loader (deepspeed 0.19), measured here:
+    it copies param group 0's hyperparameters into every group (taking weight decay off our decay group, as
+    group 0 is the no-decay one), and it gives every group's Adam state the same ``step`` tensor object, which
+    torch's AdamW then increments once per group per step (wrong bias correction from the first update on)."""
+    import torch
+
+    for g, own in zip(engine.optimizer.param_groups, groups):
+        g.update(own)
+    inner = getattr(engine.optimizer, "optimizer", None)
+    for state in (inner.state.values() if inner is not None else []):
+        if torch.is_tensor(state.get("step")):
+            state["step"] = state["step"].clone()
+
+
+def init_weights(model, path):
+    """Load weights (strict) from a megadigpt file, a DeepSpeed checkpoint or a reference D-iGPT checkpoint."""
+    from ..checkpoint.convert import load_any
+
+    sd = load_any(path)
+    own = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    persistent = model.state_dict()
+    missing = sorted(set(persistent) - set(sd))
+    unexpected = sorted(set(sd) - set(own))
+    wrong = sorted(k for k in sd if k in persistent and sd[k].shape != persistent[k].shape)
+    if missing or unexpected or wrong:
+        raise ConfigError(f"train.init_from {path} does not fit this model: missing {missing[:3]}, unexpected "
+                          f"{unexpected[:3]}, wrong shape {wrong[:3]}")
+    model.load_state_dict({k: v for k, v in sd.items() if k in persistent}, strict=True)
+
+
+class TrainingDiverged(RuntimeError):
+    """Repeated non-finite losses: the run directory was rolled back to the last good checkpoint."""
+
+    exit_code = 3
+
+
+class Checkpointed(RuntimeError):
+    """Stopped by SIGTERM/SIGUSR1 after a checkpoint; rerunning (or requeueing) the same command resumes."""
+
+    exit_code = 75  # EX_TEMPFAIL
+
+
+class SignalFlag:
+    """SIGTERM and SIGUSR1 (SLURM's warning before the time limit or preemption) ask for checkpoint-and-exit."""
+
+    def __init__(self):
+        import signal
+
+        self.raised, self.name = False, None
+        self._old = {}
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread
+                pass
+
+    def _handle(self, signum, frame):
+        import signal
+
+        self.raised, self.name = True, signal.Signals(signum).name
+
+    def restore(self):
+        import signal
+
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
 
 
 def _dtype(name):
@@ -173,7 +246,9 @@ def pretrain(cfg: Config) -> dict:
     import torch
     import torch.distributed as dist
 
-    from ..checkpoint import load_latest, save
+    from .. import checkpoint as ckpt
+    from ..testing import active as fault_active
+    from ..testing import fault
     from ..data import PretrainStream, build_pretrain_loader, find_samples
     from ..distributed import engine as ds_engine
     from ..distributed.parallelize import apply_activation_checkpointing
@@ -212,6 +287,8 @@ def pretrain(cfg: Config) -> dict:
     # ---------------------------------------------------------------- student
     torch.manual_seed(t.seed)  # identical initial weights on every rank and for every world size
     model = build_model(m, spec.dim, spec.grid)
+    if t.init_from:
+        init_weights(model, t.init_from)
     with torch.device("meta"):
         meta_model = build_model(m, spec.dim, spec.grid)
     x_meta = torch.zeros(1, 3, m.img_size, m.img_size, device="meta")
@@ -225,17 +302,29 @@ def pretrain(cfg: Config) -> dict:
         apply_activation_checkpointing(model)
     optimizer = build_optimizer(model, cfg.optim, plan.lr, plan.device_type)
     ds_config = ds_engine.build_ds_config(cfg, env.world_size, plan.precision)
-    engine = ds_engine.initialize(model, optimizer, ds_config)
-    compute_dtype = _dtype(plan.precision)
 
-    # ---------------------------------------------------------------- resume
-    tag, client = load_latest(engine, run_dir)
-    start_step = int(client.get("step", 0)) if tag else 0
+    # ---------------------------------------------------------------- what to resume from (before the engine)
+    tag = ckpt.latest_tag(run_dir)
+    marker = ckpt.read_marker(run_dir, tag) if tag else None
+    universal = bool(marker and marker.get("world_size", env.world_size) != env.world_size and t.zero_stage > 0)
     if tag:
         for key in ("global_batch", "seed"):
-            if key in client and client[key] != getattr(t, key):
-                raise ConfigError(f"{run_dir} was trained with train.{key}={client[key]}, now {getattr(t, key)}: "
+            if key in marker and marker[key] != getattr(t, key):
+                raise ConfigError(f"{run_dir} was trained with train.{key}={marker[key]}, now {getattr(t, key)}: "
                                   f"resuming would change the data order; use a new train.run_dir")
+    if universal:  # a different number of ranks: DeepSpeed's universal checkpoint keeps the optimizer state
+        if rank0:
+            ckpt.make_universal(run_dir, tag)
+        dist.barrier()
+        ds_config["checkpoint"] = {"load_universal": True}
+    engine = ds_engine.initialize(model, optimizer, ds_config)
+    compute_dtype = _dtype(plan.precision)
+    groups = [{k: v for k, v in g.items() if k in ("weight_decay", "betas", "eps")}
+              for g in engine.optimizer.param_groups]
+    client = ckpt.load(engine, run_dir, tag, universal) if tag else {}
+    if universal:
+        repair_universal_load(engine, groups)
+    start_step = int(marker["step"]) if tag else 0
 
     # ---------------------------------------------------------------- data
     stream = PretrainStream(samples, [m.img_size, spec.image_size], m.segment_grid ** 2, t.seed,
@@ -250,20 +339,34 @@ def pretrain(cfg: Config) -> dict:
                total_steps=total_steps, accum=plan.accum, precision=plan.precision, device=str(device),
                loader=plan.loader,
                flops_student_fwd=student_fwd, flops_teacher_fwd=teacher_fwd, peak_tflops=peak,
-               peak_tflops_source=peak_src, checkpoint=tag)
+               peak_tflops_source=peak_src, checkpoint=tag, universal=universal)
 
     # ---------------------------------------------------------------- loop
+    signals = SignalFlag()
     step, micro = start_step, 0
     acc = torch.zeros(4, dtype=torch.float64, device=device)  # gen sum, dis sum, valid count, bad count
-    bad_total = int(client.get("bad_samples", 0)) if tag else 0
+    bad_total = int((marker or {}).get("bad_samples", 0))
+    skipped_total = int((marker or {}).get("nonfinite_steps", 0))
+    streak_start, step_failed, last_save = None, False, time.monotonic()
     t_last, steps_since = time.perf_counter(), 0
     history = []
+    outcome = "done"
+
+    def checkpoint_now():
+        nonlocal last_save
+        ckpt.save(engine, run_dir, step, {"step": step, "global_batch": t.global_batch, "seed": t.seed,
+                                          "world_size": env.world_size, "bad_samples": bad_total,
+                                          "nonfinite_steps": skipped_total}, keep=t.ckpt_keep, is_rank0=rank0)
+        last_save = time.monotonic()
+        sink.event(event="checkpoint", step=step)
+
     engine.train()
     for batch in loader:
         if micro == 0:
             torch.manual_seed(t.seed * 1_000_003 + step * 1009 + env.rank)  # drop-path etc.: stateless per step
             lr = lr_at(step, plan.lr, warmup, total_steps, cfg.optim.min_lr)
             ds_engine.set_lr(engine, lr)
+            step_failed = False
         views = {s: v.to(device, non_blocking=True) for s, v in zip(sizes, batch["views"])}
         student_in = _normalize(views[m.img_size], cfg.data.mean, cfg.data.std, compute_dtype)
         teacher_in = _normalize(views[spec.image_size], spec.mean, spec.std, _dtype(plan.teacher_dtype))
@@ -276,10 +379,20 @@ def pretrain(cfg: Config) -> dict:
         n_valid = valid.sum().clamp(min=1.0)
         gen = (gen_per_sample * valid).sum() / n_valid
         dis = (dis_per_sample * valid).sum() / n_valid
-        engine.backward(gen + dis)
-        engine.step()
-        acc += torch.stack([gen.detach().double() * valid.sum(), dis.detach().double() * valid.sum(),
-                            valid.sum().double(), (1 - valid).sum().double()])
+        if fault_active("nan", step + 1, env.rank):
+            gen = gen * float("nan")
+        # every rank must agree before backward: one rank's NaN would poison everyone's gradients
+        finite = torch.isfinite(gen + dis).float()
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        if finite.item() == 1.0:
+            engine.backward(gen + dis)
+            engine.step()
+            acc += torch.stack([gen.detach().double() * valid.sum(), dis.detach().double() * valid.sum(),
+                                valid.sum().double(), (1 - valid).sum().double()])
+        else:  # skip: no backward; with accumulation the step goes on without this micro-batch
+            step_failed = True
+            if plan.accum > 1:
+                engine.step()
         micro += 1
         if micro < plan.accum:
             continue
@@ -287,6 +400,23 @@ def pretrain(cfg: Config) -> dict:
         step += 1
         steps_since += 1
         sink.advance()
+        if step_failed:
+            skipped_total += 1
+            streak_start = streak_start or step
+            sink.event(event="nonfinite_loss", step=step, skipped_steps=skipped_total)
+            if step - streak_start + 1 > t.nan_tolerance:
+                good = [g for g in ckpt.complete_tags(run_dir) if int(g[5:]) < streak_start]
+                if rank0 and good:
+                    ckpt.set_latest(run_dir, good[-1])
+                sink.event(event="rollback", step=step, to=good[-1] if good else None)
+                outcome = "diverged"
+                msg = (f"non-finite loss at steps {streak_start}..{step}; "
+                       + (f"rolled back {run_dir}/checkpoints/latest to {good[-1]}" if good
+                          else "no checkpoint precedes the failures") + "; lower the lr or check the data, then "
+                       "run the same command to resume")
+                break
+        else:
+            streak_start = None
         if step % t.log_every == 0 or step == total_steps:
             dist.all_reduce(acc)
             gen_l, dis_l = (acc[0] / acc[2].clamp(min=1)).item(), (acc[1] / acc[2].clamp(min=1)).item()
@@ -294,8 +424,9 @@ def pretrain(cfg: Config) -> dict:
             elapsed = time.perf_counter() - t_last
             ips = steps_since * t.global_batch / elapsed
             rec = {"gen_loss": gen_l, "dis_loss": dis_l, "loss": gen_l + dis_l, "lr": lr,
-                   "grad_norm": ds_engine.grad_norm(engine), "images_per_s": ips,
-                   "bad_samples": bad_total, "epoch": step / steps_per_epoch, "step_time_s": elapsed / steps_since}
+                   "grad_norm": ds_engine.grad_norm(engine), "images_per_s": ips, "bad_samples": bad_total,
+                   "nonfinite_steps": skipped_total, "epoch": step / steps_per_epoch,
+                   "step_time_s": elapsed / steps_since}
             if hasattr(loader, "failed_batches"):
                 rec["dali_fallback_batches"] = loader.failed_batches
             if student_fwd and peak:
@@ -307,13 +438,26 @@ def pretrain(cfg: Config) -> dict:
             history.append((step, rec))
             acc.zero_()
             t_last, steps_since = time.perf_counter(), 0
-        if step % t.ckpt_every == 0 or step == total_steps:
-            save(engine, run_dir, step, {"step": step, "global_batch": t.global_batch, "seed": t.seed,
-                                         "world_size": env.world_size, "bad_samples": bad_total})
-            sink.event(event="checkpoint", step=step)
-    sink.event(event="done", step=step)
+        fault("sleep", step, env.rank)
+        # rank 0's clock and any rank's signal decide for everyone
+        flags = torch.tensor([float(signals.raised), float(rank0 and t.ckpt_every_minutes > 0 and
+                                                           time.monotonic() - last_save >= 60 * t.ckpt_every_minutes)],
+                             device=device)
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        if step % t.ckpt_every == 0 or step == total_steps or flags.any():
+            checkpoint_now()
+        if flags[0] > 0 and step < total_steps:
+            outcome = "signal"
+            sink.event(event="signal", step=step, signal=signals.name)
+            break
+    signals.restore()
+    sink.event(event=outcome, step=step)
     sink.close()
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+    if outcome == "diverged":
+        raise TrainingDiverged(msg)
+    if outcome == "signal":
+        raise Checkpointed(f"checkpointed at step {step} on {signals.name}; run the same command to resume")
     return {"steps": step, "history": history, "run_dir": str(run_dir)}

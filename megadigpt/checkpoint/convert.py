@@ -1,0 +1,304 @@
+"""``megadigpt convert``: take a run anywhere.
+
+- ``--to timm``: the encoder as a timm ``VisionTransformer`` in safetensors + ``config.json`` (timm's hub layout:
+  architecture, model_args, pretrained_cfg). Choices: CLS is first (timm's order; the pretraining appended it
+  last, which changes nothing for full attention); ``pos_embed`` is the fixed sin-cos table, CLS slot zero,
+  exported as timm's learnable parameter; timm's final LayerNorm is exported at its initial (1, 0) values
+  (pretraining has no final norm), so ``timm.create_model(name, pretrained=True,
+  pretrained_cfg_overlay=dict(file=...))`` matches every key; pass ``final_norm=False`` for the raw trunk.
+- ``--to reference``: the authors' D-iGPT layout, ``{'model': state_dict}`` with their key names.
+- ``--to fp32``: the whole model (encoder + decoders) consolidated in fp32, safetensors.
+- ``--from reference``: a released reference checkpoint -> a megadigpt state dict (safetensors) for
+  ``train.init_from`` (continue pretraining) or fine-tuning.
+
+Inputs: a run directory or a checkpoint directory (DeepSpeed, any ZeRO stage and world size; the newest complete
+tag unless ``--tag``), a megadigpt safetensors file, or a reference ``.pth``. Files are loaded safely
+(safetensors, or ``torch.load(weights_only=True)``).
+"""
+
+import json
+import re
+from pathlib import Path
+from typing import Dict, Optional
+
+import torch
+
+from ..config import ConfigError
+
+# ------------------------------------------------------------------------------------------- reading
+
+
+def _is_ds_dir(p: Path) -> bool:
+    return p.is_dir() and (any(p.glob("*model_states.pt")) or (p / "checkpoints").is_dir() or (p / "latest").is_file())
+
+
+def load_deepspeed(path, tag: Optional[str] = None) -> Dict[str, torch.Tensor]:
+    """fp32 state dict of the whole student from a DeepSpeed checkpoint (ZeRO 0-3, any world size)."""
+    from . import ds_checkpoint as dc
+
+    p = Path(path)
+    if (p / "checkpoints").is_dir():  # a run directory
+        ckdir = p / "checkpoints"
+        tag = tag or dc.latest_tag(p)
+    elif any(p.glob("*model_states.pt")):  # one tag's folder
+        ckdir, tag = p.parent, p.name
+    else:  # a checkpoints folder
+        ckdir = p
+        tag = tag or dc.latest_tag(p.parent)
+    if not tag or not (ckdir / tag).is_dir():
+        raise ConfigError(f"no complete checkpoint found in {path}")
+    tagdir = ckdir / tag
+    if any(tagdir.glob("*optim_states.pt")):
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        sd = get_fp32_state_dict_from_zero_checkpoint(str(ckdir), tag=tag)
+    else:  # ZeRO-0: the full module is in the model states file (our own file, trusted)
+        states = torch.load(next(tagdir.glob("*model_states.pt")), map_location="cpu", weights_only=False)
+        sd = states["module"]
+    return {k: v.detach().float().contiguous() for k, v in sd.items()}
+
+
+def load_any(path, tag: Optional[str] = None) -> Dict[str, torch.Tensor]:
+    """A megadigpt state dict from a DeepSpeed checkpoint, a megadigpt .safetensors, or a reference .pth."""
+    p = Path(path)
+    if not p.exists():
+        raise ConfigError(f"checkpoint not found: {path}")
+    if _is_ds_dir(p):
+        return load_deepspeed(p, tag)
+    if p.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        sd = load_file(str(p))
+        if any(k.startswith("blocks.") for k in sd) and not any(k.startswith("encoder.") for k in sd):
+            raise ConfigError(f"{path} is an encoder-only (timm) export; give the full megadigpt state")
+        return sd
+    return from_reference(load_reference_file(p))
+
+
+def load_reference_file(path) -> Dict[str, torch.Tensor]:
+    import argparse
+
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):  # MAE-style checkpoints carry their args
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001
+        raise ConfigError(f"{path}: not a loadable checkpoint ({type(e).__name__}: {str(e).splitlines()[0]})")
+    sd = obj.get("model", obj) if isinstance(obj, dict) else None
+    if not isinstance(sd, dict) or "ar_token" not in sd:
+        raise ConfigError(f"{path}: not a reference D-iGPT checkpoint (no 'model' with 'ar_token')")
+    return sd
+
+
+# ------------------------------------------------------------------------------------------- timm
+
+def encoder_state(sd: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    enc = {k[len("encoder."):]: v for k, v in sd.items() if k.startswith("encoder.")}
+    if "pos_embed" not in enc or "patch_embed.proj.weight" not in enc:
+        raise ConfigError("the checkpoint has no megadigpt encoder (encoder.pos_embed, encoder.patch_embed...)")
+    return enc
+
+
+def encoder_geometry(enc: Dict[str, torch.Tensor]) -> dict:
+    w = enc["patch_embed.proj.weight"]
+    depth = 1 + max(int(m.group(1)) for k in enc for m in [re.match(r"blocks\.(\d+)\.", k)] if m)
+    embed, patch = w.shape[0], w.shape[-1]
+    grid = int(round((enc["pos_embed"].shape[1] - 1) ** 0.5))
+    hidden = enc["blocks.0.mlp.fc1.weight"].shape[0]
+    return {"embed_dim": embed, "depth": depth, "patch_size": patch, "img_size": grid * patch,
+            "mlp_ratio": hidden / embed}
+
+
+def timm_export(sd: Dict[str, torch.Tensor], num_heads: int, out_dir, final_norm: bool = True) -> Path:
+    """Write ``model.safetensors`` + ``config.json``; returns the folder."""
+    import timm
+    from safetensors.torch import save_file
+
+    enc = encoder_state(sd)
+    g = encoder_geometry(enc)
+    if g["embed_dim"] % num_heads:
+        raise ConfigError(f"width {g['embed_dim']} is not divisible by --num-heads {num_heads}")
+    state = {k: v.contiguous() for k, v in enc.items()}
+    if final_norm:
+        state["norm.weight"] = torch.ones(g["embed_dim"])
+        state["norm.bias"] = torch.zeros(g["embed_dim"])
+    name = {768: "vit_base", 192: "vit_tiny", 384: "vit_small", 1024: "vit_large", 1280: "vit_huge",
+            1408: "vit_giant", 1664: "vit_gigantic"}.get(g["embed_dim"], "vit_base")
+    name = f"{name}_patch{g['patch_size']}_{g['img_size']}"
+    if not timm.is_model(name):
+        name = "vit_base_patch16_224"  # any plain ViT entry point; model_args set every size
+    model_args = {"img_size": g["img_size"], "patch_size": g["patch_size"], "embed_dim": g["embed_dim"],
+                  "depth": g["depth"], "num_heads": num_heads, "mlp_ratio": g["mlp_ratio"], "qkv_bias": True,
+                  "class_token": True, "global_pool": "token", "final_norm": final_norm, "num_classes": 0}
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(out / "model.safetensors"))
+    cfg = {"architecture": name, "num_classes": 0, "num_features": g["embed_dim"], "model_args": model_args,
+           "pretrained_cfg": {"input_size": [3, g["img_size"], g["img_size"]], "interpolation": "bicubic",
+                              "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "crop_pct": 0.875,
+                              "num_classes": 0, "first_conv": "patch_embed.proj", "classifier": "head",
+                              "license": "see the training data's terms", "tag": "megadigpt"}}
+    (out / "config.json").write_text(json.dumps(cfg, indent=1))
+    return out
+
+
+def load_timm(folder, **kwargs):
+    """``timm.create_model`` on an export folder, with every key matched (strict)."""
+    import timm
+
+    folder = Path(folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    args = {**cfg["model_args"], **kwargs}
+    return timm.create_model(cfg["architecture"], pretrained=True,
+                             pretrained_cfg_overlay=dict(file=str(folder / "model.safetensors"),
+                                                         **{k: v for k, v in cfg["pretrained_cfg"].items()
+                                                            if k in ("mean", "std", "input_size", "crop_pct")}),
+                             **args)
+
+
+# ------------------------------------------------------------------------------------------- reference layout
+
+_DEC = [("norm1.", "norm1."), ("self_attn.", "attn1."), ("norm_cross_q.", "norm2_1."), ("norm_cross_kv.", "norm2_2."),
+        ("cross_attn.", "attn2."), ("norm2.", "norm2."), ("mlp.", "mlp.")]
+_BRANCH = {"gen": "ar", "dis": "kd"}
+
+
+def _ref_key(k: str) -> Optional[str]:
+    if k.startswith("encoder."):
+        return k[len("encoder."):]
+    for ours, ref in _BRANCH.items():
+        if k.startswith(f"{ours}_taps.proj."):
+            return f"{ref}_enc2dec." + k.split(".")[-1]
+        if k == f"{ours}_decoder.query_token":
+            return f"{ref}_token"
+        if k.startswith(f"{ours}_decoder.norm."):
+            return f"{ref}_norm." + k.split(".")[-1]
+        if k.startswith(f"{ours}_decoder.head."):
+            return f"{ref}_pred." + k.split(".")[-1]
+        m = re.match(rf"{ours}_decoder\.blocks\.(\d+)\.(.*)", k)
+        if m:
+            rest = m.group(2)
+            for a, b in _DEC:
+                if rest.startswith(a):
+                    return f"{ref}_blocks.{m.group(1)}." + b + rest[len(a):]
+    return None
+
+
+def to_reference(sd: Dict[str, torch.Tensor], segment_grid: int = 2) -> dict:
+    from ..model.masks import SegmentLayout
+    from ..model.pos_embed import sincos_2d
+
+    embed = sd["encoder.cls_token"].shape[-1]
+    num_taps = sd["gen_taps.proj.weight"].shape[1] // embed
+    out = {}
+    for k, v in sd.items():
+        if k.startswith(("gen_taps.norm.", "dis_taps.norm.")):
+            ref = _BRANCH[k[:3]]
+            for i in range(num_taps):  # the reference repeats one LayerNorm module num_taps times
+                out[f"{ref}_enc_norm.{i}." + k.split(".")[-1]] = v.clone()
+            continue
+        rk = _ref_key(k)
+        if rk is None:
+            raise ConfigError(f"no reference name for parameter {k!r}")
+        out[rk] = v
+    g = encoder_geometry(encoder_state(sd))
+    grid = g["img_size"] // g["patch_size"]
+    dec_dim = sd["gen_decoder.query_token"].shape[-1]
+    out["decoder_pos_embed"] = sincos_2d(dec_dim, grid)[None]
+    lay = SegmentLayout(grid, segment_grid)
+    out["mask"] = torch.zeros(lay.seq_len, lay.seq_len).masked_fill(~lay.mask(), float("-inf"))
+    return {"model": out}
+
+
+def from_reference(ref_sd: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    out = {}
+    for ref in ("ar", "kd"):
+        norms = sorted(k for k in ref_sd if k.startswith(f"{ref}_enc_norm."))
+        ws = [ref_sd[k] for k in norms if k.endswith("weight")]
+        if not ws or any(not torch.equal(ws[0], w) for w in ws):
+            raise ConfigError(f"reference {ref}_enc_norm.* are not one shared LayerNorm")
+    ours_keys = {}
+    for k, v in ref_sd.items():
+        if k in ("decoder_pos_embed", "mask"):
+            continue
+        m = re.match(r"(ar|kd)_enc_norm\.0\.(weight|bias)$", k)
+        if m:
+            ours_keys[f"{'gen' if m.group(1) == 'ar' else 'dis'}_taps.norm.{m.group(2)}"] = v
+            continue
+        if "_enc_norm." in k:
+            continue
+        ours = _our_key(k)
+        if ours is None:
+            raise ConfigError(f"unknown key in the reference checkpoint: {k!r}")
+        ours_keys[ours] = v
+    out.update(ours_keys)
+    return {k: v.float() for k, v in out.items()}
+
+
+def _our_key(rk: str) -> Optional[str]:
+    for ours, ref in _BRANCH.items():
+        if rk.startswith(f"{ref}_enc2dec."):
+            return f"{ours}_taps.proj." + rk.split(".")[-1]
+        if rk == f"{ref}_token":
+            return f"{ours}_decoder.query_token"
+        if rk.startswith(f"{ref}_norm."):
+            return f"{ours}_decoder.norm." + rk.split(".")[-1]
+        if rk.startswith(f"{ref}_pred."):
+            return f"{ours}_decoder.head." + rk.split(".")[-1]
+        m = re.match(rf"{ref}_blocks\.(\d+)\.(.*)", rk)
+        if m:
+            rest = m.group(2)
+            for a, b in _DEC:
+                if rest.startswith(b):
+                    return f"{ours}_decoder.blocks.{m.group(1)}." + a + rest[len(b):]
+    if rk.startswith(("patch_embed.", "blocks.")) or rk in ("cls_token", "pos_embed"):
+        return "encoder." + rk
+    return None
+
+
+# ------------------------------------------------------------------------------------------- writing
+
+def save_state(sd: Dict[str, torch.Tensor], path) -> None:
+    from safetensors.torch import save_file
+    from tqdm import tqdm
+
+    state = {}
+    for k, v in tqdm(sd.items(), desc="convert", unit="tensor", disable=len(sd) < 200):
+        state[k] = v.contiguous()
+    save_file(state, str(path))
+
+
+def default_heads(embed_dim: int) -> Optional[int]:
+    from ..model.vit import VIT_SIZES
+
+    return next((s.num_heads for s in VIT_SIZES.values() if s.embed_dim == embed_dim), None)
+
+
+def convert(src, to: str, out, tag: Optional[str] = None, num_heads: Optional[int] = None,
+            segment_grid: int = 2, final_norm: bool = True):
+    sd = load_any(src, tag)
+    if to == "timm":
+        embed = encoder_geometry(encoder_state(sd))["embed_dim"]
+        heads = num_heads or _heads_from_run(src) or default_heads(embed)
+        if heads is None:
+            raise ConfigError(f"width {embed} is not a standard ViT size: give --num-heads")
+        return timm_export(sd, heads, out, final_norm=final_norm)
+    if to == "reference":
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        torch.save(to_reference(sd, segment_grid), out)
+        return Path(out)
+    if to in ("fp32", "megadigpt"):
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        save_state(sd, out)
+        return Path(out)
+    raise ConfigError(f"--to must be timm, reference or fp32, got {to!r}")
+
+
+def _heads_from_run(src) -> Optional[int]:
+    """The head count from the run's resolved config.yaml, when the input is (inside) a run directory."""
+    for d in (Path(src), *list(Path(src).resolve().parents)[:3]):
+        cfg = d / "config.yaml"
+        if cfg.is_file():
+            from ..config import load_config
+
+            return load_config(str(cfg)).model.resolved_size().num_heads
+    return None

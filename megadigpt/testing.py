@@ -1,0 +1,37 @@
+"""Fault injection for the test suite: ``MEGADIGPT_FAULTS="kill_in_save=4,nan=6:1,nan=7"`` makes the process die
+during the save of step 4, and makes the loss non-finite at step 6 on rank 1 and at step 7 on every rank;
+``sleep=3`` makes step 3 take 3 s longer (a window for a test's signal).
+Never set outside tests; the names are listed in the README."""
+
+import os
+import signal
+import time
+
+
+def _parse():
+    out = {}
+    for item in filter(None, os.environ.get("MEGADIGPT_FAULTS", "").split(",")):
+        name, _, arg = item.partition("=")
+        out.setdefault(name.strip(), []).append(arg.strip())
+    return out
+
+
+_FAULTS = _parse()
+
+
+def active(name: str, step: int, rank: int = 0) -> bool:
+    for arg in _FAULTS.get(name, []):
+        s, _, r = arg.partition(":")
+        if int(s) == step and (r == "" or int(r) == rank):
+            return True
+    return False
+
+
+def fault(name: str, step: int, rank: int = None):
+    """Act out the fault ``name`` if it is armed for this step (and rank)."""
+    if rank is None:
+        rank = int(os.environ.get("RANK", 0))
+    if name == "kill_in_save" and active(name, step, rank):
+        os.kill(os.getpid(), signal.SIGKILL)
+    if name == "sleep" and active(name, step, rank):
+        time.sleep(3)
