@@ -157,29 +157,29 @@ def load_timm(folder, **kwargs):
 
 # ------------------------------------------------------------------------------------------- reference layout
 
-_DEC = [("norm1.", "norm1."), ("self_attn.", "attn1."), ("norm_cross_q.", "norm2_1."), ("norm_cross_kv.", "norm2_2."),
-        ("cross_attn.", "attn2."), ("norm2.", "norm2."), ("mlp.", "mlp.")]
 _BRANCH = {"gen": "ar", "dis": "kd"}
+_SLOTS = {"enc": r"(?:patch_embed|blocks)\..+|cls_token|pos_embed", "wb": r"weight|bias", "i": r"\d+", "rest": r".+"}
+# (megadigpt name, reference name); {slots} match the same text on both sides
+_PAIRS = [("encoder.{enc}", "{enc}")]
+for _o, _r in _BRANCH.items():
+    _PAIRS += [(f"{_o}_taps.proj.{{wb}}", f"{_r}_enc2dec.{{wb}}"), (f"{_o}_decoder.query_token", f"{_r}_token"),
+               (f"{_o}_decoder.norm.{{wb}}", f"{_r}_norm.{{wb}}"), (f"{_o}_decoder.head.{{wb}}", f"{_r}_pred.{{wb}}")]
+    for _a, _b in (("norm1", "norm1"), ("self_attn", "attn1"), ("norm_cross_q", "norm2_1"),
+                   ("norm_cross_kv", "norm2_2"), ("cross_attn", "attn2"), ("norm2", "norm2"), ("mlp", "mlp")):
+        _PAIRS.append((f"{_o}_decoder.blocks.{{i}}.{_a}.{{rest}}", f"{_r}_blocks.{{i}}.{_b}.{{rest}}"))
 
 
-def _ref_key(k: str) -> Optional[str]:
-    if k.startswith("encoder."):
-        return k[len("encoder."):]
-    for ours, ref in _BRANCH.items():
-        if k.startswith(f"{ours}_taps.proj."):
-            return f"{ref}_enc2dec." + k.split(".")[-1]
-        if k == f"{ours}_decoder.query_token":
-            return f"{ref}_token"
-        if k.startswith(f"{ours}_decoder.norm."):
-            return f"{ref}_norm." + k.split(".")[-1]
-        if k.startswith(f"{ours}_decoder.head."):
-            return f"{ref}_pred." + k.split(".")[-1]
-        m = re.match(rf"{ours}_decoder\.blocks\.(\d+)\.(.*)", k)
+def _pattern(template: str) -> str:
+    return re.sub(r"\\\{(\w+)\\\}", lambda m: f"(?P<{m.group(1)}>{_SLOTS[m.group(1)]})", re.escape(template))
+
+
+def _translate(key: str, to_reference: bool) -> Optional[str]:
+    """One parameter name from the megadigpt layout to the reference's, or back (None: no such name)."""
+    for ours, ref in _PAIRS:
+        src, dst = (ours, ref) if to_reference else (ref, ours)
+        m = re.fullmatch(_pattern(src), key)
         if m:
-            rest = m.group(2)
-            for a, b in _DEC:
-                if rest.startswith(a):
-                    return f"{ref}_blocks.{m.group(1)}." + b + rest[len(a):]
+            return dst.format(**m.groupdict())
     return None
 
 
@@ -196,7 +196,7 @@ def to_reference(sd: Dict[str, torch.Tensor], segment_grid: int = 2) -> dict:
             for i in range(num_taps):  # the reference repeats one LayerNorm module num_taps times
                 out[f"{ref}_enc_norm.{i}." + k.split(".")[-1]] = v.clone()
             continue
-        rk = _ref_key(k)
+        rk = _translate(k, to_reference=True)
         if rk is None:
             raise ConfigError(f"no reference name for parameter {k!r}")
         out[rk] = v
@@ -226,33 +226,12 @@ def from_reference(ref_sd: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
             continue
         if "_enc_norm." in k:
             continue
-        ours = _our_key(k)
+        ours = _translate(k, to_reference=False)
         if ours is None:
             raise ConfigError(f"unknown key in the reference checkpoint: {k!r}")
         ours_keys[ours] = v
     out.update(ours_keys)
     return {k: v.float() for k, v in out.items()}
-
-
-def _our_key(rk: str) -> Optional[str]:
-    for ours, ref in _BRANCH.items():
-        if rk.startswith(f"{ref}_enc2dec."):
-            return f"{ours}_taps.proj." + rk.split(".")[-1]
-        if rk == f"{ref}_token":
-            return f"{ours}_decoder.query_token"
-        if rk.startswith(f"{ref}_norm."):
-            return f"{ours}_decoder.norm." + rk.split(".")[-1]
-        if rk.startswith(f"{ref}_pred."):
-            return f"{ours}_decoder.head." + rk.split(".")[-1]
-        m = re.match(rf"{ref}_blocks\.(\d+)\.(.*)", rk)
-        if m:
-            rest = m.group(2)
-            for a, b in _DEC:
-                if rest.startswith(b):
-                    return f"{ours}_decoder.blocks.{m.group(1)}." + a + rest[len(b):]
-    if rk.startswith(("patch_embed.", "blocks.")) or rk in ("cls_token", "pos_embed"):
-        return "encoder." + rk
-    return None
 
 
 # ------------------------------------------------------------------------------------------- writing
