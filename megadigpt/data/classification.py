@@ -156,6 +156,15 @@ class DaliClassificationLoader:
     def __len__(self):
         return self.source.num_batches
 
+    def close(self):
+        """Stop DALI's threads now (see DaliPretrainLoader); also done when the loader is collected."""
+        if getattr(self, "pipe", None) is not None:
+            self.pipe._shutdown()
+            self.pipe = None
+
+    def __del__(self):
+        self.close()
+
     def __iter__(self):
         for b in range(self.source.num_batches):
             img, label, valid = self.pipe.run()
