@@ -266,10 +266,3 @@ def reference_markdown() -> str:
             lines.append(f"| `{section}.{f.name}` | `{_plain(default)}` | {meaning} |")
     return "\n".join(lines)
 
-
-def world_size_from_env() -> int:
-    """World size as the launcher announces it, before any process group exists."""
-    for var in ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "SLURM_NTASKS"):
-        if os.environ.get(var):
-            return int(os.environ[var])
-    return 1

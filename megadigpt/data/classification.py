@@ -14,7 +14,7 @@ from typing import List, Sequence
 import numpy as np
 import torch
 
-from .dali_loader import _PLACEHOLDER, _meta_to_torch, inspect_image
+from .dali_loader import _PLACEHOLDER, _meta_to_torch, _view_to_torch, inspect_image
 from .pretrain_loader import decode_rgb
 from .sources import Sample
 
@@ -168,14 +168,7 @@ class DaliClassificationLoader:
     def __iter__(self):
         for b in range(self.source.num_batches):
             img, label, valid = self.pipe.run()
-            t = img.as_tensor()
-            if self.device.type == "cuda":
-                from nvidia.dali.plugin.pytorch import feed_ndarray
-
-                x = torch.empty(t.shape(), dtype=torch.float32, device=self.device)
-                feed_ndarray(t, x, cuda_stream=torch.cuda.current_stream(self.device))
-            else:
-                x = torch.from_numpy(np.array(t))
+            x = _view_to_torch(img, self.device, torch.float32)
             keep = min(self.bs, self.n_items - b * self.bs)
             yield {"image": x[:keep], "label": _meta_to_torch(label).reshape(-1)[:keep],
                    "valid": _meta_to_torch(valid).reshape(-1)[:keep].bool()}

@@ -125,13 +125,13 @@ def build_pipeline(source: _Source, sizes: Sequence[int], batch_size: int, devic
     return pipe()
 
 
-def _view_to_torch(tl, device) -> torch.Tensor:
-    """A uint8 view batch: GPU outputs are copied device-to-device, CPU outputs wrapped without a copy."""
+def _view_to_torch(tl, device, dtype=torch.uint8) -> torch.Tensor:
+    """An image batch: GPU outputs are copied device-to-device, CPU outputs wrapped without a copy."""
     t = tl.as_tensor()
     if device.type == "cuda":
         from nvidia.dali.plugin.pytorch import feed_ndarray
 
-        out = torch.empty(t.shape(), dtype=torch.uint8, device=device)
+        out = torch.empty(t.shape(), dtype=dtype, device=device)
         return feed_ndarray(t, out, cuda_stream=torch.cuda.current_stream(device))
     return torch.from_numpy(np.array(t))
 
