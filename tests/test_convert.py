@@ -158,3 +158,29 @@ def test_bad_inputs_are_refused(runs, tmp_path):
 
 def load_reference_file_from(runs, tmp_path):
     return to_reference(load_any(runs / "z3"))
+
+
+def test_standard_size_loads_by_its_timm_name(tmp_path):
+    """A ViT-Ti/16 at 224 exports under timm's own name and loads with the plain call (num_classes=0 for
+    features or N to fine-tune: a pretrained encoder has no classifier head)."""
+    import timm
+
+    from megadigpt.checkpoint.convert import timm_export
+    from megadigpt.config import ModelConfig
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(arch="vit_tiny", patch_size=16, img_size=224, decoder_dim=32, decoder_depth=1,
+                                    decoder_heads=2), 48, 14).eval()
+    out = timm_export(model.state_dict(), 3, tmp_path / "ti")
+    assert json.loads((out / "config.json").read_text())["architecture"] == "vit_tiny_patch16_224"
+    tm = timm.create_model("vit_tiny_patch16_224", pretrained=True,
+                           pretrained_cfg_overlay=dict(file=str(out / "model.safetensors")), num_classes=0).eval()
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        mine = model.encoder.forward_features(x)
+        torch.testing.assert_close(tm.forward_features(x), torch.nn.functional.layer_norm(mine, (192,), eps=1e-6),
+                                   rtol=1e-5, atol=1e-5)
+    fine = timm.create_model("vit_tiny_patch16_224", pretrained=True, num_classes=10,
+                             pretrained_cfg_overlay=dict(file=str(out / "model.safetensors")))
+    assert fine.head.out_features == 10 and torch.equal(fine.blocks[0].attn.qkv.weight,
+                                                         model.encoder.blocks[0].attn.qkv.weight)

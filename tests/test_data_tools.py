@@ -126,3 +126,20 @@ def test_in21k_labels(tmp_path):
     assert len(m) == 1000 and all(lab["synsets"][m[i]] == in1k[i] for i in range(10)) and set(m[10:]) == {-1}
     with pytest.raises(ConfigError):
         in21k_labels(tmp_path, "spring99")
+
+
+def test_build_from_a_file_list(tmp_path):
+    rng = np.random.default_rng(1)
+    (tmp_path / "imgs").mkdir()
+    lines = []
+    for i in range(4):
+        (tmp_path / "imgs" / f"{i}.jpg").write_bytes(make_jpeg(rng))
+        lines.append(f"imgs/{i}.jpg {i % 2}")
+    (tmp_path / "list.txt").write_text("\n".join(lines) + "\n")
+    m = build(str(tmp_path / "list.txt"), tmp_path / "out", shard_size=3, progress=False)
+    assert m["count"] == 4 and m["classes"] == 2 and len(m["shards"]) == 2
+    got = find_samples(str(tmp_path / "out"))
+    assert [s.label for s in got] == [0, 1, 0, 1]
+    (tmp_path / "bad.txt").write_text("imgs/0.jpg cat\n")
+    with pytest.raises(ConfigError, match="bad.txt:1: label 'cat' is not an integer"):
+        build(str(tmp_path / "bad.txt"), tmp_path / "out2", progress=False)
