@@ -82,8 +82,9 @@ class MetricsSink:
                 if isinstance(v, (int, float)) and v is not None:
                     self.tb.add_scalar(f"train/{k}", v, step)
         if self.bar is not None:
-            self.bar.set_postfix(gen=f"{metrics['gen_loss']:.4f}", dis=f"{metrics['dis_loss']:.4f}",
-                                 ips=f"{metrics['images_per_s']:.1f}")
+            self.bar.set_postfix({k: f"{metrics[m]:.4g}" for k, m in (("gen", "gen_loss"), ("dis", "dis_loss"),
+                                                                       ("ips", "images_per_s"))
+                                  if metrics.get(m) is not None})
         else:
             keys = ("gen_loss", "dis_loss", "lr", "grad_norm", "images_per_s", "mfu_total")
             print(f"step {step}: " + " ".join(f"{k}={metrics[k]:.4g}" for k in keys if metrics.get(k) is not None),

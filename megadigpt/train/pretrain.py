@@ -419,11 +419,14 @@ def pretrain(cfg: Config) -> dict:
             streak_start = None
         if step % t.log_every == 0 or step == total_steps:
             dist.all_reduce(acc)
-            gen_l, dis_l = (acc[0] / acc[2].clamp(min=1)).item(), (acc[1] / acc[2].clamp(min=1)).item()
+            if acc[2] > 0:
+                gen_l, dis_l = (acc[0] / acc[2]).item(), (acc[1] / acc[2]).item()
+            else:  # every step since the last line was skipped (non-finite) or every sample was bad
+                gen_l = dis_l = None
             bad_total += int(acc[3].item())
             elapsed = time.perf_counter() - t_last
             ips = steps_since * t.global_batch / elapsed
-            rec = {"gen_loss": gen_l, "dis_loss": dis_l, "loss": gen_l + dis_l, "lr": lr,
+            rec = {"gen_loss": gen_l, "dis_loss": dis_l, "loss": None if gen_l is None else gen_l + dis_l, "lr": lr,
                    "grad_norm": ds_engine.grad_norm(engine), "images_per_s": ips, "bad_samples": bad_total,
                    "nonfinite_steps": skipped_total, "epoch": step / steps_per_epoch,
                    "step_time_s": elapsed / steps_since}
