@@ -221,12 +221,13 @@ def _dtype(name):
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
 
 
-def _normalize(x_uint8, mean, std, dtype):
+def _normalizer(mean, std, dtype, device):
+    """uint8 (B, 3, H, W) -> normalised ``dtype``; the constants live on the device once, not per step."""
     import torch
 
-    m = torch.tensor(mean, device=x_uint8.device).view(1, 3, 1, 1)
-    s = torch.tensor(std, device=x_uint8.device).view(1, 3, 1, 1)
-    return ((x_uint8.float() / 255.0 - m) / s).to(dtype)
+    m = torch.tensor(mean, device=device).view(1, 3, 1, 1)
+    s = torch.tensor(std, device=device).view(1, 3, 1, 1)
+    return lambda x_uint8: ((x_uint8.float() / 255.0 - m) / s).to(dtype)
 
 
 def _set_threads(env):
@@ -360,6 +361,8 @@ def pretrain(cfg: Config) -> dict:
         last_save = time.monotonic()
         sink.event(event="checkpoint", step=step)
 
+    norm_student = _normalizer(cfg.data.mean, cfg.data.std, compute_dtype, device)
+    norm_teacher = _normalizer(spec.mean, spec.std, _dtype(plan.teacher_dtype), device)
     engine.train()
     for batch in loader:
         if micro == 0:
@@ -368,8 +371,8 @@ def pretrain(cfg: Config) -> dict:
             ds_engine.set_lr(engine, lr)
             step_failed = False
         views = {s: v.to(device, non_blocking=True) for s, v in zip(sizes, batch["views"])}
-        student_in = _normalize(views[m.img_size], cfg.data.mean, cfg.data.std, compute_dtype)
-        teacher_in = _normalize(views[spec.image_size], spec.mean, spec.std, _dtype(plan.teacher_dtype))
+        student_in = norm_student(views[m.img_size])
+        teacher_in = norm_teacher(views[spec.image_size])
         with torch.no_grad():
             tokens, cls = teacher(teacher_in)
         tokens = tokens.to(compute_dtype)
