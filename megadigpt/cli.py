@@ -34,6 +34,48 @@ def cmd_pretrain(args) -> int:
     return 0
 
 
+def _finetune_overrides(args):
+    overrides = list(args.overrides)
+    for flag, key in (("train", "data.train"), ("val", "data.val"), ("run_dir", "train.run_dir"),
+                      ("init_from", "train.init_from"), ("knn_layers", "probe.knn_layers")):
+        v = getattr(args, flag, None)
+        if v:
+            overrides.append(f"{key}={v}")
+    return overrides
+
+
+def cmd_finetune(args) -> int:
+    from .config import FinetuneRunConfig, load_config
+    from .train.finetune import finetune
+
+    res = finetune(load_config(args.config, _finetune_overrides(args), root=FinetuneRunConfig))
+    if _rank0() and res.get("best"):
+        b = res["best"]["best"]
+        print(f"best top-1 {b['top1']:.2f} (step {b['step']}); exports in {res['run_dir']}/best and /last")
+    return 0
+
+
+def cmd_probe(args) -> int:
+    from .config import FinetuneRunConfig, load_config
+    from .train.probe import run_probe
+
+    w = args.weights
+    if w and "=" in w and "." in w.split("=", 1)[0] and not Path(w).exists():  # an override, not weights
+        args.overrides, w = [w] + list(args.overrides), None
+    cfg = load_config(args.config, _finetune_overrides(args), root=FinetuneRunConfig)
+    run_probe(cfg, w, args.out, random_init=args.random_init)
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from .train.evaluate import evaluate_sets
+
+    folders = {k: getattr(args, k) for k in ("imagenet", "real", "v2", "a", "r", "sketch", "c") if getattr(args, k)}
+    evaluate_sets(args.model, folders, args.out, which=args.which, batch=args.batch, limit=args.limit,
+                  loader=args.loader, num_workers=args.workers, real_labels_path=args.real_labels)
+    return 0
+
+
 def cmd_convert(args) -> int:
     from .checkpoint.convert import convert
 
@@ -44,9 +86,13 @@ def cmd_convert(args) -> int:
 
 
 def cmd_show_config(args) -> int:
-    from .config import dump_config, load_config
+    from .config import ConfigError as _CE, FinetuneRunConfig, dump_config, load_config
 
-    print(dump_config(load_config(args.config, args.overrides)), end="")
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except _CE:  # a fine-tuning config
+        cfg = load_config(args.config, args.overrides, root=FinetuneRunConfig)
+    print(dump_config(cfg), end="")
     return 0
 
 
@@ -95,6 +141,46 @@ def build_parser() -> argparse.ArgumentParser:
     pt.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     pt.add_argument("overrides", nargs="*", metavar="section.key=value")
     pt.set_defaults(fn=cmd_pretrain)
+
+    ft = sub.add_parser("finetune", help="classification fine-tuning (resumes automatically from its run directory)")
+    ft.add_argument("--config", default="finetune_vitb16_in1k", help="a YAML file or a built-in fine-tuning config")
+    ft.add_argument("--train", default=None, help="shortcut for data.train=...")
+    ft.add_argument("--val", default=None, help="shortcut for data.val=...")
+    ft.add_argument("--init-from", dest="init_from", default=None, help="shortcut for train.init_from=...")
+    ft.add_argument("--run-dir", default=None, help="shortcut for train.run_dir=...")
+    ft.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    ft.add_argument("overrides", nargs="*", metavar="section.key=value")
+    ft.set_defaults(fn=cmd_finetune)
+
+    pr = sub.add_parser("probe", help="linear probe of every block (best block reported) and k-NN")
+    pr.add_argument("weights", nargs="?", default=None, help="a pretraining run/checkpoint, a timm folder, a "
+                                                             ".safetensors or a reference .pth")
+    pr.add_argument("--random-init", action="store_true", help="probe a randomly initialised model (a baseline)")
+    pr.add_argument("--config", default="finetune_vitb16_in1k", help="model/data/probe settings (a fine-tuning config)")
+    pr.add_argument("--train", default=None, help="labelled images the heads train on (data.train)")
+    pr.add_argument("--val", default=None, help="labelled images they are scored on (data.val)")
+    pr.add_argument("--out", required=True, help="folder for results.json / results.md")
+    pr.add_argument("--knn-layers", default=None, help="shortcut for probe.knn_layers=...")
+    pr.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    pr.add_argument("overrides", nargs="*", metavar="section.key=value")
+    pr.set_defaults(fn=cmd_probe)
+
+    ev = sub.add_parser("eval", help="ImageNet val, ReaL, V2, A, R, Sketch, C (mCE) for a fine-tuned classifier")
+    ev.add_argument("model", help="a fine-tuning run directory (its best/) or an exported classifier folder")
+    ev.add_argument("--which", default="best", help="in a run directory: best | last | best_ema | last_ema")
+    for name, what in (("imagenet", "ImageNet-1K val: <synset>/ folders"), ("real", "ReaL: the ImageNet val "
+                       "folder (original file names)"), ("v2", "ImageNet-V2: folders 0..999"), ("a", "ImageNet-A: "
+                       "<synset>/ folders (200)"), ("r", "ImageNet-R: <synset>/ folders (200)"), ("sketch",
+                       "ImageNet-Sketch: <synset>/ folders"), ("c", "ImageNet-C: <corruption>/<severity>/<synset>/")):
+        ev.add_argument(f"--{name}", default=None, help=what)
+    ev.add_argument("--real-labels", default=None, help="real.json (default: timm's bundled copy)")
+    ev.add_argument("--out", default=None, help="folder for eval.json / eval.md")
+    ev.add_argument("--batch", type=int, default=64)
+    ev.add_argument("--limit", type=int, default=None, help="at most this many images per set (a quick look)")
+    ev.add_argument("--loader", default="auto", choices=["auto", "dali", "torch"])
+    ev.add_argument("--workers", type=int, default=4)
+    ev.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    ev.set_defaults(fn=cmd_eval)
 
     sc = sub.add_parser("show-config", help="print the resolved config")
     sc.add_argument("--config", default="demo")
@@ -147,7 +233,14 @@ def main(argv=None) -> int:
     """Exit codes: 0 done, 2 bad input, 3 diverged (rolled back), 75 checkpointed on a signal (resume me)."""
     from .train.pretrain import Checkpointed, TrainingDiverged
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # overrides may follow options (``probe W --out D model.img_size=448``): argparse leaves those over
+    stray = [a for a in extra if not ("=" in a and "." in a.split("=", 1)[0] and not a.startswith("-"))]
+    if stray or (extra and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(stray or extra)}")
+    if extra:
+        args.overrides = list(args.overrides) + extra
     try:
         return args.fn(args)
     except ConfigError as e:

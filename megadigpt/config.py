@@ -38,6 +38,7 @@ class ModelConfig:
     decoder_mlp_ratio: float = 4.0
     drop_path: float = 0.0  # stochastic depth of the encoder (0 in the reference; 0.1 for EVA-02-L style)
     attention: str = "sdpa"  # sdpa (CPU+GPU) | flex (CUDA fused, block-sparse) | eager (reference arithmetic)
+    objective: str = "digpt"  # digpt (Gen + Dis) | dis_only (ablation) | distill (no decoder, full attention)
 
     def resolved_size(self):
         from .model.vit import VIT_SIZES, ViTSize
@@ -111,6 +112,98 @@ class TrainConfig:
     tensorboard: bool = True
     progress: str = "auto"  # auto (a bar when stderr is a terminal) | on | off
     peak_tflops: Optional[float] = None  # per-device peak for MFU; default: known GPUs, or a measured CPU matmul
+    probe_every: int = 0  # optimizer steps between k-NN monitors of the encoder (0 = off; knn_top1 in metrics)
+    probe_train: Optional[str] = None  # labelled images the k-NN monitor's memory bank is built from
+    probe_val: Optional[str] = None  # labelled images the k-NN monitor classifies
+
+
+# ============================================================================ fine-tuning, probing, evaluation
+# ``megadigpt finetune`` / ``probe`` / ``eval`` read this tree (sections model, data, optim, train, finetune, probe).
+
+
+@dataclass
+class ClassifierConfig:
+    arch: str = "auto"  # auto: the geometry of train.init_from's weights; or vit_tiny..vit_e for a fresh model
+    patch_size: Optional[int] = None  # default: from the weights (or 16)
+    img_size: int = 224  # fine-tuning resolution; position embeddings are interpolated (bicubic) from the weights'
+    embed_dim: Optional[int] = None  # override the arch's width
+    depth: Optional[int] = None  # override the arch's depth
+    num_heads: Optional[int] = None  # default: the pretraining run's, the export's, or the standard size's
+    mlp_ratio: Optional[float] = None  # override the arch's MLP ratio
+    drop_path: float = 0.1  # stochastic depth (spec §7: 0.1 for B, 0.15 for the L IN-21K stage)
+    global_pool: str = "avg"  # avg (mean of patch tokens + fc_norm, the paper's head) | token (CLS + final norm)
+    num_classes: Optional[int] = None  # default: 1 + the largest label of data.train
+
+
+@dataclass
+class FinetuneDataConfig:
+    train: Optional[Union[str, List[str]]] = None  # labelled training images: shards with .cls, class folders, .jsonl
+    val: Optional[Union[str, List[str]]] = None  # labelled evaluation images (evaluated every finetune.eval_every epochs)
+    loader: str = "auto"  # auto (DALI where installed, else torch) | dali | torch
+    crop_scale: Tuple[float, float] = (0.08, 1.0)  # RandomResizedCrop scale range
+    auto_augment: str = "rand-m9-mstd0.5-inc1"  # timm RandAugment policy (DALI: rand_augment n=2 m=9); none = off
+    crop_pct: float = 0.875  # eval: resize the shorter side to img_size / crop_pct, then centre crop
+    mean: Tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: Tuple[float, float, float] = (0.229, 0.224, 0.225)
+    num_workers: int = 4  # per rank: DataLoader workers (torch) or DALI CPU threads
+
+
+@dataclass
+class FinetuneOptimConfig(OptimConfig):
+    blr: float = 1e-3  # base lr per 256 images (MAE/D-iGPT fine-tuning)
+    min_lr: float = 1e-6
+    betas: Tuple[float, float] = (0.9, 0.999)
+    warmup_epochs: float = 5.0
+    layer_decay: float = 0.75  # layer-wise lr decay: block i gets layer_decay ** (depth + 1 - (i + 1)) of the lr
+
+
+@dataclass
+class FinetuneTrainConfig(TrainConfig):
+    run_dir: str = "runs/finetune"  # checkpoints, best/ and last/ timm exports, metrics.jsonl
+    epochs: float = 100.0
+    global_batch: int = 1024
+    zero_stage: int = 1  # 1 (optimizer state sharded) or 3 (parameters too, for L and larger at 448 px)
+    ckpt_every: int = 10 ** 9  # optimizer steps between checkpoints; fine-tuning also checkpoints every epoch
+    init_from: Optional[str] = None  # pretrained encoder: a megadigpt run/checkpoint/.safetensors, a timm export folder or .safetensors, a reference D-iGPT .pth; none = random init
+
+
+@dataclass
+class FinetuneConfig:
+    smoothing: float = 0.1  # label smoothing
+    mixup: float = 0.8  # mixup alpha (0 = off)
+    cutmix: float = 1.0  # cutmix alpha (0 = off)
+    mixup_prob: float = 1.0  # probability of mixing a batch at all
+    mixup_switch_prob: float = 0.5  # probability of cutmix instead of mixup when both are on
+    reprob: float = 0.25  # random erasing probability (per image, after normalisation)
+    remode: str = "pixel"  # random erasing fill: pixel | rand | const
+    ema_decay: float = 0.0  # parameter EMA (0 = off; 0.9999 in the EVA-02-L IN-1K stage); evaluated and exported too
+    eval_every: int = 1  # epochs between evaluations (and always after the last)
+    head_init_std: float = 2e-5  # the fresh classifier's weight init (MAE)
+
+
+@dataclass
+class ProbeConfig:
+    epochs: int = 30  # passes of the linear heads over the cached features
+    batch: int = 1024  # heads' mini-batch
+    lr: float = 1e-3  # AdamW lr of every head (cosine to 0)
+    weight_decay: float = 1e-4  # AdamW weight decay of the heads
+    layers: str = "all"  # all | last | comma-separated 1-indexed blocks to probe
+    knn_k: int = 20  # k-NN neighbours (cosine similarity)
+    knn_t: float = 0.07  # k-NN vote temperature: weights exp(cos / t)
+    knn_layers: str = "last"  # last | all | comma-separated blocks for k-NN
+
+
+@dataclass
+class FinetuneRunConfig:
+    model: ClassifierConfig = field(default_factory=ClassifierConfig)
+    data: FinetuneDataConfig = field(default_factory=FinetuneDataConfig)
+    optim: FinetuneOptimConfig = field(default_factory=FinetuneOptimConfig)
+    train: FinetuneTrainConfig = field(default_factory=FinetuneTrainConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return _plain(dataclasses.asdict(self))
 
 
 @dataclass
@@ -222,8 +315,9 @@ def parse_overrides(items: List[str]) -> Dict[str, Dict[str, Any]]:
     return out
 
 
-def load_config(name_or_path: Optional[str] = None, overrides: Optional[List[str]] = None) -> Config:
-    cfg = Config()
+def load_config(name_or_path: Optional[str] = None, overrides: Optional[List[str]] = None, root=None):
+    """``root``: the config tree's class, :class:`Config` (pretraining, the default) or :class:`FinetuneRunConfig`."""
+    cfg = (root or Config)()
     layers = []
     if name_or_path:
         path = resolve_config_path(name_or_path)
@@ -236,33 +330,45 @@ def load_config(name_or_path: Optional[str] = None, overrides: Optional[List[str
         layers.append(raw)
     layers.append(parse_overrides(overrides or []))
     sections = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
+    for layer in layers:  # a whole file of the other kind is named as such, before any key inside it
+        if any(sec not in sections and sec in ("target", "finetune", "probe") for sec in layer):
+            other = "a pretraining" if "target" in layer else "a fine-tuning"
+            raise ConfigError(f"{name_or_path} is {other} config (pretraining config given to finetune/probe/eval, or "
+                              f"the other way round?)")
     for layer in layers:
         for section, values in layer.items():
             if section not in sections:
-                raise ConfigError(f"unknown config section '{section}'{_suggest(section, sections)}")
+                hint = _suggest(section, sections)
+                if not hint and section in ("target", "finetune", "probe"):
+                    hint = (" (a pretraining config given to finetune/probe/eval, or the other way round?)")
+                raise ConfigError(f"unknown config section '{section}'{hint}")
             if not isinstance(values, dict):
                 raise ConfigError(f"config section '{section}' must be a mapping")
             _apply(sections[section], values, section)
     return cfg
 
 
-def dump_config(cfg: Config) -> str:
+def dump_config(cfg) -> str:
     return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
 
 
 def reference_markdown() -> str:
-    """The config reference table for the README, from the field comments of this file."""
+    """The config reference tables for the README, from the field comments of this file."""
     import inspect
     import re
 
-    lines = ["| key | default | meaning |", "|---|---|---|"]
-    for section_cls, section in ((ModelConfig, "model"), (TargetConfig, "target"), (DataConfig, "data"),
-                                 (OptimConfig, "optim"), (TrainConfig, "train")):
-        src = inspect.getsource(section_cls)
-        comments = dict(re.findall(r"^\s+(\w+):[^#\n]*#\s*(.*)$", src, flags=re.M))
-        for f in dataclasses.fields(section_cls):
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            meaning = comments.get(f.name, "").replace("|", "\\|")
-            lines.append(f"| `{section}.{f.name}` | `{_plain(default)}` | {meaning} |")
-    return "\n".join(lines)
-
+    out = []
+    for title, root in (("Pretraining (`megadigpt pretrain`)", Config),
+                        ("Fine-tuning, probing, evaluation (`megadigpt finetune`, `probe`, `eval`)", FinetuneRunConfig)):
+        lines = [f"**{title}**", "", "| key | default | meaning |", "|---|---|---|"]
+        for section in dataclasses.fields(root):
+            section_cls = section.default_factory
+            comments = {}
+            for klass in reversed(section_cls.__mro__[:-1]):  # a subclass's comment wins
+                comments.update(re.findall(r"^\s+(\w+):[^#\n]*#\s*(.*)$", inspect.getsource(klass), flags=re.M))
+            for f in dataclasses.fields(section_cls):
+                default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+                meaning = comments.get(f.name, "").replace("|", "\\|")
+                lines.append(f"| `{section.name}.{f.name}` | `{_plain(default)}` | {meaning} |")
+        out.append("\n".join(lines))
+    return "\n\n".join(out)

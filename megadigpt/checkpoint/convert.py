@@ -155,6 +155,69 @@ def load_timm(folder, **kwargs):
                              **args)
 
 
+# ------------------------------------------------------------------------------------------- any encoder, timm layout
+
+def load_encoder_weights(path, tag: Optional[str] = None):
+    """The encoder (timm ``VisionTransformer`` names) from anything megadigpt can start a fine-tune or probe from:
+    a pretraining run / checkpoint / ``.safetensors``, a timm export folder or ``.safetensors`` (a fine-tune's
+    ``best``/``last`` too, head included), a fine-tuning run directory, or a reference ``.pth`` (pretraining or
+    MAE-style fine-tuned). Returns ``(state_dict, info)``; ``info`` may hold ``num_heads`` and ``label_names``."""
+    p = Path(path)
+    if not p.exists():
+        raise ConfigError(f"weights not found: {path}")
+    info = {}
+    if p.is_dir() and (p / "config.json").is_file() and (p / "model.safetensors").is_file():
+        from safetensors.torch import load_file
+
+        meta = json.loads((p / "config.json").read_text())
+        info["num_heads"] = meta.get("model_args", {}).get("num_heads")
+        info["label_names"] = meta.get("label_names")
+        sd = load_file(str(p / "model.safetensors"))
+    elif _is_ds_dir(p):
+        sd = load_deepspeed(p, tag)
+        info["num_heads"] = _heads_from_run(p)
+        info["label_names"] = _labels_from_run(p)
+    elif p.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        sd = load_file(str(p))
+    elif p.is_dir():
+        raise ConfigError(f"{path}: a folder with neither checkpoints (checkpoints/, or DeepSpeed shards) nor a timm "
+                          f"export (config.json + model.safetensors)")
+    else:
+        import argparse
+
+        try:
+            with torch.serialization.safe_globals([argparse.Namespace]):
+                obj = torch.load(p, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001
+            raise ConfigError(f"{path}: not a loadable checkpoint ({type(e).__name__}: {str(e).splitlines()[0]})")
+        sd = obj.get("model", obj.get("state_dict", obj)) if isinstance(obj, dict) else None
+        if not isinstance(sd, dict):
+            raise ConfigError(f"{path}: not a state dict")
+        if "ar_token" in sd:
+            sd = from_reference(sd)
+    if any(k.startswith("encoder.") for k in sd):
+        sd = encoder_state(sd)
+    sd = {k[len("module."):] if k.startswith("module.") else k: v for k, v in sd.items()}
+    if "patch_embed.proj.weight" not in sd or "pos_embed" not in sd or "blocks.0.attn.qkv.weight" not in sd:
+        raise ConfigError(f"{path}: no ViT encoder in it (need patch_embed.proj.weight, pos_embed, blocks.*; "
+                          f"found e.g. {sorted(sd)[:4]})")
+    return {k: v.float() for k, v in sd.items()}, info
+
+
+def geometry_of(sd: Dict[str, torch.Tensor], num_heads: Optional[int]):
+    from ..model.classifier import EncoderGeometry
+
+    g = encoder_geometry(sd)
+    heads = num_heads or default_heads(g["embed_dim"])
+    if heads is None:
+        raise ConfigError(f"width {g['embed_dim']} is not a standard ViT size: set model.num_heads")
+    if g["embed_dim"] % heads:
+        raise ConfigError(f"width {g['embed_dim']} is not divisible by {heads} heads")
+    return EncoderGeometry(g["embed_dim"], g["depth"], heads, g["mlp_ratio"], g["patch_size"]), g["img_size"]
+
+
 # ------------------------------------------------------------------------------------------- reference layout
 
 _BRANCH = {"gen": "ar", "dis": "kd"}
@@ -272,12 +335,34 @@ def convert(src, to: str, out, tag: Optional[str] = None, num_heads: Optional[in
     raise ConfigError(f"--to must be timm, reference or fp32, got {to!r}")
 
 
-def _heads_from_run(src) -> Optional[int]:
-    """The head count from the run's resolved config.yaml, when the input is (inside) a run directory."""
+def _run_yaml(src) -> Optional[dict]:
+    """The resolved config.yaml of the run that ``src`` is (inside of), as plain YAML (pretraining or fine-tuning)."""
+    import yaml
+
     for d in (Path(src), *list(Path(src).resolve().parents)[:3]):
         cfg = d / "config.yaml"
         if cfg.is_file():
-            from ..config import load_config
+            try:
+                return yaml.safe_load(cfg.read_text()) or {}
+            except yaml.YAMLError:
+                return None
+    return None
 
-            return load_config(str(cfg)).model.resolved_size().num_heads
+
+def _heads_from_run(src) -> Optional[int]:
+    """The head count from the run's config.yaml, when the input is (inside) a run directory."""
+    from ..model.vit import VIT_SIZES
+
+    model = (_run_yaml(src) or {}).get("model", {})
+    if model.get("num_heads"):
+        return int(model["num_heads"])
+    size = VIT_SIZES.get(model.get("arch"))
+    return size.num_heads if size else None
+
+
+def _labels_from_run(src) -> Optional[list]:
+    for d in (Path(src), *list(Path(src).resolve().parents)[:3]):
+        f = d / "label_names.json"
+        if f.is_file():
+            return json.loads(f.read_text())
     return None

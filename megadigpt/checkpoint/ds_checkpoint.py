@@ -91,7 +91,7 @@ def save(engine, run_dir, step: int, client_state: dict, keep: int = 0, is_rank0
         dist.barrier()  # every rank's shards are on disk
     if is_rank0:
         marker = {"step": step, "time": time.time(), **{k: v for k, v in client_state.items()
-                                                         if isinstance(v, (int, float, str))}}
+                                                         if isinstance(v, (int, float, str, dict, list))}}
         _atomic_write(ckdir / tag / MARKER, json.dumps(marker))
         set_latest(run_dir, tag)
         prune(run_dir, keep, protect=tag)

@@ -32,6 +32,8 @@ def timm_transform(train: bool, size: int, mean, std, crop_pct: float = 0.875, a
                    scale=(0.08, 1.0)):
     from timm.data import create_transform
 
+    if auto_augment in ("none", "", None):
+        auto_augment = None
     if train:
         return create_transform(size, is_training=True, scale=scale, hflip=0.5, auto_augment=auto_augment,
                                 interpolation="bicubic", re_prob=0.0, mean=mean, std=std)
@@ -39,14 +41,25 @@ def timm_transform(train: bool, size: int, mean, std, crop_pct: float = 0.875, a
 
 
 class LabelledImages(torch.utils.data.Dataset):
-    def __init__(self, samples: Sequence[Sample], indices: Sequence[int], transform, size: int):
+    """``seed``: (run seed, epoch) -> every training sample's augmentation is drawn from its own stream, so a
+    resumed epoch (``skip_batches``) and any worker count give the same images as an uninterrupted run."""
+
+    def __init__(self, samples: Sequence[Sample], indices: Sequence[int], transform, size: int, seed=None):
         self.samples, self.indices, self.transform, self.size = samples, list(indices), transform, size
+        self.seed = seed
 
     def __len__(self):
         return len(self.indices)
 
     def __getitem__(self, i):
         s = self.samples[self.indices[i]]
+        if self.seed is not None:
+            import random
+
+            k = int(np.random.SeedSequence([*self.seed, self.indices[i]]).generate_state(1)[0])
+            random.seed(k)
+            np.random.seed(k)  # timm's RandAugment picks its ops with numpy
+            torch.manual_seed(k)
         try:
             return self.transform(decode_rgb(s.read())), s.label, True
         except Exception:  # noqa: BLE001 - a bad image is flagged, not fatal
@@ -59,8 +72,9 @@ def _collate(items):
 
 
 def torch_loader(samples, indices, train, size, batch_size, mean, std, crop_pct=0.875, num_workers=2, seed=0,
-                 epoch=0):
-    ds = LabelledImages(samples, indices, timm_transform(train, size, mean, std, crop_pct), size)
+                 epoch=0, auto_augment="rand-m9-mstd0.5-inc1", scale=(0.08, 1.0)):
+    ds = LabelledImages(samples, indices, timm_transform(train, size, mean, std, crop_pct, auto_augment, scale), size,
+                        seed=(seed, epoch) if train else None)
     g = torch.Generator().manual_seed(seed * 1000 + epoch)
     return torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=False, drop_last=train,
                                        num_workers=num_workers, collate_fn=_collate, generator=g,
@@ -111,7 +125,7 @@ class _LabelledSource:
 
 
 def build_dali_pipeline(source, train: bool, size: int, batch_size: int, mean, std, device_id, num_threads: int,
-                        crop_pct: float = 0.875, seed: int = 0, scale=(0.08, 1.0)):
+                        crop_pct: float = 0.875, seed: int = 0, scale=(0.08, 1.0), rand_aug: bool = True):
     from nvidia.dali import fn, pipeline_def, types
     from nvidia.dali.auto_aug import rand_augment
 
@@ -125,7 +139,8 @@ def build_dali_pipeline(source, train: bool, size: int, batch_size: int, mean, s
             img = fn.decoders.image_random_crop(enc, device=dev, output_type=types.RGB, random_area=list(scale),
                                                 random_aspect_ratio=[3 / 4, 4 / 3])
             img = fn.resize(img, resize_x=size, resize_y=size, interp_type=types.INTERP_CUBIC, antialias=True)
-            img = rand_augment.rand_augment(img, n=2, m=9)
+            if rand_aug:
+                img = rand_augment.rand_augment(img, n=2, m=9)
             mirror = fn.random.coin_flip()
             crop = None
         else:
@@ -144,13 +159,13 @@ def build_dali_pipeline(source, train: bool, size: int, batch_size: int, mean, s
 
 class DaliClassificationLoader:
     def __init__(self, samples, indices, train, size, batch_size, mean, std, device, crop_pct=0.875,
-                 num_threads=2, seed=0, epoch=0):
+                 num_threads=2, seed=0, epoch=0, scale=(0.08, 1.0), rand_aug=True):
         self.source = _LabelledSource(samples, indices, batch_size, drop_last=train, size=size, crop_pct=crop_pct)
         self.n_items = len(indices)
         self.train, self.bs, self.device = train, batch_size, device
         device_id = device.index if device.type == "cuda" else None
         self.pipe = build_dali_pipeline(self.source, train, size, batch_size, mean, std, device_id, num_threads,
-                                        crop_pct, seed=seed * 100_003 + epoch + 1)
+                                        crop_pct, seed=seed * 100_003 + epoch + 1, scale=scale, rand_aug=rand_aug)
         self.pipe.build()
 
     def __len__(self):
@@ -177,9 +192,13 @@ class DaliClassificationLoader:
 def build_classification_loader(samples: Sequence[Sample], train: bool, size: int, batch_size: int, rank: int = 0,
                                 world: int = 1, epoch: int = 0, seed: int = 0, kind: str = "torch", device=None,
                                 num_workers: int = 2, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
-                                crop_pct: float = 0.875):
-    indices = shard_indices(len(samples), rank, world, epoch, seed, train)
+                                crop_pct: float = 0.875, auto_augment: str = "rand-m9-mstd0.5-inc1",
+                                scale=(0.08, 1.0), skip_batches: int = 0):
+    """``skip_batches``: start the epoch after this many batches (a resumed fine-tune continues mid-epoch)."""
+    indices = shard_indices(len(samples), rank, world, epoch, seed, train)[skip_batches * batch_size:]
     if kind == "dali":
         return DaliClassificationLoader(samples, indices, train, size, batch_size, mean, std,
-                                        device or torch.device("cpu"), crop_pct, max(1, num_workers), seed, epoch)
-    return torch_loader(samples, indices, train, size, batch_size, mean, std, crop_pct, num_workers, seed, epoch)
+                                        device or torch.device("cpu"), crop_pct, max(1, num_workers), seed, epoch,
+                                        scale, auto_augment not in ("none", "", None))
+    return torch_loader(samples, indices, train, size, batch_size, mean, std, crop_pct, num_workers, seed, epoch,
+                        auto_augment, scale)

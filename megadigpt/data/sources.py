@@ -233,3 +233,18 @@ def find_samples(source) -> List[Sample]:
     if not out:
         raise ConfigError(f"data source {source!r} holds no images")
     return out
+
+
+def label_names(source) -> Optional[List[str]]:
+    """Class names in label order, where the source says: class folders (sorted, e.g. ImageNet synsets), or a
+    ``classes.txt`` (one name per line) beside tar shards or a sample list. None where unknown."""
+    kind, where = _resolve_paths(source)
+    if kind == "folder":
+        root = Path(where)
+        return sorted(p.name for p in root.iterdir() if p.is_dir()) or None
+    first = where[0] if isinstance(where, list) and where else where
+    if kind in ("tar", "list") and first:
+        f = Path(first).parent / "classes.txt"
+        if f.is_file():
+            return [line.strip() for line in f.read_text().splitlines() if line.strip()]
+    return None

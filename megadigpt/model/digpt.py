@@ -1,5 +1,13 @@
 """D-iGPT: block-causal ViT encoder over randomly ordered segments, a generative decoder that predicts the next
-segment's teacher tokens and a discriminative decoder that predicts the visible segments' teacher tokens."""
+segment's teacher tokens and a discriminative decoder that predicts the visible segments' teacher tokens.
+
+``objective`` selects the paper's ablations (spec §4, the paper's decoder study):
+
+- ``digpt``   : both decoders (the method);
+- ``dis_only``: the same block-causal encoder and the discriminative decoder alone (no next-segment prediction);
+- ``distill`` : plain feature distillation: full attention over the whole image, no decoder, a LayerNorm and a
+  Linear on the last block predict every teacher token (and CLS from the CLS token).
+"""
 
 from typing import List, Optional, Sequence, Tuple
 
@@ -28,8 +36,12 @@ def cosine_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 class DiGPT(nn.Module):
     def __init__(self, encoder: ViTEncoder, segment_grid: int, teacher_dim: int, teacher_grid: int,
                  taps: Optional[Sequence[int]] = None, decoder_dim: int = 1024, decoder_depth: int = 2,
-                 decoder_heads: int = 32, decoder_mlp_ratio: float = 4.0, attention: str = "sdpa"):
+                 decoder_heads: int = 32, decoder_mlp_ratio: float = 4.0, attention: str = "sdpa",
+                 objective: str = "digpt"):
         super().__init__()
+        if objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
+        self.objective = objective
         self.encoder = encoder
         self.layout = SegmentLayout(encoder.grid, segment_grid)
         self.taps = list(taps) if taps else default_taps(encoder.depth)
@@ -48,10 +60,17 @@ class DiGPT(nn.Module):
                              persistent=False)
 
         C = encoder.embed_dim
-        self.gen_taps = FeatureTaps(C, len(self.taps), decoder_dim, decoder_depth)
-        self.dis_taps = FeatureTaps(C, len(self.taps), decoder_dim, decoder_depth)
-        self.gen_decoder = Decoder(decoder_dim, decoder_depth, decoder_heads, decoder_mlp_ratio, teacher_dim, attention)
-        self.dis_decoder = Decoder(decoder_dim, decoder_depth, decoder_heads, decoder_mlp_ratio, teacher_dim, attention)
+        if objective == "digpt":
+            self.gen_taps = FeatureTaps(C, len(self.taps), decoder_dim, decoder_depth)
+            self.gen_decoder = Decoder(decoder_dim, decoder_depth, decoder_heads, decoder_mlp_ratio, teacher_dim,
+                                       attention)
+        if objective in ("digpt", "dis_only"):
+            self.dis_taps = FeatureTaps(C, len(self.taps), decoder_dim, decoder_depth)
+            self.dis_decoder = Decoder(decoder_dim, decoder_depth, decoder_heads, decoder_mlp_ratio, teacher_dim,
+                                       attention)
+        else:  # distill
+            self.distill_norm = nn.LayerNorm(C, eps=1e-6)
+            self.distill_head = nn.Linear(C, teacher_dim)
         self.reset_parameters()
 
     # ------------------------------------------------------------------ init
@@ -68,8 +87,9 @@ class DiGPT(nn.Module):
         nn.init.xavier_uniform_(w.data.view(w.shape[0], -1))  # like a Linear over the flattened patch
         nn.init.zeros_(self.encoder.patch_embed.proj.bias)
         nn.init.zeros_(self.encoder.cls_token)
-        nn.init.trunc_normal_(self.gen_decoder.query_token, std=0.02)
-        nn.init.trunc_normal_(self.dis_decoder.query_token, std=0.02)
+        for name in ("gen_decoder", "dis_decoder"):
+            if hasattr(self, name):
+                nn.init.trunc_normal_(getattr(self, name).query_token, std=0.02)
 
     # ------------------------------------------------------------------ encoder
     def random_order(self, batch: int, device=None, generator=None) -> torch.Tensor:
@@ -133,8 +153,12 @@ class DiGPT(nn.Module):
         tokens (CLS counting as one token); the caller reduces over the batch."""
         if teacher_tokens.shape[1] != self.teacher_grid ** 2:
             raise ValueError(f"expected {self.teacher_grid ** 2} teacher tokens, got {teacher_tokens.shape[1]}")
+        if self.objective == "distill":
+            return self._distill_loss(images, teacher_tokens, teacher_cls)
         if order is None:
             order = self.random_order(images.shape[0], images.device)
+        if self.objective == "dis_only":
+            return self._dis_only_loss(images, teacher_tokens, teacher_cls, order)
         gen, dis = self.predict(images, order)
         gen_t, dis_t = self.targets(teacher_tokens, order)
         nv_tokens = self.layout.num_visible * self.layout.tokens_per_segment
@@ -146,6 +170,36 @@ class DiGPT(nn.Module):
             losses.append(tok.mean(dim=1))
         return losses[0], losses[1]
 
+    def _token_losses(self, pred, tgt, cls_pred, teacher_cls):
+        tok = cosine_loss(pred, tgt).flatten(1)
+        if teacher_cls is not None:
+            tok = torch.cat([tok, cosine_loss(cls_pred, teacher_cls)[:, None]], dim=1)
+        return tok.mean(dim=1)
+
+    def _dis_only_loss(self, images, teacher_tokens, teacher_cls, order):
+        taps = self.encode(images, order)
+        B, nv = images.shape[0], self.layout.num_visible
+        pos = self._query_positions(order, taps[0].dtype)
+        dis_pos = torch.cat([pos[:, :nv].reshape(B, -1, pos.shape[-1]), pos.new_zeros(B, 1, pos.shape[-1])], dim=1)
+        dis = self.dis_decoder(dis_pos, self.dis_taps(taps), self.mask)
+        _, dis_t = self.targets(teacher_tokens, order)
+        nv_tokens = nv * self.layout.tokens_per_segment
+        loss = self._token_losses(self.to_teacher_grid(dis[:, :nv_tokens]), dis_t, dis[:, -1], teacher_cls)
+        return torch.zeros_like(loss), loss
+
+    def _distill_loss(self, images, teacher_tokens, teacher_cls):
+        x = self.distill_head(self.distill_norm(self.encoder.forward_features(images)))  # (B, 1 + N, D)
+        B, G, Gt, D = images.shape[0], self.encoder.grid, self.teacher_grid, x.shape[-1]
+        pred = x[:, 1:].float()
+        if G != Gt:
+            pred = F.interpolate(pred.reshape(B, G, G, D).permute(0, 3, 1, 2), size=(Gt, Gt), mode="bilinear",
+                                 align_corners=False).permute(0, 2, 3, 1).reshape(B, Gt * Gt, D)
+        loss = self._token_losses(pred, teacher_tokens, x[:, 0], teacher_cls)
+        return torch.zeros_like(loss), loss
+
+
+OBJECTIVES = ("digpt", "dis_only", "distill")
+
 
 def build_model(model_cfg, teacher_dim: int, teacher_grid: int) -> DiGPT:
     """Build the student from a :class:`megadigpt.config.ModelConfig`."""
@@ -155,4 +209,4 @@ def build_model(model_cfg, teacher_dim: int, teacher_grid: int) -> DiGPT:
     return DiGPT(encoder, model_cfg.segment_grid, teacher_dim, teacher_grid, taps=model_cfg.resolved_taps(),
                  decoder_dim=model_cfg.decoder_dim, decoder_depth=model_cfg.decoder_depth,
                  decoder_heads=model_cfg.decoder_heads, decoder_mlp_ratio=model_cfg.decoder_mlp_ratio,
-                 attention=model_cfg.attention)
+                 attention=model_cfg.attention, objective=model_cfg.objective)

@@ -86,7 +86,8 @@ class MetricsSink:
                                                                        ("ips", "images_per_s"))
                                   if metrics.get(m) is not None})
         else:
-            keys = ("gen_loss", "dis_loss", "lr", "grad_norm", "images_per_s", "mfu_total")
+            keys = ("gen_loss", "dis_loss", "train_loss", "lr", "grad_norm", "images_per_s", "mfu_total", "knn_top1",
+                    "val_top1", "val_top5", "val_ema_top1")
             print(f"step {step}: " + " ".join(f"{k}={metrics[k]:.4g}" for k in keys if metrics.get(k) is not None),
                   flush=True)
 

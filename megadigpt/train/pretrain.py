@@ -86,6 +86,10 @@ def plan_run(cfg: Config, world_size: Optional[int] = None) -> Plan:
     taps = m.resolved_taps()
     if not taps or not all(1 <= x <= size.depth for x in taps):
         raise ConfigError(f"model.taps {taps} must be blocks in 1..{size.depth}")
+    from ..model.digpt import OBJECTIVES
+
+    if m.objective not in OBJECTIVES:
+        raise ConfigError(f"model.objective must be one of {', '.join(OBJECTIVES)}, got {m.objective!r}")
     if m.attention not in BACKENDS:
         raise ConfigError(f"model.attention must be one of {', '.join(BACKENDS)}, got {m.attention!r}")
     device_type = _device_type(t.device)
@@ -129,6 +133,13 @@ def plan_run(cfg: Config, world_size: Optional[int] = None) -> Plan:
         raise ConfigError("train.ckpt_every and train.log_every must be >= 1")
     if t.ckpt_keep < 0 or t.ckpt_every_minutes < 0 or t.nan_tolerance < 0:
         raise ConfigError("train.ckpt_keep, train.ckpt_every_minutes and train.nan_tolerance must be >= 0")
+    if t.probe_every < 0:
+        raise ConfigError("train.probe_every must be >= 0")
+    if t.probe_every > 0:
+        if not (t.probe_train and t.probe_val):
+            raise ConfigError("train.probe_every needs train.probe_train and train.probe_val (labelled images)")
+        check_source(t.probe_train)
+        check_source(t.probe_val)
     if t.init_from and not Path(t.init_from).exists():
         raise ConfigError(f"train.init_from not found: {t.init_from}")
     lo, hi = cfg.data.crop_scale
@@ -261,6 +272,12 @@ def pretrain(cfg: Config) -> dict:
     t, m = cfg.train, cfg.model
     run_dir = Path(t.run_dir)
     samples = find_samples(cfg.data.source)  # I/O only (tar headers): still before the heavy part
+    if t.probe_every > 0:
+        from .finetune import check_labels
+
+        probe_sets = (find_samples(t.probe_train), find_samples(t.probe_val))
+        probe_classes = check_labels(probe_sets[0], "train.probe_train")
+        check_labels(probe_sets[1], "train.probe_val", probe_classes)
     n = len(samples)
     steps_per_epoch = n / t.global_batch
     total_steps = t.max_steps if t.max_steps is not None else max(1, int(t.epochs * n // t.global_batch))
@@ -452,6 +469,11 @@ def pretrain(cfg: Config) -> dict:
         dist.all_reduce(flags, op=dist.ReduceOp.MAX)
         if step % t.ckpt_every == 0 or step == total_steps or flags.any():
             checkpoint_now()
+        if t.probe_every > 0 and (step % t.probe_every == 0 or step == total_steps):
+            from .probe import knn_monitor
+
+            sink.log(step, knn_monitor(engine.module.encoder, *probe_sets, probe_classes, m.img_size, t.micro_batch,
+                                       device, compute_dtype, cfg.data.mean, cfg.data.std))
         if flags[0] > 0 and step < total_steps:
             outcome = "signal"
             sink.event(event="signal", step=step, signal=signals.name)

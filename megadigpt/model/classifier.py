@@ -1,0 +1,83 @@
+"""The fine-tuning model: timm's ``VisionTransformer`` itself, so that what megadigpt fine-tunes is what timm
+loads (no key surgery, no wrapper). The paper's head (spec §7) is timm's ``global_pool='avg'``: the mean of the
+patch tokens, ``fc_norm`` (LayerNorm), ``head`` (Linear); the trunk's final ``norm`` is then an Identity.
+
+Also here: bicubic interpolation of a position-embedding table to another grid (448 px fine-tuning of a 224 px
+encoder), and each parameter's layer id for layer-wise lr decay.
+"""
+
+import re
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class EncoderGeometry:
+    embed_dim: int
+    depth: int
+    num_heads: int
+    mlp_ratio: float
+    patch_size: int
+
+    def model_args(self, img_size: int, num_classes: int, global_pool: str = "avg", drop_path: float = 0.0) -> dict:
+        """timm ``VisionTransformer`` keyword arguments (also written into exported ``config.json``)."""
+        return {"img_size": img_size, "patch_size": self.patch_size, "embed_dim": self.embed_dim, "depth": self.depth,
+                "num_heads": self.num_heads, "mlp_ratio": self.mlp_ratio, "qkv_bias": True, "class_token": True,
+                "global_pool": global_pool, "num_classes": num_classes, "drop_path_rate": drop_path}
+
+
+def build_classifier(geom: EncoderGeometry, img_size: int, num_classes: int, global_pool: str = "avg",
+                     drop_path: float = 0.0):
+    from timm.models.vision_transformer import VisionTransformer
+
+    # LayerNorm eps 1e-6 is timm's ViT default (and the pretraining encoder's)
+    return VisionTransformer(**geom.model_args(img_size, num_classes, global_pool, drop_path))
+
+
+def interpolate_pos_embed(pos_embed: torch.Tensor, new_grid: int, num_prefix: int = 1) -> torch.Tensor:
+    """(1, P + g*g, C) -> (1, P + new_grid**2, C): the prefix (CLS) rows kept, the grid resampled bicubically
+    (MAE's ``interpolate_pos_embed``). The same grid returns the input unchanged (an exact copy)."""
+    old = pos_embed.shape[1] - num_prefix
+    g = int(round(old ** 0.5))
+    if g * g != old:
+        raise ValueError(f"position embedding of {old} tokens is not a square grid")
+    if g == new_grid:
+        return pos_embed.clone()
+    prefix, grid = pos_embed[:, :num_prefix], pos_embed[:, num_prefix:]
+    C = grid.shape[-1]
+    grid = grid.float().reshape(1, g, g, C).permute(0, 3, 1, 2)
+    grid = F.interpolate(grid, size=(new_grid, new_grid), mode="bicubic", align_corners=False)
+    grid = grid.permute(0, 2, 3, 1).reshape(1, new_grid * new_grid, C).to(pos_embed.dtype)
+    return torch.cat([prefix, grid], dim=1)
+
+
+def layer_id(name: str, depth: int) -> int:
+    """BEiT/MAE layer-wise lr decay ids: embeddings 0, block i -> i + 1, everything after the trunk depth + 1."""
+    if name in ("cls_token", "pos_embed", "reg_token", "mask_token") or name.startswith("patch_embed"):
+        return 0
+    m = re.match(r"blocks\.(\d+)\.", name)
+    if m:
+        return int(m.group(1)) + 1
+    return depth + 1
+
+
+def param_groups_lrd(model: torch.nn.Module, weight_decay: float, layer_decay: float, depth: Optional[int] = None):
+    """AdamW groups with ``lr_scale = layer_decay ** (depth + 1 - layer_id)``; no weight decay on 1-D
+    parameters, biases, ``pos_embed`` and ``cls_token`` (timm's ``no_weight_decay``)."""
+    depth = depth if depth is not None else len(model.blocks)
+    skip = set(getattr(model, "no_weight_decay", lambda: set())())
+    groups = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        no_wd = p.ndim == 1 or name.endswith(".bias") or name in skip
+        lid = layer_id(name, depth)
+        key = (lid, no_wd)
+        if key not in groups:
+            groups[key] = {"params": [], "weight_decay": 0.0 if no_wd else weight_decay,
+                           "lr_scale": layer_decay ** (depth + 1 - lid), "layer_id": lid}
+        groups[key]["params"].append(p)
+    return [groups[k] for k in sorted(groups)]

@@ -1,0 +1,576 @@
+"""Classification fine-tuning under DeepSpeed (spec §7): ImageNet-21K intermediate and ImageNet-1K stages.
+
+    validate (cheap) -> labels and classes -> pretrained encoder weights (timm layout) -> process group
+    -> timm ViT (avg-pool + fc_norm head), position embeddings interpolated -> layer-wise lr decay groups
+    -> DeepSpeed engine (ZeRO 0-3) -> resume -> epochs of (mixup/cutmix, random erasing, label smoothing, EMA)
+    -> per-epoch checkpoint + evaluation -> ``best/`` and ``last/`` as timm folders (plus ``*_ema``)
+
+``megadigpt finetune --config <yaml> [section.key=value ...]``; kill it at any point and run the same command to
+resume (the data order is a function of (seed, epoch), so a resumed run sees the same batches).
+"""
+
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List, Optional
+
+from ..config import ConfigError, FinetuneRunConfig, dump_config
+from ..distributed import env as dist_env
+
+
+@dataclass
+class FinetunePlan:
+    world_size: int
+    accum: int
+    device_type: str
+    precision: str
+    lr: float
+    loader: str
+
+
+def _positive_fraction(name, v, lo_closed=True, hi=1.0):
+    if not ((0 <= v if lo_closed else 0 < v) and v <= hi):
+        raise ConfigError(f"{name} must lie in {'[' if lo_closed else '('}0, {hi}], got {v}")
+
+
+def plan_finetune(cfg: FinetuneRunConfig, world_size: Optional[int] = None, need_train: bool = True) -> FinetunePlan:
+    """Every check that needs no weights, no decoding and no process group."""
+    from ..data import check_source
+    from ..distributed.engine import template_path
+    from ..model.vit import VIT_SIZES
+    from .pretrain import _device_type, resolve_loader
+
+    m, d, t, f, o = cfg.model, cfg.data, cfg.train, cfg.finetune, cfg.optim
+    if m.arch != "auto" and m.arch not in VIT_SIZES:
+        from ..config import _suggest
+
+        raise ConfigError(f"unknown model.arch {m.arch!r}{_suggest(m.arch, VIT_SIZES)}; auto or one of "
+                          f"{', '.join(VIT_SIZES)}")
+    if m.arch == "auto" and not t.init_from:
+        raise ConfigError("model.arch=auto takes the geometry from train.init_from; set one of them "
+                          "(model.arch=vit_base for a randomly initialised model)")
+    if t.init_from and not Path(t.init_from).exists():
+        raise ConfigError(f"train.init_from not found: {t.init_from}")
+    if m.global_pool not in ("avg", "token"):
+        raise ConfigError(f"model.global_pool must be avg or token, got {m.global_pool!r}")
+    if m.patch_size and m.img_size % m.patch_size:
+        raise ConfigError(f"model.img_size {m.img_size} is not divisible by model.patch_size {m.patch_size}")
+    if need_train:
+        if not d.train:
+            raise ConfigError("data.train is not set (labelled training images: shards with .cls, class folders)")
+        check_source(d.train)
+    if not d.val:
+        raise ConfigError("data.val is not set (labelled evaluation images)")
+    check_source(d.val)
+    loader = resolve_loader(d.loader)
+    device_type = _device_type(t.device)
+    world = world_size if world_size is not None else dist_env.discover().world_size
+    if t.micro_batch < 1 or t.global_batch < 1 or t.global_batch % (t.micro_batch * world):
+        raise ConfigError(f"train.global_batch {t.global_batch} is not divisible by train.micro_batch "
+                          f"{t.micro_batch} x world size {world}")
+    if (f.mixup > 0 or f.cutmix > 0) and t.micro_batch % 2:
+        raise ConfigError(f"mixup/cutmix pair each batch with its reverse: train.micro_batch {t.micro_batch} must be "
+                          f"even (or set finetune.mixup=0 finetune.cutmix=0)")
+    if t.zero_stage not in (0, 1, 2, 3):
+        raise ConfigError(f"train.zero_stage must be 0, 1, 2 or 3, got {t.zero_stage}")
+    template_path(t.zero_stage, t.ds_config)
+    _positive_fraction("optim.layer_decay", o.layer_decay, lo_closed=False)
+    _positive_fraction("finetune.reprob", f.reprob)
+    _positive_fraction("finetune.mixup_prob", f.mixup_prob)
+    _positive_fraction("finetune.mixup_switch_prob", f.mixup_switch_prob)
+    if not 0 <= f.smoothing < 1:
+        raise ConfigError(f"finetune.smoothing must lie in [0, 1), got {f.smoothing}")
+    if not 0 <= f.ema_decay < 1:
+        raise ConfigError(f"finetune.ema_decay must lie in [0, 1), got {f.ema_decay}")
+    if f.mixup < 0 or f.cutmix < 0:
+        raise ConfigError("finetune.mixup and finetune.cutmix are Beta alphas: >= 0")
+    if f.remode not in ("pixel", "rand", "const"):
+        raise ConfigError(f"finetune.remode must be pixel, rand or const, got {f.remode!r}")
+    if f.eval_every < 1 or t.log_every < 1 or t.ckpt_every < 1:
+        raise ConfigError("finetune.eval_every, train.log_every and train.ckpt_every must be >= 1")
+    if t.max_steps is None and t.epochs <= 0:
+        raise ConfigError("set train.epochs > 0 or train.max_steps")
+    precision = t.precision if t.precision != "auto" else ("bf16" if device_type == "cuda" else "fp32")
+    if precision not in ("fp32", "bf16", "fp16"):
+        raise ConfigError(f"train.precision must be auto, fp32, bf16 or fp16, got {precision!r}")
+    if precision == "fp16" and device_type == "cpu":
+        raise ConfigError("train.precision=fp16 is refused by DeepSpeed on CPU; use fp32 or bf16")
+    try:
+        Path(t.run_dir).mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"cannot create train.run_dir {t.run_dir}: {e.strerror}")
+    lr = o.lr if o.lr is not None else o.blr * t.global_batch / 256
+    return FinetunePlan(world, t.global_batch // (t.micro_batch * world), device_type, precision, lr, loader)
+
+
+# ============================================================================ model and weights
+
+
+def resolve_model(cfg: FinetuneRunConfig, weights=None, info=None):
+    """-> (EncoderGeometry, weights' img_size or None). The weights decide the trunk; the config may only agree."""
+    from ..checkpoint.convert import geometry_of
+    from ..model.classifier import EncoderGeometry
+    from ..model.vit import VIT_SIZES
+
+    m = cfg.model
+    if weights is None:
+        base = VIT_SIZES[m.arch]
+        return EncoderGeometry(m.embed_dim or base.embed_dim, m.depth or base.depth, m.num_heads or base.num_heads,
+                               m.mlp_ratio or base.mlp_ratio, m.patch_size or 16), None
+    geom, img = geometry_of(weights, m.num_heads or (info or {}).get("num_heads"))
+    want = {}
+    if m.arch != "auto":
+        base = VIT_SIZES[m.arch]
+        want.update(embed_dim=base.embed_dim, depth=base.depth, mlp_ratio=base.mlp_ratio)
+    for k in ("embed_dim", "depth", "mlp_ratio", "patch_size"):
+        if getattr(m, k) is not None:
+            want[k] = getattr(m, k)
+    for k, v in want.items():
+        if abs(getattr(geom, k) - v) > 1e-6:
+            raise ConfigError(f"train.init_from {cfg.train.init_from} has {k}={getattr(geom, k):g}, the config asks "
+                              f"for {v:g} (model.arch={m.arch}); use model.arch=auto")
+    return geom, img
+
+
+def load_into_classifier(model, weights, head_init_std: float) -> dict:
+    """Pretrained trunk (and a matching head, when it fits) into the timm model; returns what was done."""
+    import torch
+
+    from ..model.classifier import interpolate_pos_embed
+
+    own = model.state_dict()
+    sd = dict(weights)
+    report = {"interpolated": None, "dropped": [], "fresh": []}
+    grid = model.patch_embed.grid_size[0]
+    if sd["pos_embed"].shape != own["pos_embed"].shape:
+        old = sd["pos_embed"].shape[1] - 1
+        sd["pos_embed"] = interpolate_pos_embed(sd["pos_embed"], grid)
+        report["interpolated"] = f"{int(round(old ** 0.5))}x{int(round(old ** 0.5))} -> {grid}x{grid}"
+    for k in list(sd):
+        if k not in own or sd[k].shape != own[k].shape:
+            if k.startswith(("head.", "fc_norm.", "norm.")):  # another task's head / the pretraining's final norm
+                report["dropped"].append(k)
+                del sd[k]
+    missing = sorted(set(own) - set(sd))
+    unexpected = sorted(set(sd) - set(own))
+    bad_missing = [k for k in missing if not k.startswith(("head.", "fc_norm.", "norm."))]
+    wrong = [k for k in sd if k in own and sd[k].shape != own[k].shape]
+    if bad_missing or unexpected or wrong:
+        raise ConfigError(f"the pretrained weights do not fit the classifier: missing {bad_missing[:3]}, unexpected "
+                          f"{unexpected[:3]}, wrong shape {wrong[:3]}")
+    model.load_state_dict(sd, strict=False)
+    report["fresh"] = missing
+    if "head.weight" in missing:
+        torch.nn.init.trunc_normal_(model.head.weight, std=head_init_std)
+        torch.nn.init.zeros_(model.head.bias)
+    return report
+
+
+# ============================================================================ exports
+
+
+def export_classifier(state, model_args: dict, out_dir: Path, label_names=None, metrics=None, mean=None, std=None,
+                      crop_pct=0.875) -> Path:
+    """A timm folder (``model.safetensors`` + ``config.json``) written beside ``out_dir`` and renamed into place, so
+    a kill never leaves a half-written ``best/``."""
+    import timm
+    from safetensors.torch import save_file
+
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / "model.safetensors"))
+    args = {k: v for k, v in model_args.items() if k != "drop_path_rate"}
+    sizes = {192: "vit_tiny", 384: "vit_small", 768: "vit_base", 1024: "vit_large", 1280: "vit_huge"}
+    name = f"{sizes.get(args['embed_dim'], 'vit_base')}_patch{args['patch_size']}_{args['img_size']}"
+    if not timm.is_model(name):
+        name = "vit_base_patch16_224"  # any plain ViT entry point: model_args set every size
+    size = args["img_size"]
+    cfg = {"architecture": name, "num_classes": args["num_classes"], "num_features": args["embed_dim"],
+           "global_pool": args["global_pool"], "model_args": args, "label_names": label_names,
+           "pretrained_cfg": {"input_size": [3, size, size], "interpolation": "bicubic",
+                              "mean": list(mean or (0.485, 0.456, 0.406)), "std": list(std or (0.229, 0.224, 0.225)),
+                              "crop_pct": crop_pct, "num_classes": args["num_classes"],
+                              "first_conv": "patch_embed.proj", "classifier": "head", "tag": "megadigpt"},
+           "megadigpt": {"metrics": metrics or {}}}
+    (tmp / "config.json").write_text(json.dumps(cfg, indent=1))
+    old = out_dir.with_name(out_dir.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if out_dir.exists():
+        os.replace(out_dir, old)
+    os.replace(tmp, out_dir)
+    shutil.rmtree(old, ignore_errors=True)
+    return out_dir
+
+
+# ============================================================================ evaluation
+
+
+def evaluate(model, loader, num_batches: int, micro_batch: int, device, dtype, img_size: int):
+    """Top-1/top-5/loss over a rank's shard; every rank runs ``num_batches`` forwards (padding with blank,
+    invalid batches) so that ZeRO-3's parameter gathering stays in step. Returns summed counts (all ranks)."""
+    import torch
+    import torch.distributed as dist
+    import torch.nn.functional as F
+
+    sums = torch.zeros(4, dtype=torch.float64, device=device)  # correct1, correct5, loss sum, count
+    was_training = model.training
+    model.eval()
+    it = iter(loader)
+    with torch.no_grad():
+        for _ in range(num_batches):
+            batch = next(it, None)
+            if batch is None:
+                x = torch.zeros(micro_batch, 3, img_size, img_size, device=device)
+                y = torch.zeros(micro_batch, dtype=torch.long, device=device)
+                valid = torch.zeros(micro_batch, dtype=torch.bool, device=device)
+            else:
+                x, y, valid = (batch["image"].to(device), batch["label"].to(device), batch["valid"].to(device))
+            logits = model(x.to(dtype)).float()
+            k = min(5, logits.shape[1])
+            top = logits.topk(k, dim=1).indices
+            hit = top == y[:, None]
+            v = valid.double()
+            sums += torch.stack([(hit[:, 0].double() * v).sum(), (hit.any(1).double() * v).sum(),
+                                 (F.cross_entropy(logits, y, reduction="none").double() * v).sum(), v.sum()])
+    if dist.is_initialized():
+        dist.all_reduce(sums)
+    model.train(was_training)
+    n = max(sums[3].item(), 1.0)
+    return {"top1": 100 * sums[0].item() / n, "top5": 100 * sums[1].item() / n, "loss": sums[2].item() / n,
+            "images": int(sums[3].item())}
+
+
+def eval_batches(n_items: int, world: int, micro_batch: int) -> int:
+    return math.ceil(math.ceil(n_items / world) / micro_batch)
+
+
+# ============================================================================ the run
+
+
+def check_labels(samples, what: str, num_classes: Optional[int] = None) -> int:
+    labels = [s.label for s in samples]
+    bad = sum(lab < 0 for lab in labels)
+    if bad:
+        raise ConfigError(f"{what}: {bad} of {len(labels)} images have no label (shards need .cls members, folders "
+                          f"class subfolders)")
+    top = max(labels)
+    if num_classes is not None and top >= num_classes:
+        raise ConfigError(f"{what}: label {top} does not fit model.num_classes={num_classes}")
+    return top + 1
+
+
+def finetune(cfg: FinetuneRunConfig) -> dict:
+    env = dist_env.discover()
+    plan = plan_finetune(cfg, env.world_size)
+
+    from ..checkpoint.convert import load_encoder_weights
+    from ..data import find_samples
+    from ..data.sources import label_names as source_label_names
+
+    m, d, t, f, o = cfg.model, cfg.data, cfg.train, cfg.finetune, cfg.optim
+    run_dir = Path(t.run_dir)
+    train_samples, val_samples = find_samples(d.train), find_samples(d.val)
+    num_classes = m.num_classes or check_labels(train_samples, "data.train")
+    check_labels(train_samples, "data.train", num_classes)
+    check_labels(val_samples, "data.val", num_classes)
+    names = source_label_names(d.train)
+    if names is not None and len(names) != num_classes:
+        names = None
+    weights, info = load_encoder_weights(t.init_from) if t.init_from else (None, {})
+    geom, _ = resolve_model(cfg, weights, info)
+    if m.img_size % geom.patch_size:
+        raise ConfigError(f"model.img_size {m.img_size} is not divisible by the patch size {geom.patch_size}")
+
+    import numpy as np
+    import torch
+    import torch.distributed as dist
+    import torch.nn.functional as F
+
+    from .. import checkpoint as ckpt
+    from ..checkpoint import ds_checkpoint as ckpt_files
+    from ..data.classification import build_classification_loader
+    from ..distributed import engine as ds_engine
+    from ..distributed.sharded import LocalEMA, full_state_dict
+    from ..model.classifier import build_classifier, param_groups_lrd
+    from ..testing import active as fault_active
+    from ..testing import fault
+    from .metrics import MetricsSink
+    from .optim import lr_at
+    from .pretrain import (Checkpointed, SignalFlag, TrainingDiverged, _dtype, _set_threads,
+                           repair_universal_load)
+
+    world = env.world_size
+    per_rank = len(train_samples) // world
+    batches_per_epoch = per_rank // t.micro_batch
+    steps_per_epoch = batches_per_epoch // plan.accum
+    if steps_per_epoch < 1:
+        raise ConfigError(f"{len(train_samples)} training images make no full step of train.global_batch "
+                          f"{t.global_batch} on {world} ranks")
+    total_steps = t.max_steps if t.max_steps is not None else max(1, int(round(t.epochs * steps_per_epoch)))
+    warmup = o.warmup_steps if o.warmup_steps is not None else o.warmup_epochs * steps_per_epoch
+    warmup = min(warmup, total_steps)
+
+    # ---------------------------------------------------------------- processes, model
+    dist_env.export(env)
+    _set_threads(env)
+    if plan.device_type == "cuda":
+        torch.cuda.set_device(env.local_rank)
+        device = torch.device("cuda", env.local_rank)
+    else:
+        device = torch.device("cpu")
+    ds_engine.init_distributed(env, plan.device_type)
+    rank0 = env.rank == 0
+    import copy
+
+    resolved = copy.deepcopy(cfg)
+    resolved.model.num_heads, resolved.model.num_classes = geom.num_heads, num_classes
+    if rank0:
+        (run_dir / "config.yaml").write_text(dump_config(resolved))
+        if names:
+            (run_dir / "label_names.json").write_text(json.dumps(names))
+
+    torch.manual_seed(t.seed)  # identical initial head on every rank
+    model = build_classifier(geom, m.img_size, num_classes, m.global_pool, m.drop_path)
+    model_args = geom.model_args(m.img_size, num_classes, m.global_pool)
+    load_report = load_into_classifier(model, weights, f.head_init_std) if weights is not None else None
+    if weights is None:
+        torch.nn.init.trunc_normal_(model.head.weight, std=f.head_init_std)
+    del weights
+    if t.activation_checkpointing:
+        model.set_grad_checkpointing(True)
+    groups = param_groups_lrd(model, o.weight_decay, o.layer_decay, geom.depth)
+    kw = {"fused": True} if plan.device_type == "cuda" else {"foreach": False}
+    optimizer = torch.optim.AdamW(groups, lr=plan.lr, betas=tuple(o.betas), eps=o.eps, **kw)
+    ds_config = ds_engine.build_ds_config(cfg, world, plan.precision)
+
+    tag = ckpt.latest_tag(run_dir)
+    marker = ckpt.read_marker(run_dir, tag) if tag else None
+    universal = bool(marker and marker.get("world_size", world) != world and t.zero_stage > 0)
+    if tag:
+        for key in ("global_batch", "seed"):
+            if key in marker and marker[key] != getattr(t, key):
+                raise ConfigError(f"{run_dir} was trained with train.{key}={marker[key]}, now {getattr(t, key)}: "
+                                  f"use a new train.run_dir")
+    if universal:
+        if rank0:
+            ckpt.make_universal(run_dir, tag)
+        dist.barrier()
+        ds_config["checkpoint"] = {"load_universal": True}
+    engine = ds_engine.initialize(model, optimizer, ds_config)
+    own_groups = [{k: v for k, v in g.items() if k in ("weight_decay", "betas", "eps", "lr_scale")}
+                  for g in engine.optimizer.param_groups]
+    if tag:
+        ckpt.load(engine, run_dir, tag, universal)
+        if universal:
+            repair_universal_load(engine, own_groups)
+    module = engine.module
+    ema = LocalEMA(module, f.ema_decay) if f.ema_decay > 0 else None
+    ema_note = None
+    if ema is not None and tag:
+        shard = ckpt.checkpoint_dir(run_dir) / tag / f"ema_rank{env.rank:05d}_of_{world:05d}.pt"
+        if not (shard.is_file() and ema.load(shard)):
+            ema_note = "EMA restarted from the resumed weights (saved with another world size or missing)"
+    compute_dtype = _dtype(plan.precision)
+    start_step = int(marker["step"]) if tag else 0
+    best = dict(marker.get("best", {})) if tag else {}
+
+    # ---------------------------------------------------------------- regularisation ops (timm's, on the device)
+    from timm.data import Mixup
+    from timm.data.random_erasing import RandomErasing
+
+    mixup = (Mixup(mixup_alpha=f.mixup, cutmix_alpha=f.cutmix, prob=f.mixup_prob, switch_prob=f.mixup_switch_prob,
+                   mode="batch", label_smoothing=f.smoothing, num_classes=num_classes)
+             if f.mixup > 0 or f.cutmix > 0 else None)
+    erase = RandomErasing(f.reprob, mode=f.remode, max_count=1, device=str(device)) if f.reprob > 0 else None
+
+    sink = MetricsSink(run_dir, rank0, t.tensorboard, t.progress, total_steps, start_step)
+    sink.event(event="resume" if tag else "start", step=start_step, world_size=world, train_images=len(train_samples),
+               val_images=len(val_samples), num_classes=num_classes, total_steps=total_steps,
+               steps_per_epoch=steps_per_epoch, accum=plan.accum, precision=plan.precision, loader=plan.loader,
+               init_from=t.init_from, load=load_report, model_args=model_args, ema_note=ema_note)
+    val_batches = eval_batches(len(val_samples), world, t.micro_batch)
+
+    def val_loader():
+        return build_classification_loader(val_samples, False, m.img_size, t.micro_batch, env.rank, world,
+                                           kind=plan.loader, device=device, num_workers=d.num_workers,
+                                           mean=d.mean, std=d.std, crop_pct=d.crop_pct)
+
+    def export(which: str, metrics: dict, with_ema: bool):
+        with (ema.swapped_in() if with_ema else _null()):
+            state = full_state_dict(module, rank0)
+        if rank0:
+            export_classifier(state, model_args, run_dir / which, names, metrics, d.mean, d.std, d.crop_pct)
+
+    def checkpoint_now(step):
+        client = {"step": step, "global_batch": t.global_batch, "seed": t.seed, "world_size": world,
+                  "epoch": step / steps_per_epoch}
+        tag_name = ckpt_files.tag_for(step)
+        if ema is not None:  # inside the tag folder before the completeness marker
+            (ckpt.checkpoint_dir(run_dir) / tag_name).mkdir(parents=True, exist_ok=True)
+            ema.save(ckpt.checkpoint_dir(run_dir) / tag_name / f"ema_rank{env.rank:05d}_of_{world:05d}.pt")
+        client["best"] = best  # the best-so-far record lives in the marker: a resumed run keeps tracking it
+        client["nonfinite_steps"] = skipped
+        ckpt.save(engine, run_dir, step, client, keep=t.ckpt_keep, is_rank0=rank0)
+        sink.event(event="checkpoint", step=step)
+
+    # ---------------------------------------------------------------- loop
+    signals = SignalFlag()
+    step = start_step
+    outcome, msg = "done", ""
+    acc = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, valid count, bad count
+    streak, skipped = 0, int((marker or {}).get("nonfinite_steps", 0))
+    t_last, steps_since = time.perf_counter(), 0
+    history = []
+    engine.train()
+    while step < total_steps and outcome == "done":
+        epoch = step // steps_per_epoch
+        first = (step % steps_per_epoch) * plan.accum
+        loader = build_classification_loader(train_samples, True, m.img_size, t.micro_batch, env.rank, world,
+                                             epoch=epoch, seed=t.seed, kind=plan.loader, device=device,
+                                             num_workers=d.num_workers, mean=d.mean, std=d.std, crop_pct=d.crop_pct,
+                                             auto_augment=d.auto_augment, scale=d.crop_scale, skip_batches=first)
+        micro, step_failed = 0, False
+        for b, batch in enumerate(loader):
+            if first + b >= steps_per_epoch * plan.accum:
+                break  # the tail that makes no full step
+            if micro == 0:
+                lr = lr_at(step, plan.lr, warmup, total_steps, o.min_lr)
+                ds_engine.set_lr(engine, lr)
+                step_failed = False
+            rng_seed = (t.seed * 1_000_003 + step * 1009 + micro * 7 + env.rank) % (2 ** 32)
+            torch.manual_seed(rng_seed)  # drop path, erasing: stateless per (step, micro, rank)
+            np.random.seed(rng_seed)  # timm's Mixup draws lam and boxes from numpy
+            import random
+
+            random.seed(rng_seed)
+            x = batch["image"].to(device, non_blocking=True)
+            y = batch["label"].to(device, non_blocking=True)
+            valid = batch["valid"].to(device).float()
+            if erase is not None:
+                x = erase(x)
+            if mixup is not None:
+                x, target = mixup(x, y)
+            else:
+                target = None
+            logits = engine(x.to(compute_dtype)).float()
+            if target is not None:
+                per_sample = torch.sum(-target * F.log_softmax(logits, dim=-1), dim=-1)
+            else:
+                per_sample = F.cross_entropy(logits, y, label_smoothing=f.smoothing, reduction="none")
+            loss = (per_sample * valid).sum() / valid.sum().clamp(min=1.0)
+            if fault_active("nan", step + 1, env.rank):
+                loss = loss * float("nan")
+            finite = torch.isfinite(loss).float()
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+            if finite.item() == 1.0:
+                engine.backward(loss)
+                engine.step()
+                acc += torch.stack([loss.detach().double() * valid.sum(), valid.sum().double(),
+                                    (1 - valid).sum().double()])
+            else:
+                step_failed = True
+                if plan.accum > 1:
+                    engine.step()
+            micro += 1
+            if micro < plan.accum:
+                continue
+            micro = 0
+            step += 1
+            steps_since += 1
+            sink.advance()
+            if ema is not None and not step_failed:
+                ema.update()
+            if step_failed:
+                skipped += 1
+                streak += 1
+                sink.event(event="nonfinite_loss", step=step, skipped_steps=skipped)
+                if streak > t.nan_tolerance:
+                    outcome = "diverged"
+                    msg = (f"non-finite loss for {streak} steps up to step {step}; the last checkpoint "
+                           f"({ckpt.latest_tag(run_dir)}) is untouched: lower the lr, then run the same command")
+                    break
+            else:
+                streak = 0
+            if step % t.log_every == 0 or step == total_steps:
+                dist.all_reduce(acc)
+                elapsed = time.perf_counter() - t_last
+                rec = {"train_loss": (acc[0] / acc[1]).item() if acc[1] > 0 else None, "lr": lr,
+                       "grad_norm": ds_engine.grad_norm(engine), "bad_samples": int(acc[2].item()),
+                       "nonfinite_steps": skipped, "epoch": step / steps_per_epoch,
+                       "images_per_s": steps_since * t.global_batch / elapsed, "step_time_s": elapsed / steps_since}
+                sink.log(step, rec)
+                history.append((step, rec))
+                acc.zero_()
+                t_last, steps_since = time.perf_counter(), 0
+            fault("term", step, env.rank)
+            flags = torch.tensor([float(signals.raised)], device=device)
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+            epoch_end = step % steps_per_epoch == 0 or step == total_steps
+            if flags[0] > 0 and not epoch_end:
+                checkpoint_now(step)
+                outcome = "signal"
+                sink.event(event="signal", step=step, signal=signals.name)
+                break
+            if step % t.ckpt_every == 0 and not epoch_end:
+                checkpoint_now(step)
+            if epoch_end:
+                ep = math.ceil(step / steps_per_epoch)
+                if ep % f.eval_every == 0 or step == total_steps:
+                    rec = {"epoch": step / steps_per_epoch}
+                    res = evaluate(module, val_loader(), val_batches, t.micro_batch, device, compute_dtype, m.img_size)
+                    rec.update({f"val_{k}": v for k, v in res.items()})
+                    if ema is not None:
+                        with ema.swapped_in():
+                            res_ema = evaluate(module, val_loader(), val_batches, t.micro_batch, device,
+                                               compute_dtype, m.img_size)
+                        rec.update({f"val_ema_{k}": v for k, v in res_ema.items()})
+                    sink.log(step, rec)
+                    history.append((step, rec))
+                    for which, r, use_ema in (("best", res, False),) + ((("best_ema", res_ema, True),)
+                                                                         if ema is not None else ()):
+                        if r["top1"] > best.get(which, {}).get("top1", -1.0):
+                            best[which] = {"top1": r["top1"], "top5": r["top5"], "step": step}
+                            export(which, {"top1": r["top1"], "top5": r["top5"], "step": step,
+                                           "epoch": step / steps_per_epoch, "best_top1": r["top1"]}, use_ema)
+                            sink.event(event=f"new_{which}", step=step, top1=r["top1"])
+                    export("last", {"top1": res["top1"], "top5": res["top5"], "step": step,
+                                    "epoch": step / steps_per_epoch, "best_top1": best["best"]["top1"]}, False)
+                    if ema is not None:
+                        export("last_ema", {"top1": res_ema["top1"], "top5": res_ema["top5"], "step": step,
+                                            "best_top1": best["best_ema"]["top1"]}, True)
+                checkpoint_now(step)
+                if flags[0] > 0 and step < total_steps:
+                    outcome = "signal"
+                    sink.event(event="signal", step=step, signal=signals.name)
+                    break
+                if step >= total_steps:
+                    break
+        if hasattr(loader, "close"):
+            loader.close()
+        if outcome == "done" and step < total_steps and step % steps_per_epoch:
+            raise RuntimeError(f"the epoch {epoch} loader ended early at step {step}")
+    signals.restore()
+    sink.event(event=outcome, step=step)
+    sink.close()
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    if outcome == "diverged":
+        raise TrainingDiverged(msg)
+    if outcome == "signal":
+        raise Checkpointed(f"checkpointed at step {step} on {signals.name}; run the same command to resume")
+    return {"steps": step, "history": history, "run_dir": str(run_dir), "best": best}
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False

@@ -1,0 +1,365 @@
+"""Fine-tuning, probing and evaluation: the pieces on planted cases, and the whole path on real CIFAR-10 images
+with real DeepSpeed engines (gloo), real checkpoints and real timm loading."""
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from megadigpt.config import ConfigError, FinetuneRunConfig, load_config
+from megadigpt.model.classifier import EncoderGeometry, build_classifier, interpolate_pos_embed, param_groups_lrd
+from megadigpt.model.pos_embed import sincos_2d
+
+from .conftest import TINY, run_cli
+
+GEOM = EncoderGeometry(embed_dim=64, depth=4, num_heads=2, mlp_ratio=4.0, patch_size=4)
+
+
+# ----------------------------------------------------------------------------------------- model pieces
+
+def test_pos_embed_interpolation_exact_at_same_size_and_smooth_above():
+    pe = sincos_2d(64, 8)[None]
+    same = interpolate_pos_embed(pe, 8)
+    assert torch.equal(same, pe) and same.data_ptr() != pe.data_ptr()
+    up = interpolate_pos_embed(pe, 16)
+    assert up.shape == (1, 1 + 256, 64)
+    assert torch.equal(up[:, 0], pe[:, 0])  # the CLS slot is kept
+    # a smooth table stays close to the same table computed at the new grid's positions (x2 upsampling of
+    # positions 0..7 -> 16 samples over the same extent): compare the centres of 2x2 cells with the originals
+    grid = up[0, 1:].reshape(16, 16, 64)
+    cell_mean = grid.reshape(8, 2, 8, 2, 64).mean(dim=(1, 3))
+    assert (cell_mean - pe[0, 1:].reshape(8, 8, 64)).abs().max() < 0.15
+    with pytest.raises(ValueError):
+        interpolate_pos_embed(torch.zeros(1, 1 + 10, 8), 4)
+
+
+def test_layer_decay_groups():
+    model = build_classifier(GEOM, 32, 10)
+    groups = param_groups_lrd(model, weight_decay=0.05, layer_decay=0.5)
+    d = GEOM.depth
+    by_name = {}
+    for g in groups:
+        for p in g["params"]:
+            by_name[id(p)] = g
+    named = dict(model.named_parameters())
+    expect = {"cls_token": (0, 0.0), "pos_embed": (0, 0.0), "patch_embed.proj.weight": (0, 0.05),
+              "patch_embed.proj.bias": (0, 0.0), "blocks.0.attn.qkv.weight": (1, 0.05),
+              "blocks.0.norm1.weight": (1, 0.0), "blocks.3.mlp.fc2.weight": (4, 0.05),
+              "fc_norm.weight": (d + 1, 0.0), "head.weight": (d + 1, 0.05), "head.bias": (d + 1, 0.0)}
+    for name, (lid, wd) in expect.items():
+        g = by_name[id(named[name])]
+        assert g["layer_id"] == lid and g["weight_decay"] == wd, name
+        assert g["lr_scale"] == pytest.approx(0.5 ** (d + 1 - lid)), name
+    assert sum(len(g["params"]) for g in groups) == len(named)  # every parameter exactly once
+    assert len({id(p) for g in groups for p in g["params"]}) == len(named)
+
+
+def test_mixup_cutmix_targets_match_the_images():
+    """The mixed targets are what the mixed images are made of: lam of the image's own label and 1 - lam of its
+    partner's (the batch reversed), smoothing spread over all classes; for cutmix 1 - lam is the pasted area."""
+    from timm.data import Mixup
+
+    K, smoothing = 5, 0.1
+    x = torch.arange(4, dtype=torch.float32).view(4, 1, 1, 1).expand(4, 3, 16, 16).clone()  # image i is all i
+    y = torch.tensor([0, 1, 2, 3])
+    for mix, cut in ((1.0, 0.0), (0.0, 1.0)):
+        np.random.seed(3)
+        mixed, target = Mixup(mixup_alpha=mix, cutmix_alpha=cut, prob=1.0, switch_prob=0.0, mode="batch",
+                              label_smoothing=smoothing, num_classes=K)(x.clone(), y)
+        assert torch.allclose(target.sum(1), torch.ones(4))
+        partner = x.flip(0)[:, 0, 0, 0]
+        own_frac = ((mixed[:, 0] - partner.view(4, 1, 1)) / (x[:, 0, 0, 0] - partner).view(4, 1, 1)).mean(dim=(1, 2))
+        if cut:  # a box of the partner pasted: the fraction of own pixels, from the pixels themselves
+            own_frac = (mixed[:, 0] == x[:, 0]).float().mean(dim=(1, 2))
+        off, on = smoothing / K, 1 - smoothing + smoothing / K
+        for i in range(4):
+            lam = own_frac[i].item()
+            want = torch.full((K,), off)
+            want[y[i]] = on * lam + off * (1 - lam)
+            want[y.flip(0)[i]] = on * (1 - lam) + off * lam
+            assert torch.allclose(target[i], want, atol=1e-5), (mix, cut, i, target[i], want)
+
+
+# ----------------------------------------------------------------------------------------- probe and k-NN
+
+def test_probe_picks_the_planted_layer():
+    from megadigpt.train.probe import train_linear_heads
+
+    g = torch.Generator().manual_seed(0)
+    L, n, m, C, K = 4, 600, 300, 16, 3
+    y, vy = torch.randint(0, K, (n,), generator=g), torch.randint(0, K, (m,), generator=g)
+    x, vx = torch.randn(L, n, C, generator=g), torch.randn(L, m, C, generator=g)
+    centres = torch.randn(K, C, generator=g) * 3
+    x[2] += centres[y]  # block 3 separates the classes; block 2 weakly; the others are noise
+    vx[2] += centres[vy]
+    x[1] += 0.3 * centres[y]
+    vx[1] += 0.3 * centres[vy]
+    r = train_linear_heads(x.half(), y, vx.half(), vy, K, epochs=20, batch=128, lr=1e-2)
+    top1 = r["top1"]
+    assert int(np.argmax(top1)) == 2 and top1[2] > 95
+    assert top1[1] > top1[0] and top1[0] < 50 and top1[3] < 50
+
+
+def test_knn_against_a_direct_computation():
+    from megadigpt.train.probe import knn_classify
+
+    g = torch.Generator().manual_seed(1)
+    bank, by = torch.randn(50, 8, generator=g), torch.randint(0, 4, (50,), generator=g)
+    q, qy = torch.randn(20, 8, generator=g), torch.randint(0, 4, (20,), generator=g)
+    r = knn_classify(bank, by, q, qy, 4, k=5, t=0.1, chunk=7)
+    hits = 0
+    for i in range(20):
+        sims = torch.nn.functional.cosine_similarity(q[i:i + 1], bank)
+        top = sims.topk(5)
+        votes = torch.zeros(4).index_add_(0, by[top.indices], (top.values / 0.1).exp())
+        hits += int(votes.argmax() == qy[i])
+    assert r["top1"] == pytest.approx(100 * hits / 20)
+
+
+# ----------------------------------------------------------------------------------------- robustness sets
+
+def test_imagenet_a_r_subset_mapping(tmp_path):
+    """A 200-class folder maps to the model's indices of those synsets; logits outside the subset are ignored."""
+    from megadigpt.data.sources import Sample
+    from megadigpt.train.evaluate import imagenet_synsets, synset_samples, topk_scorer
+
+    classes = imagenet_synsets()
+    assert len(classes) == 1000 and classes[0] == "n01440764" and classes == sorted(classes)
+    import timm
+
+    info = Path(timm.__file__).parent / "data" / "_info"
+    a_synsets = (info / "imagenet_a_synsets.txt").read_text().split()
+    a_indices = [int(v) for v in (info / "imagenet_a_indices.txt").read_text().split()]
+    assert len(a_synsets) == 200 and [classes.index(s) for s in a_synsets] == a_indices
+    root = tmp_path / "a"
+    for s in (a_synsets[0], a_synsets[57]):
+        (root / s).mkdir(parents=True)
+        (root / s / "x.jpg").write_bytes(b"")
+    samples, present = synset_samples(root, classes, subset=True)
+    assert present == sorted([a_synsets[0], a_synsets[57]])
+    subset = [classes.index(s) for s in present]
+    logits = torch.full((2, 1000), -5.0)
+    logits[:, 999 if 999 not in subset else 998] = 10.0  # the global arg-max lies outside the subset
+    logits[0, subset[0]] = 1.0
+    logits[1, subset[0]] = 2.0
+    logits[1, subset[1]] = 3.0
+    y = torch.tensor([0, 1])  # positions in the subset
+    counts = topk_scorer(subset)(logits, [0, 1], y, torch.ones(2, dtype=torch.bool))
+    assert counts[0].item() == 2 and counts[2].item() == 2
+    assert topk_scorer(None)(logits, [0, 1], torch.tensor(subset), torch.ones(2, dtype=torch.bool))[0].item() == 0
+    with pytest.raises(ConfigError, match="not classes of the model"):
+        (root / "cats").mkdir()
+        synset_samples(root, classes, subset=True)
+
+
+def test_v2_folders_are_class_indices(tmp_path):
+    from megadigpt.train.evaluate import v2_samples
+
+    for c in ("0", "2", "10", "999"):
+        (tmp_path / c).mkdir()
+        (tmp_path / c / "a.jpeg").write_bytes(b"")
+    assert sorted(s.label for s in v2_samples(tmp_path, 1000)) == [0, 2, 10, 999]  # not sorted-string order
+
+
+def test_mce_and_real():
+    from megadigpt.train.evaluate import ALEXNET_ERR, mce, real_labels, real_scorer
+    from megadigpt.data.sources import Sample
+
+    errors = {c: {s: ALEXNET_ERR[c] / 2 for s in range(1, 6)} for c in ALEXNET_ERR}
+    assert mce(errors)["mCE"] == pytest.approx(50.0) and not mce(errors)["missing_corruptions"]
+    errors["fog"] = {1: 0.0, 2: 2 * ALEXNET_ERR["fog"]}  # severities are averaged before the ratio
+    assert mce(errors)["CE"]["fog"] == pytest.approx(100.0)
+    labels = real_labels()
+    assert len(labels) == 50000 and any(len(v) == 0 for v in labels) and any(len(v) > 1 for v in labels)
+    i_multi = next(i for i, v in enumerate(labels) if len(v) > 1)
+    i_empty = next(i for i, v in enumerate(labels) if not v)
+    samples = [Sample(f"/v/n0/ILSVRC2012_val_{i + 1:08d}.JPEG") for i in (i_multi, i_empty)]
+    logits = torch.zeros(2, 1000)
+    logits[0, labels[i_multi][1]] = 1.0  # the second of several right answers
+    out = real_scorer(samples, labels)(logits, [0, 1], torch.tensor([labels[i_multi][0], 0]),
+                                       torch.ones(2, dtype=torch.bool))
+    assert out[0].item() == 1 and out[1].item() == 1  # the unlabelled image is not scored
+
+
+# ----------------------------------------------------------------------------------------- config checks
+
+def test_finetune_bad_input_fails_early(tmp_path):
+    from megadigpt.train.finetune import plan_finetune
+
+    base = [f"data.train={tmp_path}", f"data.val={tmp_path}", "train.global_batch=8", "train.micro_batch=8",
+            f"train.run_dir={tmp_path / 'r'}"]
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "x.jpg").write_bytes(b"")
+    cases = {
+        "model.arch=auto takes the geometry": [],
+        "must be even": ["model.arch=vit_tiny", "train.micro_batch=7", "train.global_batch=7"],
+        "layer_decay": ["model.arch=vit_tiny", "optim.layer_decay=1.5"],
+        "global_pool": ["model.arch=vit_tiny", "model.global_pool=max"],
+        "train.init_from not found": ["train.init_from=/nonexistent"],
+        "remode": ["model.arch=vit_tiny", "finetune.remode=zeros"],
+    }
+    for msg, extra in cases.items():
+        cfg = load_config(None, base + extra, root=FinetuneRunConfig)
+        with pytest.raises(ConfigError, match=msg):
+            plan_finetune(cfg, 1)
+    with pytest.raises(ConfigError, match="pretraining config given"):
+        load_config("demo", [], root=FinetuneRunConfig)
+
+
+# ----------------------------------------------------------------------------------------- the whole path
+
+@pytest.fixture(scope="module")
+def cifar_small(cifar_dir, tmp_path_factory):
+    """128 training and 64 evaluation CIFAR-10 images as sample lists, and the evaluation images as class folders."""
+    from megadigpt.data import find_samples
+    from megadigpt.data.sources import write_sample_list
+
+    root = tmp_path_factory.mktemp("cifar_small")
+    names = (cifar_dir / "classes.txt").read_text().split()
+    train = find_samples(str(cifar_dir / "train-000000.tar"))[:128]
+    val = find_samples(str(cifar_dir / "test-000000.tar"))[:64]
+    write_sample_list(root / "train.jsonl", train)
+    write_sample_list(root / "val.jsonl", val)
+    (root / "classes.txt").write_text("\n".join(names) + "\n")
+    for s in val:
+        d = root / "val_folders" / names[s.label]
+        d.mkdir(parents=True, exist_ok=True)
+        (d / f"{s.key}.jpg").write_bytes(s.read())
+    return root
+
+
+FT = ["--config", "cifar10_finetune", "data.num_workers=0", "train.progress=off", "train.log_every=1",
+      "train.tensorboard=false", "train.global_batch=16", "train.micro_batch=8", "data.loader=torch"]
+
+
+def _records(run_dir, key):
+    out = {}
+    for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        if key in r and "event" not in r:
+            out[r["step"]] = r[key]
+    return out
+
+
+def test_pretrain_finetune_eval_on_cifar(cifar_small, tmp_path):
+    """A tiny pretraining (with the k-NN monitor) -> fine-tune on 2 ranks under ZeRO-3 with EMA -> the exports
+    load in timm -> ``megadigpt eval`` on the same images reproduces the fine-tune's own last evaluation."""
+    pre = tmp_path / "pre"
+    run_cli(["pretrain", "--data", str(cifar_small / "train.jsonl"), "--run-dir", str(pre)] + TINY +
+            ["train.max_steps=4", "train.global_batch=16", "train.micro_batch=16", "train.zero_stage=1",
+             "train.probe_every=2", f"train.probe_train={cifar_small / 'train.jsonl'}",
+             f"train.probe_val={cifar_small / 'val.jsonl'}"])
+    knn = _records(pre, "knn_top1")
+    assert sorted(knn) == [2, 4] and all(0 <= v <= 100 for v in knn.values())
+
+    ft = tmp_path / "ft"
+    run_cli(["finetune", "--init-from", str(pre), "--train", str(cifar_small / "train.jsonl"), "--val",
+             str(cifar_small / "val.jsonl"), "--run-dir", str(ft)] + FT +
+            ["train.epochs=2", "train.zero_stage=3", "finetune.ema_decay=0.9"], nproc=2)
+    val = _records(ft, "val_top1")
+    assert sorted(val) == [8, 16]  # 128 images / 2 ranks / 8 per micro-batch = 8 steps an epoch
+    assert _records(ft, "val_images") == {8: 64, 16: 64}  # every image once, on 2 ranks
+    assert sorted(_records(ft, "val_ema_top1")) == [8, 16]
+    start = next(json.loads(line) for line in (ft / "metrics.jsonl").read_text().splitlines() if '"start"' in line)
+    assert start["load"]["interpolated"] is None and "head.weight" in start["load"]["fresh"]
+    for which in ("best", "last", "best_ema", "last_ema"):
+        meta = json.loads((ft / which / "config.json").read_text())
+        assert meta["num_classes"] == 10 and meta["label_names"][0] == "airplane"
+    from megadigpt.checkpoint.convert import load_timm
+    from safetensors.torch import load_file
+
+    model = load_timm(ft / "last").eval()
+    assert model.num_classes == 10 and model.global_pool == "avg"
+    # the trunk moved during fine-tuning, the EMA export differs from the raw one
+    raw, ema = load_file(str(ft / "last" / "model.safetensors")), load_file(str(ft / "last_ema" / "model.safetensors"))
+    assert not torch.equal(raw["head.weight"], ema["head.weight"])
+
+    out = tmp_path / "eval"
+    run_cli(["eval", str(ft), "--which", "last", "--imagenet", str(cifar_small / "val_folders"), "--out", str(out),
+             "--loader", "torch", "--workers", "0"])
+    res = json.loads((out / "eval.json").read_text())["sets"]["imagenet"]
+    assert res["images"] == 64
+    assert res["top1"] == pytest.approx(val[16], abs=1e-9)  # same images, transform and weights, another process
+
+
+def test_finetune_resume_after_preemption_matches(cifar_small, tmp_path):
+    """SIGTERM mid-epoch -> checkpoint, exit 75; the same command resumes mid-epoch and ends with the weights of an
+    uninterrupted run (augmentation is a function of (seed, epoch, sample), the step's randomness of the step)."""
+    from safetensors.torch import load_file
+
+    common = ["--train", str(cifar_small / "train.jsonl"), "--val", str(cifar_small / "val.jsonl")] + FT + [
+        "model.arch=vit_tiny", "model.embed_dim=64", "model.depth=2", "model.num_heads=2", "model.patch_size=4",
+        "train.epochs=2", "train.micro_batch=16", "train.zero_stage=1"]
+    run_cli(["finetune", "--run-dir", str(tmp_path / "a")] + common)
+    proc = run_cli(["finetune", "--run-dir", str(tmp_path / "b")] + common, check=False, MEGADIGPT_FAULTS="term=3")
+    assert proc.returncode == 75, proc.stderr[-2000:]
+    assert not (tmp_path / "b" / "last").exists() or json.loads(
+        (tmp_path / "b" / "last" / "config.json").read_text())["megadigpt"]["metrics"]["step"] < 8
+    run_cli(["finetune", "--run-dir", str(tmp_path / "b")] + common)
+    a, b = load_file(str(tmp_path / "a" / "last" / "model.safetensors")), load_file(
+        str(tmp_path / "b" / "last" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
+    assert _records(tmp_path / "a", "val_top1") == _records(tmp_path / "b", "val_top1")
+
+
+def test_probe_cli_on_cifar(cifar_small, tmp_path):
+    out = tmp_path / "probe"
+    run_cli(["probe", "--random-init", "--config", "cifar10_finetune", "--train", str(cifar_small / "train.jsonl"),
+             "--val", str(cifar_small / "val.jsonl"), "--out", str(out), "model.arch=vit_tiny", "model.depth=3",
+             "model.patch_size=4", "data.num_workers=0", "data.loader=torch", "probe.epochs=3",
+             "--knn-layers", "all"], nproc=2)
+    r = json.loads((out / "results.json").read_text())
+    assert [x["layer"] for x in r["linear"]] == [1, 2, 3] and len(r["knn"]) == 3
+    assert r["train_images"] == 128 and r["val_images"] == 64
+    assert r["best"]["top1"] == max(x["top1"] for x in r["linear"])
+
+
+def test_builtin_finetune_recipes():
+    """The spec §7 recipes, as shipped."""
+    b = load_config("finetune_vitb16_in1k", root=FinetuneRunConfig)
+    assert (b.optim.lr, b.optim.layer_decay, b.model.drop_path, b.train.epochs, b.train.global_batch) == \
+        (4e-4, 0.65, 0.1, 100, 1024)
+    assert (b.finetune.mixup, b.finetune.cutmix, b.finetune.smoothing, b.finetune.reprob, b.finetune.ema_decay) == \
+        (0.8, 1.0, 0.1, 0.25, 0.0)
+    assert b.data.auto_augment.startswith("rand-m9-mstd0.5") and b.model.global_pool == "avg"
+    l21 = load_config("finetune_vitl14_in21k_448", root=FinetuneRunConfig)
+    assert (l21.model.img_size, l21.optim.layer_decay, l21.model.drop_path, l21.train.epochs) == (448, 0.75, 0.15, 20)
+    assert 2e-4 <= l21.optim.lr <= 3e-4 and l21.train.zero_stage == 3
+    l1 = load_config("finetune_vitl14_in1k_448", root=FinetuneRunConfig)
+    assert (l1.model.img_size, l1.optim.lr, l1.optim.layer_decay, l1.finetune.ema_decay, l1.train.epochs) == \
+        (448, 2e-5, 0.85, 0.9999, 20)
+
+
+def test_encoder_weights_from_every_source(tmp_path):
+    """A pretraining state, its timm export and its reference .pth give the same trunk in timm's names."""
+    from megadigpt.checkpoint.convert import load_encoder_weights, save_state, timm_export, to_reference
+    from megadigpt.config import Config
+    from megadigpt.model import build_model
+
+    cfg = load_config(None, TINY)
+    torch.manual_seed(0)
+    sd = {k: v.float() for k, v in build_model(cfg.model, 48, 8).state_dict().items()}
+    save_state(sd, tmp_path / "full.safetensors")
+    timm_export(sd, 2, tmp_path / "timm")
+    torch.save(to_reference(sd), tmp_path / "ref.pth")
+    a, _ = load_encoder_weights(tmp_path / "full.safetensors")
+    b, info = load_encoder_weights(tmp_path / "timm")
+    c, _ = load_encoder_weights(tmp_path / "ref.pth")
+    assert info["num_heads"] == 2 and set(a) == set(c) and set(b) == set(a) | {"norm.weight", "norm.bias"}
+    for k in a:
+        assert torch.equal(a[k], b[k]) and torch.equal(a[k], c[k]), k
+    model = build_classifier(GEOM, 32, 10)  # the TINY trunk: width 64, depth 4, patch 4
+    from megadigpt.train.finetune import load_into_classifier
+
+    rep = load_into_classifier(model, b, 2e-5)
+    assert set(rep["dropped"]) == {"norm.weight", "norm.bias"} and "fc_norm.weight" in rep["fresh"]
+    assert torch.equal(model.blocks[2].mlp.fc1.weight, a["blocks.2.mlp.fc1.weight"])
+    big = build_classifier(GEOM, 64, 10)  # 448-px style: a bigger grid, position embeddings interpolated
+    assert load_into_classifier(big, a, 2e-5)["interpolated"] == "8x8 -> 16x16"
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match="neither checkpoints"):
+        load_encoder_weights(tmp_path / "empty")
