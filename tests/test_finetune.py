@@ -2,7 +2,6 @@
 with real DeepSpeed engines (gloo), real checkpoints and real timm loading."""
 
 import json
-import math
 from pathlib import Path
 
 import numpy as np
@@ -123,7 +122,6 @@ def test_knn_against_a_direct_computation():
 
 def test_imagenet_a_r_subset_mapping(tmp_path):
     """A 200-class folder maps to the model's indices of those synsets; logits outside the subset are ignored."""
-    from megadigpt.data.sources import Sample
     from megadigpt.train.evaluate import imagenet_synsets, synset_samples, topk_scorer
 
     classes = imagenet_synsets()
@@ -276,6 +274,14 @@ def test_pretrain_finetune_eval_on_cifar(cifar_small, tmp_path):
     # the trunk moved during fine-tuning, the EMA export differs from the raw one
     raw, ema = load_file(str(ft / "last" / "model.safetensors")), load_file(str(ft / "last_ema" / "model.safetensors"))
     assert not torch.equal(raw["head.weight"], ema["head.weight"])
+    # the EMA (kept on ZeRO-3's local slices) followed the training: it left the pretrained weights behind, and
+    # lies between them and the final ones
+    from megadigpt.checkpoint.convert import load_encoder_weights
+
+    init, _ = load_encoder_weights(pre)
+    k = "blocks.1.attn.qkv.weight"
+    assert 0 < (ema[k] - raw[k]).norm() < (init[k] - raw[k]).norm()
+    assert (ema[k] - init[k]).norm() > 0
 
     out = tmp_path / "eval"
     run_cli(["eval", str(ft), "--which", "last", "--imagenet", str(cifar_small / "val_folders"), "--out", str(out),
@@ -337,7 +343,6 @@ def test_builtin_finetune_recipes():
 def test_encoder_weights_from_every_source(tmp_path):
     """A pretraining state, its timm export and its reference .pth give the same trunk in timm's names."""
     from megadigpt.checkpoint.convert import load_encoder_weights, save_state, timm_export, to_reference
-    from megadigpt.config import Config
     from megadigpt.model import build_model
 
     cfg = load_config(None, TINY)

@@ -189,3 +189,40 @@ def test_random_order_is_per_sample_permutation():
     order = model.random_order(64)
     assert torch.equal(order.sort(dim=1).values, torch.arange(4).expand(64, 4))
     assert len({tuple(o.tolist()) for o in order}) > 1
+
+
+def test_objective_ablations():
+    """dis_only: no Gen loss, no Gen parameters; distill: no decoders, full attention (every patch matters)."""
+    from megadigpt.config import load_config
+
+    x = torch.randn(2, 3, 32, 32)
+    tokens, cls = torch.randn(2, 64, 48), torch.randn(2, 48)
+    order = torch.tensor([[0, 1, 2, 3], [3, 2, 1, 0]])
+    out = {}
+    for obj in ("digpt", "dis_only", "distill"):
+        cfg = load_config(None, ["model.arch=vit_tiny", "model.embed_dim=32", "model.depth=2", "model.num_heads=2",
+                                 "model.img_size=32", "model.patch_size=4", "model.decoder_dim=16",
+                                 "model.decoder_depth=1", "model.decoder_heads=2", f"model.objective={obj}"])
+        torch.manual_seed(0)
+        model = build_model(cfg.model, 48, 8)
+        names = {n.split(".")[0] for n, _ in model.named_parameters()}
+        gen, dis = model(x, tokens, cls, order)
+        (gen + dis).sum().backward()
+        assert all(p.grad is not None for p in model.parameters())
+        out[obj] = (names, gen, dis, model)
+        if obj != "digpt":
+            assert torch.equal(gen, torch.zeros(2))
+        if obj in ("digpt", "dis_only"):  # the held-out last segment (top-left quadrant for sample 1) is unseen
+            x2 = x.clone()
+            x2[0, :, 16:, 16:] += 1.0
+            assert torch.allclose(model(x2, tokens, cls, order)[1][0], dis[0])
+        else:
+            x2 = x.clone()
+            x2[0, :, 16:, 16:] += 1.0  # distillation sees the whole image
+            assert not torch.allclose(model(x2, tokens, cls, order)[1][0], dis[0])
+    assert "gen_decoder" not in out["dis_only"][0] and "dis_decoder" in out["dis_only"][0]
+    assert {"gen_decoder", "dis_decoder", "gen_taps", "dis_taps"}.isdisjoint(out["distill"][0])
+    digpt, dis_only = out["digpt"][3], out["dis_only"][3]
+    missing, unexpected = dis_only.load_state_dict(digpt.state_dict(), strict=False)
+    assert not missing and all(k.startswith("gen_") for k in unexpected)
+    assert torch.allclose(dis_only(x, tokens, cls, order)[1], out["digpt"][2], atol=1e-6)  # the same Dis path

@@ -250,6 +250,9 @@ def to_reference(sd: Dict[str, torch.Tensor], segment_grid: int = 2) -> dict:
     from ..model.masks import SegmentLayout
     from ..model.pos_embed import sincos_2d
 
+    if "gen_taps.proj.weight" not in sd or "dis_taps.proj.weight" not in sd:
+        raise ConfigError("the reference layout holds both decoders; this model was pretrained with another "
+                          "model.objective (dis_only / distill): convert --to timm or fp32 instead")
     embed = sd["encoder.cls_token"].shape[-1]
     num_taps = sd["gen_taps.proj.weight"].shape[1] // embed
     out = {}

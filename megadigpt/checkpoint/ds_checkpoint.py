@@ -16,7 +16,7 @@ import re
 import shutil
 import time
 from pathlib import Path
-from typing import List, Optional, Tuple
+from typing import List, Optional
 
 MARKER = "megadigpt.json"
 TAG_RE = re.compile(r"^step_(\d{8})$")
@@ -143,3 +143,30 @@ def load(engine, run_dir, tag: str, universal: bool = False) -> dict:
     if path is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {tag} from {checkpoint_dir(run_dir)}")
     return client_state or {}
+
+
+def resume_point(run_dir, train_cfg, world_size: int, rank0: bool):
+    """What a (re)started run resumes from, decided before the engine exists: ``(tag, marker, universal)``.
+    A run directory trained with another global batch or seed is refused (the data order would change). When the
+    world size changed (ZeRO > 0), the checkpoint is converted to DeepSpeed's universal format (rank 0, once) and
+    ``universal`` is True: the engine must be built with ``{"checkpoint": {"load_universal": True}}``."""
+    import torch.distributed as dist
+
+    from ..config import ConfigError
+
+    tag = latest_tag(run_dir)
+    marker = read_marker(run_dir, tag) if tag else None
+    if not tag:
+        return None, None, False
+    for key in ("global_batch", "seed"):
+        if key in marker and marker[key] != getattr(train_cfg, key):
+            raise ConfigError(f"{run_dir} was trained with train.{key}={marker[key]}, now "
+                              f"{getattr(train_cfg, key)}: resuming would change the data order; use a new "
+                              f"train.run_dir")
+    universal = bool(marker.get("world_size", world_size) != world_size and train_cfg.zero_stage > 0)
+    if universal:
+        if rank0:
+            make_universal(run_dir, tag)
+        if dist.is_initialized():
+            dist.barrier()
+    return tag, marker, universal

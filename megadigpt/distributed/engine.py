@@ -51,6 +51,24 @@ def build_ds_config(cfg, world_size: int, precision: str) -> dict:
     return ds
 
 
+def start_processes(env, device_type: str):
+    """Export the launcher's rank variables, pick this rank's device and CPU threads, join the process group.
+    Returns the device."""
+    from . import env as dist_env
+
+    dist_env.export(env)
+    if "OMP_NUM_THREADS" not in os.environ:  # the cores of the node, shared by its ranks
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", env.world_size))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local)))
+    if device_type == "cuda":
+        torch.cuda.set_device(env.local_rank)
+        device = torch.device("cuda", env.local_rank)
+    else:
+        device = torch.device("cpu")
+    init_distributed(env, device_type)
+    return device
+
+
 def init_distributed(env, device_type: str):
     import deepspeed
 

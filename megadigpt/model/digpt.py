@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from .attention import AttentionMask
 from .decoder import Decoder, FeatureTaps
-from .masks import SegmentLayout, random_segment_order, segment_patch_index
+from .masks import SegmentLayout, random_segment_order
 from .pos_embed import sincos_2d
 from .vit import ViTEncoder, default_taps
 

@@ -16,7 +16,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional
+from typing import Optional
 
 from ..config import ConfigError, FinetuneRunConfig, dump_config
 from ..distributed import env as dist_env
@@ -302,8 +302,7 @@ def finetune(cfg: FinetuneRunConfig) -> dict:
     from ..testing import fault
     from .metrics import MetricsSink
     from .optim import lr_at
-    from .pretrain import (Checkpointed, SignalFlag, TrainingDiverged, _dtype, _set_threads,
-                           repair_universal_load)
+    from .pretrain import Checkpointed, SignalFlag, TrainingDiverged, _dtype, repair_universal_load
 
     world = env.world_size
     per_rank = len(train_samples) // world
@@ -317,14 +316,7 @@ def finetune(cfg: FinetuneRunConfig) -> dict:
     warmup = min(warmup, total_steps)
 
     # ---------------------------------------------------------------- processes, model
-    dist_env.export(env)
-    _set_threads(env)
-    if plan.device_type == "cuda":
-        torch.cuda.set_device(env.local_rank)
-        device = torch.device("cuda", env.local_rank)
-    else:
-        device = torch.device("cpu")
-    ds_engine.init_distributed(env, plan.device_type)
+    device = ds_engine.start_processes(env, plan.device_type)
     rank0 = env.rank == 0
     import copy
 
@@ -349,18 +341,8 @@ def finetune(cfg: FinetuneRunConfig) -> dict:
     optimizer = torch.optim.AdamW(groups, lr=plan.lr, betas=tuple(o.betas), eps=o.eps, **kw)
     ds_config = ds_engine.build_ds_config(cfg, world, plan.precision)
 
-    tag = ckpt.latest_tag(run_dir)
-    marker = ckpt.read_marker(run_dir, tag) if tag else None
-    universal = bool(marker and marker.get("world_size", world) != world and t.zero_stage > 0)
-    if tag:
-        for key in ("global_batch", "seed"):
-            if key in marker and marker[key] != getattr(t, key):
-                raise ConfigError(f"{run_dir} was trained with train.{key}={marker[key]}, now {getattr(t, key)}: "
-                                  f"use a new train.run_dir")
+    tag, marker, universal = ckpt.resume_point(run_dir, t, world, rank0)
     if universal:
-        if rank0:
-            ckpt.make_universal(run_dir, tag)
-        dist.barrier()
         ds_config["checkpoint"] = {"load_universal": True}
     engine = ds_engine.initialize(model, optimizer, ds_config)
     own_groups = [{k: v for k, v in g.items() if k in ("weight_decay", "betas", "eps", "lr_scale")}

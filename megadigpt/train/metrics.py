@@ -8,7 +8,6 @@ a CPU a measured fp32 matmul rate (labelled as measured).
 """
 
 import json
-import os
 import sys
 import time
 from pathlib import Path

@@ -7,8 +7,6 @@ Run it with ``megadigpt pretrain --config <yaml> [section.key=value ...]`` under
 deepspeed launcher, mpirun or srun.
 """
 
-import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -241,20 +239,11 @@ def _normalizer(mean, std, dtype, device):
     return lambda x_uint8: ((x_uint8.float() / 255.0 - m) / s).to(dtype)
 
 
-def _set_threads(env):
-    import torch
-
-    if "OMP_NUM_THREADS" not in os.environ:
-        local = int(os.environ.get("LOCAL_WORLD_SIZE", env.world_size))
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local)))
-
-
 def pretrain(cfg: Config) -> dict:
     """Run (or resume) pretraining; returns a summary of the run."""
     env = dist_env.discover()
     plan = plan_run(cfg, env.world_size)  # everything cheap is checked before anything heavy starts
 
-    import numpy as np
     import torch
     import torch.distributed as dist
 
@@ -285,14 +274,7 @@ def pretrain(cfg: Config) -> dict:
     warmup = min(warmup, total_steps)
 
     # ---------------------------------------------------------------- processes and devices
-    dist_env.export(env)
-    _set_threads(env)
-    if plan.device_type == "cuda":
-        torch.cuda.set_device(env.local_rank)
-        device = torch.device("cuda", env.local_rank)
-    else:
-        device = torch.device("cpu")
-    ds_engine.init_distributed(env, plan.device_type)
+    device = ds_engine.start_processes(env, plan.device_type)
     rank0 = env.rank == 0
     if rank0:
         (run_dir / "config.yaml").write_text(dump_config(cfg))
@@ -322,24 +304,15 @@ def pretrain(cfg: Config) -> dict:
     ds_config = ds_engine.build_ds_config(cfg, env.world_size, plan.precision)
 
     # ---------------------------------------------------------------- what to resume from (before the engine)
-    tag = ckpt.latest_tag(run_dir)
-    marker = ckpt.read_marker(run_dir, tag) if tag else None
-    universal = bool(marker and marker.get("world_size", env.world_size) != env.world_size and t.zero_stage > 0)
-    if tag:
-        for key in ("global_batch", "seed"):
-            if key in marker and marker[key] != getattr(t, key):
-                raise ConfigError(f"{run_dir} was trained with train.{key}={marker[key]}, now {getattr(t, key)}: "
-                                  f"resuming would change the data order; use a new train.run_dir")
+    tag, marker, universal = ckpt.resume_point(run_dir, t, env.world_size, rank0)
     if universal:  # a different number of ranks: DeepSpeed's universal checkpoint keeps the optimizer state
-        if rank0:
-            ckpt.make_universal(run_dir, tag)
-        dist.barrier()
         ds_config["checkpoint"] = {"load_universal": True}
     engine = ds_engine.initialize(model, optimizer, ds_config)
     compute_dtype = _dtype(plan.precision)
     groups = [{k: v for k, v in g.items() if k in ("weight_decay", "betas", "eps")}
               for g in engine.optimizer.param_groups]
-    client = ckpt.load(engine, run_dir, tag, universal) if tag else {}
+    if tag:
+        ckpt.load(engine, run_dir, tag, universal)
     if universal:
         repair_universal_load(engine, groups)
     start_step = int(marker["step"]) if tag else 0

@@ -268,12 +268,13 @@ def run_probe(cfg, weights: Optional[str], out_dir: str, random_init: bool = Fal
                           "--random-init")
     env = dist_env.discover()
     cfg.train.global_batch = cfg.train.micro_batch * env.world_size  # extraction only: no optimizer batch
+    cfg.finetune.mixup = cfg.finetune.cutmix = 0.0  # (not used here: no pairing constraint on the batch)
     plan = plan_finetune(cfg, env.world_size)
     from ..checkpoint.convert import load_encoder_weights
     from ..data import find_samples
     from ..model.classifier import build_classifier
     from .finetune import load_into_classifier
-    from .pretrain import _dtype, _set_threads
+    from .pretrain import _dtype
 
     p, d, m = cfg.probe, cfg.data, cfg.model
     train_samples, val_samples = find_samples(d.train), find_samples(d.val)
@@ -289,13 +290,7 @@ def run_probe(cfg, weights: Optional[str], out_dir: str, random_init: bool = Fal
 
     from ..distributed import engine as ds_engine
 
-    dist_env.export(env)
-    _set_threads(env)
-    device = torch.device("cuda", env.local_rank) if plan.device_type == "cuda" else torch.device("cpu")
-    if plan.device_type == "cuda":
-        torch.cuda.set_device(device)
-    if env.world_size > 1:
-        ds_engine.init_distributed(env, plan.device_type)
+    device = ds_engine.start_processes(env, plan.device_type)
     torch.manual_seed(cfg.train.seed)
     model = build_classifier(geom, m.img_size, 0, m.global_pool, 0.0)
     load = load_into_classifier(model, sd, 0.0) if sd is not None else None
