@@ -60,15 +60,18 @@ class DiGPT(nn.Module):
                              persistent=False)
 
         C = encoder.embed_dim
+        # creation order = parameter order = initialisation order (kept as it was before the ablations existed)
         if objective == "digpt":
             self.gen_taps = FeatureTaps(C, len(self.taps), decoder_dim, decoder_depth)
+        if objective in ("digpt", "dis_only"):
+            self.dis_taps = FeatureTaps(C, len(self.taps), decoder_dim, decoder_depth)
+        if objective == "digpt":
             self.gen_decoder = Decoder(decoder_dim, decoder_depth, decoder_heads, decoder_mlp_ratio, teacher_dim,
                                        attention)
         if objective in ("digpt", "dis_only"):
-            self.dis_taps = FeatureTaps(C, len(self.taps), decoder_dim, decoder_depth)
             self.dis_decoder = Decoder(decoder_dim, decoder_depth, decoder_heads, decoder_mlp_ratio, teacher_dim,
                                        attention)
-        else:  # distill
+        if objective == "distill":
             self.distill_norm = nn.LayerNorm(C, eps=1e-6)
             self.distill_head = nn.Linear(C, teacher_dim)
         self.reset_parameters()
