@@ -67,7 +67,7 @@ def main():
             if args.stage in ("all", "pretrain") and not (pre / "checkpoints" / "latest").is_file():
                 timing["pretrain_s"] = run(mg + ["pretrain", "--config", "cifar10_pretrain", "--data", train,
                                                  "--run-dir", str(pre)] + overrides, vdir / "pretrain.log")
-            init = [f"finetune.init_from={pre}"]
+            init = ["--init-from", str(pre)]
         if args.stage in ("all", "finetune") and not (vdir / "finetune" / "last" / "config.json").is_file():
             timing["finetune_s"] = run(mg + ["finetune", "--config", "cifar10_finetune", "--train", ft_train,
                                              "--val", test, "--run-dir", str(vdir / "finetune")] + init,

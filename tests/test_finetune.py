@@ -261,6 +261,7 @@ def test_pretrain_finetune_eval_on_cifar(cifar_small, tmp_path):
     assert sorted(val) == [8, 16]  # 128 images / 2 ranks / 8 per micro-batch = 8 steps an epoch
     assert _records(ft, "val_images") == {8: 64, 16: 64}  # every image once, on 2 ranks
     assert sorted(_records(ft, "val_ema_top1")) == [8, 16]
+    assert set(_records(ft, "bad_samples").values()) == {0}  # real images, RandAugment included: none dropped
     start = next(json.loads(line) for line in (ft / "metrics.jsonl").read_text().splitlines() if '"start"' in line)
     assert start["load"]["interpolated"] is None and "head.weight" in start["load"]["fresh"]
     for which in ("best", "last", "best_ema", "last_ema"):

@@ -28,12 +28,34 @@ def shard_indices(n: int, rank: int, world: int, epoch: int, seed: int, train: b
 
 
 # ---------------------------------------------------------------------------------------------- torch path
+def _posterize(img, bits_to_keep, **__):
+    """timm's RandAugment posterize, but 0 bits gives the black image old Pillow gave: Pillow >= 10 raises for
+    bits < 1, and timm's 'inc1' policy reaches 0 bits at magnitude 10 (m9 + mstd0.5 noise, clipped to 10) - about
+    1 image in 700 would otherwise fail (and be dropped as a bad sample)."""
+    from PIL import Image, ImageOps
+
+    if bits_to_keep >= 8:
+        return img
+    if bits_to_keep < 1:
+        return Image.new(img.mode, img.size)
+    return ImageOps.posterize(img, bits_to_keep)
+
+
+def _patch_timm_posterize():
+    from timm.data import auto_augment
+
+    for name in ("Posterize", "PosterizeIncreasing", "PosterizeOriginal"):
+        if name in auto_augment.NAME_TO_OP:
+            auto_augment.NAME_TO_OP[name] = _posterize
+
+
 def timm_transform(train: bool, size: int, mean, std, crop_pct: float = 0.875, auto_augment="rand-m9-mstd0.5-inc1",
                    scale=(0.08, 1.0)):
     from timm.data import create_transform
 
     if auto_augment in ("none", "", None):
         auto_augment = None
+    _patch_timm_posterize()
     if train:
         return create_transform(size, is_training=True, scale=scale, hflip=0.5, auto_augment=auto_augment,
                                 interpolation="bicubic", re_prob=0.0, mean=mean, std=std)
