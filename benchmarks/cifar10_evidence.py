@@ -53,7 +53,7 @@ def main():
     out = (REPO / args.out).resolve()
     train = f"{args.data}/train-{{000000..000009}}.tar"
     ft_train = f"{args.data}/train-{{000000..000001}}.tar"  # 10,000 labelled images for the fine-tune budget
-    test = f"{args.data}/test-{{000000..000001}}.tar"
+    test = f"{args.data}/test-000000.tar"  # 5,000 test images (1,000 per class in the whole set; shuffled)
     mg = [sys.executable, "-m", "megadigpt"]
     rows = []
     for name in args.only.split(","):
@@ -61,7 +61,7 @@ def main():
         vdir.mkdir(parents=True, exist_ok=True)
         timing = json.loads((vdir / "timing.json").read_text()) if (vdir / "timing.json").is_file() else {}
         overrides = VARIANTS[name]
-        init = []
+        init = ["model.arch=vit_tiny", "model.depth=6", "model.patch_size=4"]  # random: cifar10_pretrain's ViT
         if overrides is not None:
             pre = vdir / "pretrain"
             if args.stage in ("all", "pretrain") and not (pre / "checkpoints" / "latest").is_file():
@@ -73,10 +73,10 @@ def main():
                                              "--val", test, "--run-dir", str(vdir / "finetune")] + init,
                                        vdir / "finetune.log")
         if args.stage in ("all", "probe") and not (vdir / "probe" / "results.json").is_file():
-            src = [str(vdir / "pretrain")] if init else ["--random-init", "--config", "cifar10_finetune"]
-            timing["probe_s"] = run(mg + ["probe"] + src + ["--train", ft_train, "--val", test, "--out",
-                                                           str(vdir / "probe"), "--knn-layers", "all"],
-                                    vdir / "probe.log")
+            src = [str(vdir / "pretrain")] if overrides is not None else ["--random-init"] + init
+            timing["probe_s"] = run(mg + ["probe", "--config", "cifar10_finetune"] + src +
+                                    ["--train", ft_train, "--val", test, "--out", str(vdir / "probe"),
+                                     "--knn-layers", "all"], vdir / "probe.log")
         (vdir / "timing.json").write_text(json.dumps(timing))
         rows.append((name, vdir, timing))
     table(rows, out)
