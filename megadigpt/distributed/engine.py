@@ -87,6 +87,23 @@ def initialize(model, optimizer, ds_config: dict):
     return engine
 
 
+def backward_if_finite(engine, loss, accum: int) -> bool:
+    """Backward and step unless the loss is non-finite on any rank (every rank must agree before backward: one
+    rank's NaN would poison everyone's gradients). A skipped micro-batch does no backward; with accumulation the
+    step still goes on without it. Returns whether the micro-batch counted."""
+    import torch.distributed as dist
+
+    finite = torch.isfinite(loss.detach()).float()
+    dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    if finite.item() == 1.0:
+        engine.backward(loss)
+        engine.step()
+        return True
+    if accum > 1:
+        engine.step()
+    return False
+
+
 def set_lr(engine, lr: float):
     for group in engine.optimizer.param_groups:
         group["lr"] = lr * group.get("lr_scale", 1.0)

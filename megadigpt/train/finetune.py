@@ -448,17 +448,11 @@ def finetune(cfg: FinetuneRunConfig) -> dict:
             loss = (per_sample * valid).sum() / valid.sum().clamp(min=1.0)
             if fault_active("nan", step + 1, env.rank):
                 loss = loss * float("nan")
-            finite = torch.isfinite(loss).float()
-            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-            if finite.item() == 1.0:
-                engine.backward(loss)
-                engine.step()
+            if ds_engine.backward_if_finite(engine, loss, plan.accum):
                 acc += torch.stack([loss.detach().double() * valid.sum(), valid.sum().double(),
                                     (1 - valid).sum().double()])
             else:
                 step_failed = True
-                if plan.accum > 1:
-                    engine.step()
             micro += 1
             if micro < plan.accum:
                 continue

@@ -374,18 +374,11 @@ def pretrain(cfg: Config) -> dict:
         dis = (dis_per_sample * valid).sum() / n_valid
         if fault_active("nan", step + 1, env.rank):
             gen = gen * float("nan")
-        # every rank must agree before backward: one rank's NaN would poison everyone's gradients
-        finite = torch.isfinite(gen + dis).float()
-        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-        if finite.item() == 1.0:
-            engine.backward(gen + dis)
-            engine.step()
+        if ds_engine.backward_if_finite(engine, gen + dis, plan.accum):
             acc += torch.stack([gen.detach().double() * valid.sum(), dis.detach().double() * valid.sum(),
                                 valid.sum().double(), (1 - valid).sum().double()])
-        else:  # skip: no backward; with accumulation the step goes on without this micro-batch
+        else:
             step_failed = True
-            if plan.accum > 1:
-                engine.step()
         micro += 1
         if micro < plan.accum:
             continue
