@@ -110,7 +110,6 @@ def encoder_geometry(enc: Dict[str, torch.Tensor]) -> dict:
 
 def timm_export(sd: Dict[str, torch.Tensor], num_heads: int, out_dir, final_norm: bool = True) -> Path:
     """Write ``model.safetensors`` + ``config.json``; returns the folder."""
-    import timm
     from safetensors.torch import save_file
 
     enc = encoder_state(sd)
@@ -121,11 +120,7 @@ def timm_export(sd: Dict[str, torch.Tensor], num_heads: int, out_dir, final_norm
     if final_norm:
         state["norm.weight"] = torch.ones(g["embed_dim"])
         state["norm.bias"] = torch.zeros(g["embed_dim"])
-    name = {768: "vit_base", 192: "vit_tiny", 384: "vit_small", 1024: "vit_large", 1280: "vit_huge",
-            1408: "vit_giant", 1664: "vit_gigantic"}.get(g["embed_dim"], "vit_base")
-    name = f"{name}_patch{g['patch_size']}_{g['img_size']}"
-    if not timm.is_model(name):
-        name = "vit_base_patch16_224"  # any plain ViT entry point; model_args set every size
+    name = timm_architecture(g["embed_dim"], g["patch_size"], g["img_size"])
     model_args = {"img_size": g["img_size"], "patch_size": g["patch_size"], "embed_dim": g["embed_dim"],
                   "depth": g["depth"], "num_heads": num_heads, "mlp_ratio": g["mlp_ratio"], "qkv_bias": True,
                   "class_token": True, "global_pool": "token", "final_norm": final_norm, "num_classes": 0}
@@ -139,6 +134,17 @@ def timm_export(sd: Dict[str, torch.Tensor], num_heads: int, out_dir, final_norm
                               "license": "see the training data's terms", "tag": "megadigpt"}}
     (out / "config.json").write_text(json.dumps(cfg, indent=1))
     return out
+
+
+def timm_architecture(embed_dim: int, patch_size: int, img_size: int) -> str:
+    """timm's entry-point name for an export's config.json: the standard one where timm has it, else any plain ViT
+    entry point (the exported model_args set every size)."""
+    import timm
+
+    size = {768: "vit_base", 192: "vit_tiny", 384: "vit_small", 1024: "vit_large", 1280: "vit_huge",
+            1408: "vit_giant", 1664: "vit_gigantic"}.get(embed_dim, "vit_base")
+    name = f"{size}_patch{patch_size}_{img_size}"
+    return name if timm.is_model(name) else "vit_base_patch16_224"
 
 
 def load_timm(folder, **kwargs):

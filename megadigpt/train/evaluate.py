@@ -282,11 +282,10 @@ def evaluate_sets(model_path: str, folders: Dict[str, str], out_dir: Optional[st
             samples = v2_samples(root, num_classes)
             c, used = run_set(model, samples, topk_scorer(), **common)
         elif name in ("a", "r"):
-            _, present = synset_samples(root, classes, subset=True)
+            full, present = synset_samples(root, classes, subset=True)
             subset = [classes.index(s) for s in present]
-            pos = {ci: j for j, ci in enumerate(subset)}
-            samples = [type(s)(s.path, key=s.key, label=pos[s.label]) for s in synset_samples(root, classes,
-                                                                                               subset=True)[0]]
+            pos = {ci: j for j, ci in enumerate(subset)}  # labels become positions in the subset
+            samples = [type(s)(s.path, key=s.key, label=pos[s.label]) for s in full]
             c, used = run_set(model, samples, topk_scorer(subset), **common)
             results["sets"][name] = {"classes": len(subset)}
         elif name == "c":

@@ -9,9 +9,11 @@
 resume (the data order is a function of (seed, epoch), so a resumed run sees the same batches).
 """
 
+import contextlib
 import json
 import math
 import os
+import random
 import shutil
 import time
 from dataclasses import dataclass
@@ -177,8 +179,9 @@ def export_classifier(state, model_args: dict, out_dir: Path, label_names=None, 
                       crop_pct=0.875) -> Path:
     """A timm folder (``model.safetensors`` + ``config.json``) written beside ``out_dir`` and renamed into place, so
     a kill never leaves a half-written ``best/``."""
-    import timm
     from safetensors.torch import save_file
+
+    from ..checkpoint.convert import timm_architecture
 
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(out_dir.name + ".tmp")
@@ -186,10 +189,7 @@ def export_classifier(state, model_args: dict, out_dir: Path, label_names=None, 
     tmp.mkdir(parents=True)
     save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / "model.safetensors"))
     args = {k: v for k, v in model_args.items() if k != "drop_path_rate"}
-    sizes = {192: "vit_tiny", 384: "vit_small", 768: "vit_base", 1024: "vit_large", 1280: "vit_huge"}
-    name = f"{sizes.get(args['embed_dim'], 'vit_base')}_patch{args['patch_size']}_{args['img_size']}"
-    if not timm.is_model(name):
-        name = "vit_base_patch16_224"  # any plain ViT entry point: model_args set every size
+    name = timm_architecture(args["embed_dim"], args["patch_size"], args["img_size"])
     size = args["img_size"]
     cfg = {"architecture": name, "num_classes": args["num_classes"], "num_features": args["embed_dim"],
            "global_pool": args["global_pool"], "model_args": args, "label_names": label_names,
@@ -254,6 +254,7 @@ def eval_batches(n_items: int, world: int, micro_batch: int) -> int:
 
 
 def check_labels(samples, what: str, num_classes: Optional[int] = None) -> int:
+    """Every sample labelled, every label below ``num_classes``; returns ``num_classes`` or 1 + the largest label."""
     labels = [s.label for s in samples]
     bad = sum(lab < 0 for lab in labels)
     if bad:
@@ -262,7 +263,7 @@ def check_labels(samples, what: str, num_classes: Optional[int] = None) -> int:
     top = max(labels)
     if num_classes is not None and top >= num_classes:
         raise ConfigError(f"{what}: label {top} does not fit model.num_classes={num_classes}")
-    return top + 1
+    return num_classes or top + 1
 
 
 def finetune(cfg: FinetuneRunConfig) -> dict:
@@ -276,8 +277,7 @@ def finetune(cfg: FinetuneRunConfig) -> dict:
     m, d, t, f, o = cfg.model, cfg.data, cfg.train, cfg.finetune, cfg.optim
     run_dir = Path(t.run_dir)
     train_samples, val_samples = find_samples(d.train), find_samples(d.val)
-    num_classes = m.num_classes or check_labels(train_samples, "data.train")
-    check_labels(train_samples, "data.train", num_classes)
+    num_classes = check_labels(train_samples, "data.train", m.num_classes)
     check_labels(val_samples, "data.val", num_classes)
     names = source_label_names(d.train)
     if names is not None and len(names) != num_classes:
@@ -301,7 +301,7 @@ def finetune(cfg: FinetuneRunConfig) -> dict:
     from ..testing import active as fault_active
     from ..testing import fault
     from .metrics import MetricsSink
-    from .optim import lr_at
+    from .optim import build_optimizer, lr_at
     from .pretrain import Checkpointed, SignalFlag, TrainingDiverged, _dtype, repair_universal_load
 
     world = env.world_size
@@ -337,8 +337,7 @@ def finetune(cfg: FinetuneRunConfig) -> dict:
     if t.activation_checkpointing:
         model.set_grad_checkpointing(True)
     groups = param_groups_lrd(model, o.weight_decay, o.layer_decay, geom.depth)
-    kw = {"fused": True} if plan.device_type == "cuda" else {"foreach": False}
-    optimizer = torch.optim.AdamW(groups, lr=plan.lr, betas=tuple(o.betas), eps=o.eps, **kw)
+    optimizer = build_optimizer(model, o, plan.lr, plan.device_type, groups)
     ds_config = ds_engine.build_ds_config(cfg, world, plan.precision)
 
     tag, marker, universal = ckpt.resume_point(run_dir, t, world, rank0)
@@ -353,9 +352,13 @@ def finetune(cfg: FinetuneRunConfig) -> dict:
             repair_universal_load(engine, own_groups)
     module = engine.module
     ema = LocalEMA(module, f.ema_decay) if f.ema_decay > 0 else None
+
+    def ema_file(tag_name):  # this rank's slices (ZeRO-3) or the whole EMA (ZeRO 0-2)
+        return ckpt.checkpoint_dir(run_dir) / tag_name / f"ema_rank{env.rank:05d}_of_{world:05d}.pt"
+
     ema_note = None
     if ema is not None and tag:
-        shard = ckpt.checkpoint_dir(run_dir) / tag / f"ema_rank{env.rank:05d}_of_{world:05d}.pt"
+        shard = ema_file(tag)
         if not (shard.is_file() and ema.load(shard)):
             ema_note = "EMA restarted from the resumed weights (saved with another world size or missing)"
     compute_dtype = _dtype(plan.precision)
@@ -384,7 +387,7 @@ def finetune(cfg: FinetuneRunConfig) -> dict:
                                            mean=d.mean, std=d.std, crop_pct=d.crop_pct)
 
     def export(which: str, metrics: dict, with_ema: bool):
-        with (ema.swapped_in() if with_ema else _null()):
+        with (ema.swapped_in() if with_ema else contextlib.nullcontext()):
             state = full_state_dict(module, rank0)
         if rank0:
             export_classifier(state, model_args, run_dir / which, names, metrics, d.mean, d.std, d.crop_pct)
@@ -394,8 +397,8 @@ def finetune(cfg: FinetuneRunConfig) -> dict:
                   "epoch": step / steps_per_epoch}
         tag_name = ckpt_files.tag_for(step)
         if ema is not None:  # inside the tag folder before the completeness marker
-            (ckpt.checkpoint_dir(run_dir) / tag_name).mkdir(parents=True, exist_ok=True)
-            ema.save(ckpt.checkpoint_dir(run_dir) / tag_name / f"ema_rank{env.rank:05d}_of_{world:05d}.pt")
+            ema_file(tag_name).parent.mkdir(parents=True, exist_ok=True)
+            ema.save(ema_file(tag_name))
         client["best"] = best  # the best-so-far record lives in the marker: a resumed run keeps tracking it
         client["nonfinite_steps"] = skipped
         ckpt.save(engine, run_dir, step, client, keep=t.ckpt_keep, is_rank0=rank0)
@@ -428,9 +431,7 @@ def finetune(cfg: FinetuneRunConfig) -> dict:
             rng_seed = (t.seed * 1_000_003 + step * 1009 + micro * 7 + env.rank) % (2 ** 32)
             torch.manual_seed(rng_seed)  # drop path, erasing: stateless per (step, micro, rank)
             np.random.seed(rng_seed)  # timm's Mixup draws lam and boxes from numpy
-            import random
-
-            random.seed(rng_seed)
+            random.seed(rng_seed)  # and RandomErasing from Python's
             x = batch["image"].to(device, non_blocking=True)
             y = batch["label"].to(device, non_blocking=True)
             valid = batch["valid"].to(device).float()
@@ -543,10 +544,3 @@ def finetune(cfg: FinetuneRunConfig) -> dict:
         raise Checkpointed(f"checkpointed at step {step} on {signals.name}; run the same command to resume")
     return {"steps": step, "history": history, "run_dir": str(run_dir), "best": best}
 
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False

@@ -15,11 +15,12 @@ def param_groups(model: torch.nn.Module, weight_decay: float):
     return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
 
 
-def build_optimizer(model, ocfg, lr: float, device_type: str):
-    # torch's fused AdamW on CUDA (apex's kernel now lives in torch); the plain loop on CPU.
+def build_optimizer(model, ocfg, lr: float, device_type: str, groups=None):
+    """AdamW over ``groups`` (default: :func:`param_groups`). torch's fused kernel on CUDA (apex's kernel now lives
+    in torch); the plain loop on CPU."""
     kw = {"fused": True} if device_type == "cuda" else {"foreach": False}
-    return torch.optim.AdamW(param_groups(model, ocfg.weight_decay), lr=lr, betas=tuple(ocfg.betas), eps=ocfg.eps,
-                             **kw)
+    groups = groups if groups is not None else param_groups(model, ocfg.weight_decay)
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(ocfg.betas), eps=ocfg.eps, **kw)
 
 
 def lr_at(step: int, peak: float, warmup_steps: float, total_steps: int, min_lr: float = 0.0) -> float:

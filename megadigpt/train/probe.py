@@ -152,8 +152,13 @@ def train_linear_heads(train_x: torch.Tensor, train_y: torch.Tensor, val_x: torc
     opt = torch.optim.AdamW([w, bias], lr=lr, weight_decay=weight_decay)
     world = _world()
     per_rank = max(1, batch // world)
-    min_n = int(-_all_reduce(torch.tensor([-float(n)], device=device)).item()) if world > 1 else n
     # every rank takes the same number of steps: the smallest slice decides
+    min_n = torch.tensor([n], device=device)
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.all_reduce(min_n, op=dist.ReduceOp.MIN)
+    min_n = int(min_n.item())
     steps_per_epoch = max(1, min_n // per_rank) if min_n > 0 else 0
     total = max(1, epochs * steps_per_epoch)
     step = 0
@@ -278,8 +283,7 @@ def run_probe(cfg, weights: Optional[str], out_dir: str, random_init: bool = Fal
 
     p, d, m = cfg.probe, cfg.data, cfg.model
     train_samples, val_samples = find_samples(d.train), find_samples(d.val)
-    num_classes = m.num_classes or check_labels(train_samples, "data.train")
-    check_labels(train_samples, "data.train", num_classes)
+    num_classes = check_labels(train_samples, "data.train", m.num_classes)
     check_labels(val_samples, "data.val", num_classes)
     sd, info = load_encoder_weights(weights) if weights else (None, {})
     geom, _ = resolve_model(cfg, sd, info)
