@@ -9,10 +9,11 @@ setup(
     long_description=Path(__file__).with_name("README.md").read_text(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["megadigpt", "megadigpt.*"]) + ["megadigpt.ds_configs"],
-    # the top-level ds_configs/ (the design card's layout) ships inside the package
-    package_dir={"megadigpt.ds_configs": "ds_configs"},
-    package_data={"megadigpt": ["configs/*.yaml"], "megadigpt.ds_configs": ["*.json"]},
+    packages=find_packages(include=["megadigpt", "megadigpt.*"]) + ["megadigpt.ds_configs", "megadigpt.slurm"],
+    # the top-level ds_configs/ and slurm/ (the design card's layout) ship inside the package
+    package_dir={"megadigpt.ds_configs": "ds_configs", "megadigpt.slurm": "slurm"},
+    package_data={"megadigpt": ["configs/*.yaml"], "megadigpt.ds_configs": ["*.json"],
+                  "megadigpt.slurm": ["*.sbatch", "*.md", "chains/*.yaml"]},
     install_requires=[
         "torch>=2.5",
         "torchvision",
@@ -31,7 +32,7 @@ setup(
     ],
     extras_require={
         # the tests run real DALI pipelines on the CPU
-        "test": ["pytest>=7", "nvidia-dali-cuda130"],
+        "test": ["pytest>=7", "nvidia-dali-cuda130", "mpi4py"],
         "mpi": ["mpi4py"],
         "dali": ["nvidia-dali-cuda130"],
     },

@@ -20,21 +20,24 @@ def _fail(msg: str) -> int:
     return 2
 
 
-def cmd_pretrain(args) -> int:
-    from .config import load_config
-    from .train.pretrain import pretrain
-
+def pretrain_overrides(args):
     overrides = list(args.overrides)
     if args.data:
         overrides.append(f"data.source={args.data}")
     if args.run_dir:
         overrides.append(f"train.run_dir={args.run_dir}")
-    cfg = load_config(args.config, overrides)
-    pretrain(cfg)
+    return overrides
+
+
+def cmd_pretrain(args) -> int:
+    from .config import load_config
+    from .train.pretrain import pretrain
+
+    pretrain(load_config(args.config, pretrain_overrides(args)))
     return 0
 
 
-def _finetune_overrides(args):
+def finetune_overrides(args):
     overrides = list(args.overrides)
     for flag, key in (("train", "data.train"), ("val", "data.val"), ("run_dir", "train.run_dir"),
                       ("init_from", "train.init_from"), ("knn_layers", "probe.knn_layers")):
@@ -48,7 +51,7 @@ def cmd_finetune(args) -> int:
     from .config import FinetuneRunConfig, load_config
     from .train.finetune import finetune
 
-    res = finetune(load_config(args.config, _finetune_overrides(args), root=FinetuneRunConfig))
+    res = finetune(load_config(args.config, finetune_overrides(args), root=FinetuneRunConfig))
     if _rank0() and res.get("best"):
         b = res["best"]["best"]
         print(f"best top-1 {b['top1']:.2f} (step {b['step']}); exports in {res['run_dir']}/best and /last")
@@ -62,7 +65,7 @@ def cmd_probe(args) -> int:
     w = args.weights
     if w and "=" in w and "." in w.split("=", 1)[0] and not Path(w).exists():  # an override, not weights
         args.overrides, w = [w] + list(args.overrides), None
-    cfg = load_config(args.config, _finetune_overrides(args), root=FinetuneRunConfig)
+    cfg = load_config(args.config, finetune_overrides(args), root=FinetuneRunConfig)
     run_probe(cfg, w, args.out, random_init=args.random_init)
     return 0
 
@@ -73,6 +76,67 @@ def cmd_eval(args) -> int:
     folders = {k: getattr(args, k) for k in ("imagenet", "real", "v2", "a", "r", "sketch", "c") if getattr(args, k)}
     evaluate_sets(args.model, folders, args.out, which=args.which, batch=args.batch, limit=args.limit,
                   loader=args.loader, num_workers=args.workers, real_labels_path=args.real_labels)
+    return 0
+
+
+def cmd_submit(args) -> int:
+    from dataclasses import fields, replace
+
+    from .launch import slurm
+
+    cli_slurm = {f.name: getattr(args, f.name) for f in fields(slurm.SlurmOptions)
+                 if getattr(args, f.name, None) is not None}
+    if args.sbatch:
+        cli_slurm["sbatch"] = list(args.sbatch)
+    if args.env:
+        bad = [e for e in args.env if "=" not in e]
+        if bad:
+            raise ConfigError(f"--env takes KEY=VALUE, got {bad[0]!r}")
+        cli_slurm["env"] = dict(e.split("=", 1) for e in args.env)
+    if args.no_requeue:
+        cli_slurm["requeue"] = False
+    if args.what in slurm.COMMANDS:
+        if args.from_stage or args.run_root:
+            raise ConfigError("--from and --run-root are for chains")
+        ns = slurm.parse_stage_args(args.what, args.rest)
+        out = slurm.stage_outputs(args.what, ns)
+        if out is None and args.what in ("pretrain", "finetune"):
+            from .config import FinetuneRunConfig, load_config
+
+            over = pretrain_overrides(ns) if args.what == "pretrain" else finetune_overrides(ns)
+            out = load_config(ns.config, over, root=None if args.what == "pretrain" else FinetuneRunConfig
+                              ).train.run_dir
+        if out is None:
+            raise ConfigError(f"megadigpt submit {args.what}: give --out (the job's results, logs and code snapshot "
+                              f"go there)")
+        run_dir = str(Path(out).resolve())
+        opt = "--out" if args.what in ("probe", "eval") else "--run-dir"
+        stage = slurm.Stage(args.what, args.what, slurm._with_option(args.rest, opt, run_dir), run_dir,
+                            replace(slurm.SlurmOptions(), **cli_slurm))
+        stages, root = [stage], Path(run_dir)
+    else:
+        if args.rest:
+            raise ConfigError(f"a chain takes no command arguments (edit a copy of the chain YAML): {args.rest}")
+        path = slurm.resolve_chain_path(args.what)
+        stages, root = slurm.load_chain(path, args.run_root, cli_slurm)
+        if args.from_stage:
+            names = [s.name for s in stages]
+            if args.from_stage not in names:
+                raise ConfigError(f"--from {args.from_stage}: no such stage (stages: {', '.join(names)})")
+            i = names.index(args.from_stage)
+            for done in stages[:i]:
+                if not Path(done.run_dir).exists():
+                    raise ConfigError(f"--from {args.from_stage}: the earlier stage {done.name} has no output at "
+                                      f"{done.run_dir}")
+            stages = stages[i:]
+            queued = {st.run_dir for st in stages}
+            for st in stages:  # earlier stages' outputs exist now: they are checked like any other path
+                st.pending = [d for d in st.pending if d in queued]
+    try:
+        slurm.submit(stages, root, dry_run=args.dry_run, after=args.after,
+                     chain=None if args.what in slurm.COMMANDS else path)
+    except slurm.SubmitError as e:
+        return _fail(str(e))
     return 0
 
 
@@ -224,6 +288,36 @@ def build_parser() -> argparse.ArgumentParser:
     lab.add_argument("--out", required=True)
     lab.set_defaults(fn=cmd_data)
 
+    sm = sub.add_parser("submit", help="SLURM: validate, snapshot the code, write the sbatch script into the run "
+                                       "directory and submit it; or a chain of stages (afterok)",
+                        description="megadigpt submit [options] pretrain|finetune|probe|eval <that command's "
+                                    "arguments>, or megadigpt submit [options] <chain.yaml | built-in chain>. "
+                                    "Options given here override the chain's for every stage.")
+    sm.add_argument("--dry-run", action="store_true", help="print the scripts and sbatch commands; submit nothing")
+    sm.add_argument("--after", default=None, help="a job id the first stage waits for (afterok)")
+    sm.add_argument("--from", dest="from_stage", default=None, help="chain: start at this stage")
+    sm.add_argument("--run-root", default=None, help="chain: the folder of the stages' run directories")
+    sm.add_argument("--nodes", type=int, default=None)
+    sm.add_argument("--gpus-per-node", dest="gpus_per_node", type=int, default=None, help="0 on a CPU partition")
+    sm.add_argument("--ntasks-per-node", dest="ntasks_per_node", type=int, default=None)
+    sm.add_argument("--cpus-per-task", dest="cpus_per_task", type=int, default=None)
+    sm.add_argument("--mem", default=None)
+    sm.add_argument("--time", default=None, help="the time limit, e.g. 48:00:00")
+    for k in ("partition", "account", "qos", "constraint", "reservation"):
+        sm.add_argument(f"--{k}", default=None)
+    sm.add_argument("--exclusive", action="store_true", default=None)
+    sm.add_argument("--signal-seconds", dest="signal_seconds", type=int, default=None,
+                    help="SIGUSR1 this long before the time limit: checkpoint, requeue, resume (default 300)")
+    sm.add_argument("--no-requeue", action="store_true", help="checkpoint on the signal but do not requeue")
+    sm.add_argument("--job-name", dest="job_name", default=None)
+    sm.add_argument("--sbatch", action="append", default=None, metavar="OPTION",
+                    help="one more sbatch option, verbatim (repeatable): --sbatch=--mail-type=END")
+    sm.add_argument("--env", action="append", default=None, metavar="KEY=VALUE",
+                    help="exported before srun (repeatable): --env NCCL_SOCKET_IFNAME=ib0")
+    sm.add_argument("what", help="pretrain | finetune | probe | eval, or a chain YAML / built-in chain name")
+    sm.add_argument("rest", nargs=argparse.REMAINDER, help="the command's arguments")
+    sm.set_defaults(fn=cmd_submit)
+
     cr = sub.add_parser("config-reference", help="print the config reference (markdown)")
     cr.set_defaults(fn=cmd_config_reference)
     return p
@@ -248,6 +342,12 @@ def main(argv=None) -> int:
     except (Checkpointed, TrainingDiverged) as e:
         if _rank0():
             print(f"megadigpt: {e}", file=sys.stderr)
+            if isinstance(e, Checkpointed):
+                from .launch.slurm import requeue_after_signal
+
+                note = requeue_after_signal(e.signal)
+                if note:
+                    print(f"megadigpt: {note}", file=sys.stderr)
         return e.exit_code
 
 

@@ -1,7 +1,7 @@
 """Fault injection for the test suite: ``MEGADIGPT_FAULTS="kill_in_save=4,nan=6:1,nan=7"`` makes the process die
 during the save of step 4, and makes the loss non-finite at step 6 on rank 1 and at step 7 on every rank;
 ``sleep=3`` makes step 3 take 3 s longer (a window for a test's signal); ``term=5`` makes the process send itself
-SIGTERM after step 5 (a preemption at a known step).
+SIGTERM after step 5 (a preemption at a known step); ``crash=2`` raises an error in step 2 (a failing job).
 Never set outside tests; the names are listed in the README."""
 
 import os
@@ -38,3 +38,5 @@ def fault(name: str, step: int, rank: int = None):
         time.sleep(3)
     if name == "term" and active(name, step, rank):
         os.kill(os.getpid(), signal.SIGTERM)
+    if name == "crash" and active(name, step, rank):
+        raise RuntimeError(f"injected crash at step {step} (MEGADIGPT_FAULTS)")

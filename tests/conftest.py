@@ -33,6 +33,26 @@ def cifar_dir() -> Path:
     return CIFAR
 
 
+@pytest.fixture(scope="session")
+def cifar_small(cifar_dir, tmp_path_factory):
+    """128 training and 64 evaluation CIFAR-10 images as sample lists, and the evaluation images as class folders."""
+    from megadigpt.data import find_samples
+    from megadigpt.data.sources import write_sample_list
+
+    root = tmp_path_factory.mktemp("cifar_small")
+    names = (cifar_dir / "classes.txt").read_text().split()
+    train = find_samples(str(cifar_dir / "train-000000.tar"))[:128]
+    val = find_samples(str(cifar_dir / "test-000000.tar"))[:64]
+    write_sample_list(root / "train.jsonl", train)
+    write_sample_list(root / "val.jsonl", val)
+    (root / "classes.txt").write_text("\n".join(names) + "\n")
+    for s in val:
+        d = root / "val_folders" / names[s.label]
+        d.mkdir(parents=True, exist_ok=True)
+        (d / f"{s.key}.jpg").write_bytes(s.read())
+    return root
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

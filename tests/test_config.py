@@ -12,7 +12,7 @@ from .conftest import REPO, subprocess_env
 def test_builtin_configs_load_and_validate(tmp_path):
     from megadigpt.train.pretrain import plan_run
 
-    for name in ("demo", "digpt_vitb16_in1k", "digpt_vitl14_in21k", "digpt_vith14_merged"):
+    for name in ("demo", "digpt_vitb16_in1k", "digpt_vitl14_in21k", "digpt_vitl14_merged", "digpt_vith14_merged"):
         cfg = load_config(name, [f"train.run_dir={tmp_path / name}"])
         assert cfg.model.arch.startswith("vit_")
         if name == "demo":

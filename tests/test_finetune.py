@@ -209,26 +209,6 @@ def test_finetune_bad_input_fails_early(tmp_path):
 
 # ----------------------------------------------------------------------------------------- the whole path
 
-@pytest.fixture(scope="module")
-def cifar_small(cifar_dir, tmp_path_factory):
-    """128 training and 64 evaluation CIFAR-10 images as sample lists, and the evaluation images as class folders."""
-    from megadigpt.data import find_samples
-    from megadigpt.data.sources import write_sample_list
-
-    root = tmp_path_factory.mktemp("cifar_small")
-    names = (cifar_dir / "classes.txt").read_text().split()
-    train = find_samples(str(cifar_dir / "train-000000.tar"))[:128]
-    val = find_samples(str(cifar_dir / "test-000000.tar"))[:64]
-    write_sample_list(root / "train.jsonl", train)
-    write_sample_list(root / "val.jsonl", val)
-    (root / "classes.txt").write_text("\n".join(names) + "\n")
-    for s in val:
-        d = root / "val_folders" / names[s.label]
-        d.mkdir(parents=True, exist_ok=True)
-        (d / f"{s.key}.jpg").write_bytes(s.read())
-    return root
-
-
 FT = ["--config", "cifar10_finetune", "data.num_workers=0", "train.progress=off", "train.log_every=1",
       "train.tensorboard=false", "train.global_batch=16", "train.micro_batch=8", "data.loader=torch"]
 

@@ -1,5 +1,6 @@
-"""The same entry point under the deepspeed launcher and mpirun (torchrun and plain python are exercised by
-test_deepspeed.py): 2 ranks, ZeRO-2, two steps, identical losses to a torchrun run."""
+"""The same entry point under the deepspeed launcher (single node, and its multi-node runner with a hostfile),
+torchrun across two "nodes" (two agents), and mpirun (with mpi4py finding the rendezvous): 2 ranks, ZeRO-2, two
+steps, identical losses to a plain torchrun run. (srun: tests/test_slurm.py.)"""
 
 import os
 import shutil
@@ -38,14 +39,61 @@ def test_deepspeed_launcher(cifar_dir, torchrun_losses, tmp_path):
         assert got[s] == pytest.approx(torchrun_losses[s], abs=1e-6)
 
 
+def _same(run_dir, want):
+    got = losses(run_dir)
+    assert got.keys() == want.keys()
+    for s in got:
+        assert got[s] == pytest.approx(want[s], abs=1e-6)
+
+
+def test_deepspeed_launcher_hostfile(cifar_dir, torchrun_losses, tmp_path):
+    """The multi-node path of the deepspeed launcher: a hostfile, its openmpi runner (mpirun; pdsh needs ssh).
+    DeepSpeed passes no rendezvous to mpirun's ranks: mpi4py finds it."""
+    mpirun = shutil.which("mpirun")
+    if mpirun is None:
+        if require_shared():
+            pytest.fail("mpirun missing (CI installs openmpi-bin)")
+        pytest.skip("mpirun not installed (apt-get install openmpi-bin)")
+    hosts = tmp_path / "hostfile"
+    hosts.write_text("localhost slots=2\n")
+    ds = shutil.which("deepspeed") or os.path.join(os.path.dirname(sys.executable), "deepspeed")
+    # one host: --force_multi takes the multi-node runner anyway; --no_ssh_check and --master_addr spare ssh
+    p = subprocess.run([ds, "--hostfile", str(hosts), "--force_multi", "--no_ssh_check", "--launcher", "openmpi",
+                        "--launcher_args", "--allow-run-as-root --oversubscribe --mca btl_tcp_if_include lo",
+                        "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "--module", "megadigpt",
+                        *_args(cifar_dir, tmp_path / "dsmn")], capture_output=True, text=True, timeout=600,
+                       env=subprocess_env(), cwd=str(REPO), stdin=subprocess.DEVNULL)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert "cmd = mpirun -n 2 -hostfile" in p.stdout + p.stderr
+    _same(tmp_path / "dsmn", torchrun_losses)
+
+
+def test_torchrun_two_nodes(cifar_dir, torchrun_losses, tmp_path):
+    """torchrun as on two nodes: two agents (one per "node"), c10d rendezvous, one worker each."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
+           "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}", "--rdzv_id", "megadigpt-test",
+           "-m", "megadigpt", *_args(cifar_dir, tmp_path / "tr2")]
+    agents = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               env=subprocess_env(), cwd=str(REPO)) for _ in range(2)]
+    outs = [a.communicate(timeout=600)[0] for a in agents]
+    assert [a.returncode for a in agents] == [0, 0], "\n".join(o[-3000:] for o in outs)
+    _same(tmp_path / "tr2", torchrun_losses)
+
+
 def test_mpirun(cifar_dir, torchrun_losses, tmp_path):
     mpirun = shutil.which("mpirun")
     if mpirun is None:
         if require_shared():
             pytest.fail("mpirun missing (CI installs openmpi-bin)")
         pytest.skip("mpirun not installed (apt-get install openmpi-bin)")
+    if require_shared():  # CI installs the [test] extra: the rendezvous must come from mpi4py, not be given
+        import importlib
+
+        importlib.import_module("mpi4py")
     env = subprocess_env()
-    exports = [a for k in ("DS_ACCELERATOR", "OMP_NUM_THREADS", "GLOO_SOCKET_IFNAME", "MASTER_PORT", "PATH",
+    env.pop("MASTER_PORT")
+    exports = [a for k in ("DS_ACCELERATOR", "OMP_NUM_THREADS", "GLOO_SOCKET_IFNAME", "PATH",
                            "PYTHONUNBUFFERED") for a in ("-x", k)]
     cmd = [mpirun, "--allow-run-as-root", "--oversubscribe", "-np", "2", *exports, sys.executable, "-m",
            "megadigpt", *_args(cifar_dir, tmp_path / "mpi")]

@@ -2,6 +2,7 @@
 
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -57,6 +58,8 @@ def start_processes(env, device_type: str):
     from . import env as dist_env
 
     dist_env.export(env)
+    # DeepSpeed's ZeRO calls torch's older collective names, one warning per rank and step
+    warnings.filterwarnings("ignore", category=FutureWarning, message=r"`torch\.distributed\.\w+` is deprecated")
     if "OMP_NUM_THREADS" not in os.environ:  # the cores of the node, shared by its ranks
         local = int(os.environ.get("LOCAL_WORLD_SIZE", env.world_size))
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local)))
@@ -67,6 +70,17 @@ def start_processes(env, device_type: str):
         device = torch.device("cpu")
     init_distributed(env, device_type)
     return device
+
+
+def where() -> dict:
+    """For a run's start event: the hosts the ranks run on (one collective) and the code they run."""
+    import socket
+
+    import torch.distributed as dist
+
+    names = [None] * dist.get_world_size()
+    dist.all_gather_object(names, socket.gethostname())
+    return {"hosts": sorted(set(names)), "code": str(_PKG)}
 
 
 def init_distributed(env, device_type: str):

@@ -1,11 +1,21 @@
 """Rank / world size / master address from whatever launched us: torchrun and the deepspeed launcher
-(RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT), mpirun (OMPI_COMM_WORLD_*), srun (SLURM_*),
-or nothing (one process). Set the torch-style variables ourselves before DeepSpeed looks, so it never falls back
-to MPI discovery (which needs mpi4py and picks a non-loopback address)."""
+(RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT), mpirun (Open MPI's OMPI_COMM_WORLD_*, or any MPI through
+mpi4py), srun (SLURM_*), or nothing (one process). Set the torch-style variables ourselves before DeepSpeed looks,
+so it never falls back to its own MPI discovery (which picks a non-loopback address from `hostname -I`).
 
+Under mpirun without MASTER_ADDR, mpi4py (``pip install 'megadigpt[mpi]'``) broadcasts rank 0's host name and a
+free port, and gives the local rank (the ranks sharing a node), so ``mpirun -np 64 --hostfile hosts python -m
+megadigpt ...`` needs nothing else."""
+
+import functools
 import os
 import re
+import socket
 from dataclasses import dataclass
+
+from ..config import ConfigError
+
+_MPI_RANK_VARS = ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK", "MV2_COMM_WORLD_RANK")
 
 
 @dataclass(frozen=True)
@@ -30,15 +40,48 @@ def first_slurm_host(nodelist: str) -> str:
     return prefix + first
 
 
+@functools.lru_cache(maxsize=1)
+def _mpi() -> DistEnv:
+    """Every rank calls this once (cached): under mpi4py it is a collective."""
+    e = os.environ
+    try:
+        from mpi4py import MPI
+    except ImportError:
+        MPI = None
+    if MPI is None:
+        if "OMPI_COMM_WORLD_RANK" not in e:
+            raise ConfigError("launched by an MPI other than Open MPI: pip install mpi4py (megadigpt[mpi]) so the "
+                              "ranks can find each other, or set RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR")
+        size = int(e["OMPI_COMM_WORLD_SIZE"])
+        if "MASTER_ADDR" not in e and int(e.get("OMPI_COMM_WORLD_LOCAL_SIZE", size)) != size:
+            raise ConfigError("mpirun across nodes: pass the rendezvous host (-x MASTER_ADDR=<first host>), or pip "
+                              "install mpi4py (megadigpt[mpi]) and megadigpt finds it")
+        return DistEnv(int(e["OMPI_COMM_WORLD_RANK"]), size, int(e.get("OMPI_COMM_WORLD_LOCAL_RANK", 0)),
+                       e.get("MASTER_ADDR", "127.0.0.1"), int(e.get("MASTER_PORT", 29500)), "mpi")
+    comm = MPI.COMM_WORLD
+    rank, size = comm.Get_rank(), comm.Get_size()
+    node = comm.Split_type(MPI.COMM_TYPE_SHARED)
+    local_rank = node.Get_rank()
+    node.Free()
+    addr, port = e.get("MASTER_ADDR"), e.get("MASTER_PORT")
+    if rank == 0:
+        if not addr:
+            addr = socket.gethostname()
+        if not port:
+            with socket.socket() as s:
+                s.bind(("", 0))
+                port = s.getsockname()[1]
+    addr, port = comm.bcast((addr, port), root=0)
+    return DistEnv(rank, size, local_rank, addr, int(port), "mpi")
+
+
 def discover() -> DistEnv:
     e = os.environ
     if "RANK" in e and "WORLD_SIZE" in e:
         return DistEnv(int(e["RANK"]), int(e["WORLD_SIZE"]), int(e.get("LOCAL_RANK", 0)),
                        e.get("MASTER_ADDR", "127.0.0.1"), int(e.get("MASTER_PORT", 29500)), "torch")
-    if "OMPI_COMM_WORLD_RANK" in e:
-        return DistEnv(int(e["OMPI_COMM_WORLD_RANK"]), int(e["OMPI_COMM_WORLD_SIZE"]),
-                       int(e.get("OMPI_COMM_WORLD_LOCAL_RANK", 0)), e.get("MASTER_ADDR", "127.0.0.1"),
-                       int(e.get("MASTER_PORT", 29500)), "mpi")
+    if any(v in e for v in _MPI_RANK_VARS):  # before SLURM: mpirun inside an allocation sees both
+        return _mpi()
     if "SLURM_PROCID" in e and "SLURM_STEP_ID" in e:  # inside srun (not merely inside an sbatch allocation)
         world = int(e.get("SLURM_STEP_NUM_TASKS", e.get("SLURM_NTASKS", 1)))
         addr = e.get("MASTER_ADDR") or first_slurm_host(e.get("SLURM_STEP_NODELIST", e.get("SLURM_NODELIST", "")))

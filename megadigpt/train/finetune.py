@@ -39,8 +39,10 @@ def _positive_fraction(name, v, lo_closed=True, hi=1.0):
         raise ConfigError(f"{name} must lie in {'[' if lo_closed else '('}0, {hi}], got {v}")
 
 
-def plan_finetune(cfg: FinetuneRunConfig, world_size: Optional[int] = None, need_train: bool = True) -> FinetunePlan:
-    """Every check that needs no weights, no decoding and no process group."""
+def plan_finetune(cfg: FinetuneRunConfig, world_size: Optional[int] = None, need_train: bool = True,
+                  device_type: Optional[str] = None, init_from_pending: bool = False) -> FinetunePlan:
+    """Every check that needs no weights, no decoding and no process group (``device_type`` and
+    ``init_from_pending``: as in ``plan_run``)."""
     from ..data import check_source
     from ..distributed.engine import template_path
     from ..model.vit import VIT_SIZES
@@ -55,7 +57,7 @@ def plan_finetune(cfg: FinetuneRunConfig, world_size: Optional[int] = None, need
     if m.arch == "auto" and not t.init_from:
         raise ConfigError("model.arch=auto takes the geometry from train.init_from; set one of them "
                           "(model.arch=vit_base for a randomly initialised model)")
-    if t.init_from and not Path(t.init_from).exists():
+    if t.init_from and not init_from_pending and not Path(t.init_from).exists():
         raise ConfigError(f"train.init_from not found: {t.init_from}")
     if m.global_pool not in ("avg", "token"):
         raise ConfigError(f"model.global_pool must be avg or token, got {m.global_pool!r}")
@@ -69,7 +71,7 @@ def plan_finetune(cfg: FinetuneRunConfig, world_size: Optional[int] = None, need
         raise ConfigError("data.val is not set (labelled evaluation images)")
     check_source(d.val)
     loader = resolve_loader(d.loader)
-    device_type = _device_type(t.device)
+    device_type = device_type or _device_type(t.device)
     world = world_size if world_size is not None else dist_env.discover().world_size
     if t.micro_batch < 1 or t.global_batch < 1 or t.global_batch % (t.micro_batch * world):
         raise ConfigError(f"train.global_batch {t.global_batch} is not divisible by train.micro_batch "
@@ -375,7 +377,8 @@ def finetune(cfg: FinetuneRunConfig) -> dict:
     erase = RandomErasing(f.reprob, mode=f.remode, max_count=1, device=str(device)) if f.reprob > 0 else None
 
     sink = MetricsSink(run_dir, rank0, t.tensorboard, t.progress, total_steps, start_step)
-    sink.event(event="resume" if tag else "start", step=start_step, world_size=world, train_images=len(train_samples),
+    sink.event(event="resume" if tag else "start", step=start_step, world_size=world, **ds_engine.where(),
+               train_images=len(train_samples),
                val_images=len(val_samples), num_classes=num_classes, total_steps=total_steps,
                steps_per_epoch=steps_per_epoch, accum=plan.accum, precision=plan.precision, loader=plan.loader,
                init_from=t.init_from, load=load_report, model_args=model_args, ema_note=ema_note)
@@ -486,13 +489,14 @@ def finetune(cfg: FinetuneRunConfig) -> dict:
                 acc.zero_()
                 t_last, steps_since = time.perf_counter(), 0
             fault("term", step, env.rank)
-            flags = torch.tensor([float(signals.raised)], device=device)
+            flags = torch.tensor([float(signals.code)], device=device)
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)
             epoch_end = step % steps_per_epoch == 0 or step == total_steps
             if flags[0] > 0 and not epoch_end:
                 checkpoint_now(step)
                 outcome = "signal"
-                sink.event(event="signal", step=step, signal=signals.name)
+                agreed = SignalFlag.name_of(flags[0])
+                sink.event(event="signal", step=step, signal=agreed)
                 break
             if step % t.ckpt_every == 0 and not epoch_end:
                 checkpoint_now(step)
@@ -524,7 +528,8 @@ def finetune(cfg: FinetuneRunConfig) -> dict:
                 checkpoint_now(step)
                 if flags[0] > 0 and step < total_steps:
                     outcome = "signal"
-                    sink.event(event="signal", step=step, signal=signals.name)
+                    agreed = SignalFlag.name_of(flags[0])
+                    sink.event(event="signal", step=step, signal=agreed)
                     break
                 if step >= total_steps:
                     break
@@ -541,6 +546,6 @@ def finetune(cfg: FinetuneRunConfig) -> dict:
     if outcome == "diverged":
         raise TrainingDiverged(msg)
     if outcome == "signal":
-        raise Checkpointed(f"checkpointed at step {step} on {signals.name}; run the same command to resume")
+        raise Checkpointed(step, agreed)
     return {"steps": step, "history": history, "run_dir": str(run_dir), "best": best}
 

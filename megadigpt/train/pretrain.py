@@ -54,8 +54,11 @@ def resolve_loader(name: str) -> str:
     return name
 
 
-def plan_run(cfg: Config, world_size: Optional[int] = None) -> Plan:
-    """Every check that needs no model, no data decoding and no process group. Raises ConfigError."""
+def plan_run(cfg: Config, world_size: Optional[int] = None, device_type: Optional[str] = None,
+             init_from_pending: bool = False) -> Plan:
+    """Every check that needs no model, no data decoding and no process group. Raises ConfigError.
+    ``megadigpt submit`` plans for the compute nodes (``device_type``) and for a ``train.init_from`` that an
+    earlier stage of its chain will write (``init_from_pending``)."""
     from ..model.vit import VIT_SIZES
     from ..model.attention import BACKENDS
     from ..targets import describe_target
@@ -90,7 +93,7 @@ def plan_run(cfg: Config, world_size: Optional[int] = None) -> Plan:
         raise ConfigError(f"model.objective must be one of {', '.join(OBJECTIVES)}, got {m.objective!r}")
     if m.attention not in BACKENDS:
         raise ConfigError(f"model.attention must be one of {', '.join(BACKENDS)}, got {m.attention!r}")
-    device_type = _device_type(t.device)
+    device_type = device_type or _device_type(t.device)
     if m.attention == "flex" and device_type != "cuda":
         raise ConfigError("model.attention=flex trains only on CUDA (FlexAttention has no CPU backward); "
                           "use model.attention=sdpa on CPU")
@@ -138,7 +141,7 @@ def plan_run(cfg: Config, world_size: Optional[int] = None) -> Plan:
             raise ConfigError("train.probe_every needs train.probe_train and train.probe_val (labelled images)")
         check_source(t.probe_train)
         check_source(t.probe_val)
-    if t.init_from and not Path(t.init_from).exists():
+    if t.init_from and not init_from_pending and not Path(t.init_from).exists():
         raise ConfigError(f"train.init_from not found: {t.init_from}")
     lo, hi = cfg.data.crop_scale
     if not 0 < lo <= hi <= 1:
@@ -193,18 +196,27 @@ class TrainingDiverged(RuntimeError):
 
 
 class Checkpointed(RuntimeError):
-    """Stopped by SIGTERM/SIGUSR1 after a checkpoint; rerunning (or requeueing) the same command resumes."""
+    """Stopped by SIGTERM/SIGUSR1 after a checkpoint; rerunning (or requeueing) the same command resumes.
+    ``signal`` is the one the ranks agreed on (SIGUSR1 if any rank got it: SLURM's warning, which asks for a
+    requeue; SIGTERM alone means stop)."""
 
     exit_code = 75  # EX_TEMPFAIL
 
+    def __init__(self, step: int, signal: str):
+        super().__init__(f"checkpointed at step {step} on {signal}; run the same command to resume")
+        self.step, self.signal = step, signal
+
 
 class SignalFlag:
-    """SIGTERM and SIGUSR1 (SLURM's warning before the time limit or preemption) ask for checkpoint-and-exit."""
+    """SIGTERM and SIGUSR1 (SLURM's warning before the time limit or preemption) ask for checkpoint-and-exit.
+    ``code`` is 0 (none), 1 (SIGTERM) or 2 (SIGUSR1): reduce it with MAX across ranks, name it with ``name_of``."""
+
+    NAMES = {1: "SIGTERM", 2: "SIGUSR1"}
 
     def __init__(self):
         import signal
 
-        self.raised, self.name = False, None
+        self.code = 0
         self._old = {}
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             try:
@@ -212,10 +224,18 @@ class SignalFlag:
             except ValueError:  # not the main thread
                 pass
 
+    @property
+    def raised(self) -> bool:
+        return self.code > 0
+
+    @classmethod
+    def name_of(cls, code) -> str:
+        return cls.NAMES.get(int(code), "none")
+
     def _handle(self, signum, frame):
         import signal
 
-        self.raised, self.name = True, signal.Signals(signum).name
+        self.code = max(self.code, 2 if signum == signal.SIGUSR1 else 1)
 
     def restore(self):
         import signal
@@ -326,7 +346,8 @@ def pretrain(cfg: Config) -> dict:
 
     peak, peak_src = peak_tflops(device, t.peak_tflops)
     sink = MetricsSink(run_dir, rank0, t.tensorboard, t.progress, total_steps, start_step)
-    sink.event(event="resume" if tag else "start", step=start_step, world_size=env.world_size, images=n,
+    sink.event(event="resume" if tag else "start", step=start_step, world_size=env.world_size, **ds_engine.where(),
+               images=n,
                total_steps=total_steps, accum=plan.accum, precision=plan.precision, device=str(device),
                loader=plan.loader,
                flops_student_fwd=student_fwd, flops_teacher_fwd=teacher_fwd, peak_tflops=peak,
@@ -428,8 +449,9 @@ def pretrain(cfg: Config) -> dict:
             acc.zero_()
             t_last, steps_since = time.perf_counter(), 0
         fault("sleep", step, env.rank)
+        fault("crash", step, env.rank)
         # rank 0's clock and any rank's signal decide for everyone
-        flags = torch.tensor([float(signals.raised), float(rank0 and t.ckpt_every_minutes > 0 and
+        flags = torch.tensor([float(signals.code), float(rank0 and t.ckpt_every_minutes > 0 and
                                                            time.monotonic() - last_save >= 60 * t.ckpt_every_minutes)],
                              device=device)
         dist.all_reduce(flags, op=dist.ReduceOp.MAX)
@@ -442,7 +464,8 @@ def pretrain(cfg: Config) -> dict:
                                        device, compute_dtype, cfg.data.mean, cfg.data.std))
         if flags[0] > 0 and step < total_steps:
             outcome = "signal"
-            sink.event(event="signal", step=step, signal=signals.name)
+            agreed = SignalFlag.name_of(flags[0])
+            sink.event(event="signal", step=step, signal=agreed)
             break
     signals.restore()
     sink.event(event=outcome, step=step)
@@ -453,5 +476,5 @@ def pretrain(cfg: Config) -> dict:
     if outcome == "diverged":
         raise TrainingDiverged(msg)
     if outcome == "signal":
-        raise Checkpointed(f"checkpointed at step {step} on {signals.name}; run the same command to resume")
+        raise Checkpointed(step, agreed)
     return {"steps": step, "history": history, "run_dir": str(run_dir)}

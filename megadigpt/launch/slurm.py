@@ -1,0 +1,536 @@
+"""SLURM: sbatch scripts from configs, job chains, and the requeue after SLURM's warning signal.
+
+One script shape serves every stage (``render``): one task per GPU via ``srun`` (each task finds its rank, world
+size and local rank in ``SLURM_PROCID`` / ``SLURM_NTASKS`` / ``SLURM_LOCALID``, see ``distributed/env.py``),
+the rendezvous on the first node of the allocation (its ``NodeAddr``; no ssh, no pdsh), ``--signal=USR1@S`` and
+``--requeue``. On SIGUSR1 every rank finishes its step and checkpoints; rank 0 then asks SLURM to requeue the job
+(``requeue_after_signal``), and the requeued job resumes from the run directory. SIGTERM (``scancel``, the time
+limit itself, preemption) checkpoints too but never requeues: stopping a job must stay possible.
+
+``megadigpt submit`` (``submit``) validates a stage (its config, its batch geometry on the requested world size,
+its paths) before anything is queued, snapshots the code into the run directory (``snapshot.py``), writes the
+script there and submits it; a chain YAML (``slurm/chains/``) submits several stages, each ``afterok`` on the one
+before, with ``--kill-on-invalid-dep=yes`` so a failed stage cancels the rest instead of leaving them pending.
+The scripts in ``slurm/*.sbatch`` are this module's ``TEMPLATES``, rendered (``python -m megadigpt.launch.slurm
+--templates slurm/``; a test keeps them in step)."""
+
+import argparse
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import yaml
+
+from ..config import ConfigError, _suggest
+
+COMMANDS = ("pretrain", "finetune", "probe", "eval")
+_PKG = Path(__file__).resolve().parent.parent
+# setup.py installs the top-level slurm/ as megadigpt/slurm; a source checkout has it beside the package
+SLURM_DIR = next((d for d in (_PKG / "slurm", _PKG.parent / "slurm") if d.is_dir()), _PKG.parent / "slurm")
+_FROM_SNAPSHOT = "import sys; sys.path.insert(0, sys.argv.pop(1)); from megadigpt.cli import main; sys.exit(main())"
+EXIT_CODES = "0 done, 2 bad input, 3 diverged, 75 checkpointed on a signal"
+
+
+@dataclass
+class SlurmOptions:
+    """sbatch resources of one stage. YAML keys are these names; command-line flags the same with dashes."""
+
+    nodes: int = 1
+    gpus_per_node: int = 8  # 0: a CPU partition (no --gpus-per-node line, tasks run on the CPU)
+    ntasks_per_node: Optional[int] = None  # default: one task per GPU (1 without GPUs)
+    cpus_per_task: Optional[int] = None  # data-loading workers + 1 is a good start; SLURM's default is 1
+    mem: Optional[str] = None  # e.g. "0": all of each node's memory
+    time: str = "24:00:00"
+    partition: Optional[str] = None
+    account: Optional[str] = None
+    qos: Optional[str] = None
+    constraint: Optional[str] = None
+    reservation: Optional[str] = None
+    exclusive: bool = False
+    signal_seconds: int = 300  # SIGUSR1 this long before the time limit (SLURM may send it up to 60 s earlier)
+    requeue: bool = True  # on that signal: checkpoint, requeue, resume
+    job_name: Optional[str] = None
+    sbatch: List[str] = field(default_factory=list)  # more #SBATCH options, verbatim: ["--mail-type=END"]
+    env: Dict[str, str] = field(default_factory=dict)  # exported before srun: NCCL_SOCKET_IFNAME, NCCL_IB_HCA, ...
+
+    @property
+    def tasks_per_node(self) -> int:
+        return self.ntasks_per_node or (self.gpus_per_node if self.gpus_per_node > 0 else 1)
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes * self.tasks_per_node
+
+    def check(self, where: str = "slurm"):
+        if self.nodes < 1 or self.tasks_per_node < 1 or self.gpus_per_node < 0:
+            raise ConfigError(f"{where}: nodes and tasks per node must be >= 1 and gpus_per_node >= 0")
+        if self.gpus_per_node and self.ntasks_per_node and self.ntasks_per_node != self.gpus_per_node:
+            raise ConfigError(f"{where}: one task per GPU: ntasks_per_node {self.ntasks_per_node} != gpus_per_node "
+                              f"{self.gpus_per_node}")
+        if self.signal_seconds < 0:
+            raise ConfigError(f"{where}: signal_seconds must be >= 0")
+        if self.requeue and not self.signal_seconds:
+            raise ConfigError(f"{where}: requeue needs the warning signal (signal_seconds > 0)")
+        if not isinstance(self.sbatch, list) or not isinstance(self.env, dict):
+            raise ConfigError(f"{where}: sbatch is a list of options and env a mapping")
+        return self
+
+
+def slurm_options(values: Optional[dict], base: Optional[SlurmOptions] = None, where: str = "slurm") -> SlurmOptions:
+    """``base`` updated with ``values`` (a YAML mapping); unknown keys are errors."""
+    base = base or SlurmOptions()
+    values = values or {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where} must be a mapping of sbatch options")
+    names = [f.name for f in fields(SlurmOptions)]
+    for k in values:
+        if k not in names:
+            raise ConfigError(f"unknown key {where}.{k}{_suggest(k, names)}; known: {', '.join(names)}")
+    return replace(base, **values)
+
+
+# ============================================================================ stages
+
+
+@dataclass
+class Stage:
+    name: str
+    command: str  # pretrain | finetune | probe | eval
+    args: List[str]  # the command's own arguments, as `megadigpt <command>` takes them
+    run_dir: str  # where the stage writes (its --run-dir, or --out for probe / eval): absolute
+    slurm: SlurmOptions
+    pending: List[str] = field(default_factory=list)  # inputs an earlier stage of the chain will write
+
+
+def _subparser(command: str) -> argparse.ArgumentParser:
+    from ..cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return sub.choices[command]
+
+
+def parse_stage_args(command: str, args: List[str]):
+    """The command's arguments as ``megadigpt <command>`` would read them (overrides may follow options)."""
+    if command not in COMMANDS:
+        raise ConfigError(f"cannot submit {command!r}; choose from {', '.join(COMMANDS)}")
+    parser = _subparser(command)
+    try:
+        ns, extra = parser.parse_known_args(args)
+    except SystemExit:
+        raise ConfigError(f"bad arguments for megadigpt {command}: {' '.join(args)}")
+    stray = [a for a in extra if not ("=" in a and "." in a.split("=", 1)[0] and not a.startswith("-"))]
+    if stray:
+        raise ConfigError(f"megadigpt {command}: unrecognized arguments: {' '.join(stray)} (options of `megadigpt "
+                          f"submit` go before the command)")
+    if hasattr(ns, "overrides"):
+        ns.overrides = list(ns.overrides) + extra
+    return ns
+
+
+def _with_option(args: List[str], option: str, value: str) -> List[str]:
+    """``args`` with ``option value`` set (replacing any ``option x`` / ``option=x`` already there)."""
+    out, skip = [], False
+    for a in args:
+        if skip:
+            skip = False
+            continue
+        if a == option:
+            skip = True
+            continue
+        if a.startswith(option + "="):
+            continue
+        out.append(a)
+    return [option, value] + out
+
+
+def stage_outputs(command: str, ns) -> Optional[str]:
+    """Where the stage writes: --run-dir (pretrain, finetune: else the config's train.run_dir) or --out."""
+    if command in ("probe", "eval"):
+        return ns.out
+    if ns.run_dir:
+        return ns.run_dir
+    for o in reversed(ns.overrides):
+        if o.startswith("train.run_dir="):
+            return o.split("=", 1)[1]
+    return None
+
+
+def validate_stage(stage: Stage) -> dict:
+    """Every check that needs no GPU, no weights and no data decoding, for the stage's world size and device, as
+    the job will run it. Returns a summary. Raises ConfigError."""
+    from ..cli import finetune_overrides, pretrain_overrides
+    from ..config import FinetuneRunConfig, load_config
+
+    ns = parse_stage_args(stage.command, stage.args)
+    o = stage.slurm
+    o.check(f"stage {stage.name}")
+    pending = lambda p: p is not None and any(str(p).startswith(q) for q in stage.pending)  # noqa: E731
+    summary = {"world_size": o.world_size}
+
+    def device(cfg):
+        return cfg.train.device if cfg.train.device != "auto" else ("cuda" if o.gpus_per_node > 0 else "cpu")
+
+    if stage.command == "pretrain":
+        from ..train.pretrain import plan_run
+
+        cfg = load_config(ns.config, pretrain_overrides(ns))
+        plan = plan_run(cfg, o.world_size, device(cfg), init_from_pending=pending(cfg.train.init_from))
+        summary.update(accum=plan.accum, workers=cfg.data.num_workers)
+    elif stage.command == "finetune":
+        from ..train.finetune import plan_finetune
+
+        cfg = load_config(ns.config, finetune_overrides(ns), root=FinetuneRunConfig)
+        plan = plan_finetune(cfg, o.world_size, device_type=device(cfg),
+                             init_from_pending=pending(cfg.train.init_from))
+        summary.update(accum=plan.accum, workers=cfg.data.num_workers)
+    elif stage.command == "probe":
+        from ..train.finetune import plan_finetune
+
+        if not ns.weights and not ns.random_init:
+            raise ConfigError(f"stage {stage.name}: probe needs the weights to probe (or --random-init)")
+        cfg = load_config(ns.config, finetune_overrides(ns), root=FinetuneRunConfig)
+        cfg.train.init_from = ns.weights
+        cfg.train.global_batch = cfg.train.micro_batch * o.world_size
+        cfg.finetune.mixup = cfg.finetune.cutmix = 0.0
+        plan_finetune(cfg, o.world_size, device_type=device(cfg), init_from_pending=pending(ns.weights))
+        summary.update(workers=cfg.data.num_workers)
+    else:  # eval
+        if not pending(ns.model) and not Path(ns.model).exists():
+            raise ConfigError(f"stage {stage.name}: the model to evaluate is not found: {ns.model}")
+        sets = [k for k in ("imagenet", "real", "v2", "a", "r", "sketch", "c") if getattr(ns, k)]
+        if not sets:
+            raise ConfigError(f"stage {stage.name}: eval needs at least one set (--imagenet, --v2, ...)")
+        for k in sets:
+            if not Path(getattr(ns, k)).is_dir():
+                raise ConfigError(f"stage {stage.name}: --{k}: folder not found: {getattr(ns, k)}")
+        summary.update(workers=ns.workers)
+    return summary
+
+
+# ============================================================================ the script
+
+
+def render(stage: Stage, python: Optional[str] = None, code_dir: Optional[str] = None, log: Optional[str] = None,
+           pass_args: bool = False, note: str = "") -> str:
+    """The sbatch script of a stage. ``python``: the interpreter (default: ``$MEGADIGPT_PYTHON`` or ``python`` on
+    the job's PATH); ``pass_args``: append ``"$@"`` (the static templates: ``sbatch script.sbatch key=value ...``)."""
+    o = stage.slurm
+    sb = [f"--job-name={o.job_name or 'megadigpt-' + stage.name}", f"--nodes={o.nodes}",
+          f"--ntasks-per-node={o.tasks_per_node}"]
+    if o.gpus_per_node:
+        sb.append(f"--gpus-per-node={o.gpus_per_node}")
+    if o.cpus_per_task:
+        sb.append(f"--cpus-per-task={o.cpus_per_task}")
+    if o.mem is not None:
+        sb.append(f"--mem={o.mem}")
+    sb.append(f"--time={o.time}")
+    for k in ("partition", "account", "qos", "constraint", "reservation"):
+        if getattr(o, k):
+            sb.append(f"--{k}={getattr(o, k)}")
+    if o.exclusive:
+        sb.append("--exclusive")
+    if o.signal_seconds:
+        sb.append(f"--signal=USR1@{o.signal_seconds}")  # to the tasks, not the batch shell (no "B:")
+    sb.append("--requeue" if o.requeue else "--no-requeue")
+    sb += ["--open-mode=append", f"--output={log or 'slurm-%x-%j.out'}"] + list(o.sbatch)
+    py = shlex.quote(python) if python else '"${MEGADIGPT_PYTHON:-python}"'
+    # with a snapshot, not `-m megadigpt`: that puts the working directory first on sys.path, and a job submitted
+    # from a checkout would import the checkout instead of the snapshot
+    entry = (["-c", shlex.quote(_FROM_SNAPSHOT), '"$MEGADIGPT_CODE"'] if code_dir else ["-m", "megadigpt"])
+    cmd = " ".join([py, *entry, stage.command] + [shlex.quote(a) for a in stage.args])
+    if pass_args:
+        cmd += ' "$@"'
+    env = "".join(f"export {k}={shlex.quote(str(v))}\n" for k, v in o.env.items())
+    if not o.requeue:
+        env += "export MEGADIGPT_REQUEUE=0\n"
+    code = (f"MEGADIGPT_CODE={shlex.quote(code_dir)}  # the code snapshot taken at submission\n"
+            f"export PYTHONPATH=\"$MEGADIGPT_CODE${{PYTHONPATH:+:$PYTHONPATH}}\"\n") if code_dir else ""
+    head = "\n".join(f"#SBATCH {a}" for a in sb)
+    return f"""#!/bin/bash
+# megadigpt {stage.command} ({stage.name}){note}
+{head}
+
+set -uo pipefail
+# Rank, world size and local rank: SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID in each task (one per GPU).
+# The rendezvous: the first node of the allocation, by the address SLURM itself uses to reach it.
+unset RANK WORLD_SIZE LOCAL_RANK LOCAL_WORLD_SIZE  # from the submitting shell, they would override SLURM's
+first_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+export MASTER_ADDR=${{MEGADIGPT_MASTER_ADDR:-$(scontrol show node "$first_node" | sed -n 's/.*NodeAddr=\\([^ ]*\\).*/\\1/p')}}
+export MASTER_PORT=${{MEGADIGPT_MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}}
+export SRUN_CPUS_PER_TASK=${{SLURM_CPUS_PER_TASK:-1}}  # srun >= 22.05 does not inherit --cpus-per-task
+export NCCL_DEBUG=${{NCCL_DEBUG:-WARN}}  # more NCCL settings: slurm/README.md
+{env}{code}
+echo "megadigpt: job $SLURM_JOB_ID (restart ${{SLURM_RESTART_COUNT:-0}}) on $SLURM_JOB_NODELIST: $SLURM_NTASKS tasks, \\
+rendezvous $MASTER_ADDR:$MASTER_PORT, $(date -Is)"
+srun --kill-on-bad-exit=1 {cmd}
+rc=$?
+echo "megadigpt: exit $rc at $(date -Is) ({EXIT_CODES})"
+exit $rc
+"""
+
+
+# The scripts in slurm/: the paper's ViT-L/14 path. Data paths and weights come as key=value arguments.
+TEMPLATES = {
+    "pretrain_merged": ("pretraining on the merged ~36M-image dataset", "pretrain",
+                        ["--config", "digpt_vitl14_merged"], dict(nodes=8, cpus_per_task=10, time="48:00:00")),
+    "finetune_in21k": ("ImageNet-21K intermediate fine-tuning at 448 px", "finetune",
+                       ["--config", "finetune_vitl14_in21k_448"], dict(nodes=4, cpus_per_task=10,
+                                                                        time="48:00:00")),
+    "finetune_in1k": ("ImageNet-1K fine-tuning at 448 px", "finetune", ["--config", "finetune_vitl14_in1k_448"],
+                      dict(nodes=2, cpus_per_task=10, time="24:00:00")),
+    "probe": ("linear probe of every block + k-NN", "probe", ["--config", "finetune_vitb16_in1k"],
+              dict(nodes=1, cpus_per_task=10, time="08:00:00", signal_seconds=0, requeue=False)),
+    "eval": ("ImageNet val, ReaL, V2, A, R, Sketch, C", "eval", [],
+             dict(nodes=1, cpus_per_task=10, time="04:00:00", signal_seconds=0, requeue=False)),
+}
+
+_TEMPLATE_USE = {
+    "pretrain": "sbatch [--nodes N] {path} data.source=/data/merged/train.jsonl target.weights=/weights/h14.bin",
+    "finetune": "sbatch [--nodes N] {path} --init-from RUN --train /data/train --val /data/val",
+    "probe": "sbatch {path} WEIGHTS --train /data/train --val /data/val --out DIR",
+    "eval": "sbatch {path} runs/finetune_vitl14_in1k_448 --which best_ema --imagenet /data/imagenet/val --out DIR",
+}
+
+
+def render_template(name: str) -> str:
+    title, command, args, opts = TEMPLATES[name]
+    stage = Stage(name, command, args, "", slurm_options(opts))
+    use = _TEMPLATE_USE[command].format(path=f"slurm/{name}.sbatch")
+    note = (f": {title}\n# written by megadigpt/launch/slurm.py (TEMPLATES); `megadigpt submit` writes the same "
+            f"script with a code snapshot.\n#   {use}\n# sbatch options on the command line override the lines below.")
+    return render(stage, pass_args=True, note=note)
+
+
+def write_templates(folder) -> List[Path]:
+    folder = Path(folder)
+    out = []
+    for name in TEMPLATES:
+        p = folder / f"{name}.sbatch"
+        p.write_text(render_template(name))
+        p.chmod(0o755)
+        out.append(p)
+    return out
+
+
+# ============================================================================ chains
+
+
+def resolve_chain_path(name_or_path: str) -> Path:
+    p = Path(name_or_path)
+    if p.is_file():
+        return p
+    q = SLURM_DIR / "chains" / (name_or_path if name_or_path.endswith((".yaml", ".yml")) else name_or_path + ".yaml")
+    if q.is_file():
+        return q
+    known = sorted(x.stem for x in (SLURM_DIR / "chains").glob("*.yaml"))
+    raise ConfigError(f"chain not found: {name_or_path} (a YAML file, or one of: {', '.join(known) or 'none'})")
+
+
+_STAGE_KEYS = ("name", "command", "config", "run_dir", "init_from", "weights", "model", "args", "slurm")
+_CHAIN_KEYS = ("run_root", "slurm", "stages")
+
+
+def load_chain(path, run_root: Optional[str] = None, cli_slurm: Optional[dict] = None):
+    """A chain YAML -> (stages in order, the chain's root folder). ``{name}`` in a stage's strings is that earlier stage's run directory.
+    Options given on the command line (``cli_slurm``) win over the YAML's, for every stage."""
+    try:
+        spec = yaml.safe_load(Path(path).read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}")
+    if not isinstance(spec, dict) or not isinstance(spec.get("stages"), list) or not spec["stages"]:
+        raise ConfigError(f"{path}: a chain has `stages:` (a list) and optional `run_root:`, `slurm:`")
+    for k in spec:
+        if k not in _CHAIN_KEYS:
+            raise ConfigError(f"{path}: unknown key {k}{_suggest(k, _CHAIN_KEYS)}; known: {', '.join(_CHAIN_KEYS)}")
+    root = Path(run_root or spec.get("run_root") or "runs/" + Path(path).stem).resolve()
+    defaults = slurm_options(spec.get("slurm"), where="slurm")
+    stages, dirs = [], {}
+    for i, st in enumerate(spec["stages"]):
+        where = f"{path}: stages[{i}]"
+        if not isinstance(st, dict):
+            raise ConfigError(f"{where} must be a mapping")
+        for k in st:
+            if k not in _STAGE_KEYS:
+                raise ConfigError(f"{where}: unknown key {k}{_suggest(k, _STAGE_KEYS)}; known: {', '.join(_STAGE_KEYS)}")
+        name, command = st.get("name"), st.get("command")
+        if not name or not str(name).replace("_", "").replace("-", "").isalnum() or name in dirs:
+            raise ConfigError(f"{where}: each stage needs a unique name (letters, digits, - and _), got {name!r}")
+        if command not in COMMANDS:
+            raise ConfigError(f"{where}: command must be one of {', '.join(COMMANDS)}, got {command!r}")
+
+        def expand(v, what):
+            v = str(v)
+            try:
+                return v.format(**dirs)
+            except KeyError as e:
+                raise ConfigError(f"{where}: {what} refers to {{{e.args[0]}}}, which is not an earlier stage "
+                                  f"(earlier: {', '.join(dirs) or 'none'})")
+            except (ValueError, IndexError):
+                raise ConfigError(f"{where}: {what}: bad {{...}} reference in {v!r}")
+
+        run_dir = str(Path(expand(st.get("run_dir", root / name), "run_dir")).resolve())
+        args = [expand(a, "args") for a in (st.get("args") or [])]
+        if not isinstance(st.get("args") or [], list):
+            raise ConfigError(f"{where}: args is a list")
+        if st.get("config"):
+            args = _with_option(args, "--config", expand(st["config"], "config"))
+        if command in ("pretrain", "finetune"):
+            args = _with_option(args, "--run-dir", run_dir)
+            if st.get("init_from"):
+                key = "--init-from" if command == "finetune" else None
+                val = expand(st["init_from"], "init_from")
+                args = _with_option(args, key, val) if key else args + [f"train.init_from={val}"]
+        else:
+            args = _with_option(args, "--out", run_dir)
+            first = st.get("weights") if command == "probe" else st.get("model")
+            if first:
+                args = [expand(first, "weights" if command == "probe" else "model")] + args
+        for k, ok in (("init_from", ("pretrain", "finetune")), ("weights", ("probe",)), ("model", ("eval",))):
+            if st.get(k) and command not in ok:
+                raise ConfigError(f"{where}: {k} is for {' / '.join(ok)} stages")
+        opts = slurm_options(st.get("slurm"), defaults, where=f"{where}.slurm")
+        if cli_slurm:
+            opts = replace(opts, **cli_slurm)
+        pend = [d for d in dirs.values()]
+        stages.append(Stage(name, command, args, run_dir, opts, pend))
+        dirs[name] = run_dir
+    return stages, root
+
+
+# ============================================================================ submission
+
+
+class SubmitError(RuntimeError):
+    pass
+
+
+def _sbatch(script: Path, after: List[str]) -> str:
+    if shutil.which("sbatch") is None:
+        raise SubmitError("sbatch not found: run `megadigpt submit` on a SLURM login node (or use --dry-run)")
+    cmd = ["sbatch", "--parsable"]
+    if after:
+        cmd += [f"--dependency=afterok:{':'.join(after)}", "--kill-on-invalid-dep=yes"]
+    p = subprocess.run(cmd + [str(script)], capture_output=True, text=True, timeout=120)
+    if p.returncode != 0:
+        raise SubmitError(f"sbatch {script} failed ({p.returncode}): {p.stderr.strip() or p.stdout.strip()}")
+    return p.stdout.strip().split(";")[0]
+
+
+def _cancel(job_ids: List[str]):
+    if job_ids and shutil.which("scancel"):
+        subprocess.run(["scancel", *job_ids], capture_output=True, timeout=60)
+
+
+def _new_dirs(path: Path) -> Optional[Path]:
+    """The topmost folder of ``path`` that does not exist yet (what a check that mkdirs would create)."""
+    top = None
+    for p in [path, *path.parents]:
+        if p.exists():
+            break
+        top = p
+    return top
+
+
+def submit(stages: List[Stage], root: Path, dry_run: bool = False, after: Optional[str] = None,
+           chain: Optional[Path] = None, out=sys.stdout) -> List[dict]:
+    """Validate every stage, snapshot the code into ``root/code``, write each stage's script to
+    ``<run_dir>/slurm/job.sbatch`` and submit them in order, each ``afterok`` on the one before (the first on
+    ``after``, a job id, if given); a chain's YAML is kept as ``root/chain.yaml``. Nothing is queued unless every stage validates; if a later sbatch fails, the
+    stages already queued are cancelled."""
+    from .snapshot import snapshot
+
+    root = Path(root).resolve()
+    created = [d for d in {_new_dirs(Path(s.run_dir)) for s in stages} | {_new_dirs(root)} if d]
+    try:
+        summaries = [validate_stage(s) for s in stages]
+    finally:
+        if dry_run:  # the checks may create run directories; a dry run leaves nothing behind
+            for d in created:
+                if d.is_dir() and not any(p.is_file() for p in d.rglob("*")):
+                    shutil.rmtree(d)
+    for s, summ in zip(stages, summaries):
+        need = (summ.get("workers") or 0) + 1
+        if s.slurm.cpus_per_task and s.slurm.cpus_per_task < need:
+            print(f"megadigpt submit: note: stage {s.name}: cpus_per_task {s.slurm.cpus_per_task} < data loading "
+                  f"workers + 1 ({need})", file=sys.stderr)
+    snap = snapshot(root, dry_run=dry_run)
+    if chain and not dry_run:
+        shutil.copyfile(chain, root / "chain.yaml")
+    code_dir = snap["path"]
+    python = sys.executable
+    records, queued = [], []
+    prev = after
+    try:
+        for s, summ in zip(stages, summaries):
+            log_dir = Path(s.run_dir) / "slurm"
+            script = render(s, python=python, code_dir=code_dir, log=str(log_dir / "%j.out"),
+                            note=f"\n# written by `megadigpt submit` at {time.strftime('%Y-%m-%d %H:%M:%S')}")
+            dep = [prev] if prev else []
+            rec = {"stage": s.name, "command": s.command, "run_dir": s.run_dir, "nodes": s.slurm.nodes,
+                   "tasks": s.slurm.world_size, "after": dep, "script": str(log_dir / "job.sbatch")}
+            if dry_run:
+                dep_txt = f" --dependency=afterok:{dep[0]} --kill-on-invalid-dep=yes" if dep else ""
+                print(f"# ---- stage {s.name}: sbatch{dep_txt} {log_dir / 'job.sbatch'}\n{script}", file=out)
+                prev = f"<job of {s.name}>"
+                records.append(rec)
+                continue
+            log_dir.mkdir(parents=True, exist_ok=True)  # a missing --output folder fails a job silently
+            path = log_dir / "job.sbatch"
+            path.write_text(script)
+            path.chmod(0o755)
+            job = _sbatch(path, dep)
+            queued.append(job)
+            rec.update(job_id=job, submitted=time.strftime("%Y-%m-%dT%H:%M:%S%z"), code=code_dir)
+            with open(log_dir / "jobs.jsonl", "a") as f:
+                f.write(json.dumps(rec) + "\n")
+            records.append(rec)
+            prev = job
+    except SubmitError:
+        _cancel(queued)
+        raise
+    if not dry_run:
+        with open(root / "submissions.jsonl", "a") as f:
+            f.write(json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "code": snap,
+                                "jobs": records, "argv": sys.argv}) + "\n")
+        for r in records:
+            print(f"{r['stage']:<12} job {r['job_id']:<10} {r['nodes']} node(s), {r['tasks']} tasks"
+                  f"{'  after ' + r['after'][0] if r['after'] else ''}  -> {r['run_dir']}", file=out)
+        print(f"code snapshot: {code_dir}{' (unchanged)' if snap.get('reused') else ''}; logs: <run_dir>/slurm/"
+              f"<job id>.out", file=out)
+    return records
+
+
+def requeue_after_signal(signal_name: str) -> Optional[str]:
+    """Rank 0, after the checkpoint that SLURM's warning signal (SIGUSR1) asked for: requeue this batch job, which
+    then resumes from its run directory. Returns what happened (None: nothing to do). SIGTERM never requeues, and
+    ``MEGADIGPT_REQUEUE=0`` (``--no-requeue``) turns it off."""
+    job = os.environ.get("SLURM_JOB_ID")
+    if signal_name != "SIGUSR1" or not job or os.environ.get("MEGADIGPT_REQUEUE", "1") == "0":
+        return None
+    try:
+        p = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, timeout=120)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f"could not requeue SLURM job {job} ({e}); submit the same script again to resume"
+    if p.returncode != 0:
+        return (f"could not requeue SLURM job {job} (scontrol: {p.stderr.strip() or p.returncode}); submit the same "
+                f"script again to resume")
+    return f"requeued SLURM job {job}: it resumes from its last checkpoint when it starts again"
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="write the sbatch templates (slurm/*.sbatch)")
+    p.add_argument("--templates", required=True, help="the folder to write them to")
+    a = p.parse_args(argv)
+    for path in write_templates(a.templates):
+        print(path)
+
+
+if __name__ == "__main__":
+    main()

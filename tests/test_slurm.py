@@ -1,0 +1,257 @@
+"""SLURM, for real: a cluster of two "nodes" on this machine (tests/slurm_cluster.py), and `megadigpt submit`
+queueing the same sbatch scripts users get. Two nodes x two tasks pretrain with ZeRO-3; a warning signal mid-run
+checkpoints, requeues and resumes to the uninterrupted losses; a three-stage chain runs in order; a failing stage
+cancels the stages after it. Also the parts that need no cluster: dry runs, early errors, the shipped scripts."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from megadigpt.config import ConfigError
+from megadigpt.launch import slurm
+
+from .conftest import REPO, TINY, losses, require_shared, subprocess_env
+from .slurm_cluster import LocalSlurm, missing_tools
+
+PRETRAIN = TINY + ["train.global_batch=8", "train.micro_batch=2", "train.max_steps=6", "train.zero_stage=3",
+                   "data.loader=torch"]
+FINETUNE = ["--config", "cifar10_finetune", "data.num_workers=0", "train.progress=off", "train.log_every=1",
+            "train.tensorboard=false", "train.global_batch=16", "train.micro_batch=8", "data.loader=torch",
+            "train.epochs=1"]
+CPU = {"gpus_per_node": 0, "time": "00:10:00", "signal_seconds": 60}
+
+
+def _submit(args, env, check=True):
+    p = subprocess.run([sys.executable, "-m", "megadigpt", "submit", *map(str, args)], capture_output=True,
+                       text=True, timeout=300, env=env, cwd=str(REPO))
+    if check:
+        assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    return p
+
+
+def _jobs(run_dir) -> list:
+    return [json.loads(x) for x in (Path(run_dir) / "slurm" / "jobs.jsonl").read_text().splitlines()]
+
+
+def _events(run_dir) -> list:
+    return [r for r in map(json.loads, (Path(run_dir) / "metrics.jsonl").read_text().splitlines()) if "event" in r]
+
+
+def _write_chain(path, root, stages, slurm_defaults=None):
+    path.write_text(yaml.safe_dump({"run_root": str(root), "slurm": slurm_defaults or CPU, "stages": stages}))
+    return path
+
+
+def _chain3(cifar_small, root, path, pretrain_env=None):
+    data = cifar_small / "train.jsonl"
+    ft = ["--train", str(data), "--val", str(cifar_small / "val.jsonl")] + FINETUNE
+    return _write_chain(path, root, [
+        {"name": "pretrain", "command": "pretrain", "args": ["--data", str(data)] + PRETRAIN,
+         "slurm": {"nodes": 2, "ntasks_per_node": 2, "env": pretrain_env or {}}},
+        {"name": "in21k", "command": "finetune", "init_from": "{pretrain}", "args": ft,
+         "slurm": {"nodes": 1, "ntasks_per_node": 2}},
+        {"name": "in1k", "command": "finetune", "init_from": "{in21k}/last", "args": ft,
+         "slurm": {"nodes": 1, "ntasks_per_node": 2}},
+    ])
+
+
+# ============================================================================ the cluster
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    why = None
+    if missing_tools():
+        why = f"SLURM not installed ({', '.join(missing_tools())}; apt-get install slurm-wlm munge slurm-client)"
+    elif os.geteuid() != 0:
+        why = "the localhost SLURM cluster needs root (it runs slurmd and munged)"
+    if why:
+        if require_shared():
+            pytest.fail(f"{why}: CI must run the SLURM tests")
+        pytest.skip(why)
+    # not under pytest's tmp folder: that is private to root, and munged runs as the munge user
+    c = LocalSlurm(tempfile.mkdtemp(prefix="megadigpt-slurm-"))
+    c.start()
+    yield c
+    c.stop()
+    left = subprocess.run(["pgrep", "-f", str(c.root)], capture_output=True, text=True).stdout.split()
+    shutil.rmtree(c.root, ignore_errors=True)
+    assert not left, f"daemons left running: {left}"
+
+
+@pytest.fixture(scope="module")
+def job_env(cluster):
+    """What the jobs inherit from the submitting shell (sbatch exports it): CPU settings, the cluster's config."""
+    env = subprocess_env(SLURM_CONF=cluster.conf)
+    env.pop("MASTER_PORT")  # each job derives its own from its id
+    return env
+
+
+@pytest.fixture(scope="module")
+def chain_run(cluster, job_env, cifar_small, tmp_path_factory):
+    """The three-stage chain (2-node pretraining -> fine-tune -> fine-tune), submitted and run to the end."""
+    base = tmp_path_factory.mktemp("chain")
+    root = base / "runs"
+    path = _chain3(cifar_small, root, base / "chain.yaml")
+    _submit([path], job_env)
+    ids = [_jobs(root / s)[-1]["job_id"] for s in ("pretrain", "in21k", "in1k")]
+    cluster.wait_jobs_gone(ids, timeout=900)
+    return root, [int(i) for i in ids]
+
+
+def _log(run_dir, job_id) -> str:
+    return (Path(run_dir) / "slurm" / f"{job_id}.out").read_text()
+
+
+def test_chain_runs_in_order_on_two_nodes(cluster, chain_run):
+    root, ids = chain_run
+    states = cluster.job_states()
+    assert [states.get(i, [None])[-1] for i in ids] == ["COMPLETED"] * 3, (states, cluster.logs())
+    # the pretraining ran as 4 ranks on both nodes, from the code snapshot taken at submission
+    start = _events(root / "pretrain")[0]
+    assert start["event"] == "start" and start["world_size"] == 4 and start["hosts"] == ["node1", "node2"]
+    assert start["code"] == str(root / "code" / "megadigpt")
+    assert json.loads((root / "code" / "SNAPSHOT.json").read_text())["sha256"]
+    assert sorted(losses(root / "pretrain")) == list(range(1, 7))
+    # each stage started after the one before had finished, and took its weights
+    done = {}
+    for s in ("pretrain", "in21k", "in1k"):
+        ev = _events(root / s)
+        done[s] = (ev[0]["time"], ev[-1]["time"], ev[0], ev[-1]["event"])
+        assert done[s][3] == "done", ev
+    assert done["pretrain"][1] < done["in21k"][0] and done["in21k"][1] < done["in1k"][0]
+    assert done["in21k"][2]["init_from"] == str(root / "pretrain")
+    assert done["in1k"][2]["init_from"] == str(root / "in21k" / "last")
+    assert done["in21k"][2]["hosts"] == ["node1"] and done["in21k"][2]["world_size"] == 2
+    # dependencies as queued
+    assert _jobs(root / "in21k")[-1]["after"] == [str(ids[0])] and _jobs(root / "in1k")[-1]["after"] == [str(ids[1])]
+    assert "exit 0" in _log(root / "in1k", ids[2])
+    assert (root / "chain.yaml").is_file()
+
+
+def test_warning_signal_checkpoints_requeues_and_resumes(cluster, job_env, chain_run, cifar_small, tmp_path):
+    """SIGUSR1 to the job's tasks (what --signal=USR1@S delivers before the time limit) mid-run: all ranks
+    checkpoint, rank 0 requeues the job, the requeued job resumes and ends with the uninterrupted losses."""
+    run = tmp_path / "pre"
+    env = dict(job_env, MEGADIGPT_FAULTS="sleep=2,sleep=3,sleep=4")  # 3 s more in steps 2-4: time to signal
+    _submit(["--nodes", 2, "--ntasks-per-node", 2, "--gpus-per-node", 0, "--time", "00:10:00", "pretrain",
+             "--data", cifar_small / "train.jsonl", "--run-dir", run] + PRETRAIN, env)
+    job = int(_jobs(run)[-1]["job_id"])
+    end = time.time() + 300
+    while not (run / "metrics.jsonl").exists() or 2 not in losses(run):
+        assert time.time() < end, cluster.logs()
+        time.sleep(0.2)
+    subprocess.run(["scancel", "--signal=USR1", str(job)], check=True, env=job_env)
+    cluster.wait_jobs_gone([job], timeout=600)
+
+    states = cluster.job_states()[job]
+    assert states[-1] == "COMPLETED" and len(states) >= 2, states  # requeued once, then finished
+    ev = [(e["event"], e.get("signal")) for e in _events(run)]
+    assert ("signal", "SIGUSR1") in ev and ev[-1] == ("done", None), ev
+    assert [e for e, _ in ev].count("resume") == 1
+    log = _log(run, job)
+    assert "requeued SLURM job" in log and "(restart 1)" in log, log[-3000:]
+    root, _ = chain_run
+    want, got = losses(root / "pretrain"), losses(run)
+    assert sorted(got) == sorted(want)
+    for s in want:
+        assert got[s] == pytest.approx(want[s], abs=1e-6), s
+
+
+def test_failed_stage_cancels_the_rest(cluster, job_env, cifar_small, tmp_path):
+    """A stage that crashes fails its job; the stages after it are cancelled, not left pending, and never run."""
+    root = tmp_path / "runs"
+    data = cifar_small / "train.jsonl"
+    ft = ["--train", str(data), "--val", str(cifar_small / "val.jsonl")] + FINETUNE
+    path = _write_chain(tmp_path / "chain.yaml", root, [
+        {"name": "a", "command": "pretrain", "args": ["--data", str(data)] + PRETRAIN,
+         "slurm": {"ntasks_per_node": 2, "env": {"MEGADIGPT_FAULTS": "crash=1"}}},
+        {"name": "b", "command": "finetune", "init_from": "{a}", "args": ft},
+        {"name": "c", "command": "finetune", "init_from": "{b}/last", "args": ft},
+    ])
+    _submit([path], job_env)
+    ids = [int(_jobs(root / s)[-1]["job_id"]) for s in "abc"]
+    cluster.wait_jobs_gone(ids, timeout=600)
+    states = cluster.job_states()
+    assert [states[i][-1] for i in ids] == ["FAILED", "CANCELLED", "CANCELLED"], states
+    assert "injected crash" in _log(root / "a", ids[0])
+    for s in "bc":
+        assert not (root / s / "metrics.jsonl").exists()
+
+
+# ============================================================================ no cluster needed
+
+
+def test_dry_run_prints_the_chain_and_leaves_nothing(cifar_small, tmp_path):
+    root = tmp_path / "runs"
+    path = _chain3(cifar_small, root, tmp_path / "chain.yaml")
+    p = _submit(["--dry-run", "--partition", "cpu", path], subprocess_env())
+    out = p.stdout
+    assert out.count("#!/bin/bash") == 3 and out.count("#SBATCH --partition=cpu") == 3
+    assert "--dependency=afterok:<job of pretrain> --kill-on-invalid-dep=yes" in out
+    assert "#SBATCH --nodes=2" in out and "#SBATCH --ntasks-per-node=2" in out and "--gpus-per-node" not in out
+    assert f"--init-from {root / 'in21k' / 'last'}" in out and "#SBATCH --signal=USR1@60" in out
+    assert "srun --kill-on-bad-exit=1" in out and f"MEGADIGPT_CODE={root / 'code'}" in out
+    assert not root.exists()  # nothing written, nothing created
+
+
+def test_submit_refuses_bad_input_before_queueing(cifar_small, tmp_path):
+    data = cifar_small / "train.jsonl"
+    env = subprocess_env(PATH=str(Path(sys.executable).parent))  # no sbatch on this PATH: checks come first
+    pre = ["pretrain", "--data", data] + PRETRAIN
+    cases = {
+        "not divisible by train.micro_batch 2 x world size 6": ["--nodes", 3, "--ntasks-per-node", 2,
+                                                               "--gpus-per-node", 0] + pre,
+        "model.nope": ["--dry-run"] + pre + ["model.nope=1"],
+        "not found": ["--dry-run", "pretrain", "--data", tmp_path / "missing"] + PRETRAIN,
+        "one task per GPU": ["--dry-run", "--ntasks-per-node", 2, "--gpus-per-node", 4] + pre,
+        "give --out": ["--dry-run", "eval", tmp_path],
+        "unrecognized arguments: --bogus": ["--dry-run"] + pre + ["--bogus"],
+    }
+    for msg, args in cases.items():
+        p = _submit(args, env, check=False)
+        assert p.returncode == 2 and msg in p.stderr, (msg, p.stderr[-2000:])
+    p = _submit(["--gpus-per-node", 0, "--ntasks-per-node", 2, "pretrain", "--data", data, "--run-dir",
+                 tmp_path / "r"] + PRETRAIN, env, check=False)
+    assert p.returncode == 2 and "sbatch not found" in p.stderr
+    # chains: a stage may only refer to an earlier one; keys are checked
+    bad = {"not an earlier stage": [{"name": "x", "command": "finetune", "init_from": "{y}"},
+                                    {"name": "y", "command": "pretrain"}],
+           "unknown key": [{"name": "x", "command": "pretrain", "nodes": 2}],
+           "unique name": [{"name": "x", "command": "pretrain"}, {"name": "x", "command": "pretrain"}]}
+    for msg, stages in bad.items():
+        with pytest.raises(ConfigError, match=msg):
+            slurm.load_chain(_write_chain(tmp_path / "bad.yaml", tmp_path / "r", stages), None)
+
+
+def test_requeue_only_on_the_warning_signal(monkeypatch):
+    """SIGTERM (scancel, the time limit, preemption) never requeues: cancelling a job must stay possible."""
+    monkeypatch.setenv("SLURM_JOB_ID", "12345")
+    assert slurm.requeue_after_signal("SIGTERM") is None
+    monkeypatch.setenv("MEGADIGPT_REQUEUE", "0")
+    assert slurm.requeue_after_signal("SIGUSR1") is None
+    monkeypatch.delenv("MEGADIGPT_REQUEUE")
+    monkeypatch.delenv("SLURM_JOB_ID")
+    assert slurm.requeue_after_signal("SIGUSR1") is None
+
+
+def test_shipped_sbatch_scripts_are_current_and_parse(tmp_path):
+    """slurm/*.sbatch are rendered from TEMPLATES (python -m megadigpt.launch.slurm --templates slurm/)."""
+    written = slurm.write_templates(tmp_path)
+    assert {p.name for p in written} == {p.name for p in (REPO / "slurm").glob("*.sbatch")}
+    for p in written:
+        assert (REPO / "slurm" / p.name).read_text() == p.read_text(), f"regenerate slurm/{p.name}"
+        subprocess.run(["bash", "-n", str(p)], check=True)
+    # the shipped chain validates as far as it can without its data: its stages and keys
+    stages, root = slurm.load_chain(slurm.resolve_chain_path("vitl14_merged"), str(tmp_path / "r"))
+    assert [s.name for s in stages] == ["pretrain", "in21k", "in1k", "eval"]
+    assert "--init-from" in stages[2].args and str(tmp_path / "r" / "in21k" / "last") in stages[2].args
+    assert stages[0].slurm.world_size == 64 and stages[3].slurm.requeue is False
