@@ -118,8 +118,9 @@ def test_chain_runs_in_order_on_two_nodes(cluster, chain_run):
     # the pretraining ran as 4 ranks on both nodes, from the code snapshot taken at submission
     start = _events(root / "pretrain")[0]
     assert start["event"] == "start" and start["world_size"] == 4 and start["hosts"] == ["node1", "node2"]
-    assert start["code"] == str(root / "code" / "megadigpt")
-    assert json.loads((root / "code" / "SNAPSHOT.json").read_text())["sha256"]
+    code = Path(_jobs(root / "pretrain")[-1]["code"])
+    assert start["code"] == str(code / "megadigpt") and code.parent == root / "code"
+    assert json.loads((code / "SNAPSHOT.json").read_text())["sha256"].startswith(code.name)
     assert sorted(losses(root / "pretrain")) == list(range(1, 7))
     # each stage started after the one before had finished, and took its weights
     done = {}
@@ -199,7 +200,7 @@ def test_dry_run_prints_the_chain_and_leaves_nothing(cifar_small, tmp_path):
     assert "--dependency=afterok:<job of pretrain> --kill-on-invalid-dep=yes" in out
     assert "#SBATCH --nodes=2" in out and "#SBATCH --ntasks-per-node=2" in out and "--gpus-per-node" not in out
     assert f"--init-from {root / 'in21k' / 'last'}" in out and "#SBATCH --signal=USR1@60" in out
-    assert "srun --kill-on-bad-exit=1" in out and f"MEGADIGPT_CODE={root / 'code'}" in out
+    assert "srun --kill-on-bad-exit=1" in out and f"MEGADIGPT_CODE='{root / 'code' / '<hash>'}'" in out
     assert not root.exists()  # nothing written, nothing created
 
 
@@ -230,6 +231,23 @@ def test_submit_refuses_bad_input_before_queueing(cifar_small, tmp_path):
     for msg, stages in bad.items():
         with pytest.raises(ConfigError, match=msg):
             slurm.load_chain(_write_chain(tmp_path / "bad.yaml", tmp_path / "r", stages), None)
+
+
+def test_code_snapshot_is_what_jobs_import(tmp_path):
+    """The snapshot is reused while the code is the same, and the job's entry point imports it even when the job
+    starts in a checkout (where `python -m megadigpt` would import the checkout)."""
+    from megadigpt.launch.snapshot import snapshot
+
+    a, b = snapshot(tmp_path), snapshot(tmp_path)
+    assert a["path"] == b["path"] and b.get("reused") and not a.get("reused")
+    assert sorted(p.name for p in (tmp_path / "code").iterdir()) == [Path(a["path"]).name]
+    p = subprocess.run([sys.executable, "-c", slurm._FROM_SNAPSHOT, a["path"], "show-config"], cwd=str(REPO),
+                       capture_output=True, text=True, timeout=120, env=subprocess_env())
+    assert p.returncode == 0, p.stderr
+    p = subprocess.run([sys.executable, "-c", slurm._FROM_SNAPSHOT.replace("from megadigpt.cli import main; "
+                        "sys.exit(main())", "import megadigpt; print(megadigpt.__file__)"), a["path"]],
+                       cwd=str(REPO), capture_output=True, text=True, timeout=120)
+    assert p.stdout.strip() == str(Path(a["path"]) / "megadigpt" / "__init__.py")
 
 
 def test_requeue_only_on_the_warning_signal(monkeypatch):

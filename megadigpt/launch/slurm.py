@@ -171,7 +171,9 @@ def validate_stage(stage: Stage) -> dict:
     ns = parse_stage_args(stage.command, stage.args)
     o = stage.slurm
     o.check(f"stage {stage.name}")
-    pending = lambda p: p is not None and any(str(p).startswith(q) for q in stage.pending)  # noqa: E731
+    def pending(p) -> bool:  # written by an earlier stage of the chain
+        return p is not None and any(Path(p) == Path(q) or Path(q) in Path(p).parents for q in stage.pending)
+
     summary = {"world_size": o.world_size}
 
     def device(cfg):

@@ -1,13 +1,15 @@
 """Code snapshots for submitted jobs: a job that waits two days in the queue, or is requeued a week later, runs the
 code it was submitted with, not whatever the checkout holds by then.
 
-``<root>/code/megadigpt/`` is a copy of the importable package (with ``ds_configs/``), ``<root>/code/SNAPSHOT.json``
-records where it came from (git commit and dirty state when the source is a git checkout, a content hash, the
-versions of the main packages), ``<root>/code/git.diff`` any uncommitted changes. Jobs put ``<root>/code`` first
-on ``PYTHONPATH``."""
+``<root>/code/<hash>/megadigpt/`` is a copy of the importable package (with ``ds_configs/``), named by the hash of
+its content; ``SNAPSHOT.json`` beside it records where it came from (git commit and dirty state when the source is
+a git checkout, the hash, the versions of the main packages), ``git.diff`` any uncommitted changes. A job's script
+names its snapshot and puts it first on ``sys.path``. Snapshots are never changed or removed: a running or
+requeued job keeps its code when the run is submitted again with other code (which gets a snapshot of its own)."""
 
 import hashlib
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -66,17 +68,21 @@ def _copy_package(dest: Path) -> None:
 
 
 def snapshot(root, dry_run: bool = False) -> dict:
-    """Copy the running megadigpt into ``<root>/code``. An identical snapshot already there is reused; a different
-    one is moved to ``code.<time>`` (kept, never deleted) and replaced, so every job of this run that starts from
-    now on (pending, requeued) runs the new code. Returns the record."""
+    """Copy the running megadigpt into ``<root>/code/<hash>`` (an identical snapshot already there is reused).
+    Returns the record, with ``path`` (the folder to put on sys.path)."""
     root = Path(root)
     src = package_dir()
-    staging = Path(root) / f".code.tmp{int(time.time() * 1000)}"
     if dry_run:
-        return {"path": str(root / "code"), "source": str(src), "dry_run": True}
-    root.mkdir(parents=True, exist_ok=True)
+        return {"path": str(root / "code" / "<hash>"), "source": str(src), "dry_run": True}
+    (root / "code").mkdir(parents=True, exist_ok=True)
+    staging = root / "code" / f".tmp{os.getpid()}-{int(time.time() * 1000)}"
     _copy_package(staging)
     digest = tree_hash(staging / "megadigpt")
+    final = root / "code" / digest[:12]
+    if (final / "SNAPSHOT.json").is_file():
+        shutil.rmtree(staging)
+        record = json.loads((final / "SNAPSHOT.json").read_text())
+        return dict(record, path=str(final), reused=True)
     record = {"source": str(src), "sha256": digest, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
               "versions": _versions()}
     commit = _git(src, "rev-parse", "HEAD")
@@ -86,21 +92,7 @@ def snapshot(root, dry_run: bool = False) -> dict:
         if status.strip():
             (staging / "git.diff").write_text(_git(src, "diff", "HEAD", "--", ".") or "")
     (staging / "SNAPSHOT.json").write_text(json.dumps(record, indent=1) + "\n")
-    code = root / "code"
-    if code.is_dir():
-        try:
-            old = json.loads((code / "SNAPSHOT.json").read_text()).get("sha256")
-        except (OSError, ValueError):
-            old = None
-        if old == digest:
-            shutil.rmtree(staging)
-            record = json.loads((code / "SNAPSHOT.json").read_text())
-            record["reused"] = True
-            record["path"] = str(code)
-            return record
-        keep = root / time.strftime("code.%Y%m%d-%H%M%S")
-        code.rename(keep)
-        record["previous"] = str(keep)
-    staging.rename(code)
-    record["path"] = str(code)
-    return record
+    if final.exists():  # a copy interrupted before its record was written
+        shutil.rmtree(final)
+    staging.rename(final)
+    return dict(record, path=str(final))

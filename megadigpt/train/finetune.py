@@ -319,6 +319,7 @@ def finetune(cfg: FinetuneRunConfig) -> dict:
 
     # ---------------------------------------------------------------- processes, model
     device = ds_engine.start_processes(env, plan.device_type)
+    signals = SignalFlag()  # from here on a signal means: checkpoint after the first step that completes
     rank0 = env.rank == 0
     import copy
 
@@ -408,7 +409,6 @@ def finetune(cfg: FinetuneRunConfig) -> dict:
         sink.event(event="checkpoint", step=step)
 
     # ---------------------------------------------------------------- loop
-    signals = SignalFlag()
     step = start_step
     outcome, msg = "done", ""
     acc = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, valid count, bad count

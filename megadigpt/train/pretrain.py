@@ -295,6 +295,7 @@ def pretrain(cfg: Config) -> dict:
 
     # ---------------------------------------------------------------- processes and devices
     device = ds_engine.start_processes(env, plan.device_type)
+    signals = SignalFlag()  # from here on a signal means: checkpoint after the first step that completes
     rank0 = env.rank == 0
     if rank0:
         (run_dir / "config.yaml").write_text(dump_config(cfg))
@@ -354,7 +355,6 @@ def pretrain(cfg: Config) -> dict:
                peak_tflops_source=peak_src, checkpoint=tag, universal=universal)
 
     # ---------------------------------------------------------------- loop
-    signals = SignalFlag()
     step, micro = start_step, 0
     acc = torch.zeros(4, dtype=torch.float64, device=device)  # gen sum, dis sum, valid count, bad count
     bad_total = int((marker or {}).get("bad_samples", 0))
