@@ -199,6 +199,7 @@ def validate_stage(stage: Stage) -> dict:
             raise ConfigError(f"stage {stage.name}: probe needs the weights to probe (or --random-init)")
         cfg = load_config(ns.config, finetune_overrides(ns), root=FinetuneRunConfig)
         cfg.train.init_from = ns.weights
+        cfg.train.run_dir = stage.run_dir  # (probe writes only to --out)
         cfg.train.global_batch = cfg.train.micro_batch * o.world_size
         cfg.finetune.mixup = cfg.finetune.cutmix = 0.0
         plan_finetune(cfg, o.world_size, device_type=device(cfg), init_from_pending=pending(ns.weights))

@@ -273,6 +273,7 @@ def run_probe(cfg, weights: Optional[str], out_dir: str, random_init: bool = Fal
                           "--random-init")
     env = dist_env.discover()
     cfg.train.global_batch = cfg.train.micro_batch * env.world_size  # extraction only: no optimizer batch
+    cfg.train.run_dir = out_dir  # (the checks create train.run_dir; a probe writes only to --out)
     cfg.finetune.mixup = cfg.finetune.cutmix = 0.0  # (not used here: no pairing constraint on the batch)
     plan = plan_finetune(cfg, env.world_size)
     from ..checkpoint.convert import load_encoder_weights
