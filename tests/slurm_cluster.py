@@ -194,8 +194,15 @@ class LocalSlurm:
 
 if __name__ == "__main__":
     c = LocalSlurm(sys.argv[1] if len(sys.argv) > 1 else "/tmp/megadigpt-slurm").start()
-    print(f"export SLURM_CONF={c.conf}   # Ctrl-C stops the cluster")
+    print(f"export SLURM_CONF={c.conf}   # Ctrl-C (or SIGTERM) stops the cluster", flush=True)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # also when started in the background
     try:
         signal.pause()
+    except KeyboardInterrupt:
+        pass
     finally:
+        # a second Ctrl-C must not abandon the daemons halfway through stopping them
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         c.stop()
