@@ -80,7 +80,7 @@ def cmd_eval(args) -> int:
 
 
 def cmd_submit(args) -> int:
-    from dataclasses import fields, replace
+    from dataclasses import fields
 
     from .launch import slurm
 
@@ -98,43 +98,17 @@ def cmd_submit(args) -> int:
     if args.what in slurm.COMMANDS:
         if args.from_stage or args.run_root:
             raise ConfigError("--from and --run-root are for chains")
-        ns = slurm.parse_stage_args(args.what, args.rest)
-        out = slurm.stage_outputs(args.what, ns)
-        if out is None and args.what in ("pretrain", "finetune"):
-            from .config import FinetuneRunConfig, load_config
-
-            over = pretrain_overrides(ns) if args.what == "pretrain" else finetune_overrides(ns)
-            out = load_config(ns.config, over, root=None if args.what == "pretrain" else FinetuneRunConfig
-                              ).train.run_dir
-        if out is None:
-            raise ConfigError(f"megadigpt submit {args.what}: give --out (the job's results, logs and code snapshot "
-                              f"go there)")
-        run_dir = str(Path(out).resolve())
-        opt = "--out" if args.what in ("probe", "eval") else "--run-dir"
-        stage = slurm.Stage(args.what, args.what, slurm._with_option(args.rest, opt, run_dir), run_dir,
-                            replace(slurm.SlurmOptions(), **cli_slurm))
-        stages, root = [stage], Path(run_dir)
+        stage = slurm.single_stage(args.what, args.rest, cli_slurm)
+        stages, root, path = [stage], Path(stage.run_dir), None
     else:
         if args.rest:
             raise ConfigError(f"a chain takes no command arguments (edit a copy of the chain YAML): {args.rest}")
         path = slurm.resolve_chain_path(args.what)
         stages, root = slurm.load_chain(path, args.run_root, cli_slurm)
         if args.from_stage:
-            names = [s.name for s in stages]
-            if args.from_stage not in names:
-                raise ConfigError(f"--from {args.from_stage}: no such stage (stages: {', '.join(names)})")
-            i = names.index(args.from_stage)
-            for done in stages[:i]:
-                if not Path(done.run_dir).exists():
-                    raise ConfigError(f"--from {args.from_stage}: the earlier stage {done.name} has no output at "
-                                      f"{done.run_dir}")
-            stages = stages[i:]
-            queued = {st.run_dir for st in stages}
-            for st in stages:  # earlier stages' outputs exist now: they are checked like any other path
-                st.pending = [d for d in st.pending if d in queued]
+            stages = slurm.chain_from(stages, args.from_stage)
     try:
-        slurm.submit(stages, root, dry_run=args.dry_run, after=args.after,
-                     chain=None if args.what in slurm.COMMANDS else path)
+        slurm.submit(stages, root, dry_run=args.dry_run, after=args.after, chain=path)
     except slurm.SubmitError as e:
         return _fail(str(e))
     return 0

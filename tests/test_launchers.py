@@ -104,3 +104,18 @@ def test_mpirun(cifar_dir, torchrun_losses, tmp_path):
     got = losses(tmp_path / "mpi")
     for s in got:
         assert got[s] == pytest.approx(torchrun_losses[s], abs=1e-6)
+
+
+def test_mpirun_told_apart_from_srun():
+    """srun --mpi=pmix/pmi2 sets MPI rank variables for its own tasks (SLURM's variables are right there);
+    mpirun inside an allocation starts its daemons with srun, so its ranks carry SLURM step variables that
+    describe the daemons (the MPI variables are right)."""
+    from megadigpt.distributed.env import launched_by_mpirun
+
+    step = {"SLURM_PROCID": "1", "SLURM_STEP_ID": "0", "SLURM_STEP_NUM_TASKS": "4"}
+    assert not launched_by_mpirun(step)
+    assert not launched_by_mpirun(step | {"PMIX_RANK": "1"})  # srun --mpi=pmix
+    assert not launched_by_mpirun(step | {"PMI_RANK": "1", "PMI_SIZE": "4"})  # srun --mpi=pmi2
+    assert launched_by_mpirun(step | {"OMPI_COMM_WORLD_RANK": "5", "OMPI_COMM_WORLD_SIZE": "16"})  # Open MPI
+    assert launched_by_mpirun(step | {"PMI_RANK": "5", "PMI_SIZE": "16"})  # MPICH's hydra, 2 nodes x 8
+    assert launched_by_mpirun({"PMI_RANK": "0", "PMI_SIZE": "2"})  # mpirun outside SLURM

@@ -233,6 +233,20 @@ def test_submit_refuses_bad_input_before_queueing(cifar_small, tmp_path):
             slurm.load_chain(_write_chain(tmp_path / "bad.yaml", tmp_path / "r", stages), None)
 
 
+def test_chain_from_a_later_stage(cifar_small, tmp_path):
+    """--from: the earlier stages must have run; their outputs are then checked like any other input."""
+    root = tmp_path / "runs"
+    stages, _ = slurm.load_chain(_chain3(cifar_small, root, tmp_path / "chain.yaml"), None)
+    with pytest.raises(ConfigError, match="earlier stage pretrain has no output"):
+        slurm.chain_from(stages, "in21k")
+    with pytest.raises(ConfigError, match="no such stage"):
+        slurm.chain_from(stages, "in22k")
+    (root / "pretrain").mkdir(parents=True)
+    rest = slurm.chain_from(stages, "in21k")
+    assert [s.name for s in rest] == ["in21k", "in1k"]
+    assert rest[0].pending == [] and rest[1].pending == [str(root / "in21k")]
+
+
 def test_code_snapshot_is_what_jobs_import(tmp_path):
     """The snapshot is reused while the code is the same, and the job's entry point imports it even when the job
     starts in a checkout (where `python -m megadigpt` would import the checkout)."""

@@ -75,12 +75,25 @@ def _mpi() -> DistEnv:
     return DistEnv(rank, size, local_rank, addr, int(port), "mpi")
 
 
+def launched_by_mpirun(e) -> bool:
+    """MPI rank variables, and not merely those ``srun --mpi=pmix|pmi2`` sets for its own tasks. mpirun inside an
+    allocation starts its daemons with srun, so its ranks also carry SLURM step variables, which then describe the
+    daemons: Open MPI's own variables, or an MPI world size other than the step's task count, tell them apart.
+    Decided from variables every rank shares, so all ranks agree."""
+    if not any(v in e for v in _MPI_RANK_VARS):
+        return False
+    if "SLURM_STEP_ID" not in e or "OMPI_COMM_WORLD_RANK" in e:
+        return True
+    size = e.get("PMI_SIZE") or e.get("MV2_COMM_WORLD_SIZE")
+    return size is not None and size != e.get("SLURM_STEP_NUM_TASKS", e.get("SLURM_NTASKS"))
+
+
 def discover() -> DistEnv:
     e = os.environ
     if "RANK" in e and "WORLD_SIZE" in e:
         return DistEnv(int(e["RANK"]), int(e["WORLD_SIZE"]), int(e.get("LOCAL_RANK", 0)),
                        e.get("MASTER_ADDR", "127.0.0.1"), int(e.get("MASTER_PORT", 29500)), "torch")
-    if any(v in e for v in _MPI_RANK_VARS):  # before SLURM: mpirun inside an allocation sees both
+    if launched_by_mpirun(e):
         return _mpi()
     if "SLURM_PROCID" in e and "SLURM_STEP_ID" in e:  # inside srun (not merely inside an sbatch allocation)
         world = int(e.get("SLURM_STEP_NUM_TASKS", e.get("SLURM_NTASKS", 1)))

@@ -387,9 +387,9 @@ def load_chain(path, run_root: Optional[str] = None, cli_slurm: Optional[dict] =
         if command in ("pretrain", "finetune"):
             args = _with_option(args, "--run-dir", run_dir)
             if st.get("init_from"):
-                key = "--init-from" if command == "finetune" else None
                 val = expand(st["init_from"], "init_from")
-                args = _with_option(args, key, val) if key else args + [f"train.init_from={val}"]
+                args = (_with_option(args, "--init-from", val) if command == "finetune"
+                        else args + [f"train.init_from={val}"])
         else:
             args = _with_option(args, "--out", run_dir)
             first = st.get("weights") if command == "probe" else st.get("model")
@@ -401,10 +401,45 @@ def load_chain(path, run_root: Optional[str] = None, cli_slurm: Optional[dict] =
         opts = slurm_options(st.get("slurm"), defaults, where=f"{where}.slurm")
         if cli_slurm:
             opts = replace(opts, **cli_slurm)
-        pend = [d for d in dirs.values()]
-        stages.append(Stage(name, command, args, run_dir, opts, pend))
+        stages.append(Stage(name, command, args, run_dir, opts, list(dirs.values())))
         dirs[name] = run_dir
     return stages, root
+
+
+def single_stage(command: str, args: List[str], cli_slurm: dict) -> Stage:
+    """``megadigpt submit <command> <args>``: the stage writes to its --run-dir / --out (pretrain and finetune:
+    else the config's train.run_dir), made absolute."""
+    from ..cli import finetune_overrides, pretrain_overrides
+    from ..config import FinetuneRunConfig, load_config
+
+    ns = parse_stage_args(command, args)
+    out = stage_outputs(command, ns)
+    if out is None and command == "pretrain":
+        out = load_config(ns.config, pretrain_overrides(ns)).train.run_dir
+    elif out is None and command == "finetune":
+        out = load_config(ns.config, finetune_overrides(ns), root=FinetuneRunConfig).train.run_dir
+    if out is None:
+        raise ConfigError(f"megadigpt submit {command}: give --out (the job's results, logs and code snapshot go "
+                          f"there)")
+    run_dir = str(Path(out).resolve())
+    opt = "--out" if command in ("probe", "eval") else "--run-dir"
+    return Stage(command, command, _with_option(args, opt, run_dir), run_dir, replace(SlurmOptions(), **cli_slurm))
+
+
+def chain_from(stages: List[Stage], first: str) -> List[Stage]:
+    """The stages from ``first`` on; the earlier ones must have run (their outputs are then ordinary inputs)."""
+    names = [s.name for s in stages]
+    if first not in names:
+        raise ConfigError(f"--from {first}: no such stage (stages: {', '.join(names)})")
+    i = names.index(first)
+    for done in stages[:i]:
+        if not Path(done.run_dir).exists():
+            raise ConfigError(f"--from {first}: the earlier stage {done.name} has no output at {done.run_dir}")
+    rest = stages[i:]
+    queued = {st.run_dir for st in rest}
+    for st in rest:
+        st.pending = [d for d in st.pending if d in queued]
+    return rest
 
 
 # ============================================================================ submission
