@@ -32,7 +32,9 @@ setup(
     ],
     extras_require={
         # the tests run real DALI pipelines on the CPU
-        "test": ["pytest>=7", "nvidia-dali-cuda130", "mpi4py"],
+        "test": ["pytest>=7", "nvidia-dali-cuda130", "mpi4py", "matplotlib"],
+        # megadigpt bench's plot
+        "bench": ["matplotlib"],
         "mpi": ["mpi4py"],
         "dali": ["nvidia-dali-cuda130"],
     },

@@ -123,6 +123,79 @@ def cmd_convert(args) -> int:
     return 0
 
 
+def _csv(text, conv=str):
+    return [conv(v.strip()) for v in str(text).split(",") if v.strip()]
+
+
+def _onoff(v: str) -> bool:
+    if v not in ("on", "off"):
+        raise ConfigError(f"expected on or off, got {v!r}")
+    return v == "on"
+
+
+def _models(text):
+    """``vit_base/16,vit_large/14`` (patch optional: 16) -> [(arch, patch)]."""
+    out = []
+    for item in _csv(text):
+        arch, _, patch = item.partition("/")
+        if patch and not patch.isdigit():
+            raise ConfigError(f"model {item!r}: write arch/patch, e.g. vit_large/14")
+        out.append((arch if arch.startswith("vit_") else f"vit_{arch}", int(patch or 16)))
+    return out
+
+
+def cmd_plan(args) -> int:
+    import json
+    from dataclasses import asdict
+
+    from .config import load_config
+    from .model.vit import VIT_SIZES
+    from .perf import memory
+
+    cfg = load_config(args.config, args.overrides)
+    models = _models(args.models) if args.models else [(a, cfg.model.patch_size) for a in
+                                                        ("vit_base", "vit_large", "vit_huge", "vit_giant", "vit_e")]
+    for arch, _ in models:
+        if arch not in VIT_SIZES:
+            raise ConfigError(f"unknown model {arch!r}; choose from {', '.join(VIT_SIZES)}")
+    if args.gpus < 1 or args.gpu_mem <= 0:
+        raise ConfigError("--gpus and --gpu-mem must be positive")
+    stages = _csv(args.zero, int)
+    if not stages or any(z not in (1, 2, 3) for z in stages):
+        raise ConfigError(f"--zero takes stages 1, 2, 3, got {args.zero}")
+    rows = []
+    for arch, patch in models:
+        rows += memory.plan(cfg, args.gpus, args.gpu_mem, [arch], stages, [_onoff(v) for v in _csv(args.ckpt)],
+                            [_onoff(v) for v in _csv(args.offload)], args.micro_batch, patch, args.precision,
+                            args.teacher_dtype, args.reserve)
+    print(f"# per-GPU memory: {args.gpus} GPUs of {args.gpu_mem:g} GiB ({args.reserve:g} GiB reserved for the CUDA "
+          f"context and NCCL), teacher {cfg.target.kind} {cfg.target.model or ''}, {args.precision}, global batch "
+          f"{cfg.train.global_batch}; GiB per GPU")
+    print(memory.markdown(rows, args.gpus, args.gpu_mem))
+    if args.json:
+        Path(args.json).write_text(json.dumps([asdict(r) for r in rows], indent=1))
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from .perf import bench
+
+    cases = bench.expand_grid(_models(args.models), _csv(args.teacher), _csv(args.zero, int),
+                              [_onoff(v) for v in _csv(args.ckpt)], _csv(args.attention),
+                              _csv(args.micro_batch, int), _csv(args.precision),
+                              [_onoff(v) for v in _csv(args.compile)], _csv(args.data), args.img_size)
+    if not cases:
+        raise ConfigError("the grid is empty")
+    if args.ranks < 1 or args.steps < 1 or args.warmup < 1:
+        raise ConfigError("--ranks, --steps and --warmup must be >= 1")
+    rep = bench.run_bench(cases, args.ranks, Path(args.out), args.config, args.overrides, args.steps, args.warmup,
+                          args.data_source, args.timeout, not args.no_baseline)
+    print(Path(args.out, "bench.md").read_text(), end="")
+    print(f"wrote {args.out}/bench.json, bench.md" + (", bench.png" if rep.get("plot") else
+                                                     " (no plot: pip install 'megadigpt[bench]')"))
+    return 0 if all(r["result"]["status"] == "ok" for r in rep["rows"]) else 1
+
+
 def cmd_show_config(args) -> int:
     from .config import ConfigError as _CE, FinetuneRunConfig, dump_config, load_config
 
@@ -291,6 +364,48 @@ def build_parser() -> argparse.ArgumentParser:
     sm.add_argument("what", help="pretrain | finetune | probe | eval, or a chain YAML / built-in chain name")
     sm.add_argument("rest", nargs=argparse.REMAINDER, help="the command's arguments")
     sm.set_defaults(fn=cmd_submit)
+
+    pl = sub.add_parser("plan", help="per-GPU memory of ViT-B..ViT-e under ZeRO-1/2/3, +- activation checkpointing "
+                                     "and CPU offload; the micro-batch that fits")
+    pl.add_argument("--config", default="digpt_vitl14_merged", help="teacher, decoder, global batch, ... from here")
+    pl.add_argument("--models", default=None, help="e.g. vit_base/16,vit_large/14 (default: B, L, H, g, e at the "
+                                                   "config's patch)")
+    pl.add_argument("--gpus", type=int, default=8, help="data-parallel ranks (GPUs in all)")
+    pl.add_argument("--gpu-mem", dest="gpu_mem", type=float, default=80.0, help="GiB per GPU")
+    pl.add_argument("--zero", default="1,2,3")
+    pl.add_argument("--ckpt", default="off,on", help="activation checkpointing: off,on")
+    pl.add_argument("--offload", default="off,on", help="optimizer CPU offload: off,on")
+    pl.add_argument("--micro-batch", dest="micro_batch", type=int, default=None, help="default: the config's")
+    pl.add_argument("--precision", default="bf16", choices=["bf16", "fp16", "fp32"])
+    pl.add_argument("--teacher-dtype", dest="teacher_dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
+    pl.add_argument("--reserve", type=float, default=1.0, help="GiB per GPU outside torch (CUDA context, NCCL)")
+    pl.add_argument("--json", default=None, help="also write the rows as JSON")
+    pl.add_argument("overrides", nargs="*", metavar="section.key=value")
+    pl.set_defaults(fn=cmd_plan)
+
+    be = sub.add_parser("bench", help="images/s, step-time breakdown, peak memory and MFU over a grid of "
+                                      "configurations, beside a reference-style baseline")
+    be.add_argument("--config", default=None, help="base config (decoder, data settings; default: built-in)")
+    be.add_argument("--models", default="vit_base/16", help="comma-separated arch/patch")
+    be.add_argument("--img-size", dest="img_size", type=int, default=224)
+    be.add_argument("--teacher", default="efficientnet_lite0",
+                    help="efficientnet_lite0 | pixels | open_clip:<arch> | timm:<name> (random weights), comma list")
+    be.add_argument("--zero", default="1")
+    be.add_argument("--ckpt", default="off", help="activation checkpointing: off,on")
+    be.add_argument("--attention", default="sdpa", help="sdpa,flex,eager")
+    be.add_argument("--micro-batch", dest="micro_batch", default="32")
+    be.add_argument("--precision", default="auto", help="auto | bf16 | fp16 | fp32, comma list")
+    be.add_argument("--compile", default="off", help="torch.compile of each block: off,on")
+    be.add_argument("--data", default="synthetic", help="synthetic | torch | dali (the last two read --data-source)")
+    be.add_argument("--data-source", dest="data_source", default=None, help="shards or an image folder")
+    be.add_argument("--ranks", type=int, default=1, help="processes (GPUs) per case")
+    be.add_argument("--steps", type=int, default=10, help="timed optimizer steps per case")
+    be.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+    be.add_argument("--no-baseline", dest="no_baseline", action="store_true", help="skip the reference-style rows")
+    be.add_argument("--timeout", type=float, default=3600.0, help="seconds per case")
+    be.add_argument("--out", required=True, help="folder for bench.json, bench.md, bench.png and per-case logs")
+    be.add_argument("overrides", nargs="*", metavar="section.key=value")
+    be.set_defaults(fn=cmd_bench)
 
     cr = sub.add_parser("config-reference", help="print the config reference (markdown)")
     cr.set_defaults(fn=cmd_config_reference)

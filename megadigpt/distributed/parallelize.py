@@ -6,12 +6,13 @@ import functools
 import torch.utils.checkpoint as ckpt
 
 
-def apply_activation_checkpointing(model, every: int = 1):
+def apply_activation_checkpointing(model, every: int = 1, preserve_rng_state: bool = True):
     """Recompute every ``every``-th encoder block in backward (non-reentrant torch checkpointing, which
     ZeRO-3 supports; the frozen teacher lives outside the engine, away from the known ZeRO-3 trap)."""
     for i, blk in enumerate(model.encoder.blocks):
         if i % every == 0:
-            blk.forward = functools.partial(ckpt.checkpoint, blk.forward, use_reentrant=False)
+            blk.forward = functools.partial(ckpt.checkpoint, blk.forward, use_reentrant=False,
+                                          preserve_rng_state=preserve_rng_state)
     return model
 
 

@@ -1,0 +1,582 @@
+"""``megadigpt bench``: throughput, where the step time goes, peak memory and MFU, for a grid of configurations,
+each in fresh processes, next to a reference-style baseline measured in the same run.
+
+A case is one point of model x teacher x ZeRO stage x activation checkpointing x attention backend x
+micro-batch (x precision, torch.compile, data path). Each case runs ``--ranks`` processes (gloo on CPU, NCCL on
+GPUs) through the same components as ``megadigpt pretrain`` (teacher outside the engine, the DeepSpeed engine
+from ``ds_configs/``, the same loss), for ``--warmup`` untimed and ``--steps`` timed optimizer steps.
+
+Timing (rank 0):
+    images/s     over the timed steps, without synchronisation between phases (on a GPU: a separate pass);
+    breakdown    the same steps again with the device synchronised at each phase boundary: data (next batch,
+                 copy, normalise), teacher forward, student forward (incl. the loss), student backward, optimizer
+                 step; their sum is the synchronised step time;
+    comm         a few more steps with DeepSpeed's communication logger, which times every collective and
+                 serialises it: the time spent in collectives per step (inside backward and optimizer above).
+Memory: the peak over the timed steps, above the process's footprint before the student was built (GPU:
+``max_memory_allocated``; CPU: the resident-set high-water mark, reset through ``/proc/self/clear_refs``); the
+planner's prediction for the same case (``perf.memory``) is printed beside it.
+MFU: model FLOPs per image (counted by ``torch.utils.flop_counter``: 2 per multiply-add, attention at its dense
+L x L size) x images/s per device / the device's peak. Student: 3 x student forward (forward + backward; an
+activation-checkpointing recompute is not model FLOPs); total: + 1 x teacher forward.
+
+The baseline is the reference implementation's way of training: eager attention with the dense additive mask,
+AdamW without fused or multi-tensor kernels, no ZeRO sharding (stage 0, data parallel), fp16 with loss scaling on
+GPUs (DeepSpeed refuses fp16 on CPU, where the baseline is fp32); ``vs baseline`` is a case's images/s over the
+baseline's for the same model, teacher, micro-batch and data path.
+"""
+
+import itertools
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import List, Optional
+
+from ..config import ConfigError
+
+PHASES = ("data", "teacher", "forward", "backward", "optimizer")
+
+
+@dataclass(frozen=True)
+class Case:
+    arch: str = "vit_base"
+    patch: int = 16
+    img_size: int = 224
+    teacher: str = "efficientnet_lite0"  # efficientnet_lite0 | pixels | open_clip:<arch> (random) | timm:<name>
+    zero: int = 1
+    ckpt: bool = False
+    attention: str = "sdpa"
+    micro_batch: int = 32
+    precision: str = "auto"
+    compile: bool = False
+    data: str = "synthetic"  # synthetic (uint8 on the device) | torch | dali (loaders on --data-source)
+    baseline: bool = False
+    offload: bool = False
+
+    @property
+    def label(self) -> str:
+        if self.baseline:
+            return "baseline"
+        return (f"z{self.zero}{' ckpt' if self.ckpt else ''} {self.attention}"
+                f"{' compile' if self.compile else ''}{' offload' if self.offload else ''}")
+
+    def group(self):
+        """Cases compared with the same baseline."""
+        return (self.arch, self.patch, self.img_size, self.teacher, self.micro_batch, self.data)
+
+
+def as_baseline(c: Case, device_type: str) -> Case:
+    return replace(c, zero=0, ckpt=False, attention="eager", compile=False, offload=False, baseline=True,
+                   precision="fp16" if device_type == "cuda" else "fp32")
+
+
+def _teacher_overrides(spec: str) -> List[str]:
+    kind, _, name = spec.partition(":")
+    if kind == "open_clip":
+        return ["target.kind=open_clip", f"target.model={name or 'ViT-H-14'}", "target.weights=null"]
+    if kind == "timm":
+        if not name:
+            raise ConfigError("teacher timm:<model name>")
+        return ["target.kind=timm", f"target.model={name}", "target.weights=null"]
+    if kind in ("efficientnet_lite0", "pixels"):
+        return [f"target.kind={kind}"]
+    raise ConfigError(f"unknown teacher {spec!r}: efficientnet_lite0 | pixels | open_clip:<arch> | timm:<name>")
+
+
+def case_config(case: Case, base: Optional[str], overrides: List[str], world: int, run_dir: str,
+                data_source: Optional[str]):
+    from ..config import load_config
+
+    ov = list(overrides) + _teacher_overrides(case.teacher) + [
+        f"model.arch={case.arch}", f"model.patch_size={case.patch}", f"model.img_size={case.img_size}",
+        f"model.attention={case.attention}", "model.taps=null", f"train.zero_stage={case.zero}",
+        f"train.activation_checkpointing={str(case.ckpt).lower()}", f"train.micro_batch={case.micro_batch}",
+        f"train.global_batch={case.micro_batch * world}", f"train.precision={case.precision}",
+        f"train.run_dir={run_dir}", "train.max_steps=1000000", "train.tensorboard=false", "train.progress=off"]
+    if case.data != "synthetic":
+        if not data_source:
+            raise ConfigError(f"data path {case.data!r} needs --data-source (shards or an image folder)")
+        ov += [f"data.source={data_source}", f"data.loader={case.data}"]
+    return load_config(base, ov)
+
+
+# ============================================================================ memory probes
+
+
+def _rss() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def _hwm() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+class MemoryProbe:
+    """Allocated bytes: on a GPU torch's allocator statistics; on a CPU the same quantity counted by
+    :class:`perf.memory.LiveBytes` (every tensor storage created since ``start``, at its full size, touched or
+    not, as the CUDA allocator counts it), active from before the student is built through the warm-up steps.
+    The CPU's resident set is recorded beside it (it also holds what glibc keeps after frees)."""
+
+    def __init__(self, device):
+        import torch
+
+        from .memory import LiveBytes
+
+        self.cuda = device.type == "cuda"
+        self.torch = torch
+        self.tracker = None if self.cuda else LiveBytes()
+
+    def start(self):
+        if self.cuda:
+            self.torch.cuda.synchronize()
+            self.base = self.torch.cuda.memory_allocated()
+            self.torch.cuda.reset_peak_memory_stats()
+        else:
+            self.base = 0
+            self.rss0 = _rss()
+            Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
+            self.tracker.__enter__()
+
+    def now(self) -> int:
+        return (self.torch.cuda.memory_allocated() if self.cuda else self.tracker.live) - self.base
+
+    def stop(self):
+        """(peak allocated, resident-set peak or None), both above the footprint at ``start``."""
+        if self.cuda:
+            self.torch.cuda.synchronize()
+            return self.torch.cuda.max_memory_allocated() - self.base, None
+        self.tracker.__exit__(None, None, None)
+        return self.tracker.peak, _hwm() - self.rss0
+
+
+# ============================================================================ one case (every rank)
+
+
+def run_case(case: Case, base: Optional[str], overrides: List[str], steps: int, warmup: int,
+             data_source: Optional[str], comm_steps: int = 2) -> dict:
+    import torch
+    import torch.distributed as dist
+
+    from ..distributed import engine as ds_engine
+    from ..distributed import env as dist_env
+    from ..distributed.parallelize import apply_activation_checkpointing
+    from ..model import build_model
+    from ..targets import build_target
+    from ..train.metrics import peak_tflops
+    from ..train.optim import param_groups
+    from ..train.pretrain import _dtype, _normalizer, plan_run
+    from . import memory
+
+    env = dist_env.discover()
+    run_dir = tempfile.mkdtemp(prefix="megadigpt-bench-")
+    cfg = case_config(case, base, overrides, env.world_size, run_dir, data_source)
+    plan = plan_run(cfg, env.world_size)
+    if case.offload and plan.device_type != "cuda":
+        raise ConfigError("CPU offload is measured on GPUs only")
+    device = ds_engine.start_processes(env, plan.device_type)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    mem = MemoryProbe(device)
+    m = cfg.model
+
+    torch.manual_seed(0)
+    teacher = build_target(cfg.target, m, device=device, dtype=_dtype(plan.teacher_dtype))
+    spec = teacher.spec
+    sizes = memory.model_sizes(cfg)
+    mem.start()
+    model = build_model(m, spec.dim, spec.grid)
+    if case.ckpt:
+        apply_activation_checkpointing(model)
+    if case.compile:
+        for blk in list(model.encoder.blocks) + [b for d in ("gen_decoder", "dis_decoder") if hasattr(model, d)
+                                                 for b in getattr(model, d).blocks]:
+            blk.compile()
+    if case.baseline:
+        kw = {"foreach": False}
+    else:
+        kw = {"fused": True} if device.type == "cuda" else {"foreach": False}
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=1e-4,
+                                  betas=tuple(cfg.optim.betas), **kw)
+    ds_config = ds_engine.build_ds_config(cfg, env.world_size, plan.precision)
+    if case.offload:
+        ds_config["zero_optimization"]["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+    engine = ds_engine.initialize(model, optimizer, ds_config)
+
+    # ---------------------------------------------------------------- inputs
+    B = case.micro_batch
+    norm_s = _normalizer(cfg.data.mean, cfg.data.std, _dtype(plan.precision), device)
+    norm_t = _normalizer(spec.mean, spec.std, _dtype(plan.teacher_dtype), device)
+    S = m.segment_grid ** 2
+    if case.data == "synthetic":
+        g = torch.Generator().manual_seed(env.rank)
+        fixed = [torch.randint(0, 256, (B, 3, s, s), dtype=torch.uint8, generator=g).to(device)
+                 for s in (m.img_size, spec.image_size)]
+
+        def batches():
+            while True:
+                yield {"views": fixed, "order": torch.stack([torch.randperm(S) for _ in range(B)])}
+    else:
+        from ..data import PretrainStream, build_pretrain_loader, find_samples
+
+        stream = PretrainStream(find_samples(cfg.data.source), [m.img_size, spec.image_size], S, 0,
+                                cfg.data.crop_scale, cfg.data.crop_ratio, cfg.data.interpolation, cfg.data.hflip)
+        total = warmup + 2 * steps + comm_steps + 1
+        loader = build_pretrain_loader(stream, B * env.world_size, B, env.rank, env.world_size, 0, total,
+                                       cfg.data.num_workers, plan.loader, device)
+
+        def batches():
+            return iter(loader)
+    it = batches()
+    engine.train()
+
+    def step(times=None):
+        def mark(name, t0):
+            if times is not None:
+                sync()
+                t1 = time.perf_counter()
+                times[name] += t1 - t0
+                return t1
+            return t0
+
+        t = time.perf_counter()
+        b = next(it)
+        views = [v.to(device, non_blocking=True) for v in b["views"]]
+        xs, xt = norm_s(views[0]), norm_t(views[-1])
+        order = b["order"].to(device)
+        t = mark("data", t)
+        with torch.no_grad():
+            tokens, cls = teacher(xt)
+        tokens = tokens.to(_dtype(plan.precision))
+        cls = cls.to(_dtype(plan.precision)) if cls is not None else None
+        t = mark("teacher", t)
+        gen, dis = engine(xs, tokens, cls, order)
+        loss = gen.mean() + dis.mean()
+        t = mark("forward", t)
+        engine.backward(loss)
+        t = mark("backward", t)
+        engine.step()
+        mark("optimizer", t)
+        return loss
+
+    for _ in range(max(1, warmup)):
+        step()
+    sync()
+    steady_bytes = mem.now()  # model states after a step (Adam's moments exist from the first one)
+    for _ in range(1 if device.type == "cpu" else 0):
+        step()  # one more steady-state step inside the CPU's counter (the GPU's counts the timed steps too)
+    if device.type == "cpu":
+        peak_bytes, rss_bytes = mem.stop()
+    dist.barrier()
+    # images/s: plain steps (on a CPU every op is synchronous, so the synchronised pass below measures the same)
+    plain_s = None
+    if device.type == "cuda":
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            loss = step()
+        sync()
+        plain_s = (time.perf_counter() - t0) / steps
+    times = dict.fromkeys(PHASES, 0.0)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        loss = step(times)
+    sync()
+    synced_s = (time.perf_counter() - t0) / steps
+    if device.type == "cuda":
+        peak_bytes, rss_bytes = mem.stop()
+    loss_value = float(loss.detach().float().item())
+
+    comm = {}
+    if env.world_size > 1 and comm_steps > 0:
+        import deepspeed.comm as ds_comm
+
+        logger = ds_comm.comms_logger
+        logger.enabled, logger.prof_all, logger.verbose = True, True, False
+        logger.comms_dict.clear()
+        for _ in range(comm_steps):
+            step()
+        sync()
+        logger.enabled = False
+        for name, by_size in logger.comms_dict.items():
+            comm[name] = sum(sum(v[1]) for v in by_size.values()) / 1000.0 / comm_steps  # ms -> s per step
+    # every rank's peak: the planner is per rank
+    peaks = [None] * env.world_size
+    dist.all_gather_object(peaks, (peak_bytes, steady_bytes, rss_bytes or 0))
+    step_s = plain_s or synced_s
+    ips = B * env.world_size / step_s
+    peak_tf, peak_src = peak_tflops(device, cfg.train.peak_tflops)
+    mfu = {}
+    if peak_tf and sizes.student_fwd_flops:
+        per_dev = ips / env.world_size
+        mfu["mfu_student"] = per_dev * 3 * sizes.student_fwd_flops / (peak_tf * 1e12)
+        if sizes.teacher_fwd_flops is not None:
+            mfu["mfu_total"] = per_dev * (3 * sizes.student_fwd_flops + sizes.teacher_fwd_flops) / (peak_tf * 1e12)
+    planned = memory.plan_one(cfg, env.world_size, 1e9, case.zero, case.ckpt, case.offload, B, plan.precision,
+                              plan.teacher_dtype, reserve_gib=0.0) \
+        if case.zero in (1, 2, 3) else None
+    res = {
+        "status": "ok", "world_size": env.world_size, "device": _device_name(device),
+        "precision": plan.precision, "teacher_dtype": plan.teacher_dtype, "loader": case.data,
+        "images_per_s": ips, "step_s": step_s, "synced_step_s": synced_s,
+        "phases_s": {k: v / steps for k, v in times.items()}, "comm_s": sum(comm.values()), "comm_ops_s": comm,
+        "peak_gib": max(p[0] for p in peaks) / memory.GiB, "states_gib": max(p[1] for p in peaks) / memory.GiB,
+        "rss_peak_gib": (max(p[2] for p in peaks) / memory.GiB) if rss_bytes is not None else None,
+        "peak_tflops": peak_tf, "peak_tflops_source": peak_src,
+        "flops_student_fwd": sizes.student_fwd_flops, "flops_teacher_fwd": sizes.teacher_fwd_flops,
+        "student_params": sizes.student_params, "teacher_params": sizes.teacher_params, "loss": loss_value, **mfu,
+    }
+    if planned is not None:
+        # what the measurement sees: everything above the footprint before the student, without the teacher's
+        # weights (built before) -- states and the larger of activations and the step's fp32 gradients
+        res["planned_gib"] = planned.total_gib - planned.teacher_gib
+        res["planned_states_gib"] = (planned.params_gib + planned.grads_gib + planned.optimizer_gib +
+                                     planned.buffers_gib - memory.model_states(
+                                         sizes.student_params, sizes.largest_module_params, env.world_size,
+                                         case.zero, plan.precision, case.offload,
+                                         memory._ds_buffers(cfg, case.zero))["fp32_grads"] / memory.GiB)
+        res["planned_activations_gib"] = planned.activations_gib
+        res["measured_over_planned"] = res["peak_gib"] / res["planned_gib"]
+    dist.barrier()
+    dist.destroy_process_group()
+    return res
+
+
+def _device_name(device) -> str:
+    if device.type == "cuda":
+        import torch
+
+        return torch.cuda.get_device_name(device)
+    name = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"CPU {name} ({os.cpu_count()} cores)"
+
+
+def worker_main(argv) -> int:
+    """``python -m megadigpt.perf.bench --worker <job.json> <result.json>``: one rank of one case."""
+    job = json.loads(Path(argv[0]).read_text())
+    out = Path(argv[1])
+    try:
+        res = run_case(Case(**job["case"]), job["base"], job["overrides"], job["steps"], job["warmup"],
+                       job["data_source"], job.get("comm_steps", 2))
+    except Exception as e:  # noqa: BLE001 - recorded in the table; the sweep goes on
+        import torch
+
+        oom = isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()
+        res = {"status": "oom" if oom else "error", "error": f"{type(e).__name__}: {e}"[:2000]}
+        if os.environ.get("RANK", "0") == "0":
+            out.write_text(json.dumps(res))
+        raise
+    if os.environ.get("RANK", "0") == "0":
+        out.write_text(json.dumps(res))
+    return 0
+
+
+# ============================================================================ the sweep (parent process)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_case(case: Case, ranks: int, base, overrides, steps, warmup, data_source, timeout: float,
+                workdir: Path, comm_steps: int = 2) -> dict:
+    workdir.mkdir(parents=True, exist_ok=True)
+    job = workdir / "job.json"
+    result = workdir / "result.json"
+    job.write_text(json.dumps({"case": asdict(case), "base": base, "overrides": overrides, "steps": steps,
+                               "warmup": warmup, "data_source": data_source, "comm_steps": comm_steps}))
+    port = _free_port()
+    procs = []
+    cores = os.cpu_count() or 1
+    for r in range(ranks):
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("OMPI_", "PMI_", "PMIX_", "SLURM_"))}
+        env.update(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(ranks), LOCAL_WORLD_SIZE=str(ranks),
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        env.setdefault("OMP_NUM_THREADS", str(max(1, cores // ranks)))
+        log = open(workdir / f"rank{r}.log", "w")
+        procs.append((subprocess.Popen([sys.executable, "-m", "megadigpt.perf.bench", "--worker", str(job),
+                                        str(result)], env=env, stdout=log, stderr=subprocess.STDOUT), log))
+    deadline = time.monotonic() + timeout
+    timed_out = False
+    for p, log in procs:
+        try:
+            p.wait(timeout=max(1.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            timed_out = True
+    for p, log in procs:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+        log.close()
+    if result.is_file():
+        res = json.loads(result.read_text())
+    else:
+        tail = (workdir / "rank0.log").read_text()[-1500:] if (workdir / "rank0.log").is_file() else ""
+        res = {"status": "timeout" if timed_out else "error",
+               "error": ("timed out after %.0f s" % timeout) if timed_out else tail}
+    if res.get("status") == "ok" and any(p.returncode for p, _ in procs):
+        res = {"status": "error", "error": f"exit codes {[p.returncode for p, _ in procs]}; see {workdir}"}
+    return res
+
+
+def expand_grid(models, teachers, zeros, ckpts, attentions, micro_batches, precisions, compiles, datas,
+                img_size=224) -> List[Case]:
+    cases = []
+    for (arch, patch), teacher, mb, data in itertools.product(models, teachers, micro_batches, datas):
+        for zero, ck, attn, prec, comp in itertools.product(zeros, ckpts, attentions, precisions, compiles):
+            cases.append(Case(arch, patch, img_size, teacher, zero, ck, attn, mb, prec, comp, data))
+    return cases
+
+
+def with_baselines(cases: List[Case], device_type: str) -> List[Case]:
+    out, seen = [], set()
+    for c in cases:
+        if c.group() not in seen:
+            seen.add(c.group())
+            out.append(as_baseline(c, device_type))
+        out.append(c)
+    return out
+
+
+def attach_speedups(rows: List[dict]):
+    base = {tuple(r["case"][k] for k in ("arch", "patch", "img_size", "teacher", "micro_batch", "data")):
+            r["result"]["images_per_s"] for r in rows if r["case"]["baseline"] and r["result"]["status"] == "ok"}
+    for r in rows:
+        key = tuple(r["case"][k] for k in ("arch", "patch", "img_size", "teacher", "micro_batch", "data"))
+        if r["result"]["status"] == "ok" and key in base:
+            r["result"]["vs_baseline"] = r["result"]["images_per_s"] / base[key]
+
+
+def _f(v, fmt):
+    return "–" if v is None else format(v, fmt)
+
+
+def markdown(rows: List[dict]) -> str:
+    head = ("| model | teacher | case | precision | data | micro-batch | img/s | step ms | data | teacher fwd | "
+            "student fwd | student bwd | optimizer | comm | peak GiB | planned GiB | measured/planned | "
+            "MFU student | MFU total | vs baseline |")
+    out = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        c, x = r["case"], r["result"]
+        name = f"{c['arch']}/{c['patch']}" + (f"@{c['img_size']}" if c["img_size"] != 224 else "")
+        label = Case(**c).label
+        if x["status"] != "ok":
+            out.append(f"| {name} | {c['teacher']} | {label} | {c['precision']} | {c['data']} | {c['micro_batch']} | "
+                       f"{x['status']} |" + " |" * (head.count("|") - 8))
+            continue
+        ph = x["phases_s"]
+        ms = lambda s: _f(None if s is None else 1000 * s, ".0f")  # noqa: E731
+        out.append(
+            f"| {name} | {c['teacher']} | {label} | {x['precision']} | {c['data']} | {c['micro_batch']} | "
+            f"{x['images_per_s']:.1f} | {ms(x['step_s'])} | " + " | ".join(ms(ph[p]) for p in PHASES) +
+            f" | {ms(x['comm_s']) if x['world_size'] > 1 else '–'} | {x['peak_gib']:.2f} | "
+            f"{_f(x.get('planned_gib'), '.2f')} | {_f(x.get('measured_over_planned'), '.2f')} | "
+            f"{_f(x.get('mfu_student'), '.1%')} | {_f(x.get('mfu_total'), '.1%')} | "
+            f"{_f(x.get('vs_baseline'), '.2f')}{'x' if x.get('vs_baseline') else ''} |")
+    return "\n".join(out)
+
+
+def plot(rows: List[dict], path: Path) -> bool:
+    """Stacked bars of the step-time breakdown, one per case, annotated with images/s. False without
+    matplotlib (``pip install 'megadigpt[bench]'``)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    ok = [r for r in rows if r["result"]["status"] == "ok"]
+    if not ok:
+        return False
+    labels = [f"{r['case']['arch']}/{r['case']['patch']} {r['case']['teacher']} mb{r['case']['micro_batch']}\n"
+              f"{Case(**r['case']).label}" for r in ok]
+    fig, ax = plt.subplots(figsize=(9, 0.55 * len(ok) + 1.5))
+    left = [0.0] * len(ok)
+    for p in PHASES:
+        w = [1000 * r["result"]["phases_s"][p] for r in ok]
+        ax.barh(range(len(ok)), w, left=left, label=p)
+        left = [a + b for a, b in zip(left, w)]
+    for i, r in enumerate(ok):
+        ax.text(left[i], i, f"  {r['result']['images_per_s']:.1f} img/s", va="center", fontsize=8)
+    ax.set_yticks(range(len(ok)), labels, fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlabel("synchronised step time (ms)")
+    ax.set_xlim(0, max(left) * 1.3)
+    ax.legend(loc="lower right", fontsize=7)
+    ax.set_title(f"megadigpt bench: {ok[0]['result']['device']}, {ok[0]['result']['world_size']} rank(s)",
+                 fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def run_bench(cases: List[Case], ranks: int, out: Path, base=None, overrides=(), steps=5, warmup=2,
+              data_source=None, timeout=1800.0, baseline=True, comm_steps=2, echo=print) -> dict:
+    import torch
+
+    from ..train.pretrain import _device_type
+
+    from ..train.pretrain import plan_run
+
+    device_type = _device_type("auto")
+    with tempfile.TemporaryDirectory() as tmp:  # every case is checked before the first one runs
+        for c in cases:
+            if c.offload and device_type != "cuda":
+                raise ConfigError("CPU offload is measured on GPUs only")
+            plan_run(case_config(c, base, list(overrides), ranks, tmp, data_source), ranks)
+    if baseline:
+        cases = with_baselines(cases, device_type)
+    if device_type == "cuda" and ranks > torch.cuda.device_count():
+        raise ConfigError(f"--ranks {ranks} but {torch.cuda.device_count()} GPUs are visible")
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i, c in enumerate(cases):
+        echo(f"[{i + 1}/{len(cases)}] {c.arch}/{c.patch} {c.teacher} mb{c.micro_batch} {c.data}: {c.label}")
+        res = launch_case(c, ranks, base, list(overrides), steps, warmup, data_source, timeout, out / f"case{i:03d}",
+                          comm_steps)
+        rows.append({"case": asdict(c), "result": res})
+        if res["status"] == "ok":
+            echo(f"    {res['images_per_s']:.2f} img/s, peak {res['peak_gib']:.2f} GiB")
+        else:
+            echo(f"    {res['status']}: {res.get('error', '')[-300:]}")
+    attach_speedups(rows)
+    report = {"date": time.strftime("%Y-%m-%d"), "host": socket.gethostname(), "ranks": ranks, "steps": steps,
+              "warmup": warmup, "torch": torch.__version__, "rows": rows}
+    try:
+        import deepspeed
+
+        report["deepspeed"] = deepspeed.__version__
+    except ImportError:
+        pass
+    (out / "bench.json").write_text(json.dumps(report, indent=1))
+    table = markdown(rows)
+    (out / "bench.md").write_text(table + "\n")
+    report["plot"] = str(out / "bench.png") if plot(rows, out / "bench.png") else None
+    return report
+
+
+if __name__ == "__main__":
+    if len(sys.argv) >= 2 and sys.argv[1] == "--worker":
+        sys.exit(worker_main(sys.argv[2:]))
+    sys.exit("usage: megadigpt bench ... (this module's own entry is for its worker processes)")

@@ -1,0 +1,408 @@
+"""Per-device memory of a pretraining step, without a GPU: ``megadigpt plan``.
+
+    model states   counted from the model built on the meta device (nothing allocated), in bytes per parameter
+                   as DeepSpeed's ZeRO stages allocate them (see ``model_states``)
+    activations    the live-tensor peak of one real training micro-step (teacher forward, student forward,
+                   backward) traced on the meta device with :class:`LiveBytes`: every op runs with its real
+                   shapes and dtypes, so what autograd saves, the transient buffers of backward and activation
+                   checkpointing's recomputation are all in it. Fused attention kernels (SDPA's flash and
+                   memory-efficient kernels, FlexAttention) save only their output and the log-sum-exp; the trace
+                   models them that way, the ``eager`` backend with its full L x L matrices.
+
+The sum is checked against real peaks by ``megadigpt bench`` (CPU: the resident set of a real DeepSpeed
+engine's process; GPU: ``torch.cuda.max_memory_allocated``), which prints planned and measured side by side.
+"""
+
+import contextlib
+import math
+import weakref
+from dataclasses import dataclass, replace
+from typing import Dict, List, Optional, Sequence
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+GiB = 2 ** 30
+DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+
+
+# ============================================================================ tracing live bytes
+
+
+class LiveBytes(TorchDispatchMode):
+    """Bytes of the tensor storages created inside the mode and still alive: ``live`` now, ``peak`` the maximum.
+    Views share their base's storage and in-place ops return it, so each storage counts once; tensors made before
+    the mode (parameters, inputs) do not count. Works on any device, including ``meta``."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = self.peak = 0
+        self._ids = set()
+
+    def _free(self, key, n):
+        self._ids.discard(key)
+        self.live -= n
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                st = t.untyped_storage()
+                key = id(st)
+                if key in self._ids:
+                    continue
+                n = st.nbytes()
+                self._ids.add(key)
+                self.live += n
+                self.peak = max(self.peak, self.live)
+                weakref.finalize(st, self._free, key, n)
+        return out
+
+
+class _FusedAttentionMemory(torch.autograd.Function):
+    """The memory behaviour of a fused attention kernel (flash / memory-efficient / FlexAttention): forward keeps
+    q, k, v, the output and a float32 log-sum-exp per query; backward makes dq, dk, dv. No L x L matrix."""
+
+    @staticmethod
+    def forward(ctx, q, k, v):
+        out = torch.empty_like(q)
+        lse = q.new_empty(q.shape[:-1], dtype=torch.float32)
+        ctx.save_for_backward(q, k, v, out, lse)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, k, v, _, _ = ctx.saved_tensors
+        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+@contextlib.contextmanager
+def fused_attention_memory():
+    """Inside: ``F.scaled_dot_product_attention`` (ours, timm's, open_clip's via ``multi_head_attention_forward``)
+    behaves like a fused kernel on the meta device, whatever the mask."""
+    import torch.nn.functional as F
+
+    orig = F.scaled_dot_product_attention
+
+    def sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kw):
+        return _FusedAttentionMemory.apply(q, k, v)
+
+    F.scaled_dot_product_attention = sdpa
+    try:
+        yield
+    finally:
+        F.scaled_dot_product_attention = orig
+
+
+# ============================================================================ sizes
+
+
+@dataclass(frozen=True)
+class ModelSizes:
+    student_params: int  # trainable
+    largest_module_params: int  # the largest encoder/decoder block (ZeRO-3 gathers whole modules)
+    teacher_params: int
+    student_fwd_flops: Optional[float]  # per image
+    teacher_fwd_flops: Optional[float]
+
+
+def _meta_teacher(tcfg, mcfg):
+    """The teacher's architecture on the meta device (random, unallocated weights)."""
+    from ..targets import describe_target
+
+    spec = describe_target(tcfg, mcfg)
+    if tcfg.kind == "pixels":
+        from ..targets.pixels import PixelTarget
+
+        return PixelTarget(spec, tcfg.patch_size or mcfg.patch_size), spec
+    with torch.device("meta"):
+        if tcfg.kind == "open_clip":
+            import open_clip
+
+            from ..targets.openclip import OpenCLIPTarget
+
+            t = OpenCLIPTarget.__new__(OpenCLIPTarget)
+            torch.nn.Module.__init__(t)
+            t.visual = open_clip.create_model(tcfg.model, pretrained=None, force_image_size=spec.image_size,
+                                              device="meta").visual
+            t.spec = spec
+        elif tcfg.kind == "timm":
+            from ..targets.timm_target import TimmTarget, _create
+
+            t = TimmTarget.__new__(TimmTarget)
+            torch.nn.Module.__init__(t)
+            t.spec, t.net = spec, _create(tcfg, spec.image_size, pretrained=False)
+            t.prefix = getattr(t.net, "num_prefix_tokens", 1)
+        else:
+            from efficientnet_lite_pytorch import EfficientNet
+
+            from ..targets.efficientnet import EfficientNetTarget
+
+            t = EfficientNetTarget.__new__(EfficientNetTarget)
+            torch.nn.Module.__init__(t)
+            t.spec, t.layer, t.net = spec, tcfg.layer, EfficientNet.from_name("efficientnet-lite0")
+    t.requires_grad_(False)
+    return t.eval(), spec
+
+
+def _meta_student(cfg, spec, dtype=torch.float32):
+    from ..model import build_model
+
+    with torch.device("meta"):
+        model = build_model(cfg.model, spec.dim, spec.grid)
+    return model.to(dtype)
+
+
+def _inputs(cfg, spec, batch, s_dtype, t_dtype):
+    m = cfg.model
+    x = torch.empty(batch, 3, m.img_size, m.img_size, device="meta", dtype=s_dtype)
+    xt = torch.empty(batch, 3, spec.image_size, spec.image_size, device="meta", dtype=t_dtype)
+    order = torch.zeros(batch, m.segment_grid ** 2, dtype=torch.long, device="meta")
+    return x, xt, order
+
+
+_SIZES: Dict[str, ModelSizes] = {}
+
+
+def model_sizes(cfg) -> ModelSizes:
+    """Parameter counts and per-image forward FLOPs of the configured student and teacher (meta device)."""
+    from ..config import dump_config
+
+    key = dump_config(cfg)
+    if key not in _SIZES:
+        _SIZES[key] = _sizes(cfg)
+    return _SIZES[key]
+
+
+def _sizes(cfg) -> ModelSizes:
+    from ..train.metrics import count_flops
+
+    teacher, spec = _meta_teacher(cfg.target, cfg.model)
+    student = _meta_student(cfg, spec)
+    P = sum(p.numel() for p in student.parameters() if p.requires_grad)
+    blocks = list(student.encoder.blocks) + [b for d in ("gen_decoder", "dis_decoder") if hasattr(student, d)
+                                               for b in getattr(student, d).blocks]
+    largest = max([sum(p.numel() for p in b.parameters()) for b in blocks] or [0])
+    x, xt, order = _inputs(cfg, spec, 1, torch.float32, torch.float32)
+    sf = count_flops(student, x, torch.empty(1, spec.grid ** 2, spec.dim, device="meta"),
+                     torch.empty(1, spec.dim, device="meta"), order)
+    tf = count_flops(teacher, xt) if cfg.target.kind != "pixels" else 0.0
+    return ModelSizes(P, largest, sum(p.numel() for p in teacher.parameters()), sf, tf)
+
+
+# ============================================================================ activations
+
+
+_TRACES: Dict[tuple, int] = {}
+
+
+def trace_micro_step(cfg, batch: int, precision: str = "bf16", teacher_dtype: str = "bf16",
+                     activation_checkpointing: bool = False, attention: Optional[str] = None) -> int:
+    from ..config import dump_config
+
+    key = (dump_config(cfg), batch, precision, teacher_dtype, activation_checkpointing, attention)
+    if key not in _TRACES:
+        _TRACES[key] = _trace(cfg, batch, precision, teacher_dtype, activation_checkpointing, attention)
+    return _TRACES[key]
+
+
+def _trace(cfg, batch, precision, teacher_dtype, activation_checkpointing, attention) -> int:
+    """Peak bytes of the tensors created by one training micro-step (teacher forward without grad, student
+    forward, backward with each gradient handed off as soon as it is accumulated, as ZeRO's hooks do), traced on
+    the meta device. Parameters are not included (they are model states)."""
+    from ..distributed.parallelize import apply_activation_checkpointing
+
+    attention = attention or cfg.model.attention
+    dt = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    teacher, spec = _meta_teacher(cfg.target, cfg.model)
+    teacher = teacher.to(dt[teacher_dtype])
+    student = _meta_student(cfg, spec, dt[precision])
+    if activation_checkpointing:
+        apply_activation_checkpointing(student, preserve_rng_state=False)
+    for p in student.parameters():
+        p.register_post_accumulate_grad_hook(lambda p: setattr(p, "grad", None))
+    x, xt, order = _inputs(cfg, spec, batch, dt[precision], dt[teacher_dtype])
+    # SDPA with our boolean mask runs a fused kernel on CPUs (measured: tests/test_perf.py) and GPUs (memory-
+    # efficient attention), FlexAttention always; eager materialises the L x L scores and probabilities
+    fused = attention in ("sdpa", "flex")
+    for mod in student.modules():
+        if hasattr(mod, "backend"):
+            mod.backend = "sdpa" if fused else "eager"
+    tracker = LiveBytes()
+    with (fused_attention_memory() if fused else contextlib.nullcontext()), tracker:
+        with torch.no_grad():
+            tokens, cls = teacher(xt)
+        tokens = tokens.to(dt[precision])
+        cls = cls.to(dt[precision]) if cls is not None else None
+        gen, dis = student(x, tokens, cls, order)
+        (gen.mean() + dis.mean()).backward()
+    return tracker.peak
+
+
+# ============================================================================ model states
+
+
+@dataclass(frozen=True)
+class ZeroBuffers:
+    """The DeepSpeed config values that size ZeRO's buffers (elements)."""
+
+    reduce_bucket: int = 500_000_000
+    allgather_bucket: int = 500_000_000
+    prefetch_bucket: int = 50_000_000
+    max_live: int = 1_000_000_000
+    max_reuse: int = 1_000_000_000
+    overlap_comm: bool = False
+    contiguous_gradients: bool = True
+
+    @classmethod
+    def from_ds(cls, ds: dict, stage: int):
+        z = ds.get("zero_optimization", {})
+        d = cls(overlap_comm=stage == 3)
+        return cls(int(z.get("reduce_bucket_size", d.reduce_bucket)), int(z.get("allgather_bucket_size",
+                                                                               d.allgather_bucket)),
+                   int(z.get("stage3_prefetch_bucket_size", d.prefetch_bucket)),
+                   int(z.get("stage3_max_live_parameters", d.max_live)),
+                   int(z.get("stage3_max_reuse_distance", d.max_reuse)),
+                   bool(z.get("overlap_comm", d.overlap_comm)), bool(z.get("contiguous_gradients", True)))
+
+
+def model_states(P: int, largest: int, world: int, stage: int, precision: str, offload: bool = False,
+                 buffers: ZeroBuffers = ZeroBuffers()) -> Dict[str, int]:
+    """Per-rank bytes of the student's model states under DeepSpeed ZeRO (AdamW), on the device and on the host.
+
+    h = 2 (bf16/fp16) or 4 (fp32) bytes per weight; N = data-parallel ranks.
+
+    ========  ==================  ============================  ===============================  ================
+    stage     parameters          gradients                     optimizer (fp32 master + m + v)  buffers
+    ========  ==================  ============================  ===============================  ================
+    1         h P                 h P                           12 P / N                         fp32 grads 4P/N
+    2         h P                 h P / N                       12 P / N                         fp32 grads 4P/N,
+                                                                                                 reduce buckets
+    3         h P / N + gathered  h P / N                       12 P / N                         fp32 grads 4P/N,
+                                                                                                 reduce bucket
+    ========  ==================  ============================  ===============================  ================
+
+    DeepSpeed keeps a separate fp32 master copy even when the model itself is fp32 (CPU), and the fp32 gradient
+    partition exists during the optimizer step. ZeRO-3 keeps gathered (full) parameters alive between their
+    forward and backward use unless the distance exceeds ``stage3_max_reuse_distance`` (default 1e9), capped by
+    ``stage3_max_live_parameters``; gathered = h x min(P, max_live) (none on one rank). CPU offload moves the master, m, v and the
+    fp32 gradients to the host."""
+    h = DTYPE_BYTES[precision]
+    N = world
+    part = math.ceil(P / N)
+    if stage not in (1, 2, 3):
+        raise ValueError(f"the planner models ZeRO stages 1, 2 and 3, got {stage}")
+    params = h * P if stage < 3 else h * part
+    gathered = 0
+    if stage == 3 and N > 1:  # one rank: DeepSpeed computes on the partition itself, nothing is gathered
+        gathered = h * min(P, buffers.max_live) if buffers.max_reuse >= P else h * min(
+            max(largest, buffers.prefetch_bucket), P)
+    grads = h * P if stage == 1 else h * part
+    optim = 12 * part
+    fp32_grads = 4 * part
+    bucket = 0
+    if buffers.contiguous_gradients:  # torch.empty(reduce_bucket_size): allocated in full, however small the model
+        bucket = h * buffers.reduce_bucket * (2 if buffers.overlap_comm and stage < 3 else 1)
+    host = 0
+    if offload:
+        host, optim, fp32_grads = optim + fp32_grads, 0, 0
+    return {"params": params, "gathered_params": gathered, "grads": grads, "optimizer": optim,
+            "fp32_grads": fp32_grads, "buckets": bucket, "host": host}
+
+
+# ============================================================================ the plan
+
+
+@dataclass
+class PlanRow:
+    arch: str
+    patch: int
+    stage: int
+    checkpointing: bool
+    offload: bool
+    micro_batch: int
+    params_gib: float
+    grads_gib: float
+    optimizer_gib: float
+    buffers_gib: float
+    activations_gib: float
+    teacher_gib: float
+    total_gib: float
+    fits: bool
+    max_micro_batch: int  # the largest that fits (0: none)
+    recommended_micro_batch: int  # the largest that fits and divides train.global_batch / world
+    host_gib: float  # per rank, with CPU offload
+
+
+def _ds_buffers(cfg, stage: int) -> ZeroBuffers:
+    import json
+
+    from ..distributed.engine import template_path
+
+    try:
+        return ZeroBuffers.from_ds(json.loads(template_path(stage, cfg.train.ds_config).read_text()), stage)
+    except Exception:  # noqa: BLE001 - no template: DeepSpeed's defaults
+        return ZeroBuffers(overlap_comm=stage == 3)
+
+
+def plan_one(cfg, world: int, gpu_gib: float, stage: int, ckpt: bool, offload: bool, micro_batch: int,
+             precision: str = "bf16", teacher_dtype: str = "bf16", reserve_gib: float = 1.0) -> PlanRow:
+    """One configuration. ``reserve_gib``: the device memory outside torch's allocator that a run cannot use (CUDA
+    context, NCCL buffers), taken off ``gpu_gib`` before fitting."""
+    sizes = model_sizes(cfg)
+    st = model_states(sizes.student_params, sizes.largest_module_params, world, stage, precision, offload,
+                      _ds_buffers(cfg, stage))
+    a1 = trace_micro_step(cfg, 1, precision, teacher_dtype, ckpt)
+    a2 = trace_micro_step(cfg, 2, precision, teacher_dtype, ckpt)
+    per_image, fixed_act = a2 - a1, 2 * a1 - a2
+
+    def act(b):
+        return fixed_act + per_image * b
+
+    teacher = sizes.teacher_params * DTYPE_BYTES[teacher_dtype]
+    states = st["params"] + st["gathered_params"] + st["grads"] + st["optimizer"] + st["buckets"]
+    # the optimizer step's fp32 gradients exist after the activations are gone: the peak is the larger phase
+    def total(b):
+        return teacher + states + max(act(b), st["fp32_grads"])
+
+    budget = (gpu_gib - reserve_gib) * GiB
+    per_rank = cfg.train.global_batch // world if cfg.train.global_batch % world == 0 else 0
+    best = max(0, int((budget - teacher - states - fixed_act) // per_image)) if per_image > 0 else 0
+    while best > 0 and total(best) > budget:
+        best -= 1
+    best = min(best, 1 << 16)
+    rec = max([b for b in range(1, min(best, per_rank) + 1) if per_rank % b == 0] or [0])
+    tb = total(micro_batch)
+    return PlanRow(cfg.model.arch, cfg.model.patch_size, stage, ckpt, offload, micro_batch,
+                   (st["params"] + st["gathered_params"]) / GiB, st["grads"] / GiB,
+                   st["optimizer"] / GiB, (st["buckets"] + st["fp32_grads"]) / GiB, act(micro_batch) / GiB,
+                   teacher / GiB, tb / GiB, tb <= budget, best, rec, st["host"] / GiB)
+
+
+def plan(cfg, world: int, gpu_gib: float, archs: Sequence[str], stages=(1, 2, 3), ckpts=(False, True),
+         offloads=(False, True), micro_batch: Optional[int] = None, patch: Optional[int] = None,
+         precision: str = "bf16", teacher_dtype: str = "bf16", reserve_gib: float = 1.0) -> List[PlanRow]:
+    rows = []
+    for arch in archs:
+        m = replace(cfg.model, arch=arch, patch_size=patch or cfg.model.patch_size, taps=None)
+        c = replace(cfg, model=m)
+        for stage in stages:
+            for ck in ckpts:
+                for off in offloads:
+                    rows.append(plan_one(c, world, gpu_gib, stage, ck, off, micro_batch or cfg.train.micro_batch,
+                                         precision, teacher_dtype, reserve_gib))
+    return rows
+
+
+def markdown(rows: List[PlanRow], world: int, gpu_gib: float) -> str:
+    head = ("| model | ZeRO | act. ckpt | offload | micro-batch | params | grads | optimizer | buffers | "
+            "activations | teacher | total GiB | fits | max micro-batch | recommended | host GiB/GPU |")
+    out = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        out.append(f"| {r.arch}/{r.patch} | {r.stage} | {'on' if r.checkpointing else 'off'} | "
+                   f"{'cpu' if r.offload else 'off'} | {r.micro_batch} | {r.params_gib:.2f} | {r.grads_gib:.2f} | "
+                   f"{r.optimizer_gib:.2f} | {r.buffers_gib:.2f} | {r.activations_gib:.2f} | {r.teacher_gib:.2f} | "
+                   f"{r.total_gib:.2f} | {'yes' if r.fits else 'no'} | {r.max_micro_batch} | "
+                   f"{r.recommended_micro_batch} | {r.host_gib:.2f} |")
+    return "\n".join(out)

@@ -1,0 +1,143 @@
+"""The planner and the benchmark: the meta-device memory trace against real tensors, the ZeRO model-state formulas
+against DeepSpeed's own estimator, ``megadigpt plan`` and a real two-rank ``megadigpt bench`` sweep."""
+
+import json
+
+import pytest
+import torch
+
+from .conftest import TINY, run_cli
+
+TINY_MODEL = [o for o in TINY if o.startswith(("model.", "target."))]
+
+
+def test_live_bytes_counts_storages_once_and_frees_them():
+    from megadigpt.perf.memory import LiveBytes
+
+    with LiveBytes() as tr:
+        a = torch.empty(1000)  # 4000 B
+        v = a.view(10, 100)  # a view: same storage
+        a.add_(1)  # in place: same storage
+        b = torch.empty(500, dtype=torch.float64)  # 4000 B
+        assert tr.live == 8000
+        del a, v
+        c = torch.empty(250)  # 1000 B after a's 4000 B were freed
+        assert tr.live == 5000
+    assert tr.peak == 8000
+    del b, c
+
+
+@pytest.mark.parametrize("attention,ckpt", [("sdpa", False), ("eager", False), ("sdpa", True)])
+def test_meta_trace_equals_the_real_step_on_cpu(attention, ckpt):
+    """The planner's activation trace (meta device, fused-attention model) against the same micro-step on real
+    CPU tensors, counted by the same tracker."""
+    from megadigpt.config import load_config
+    from megadigpt.distributed.parallelize import apply_activation_checkpointing
+    from megadigpt.model import build_model
+    from megadigpt.perf.memory import LiveBytes, trace_micro_step
+    from megadigpt.targets import build_target
+
+    cfg = load_config(None, ["model.arch=vit_tiny", "model.img_size=64", "model.patch_size=8", "model.depth=3",
+                             "model.decoder_dim=64", "model.decoder_heads=4", "target.kind=efficientnet_lite0",
+                             f"model.attention={attention}"])
+    B = 3
+    teacher = build_target(cfg.target, cfg.model)
+    model = build_model(cfg.model, teacher.spec.dim, teacher.spec.grid)
+    if ckpt:
+        apply_activation_checkpointing(model)
+    for p in model.parameters():
+        p.register_post_accumulate_grad_hook(lambda p: setattr(p, "grad", None))
+    x = torch.randn(B, 3, 64, 64)
+    order = torch.stack([torch.randperm(4) for _ in range(B)])
+    with LiveBytes() as tr:
+        with torch.no_grad():
+            tok, cls = teacher(x)
+        gen, dis = model(x, tok, cls, order)
+        (gen.mean() + dis.mean()).backward()
+    planned = trace_micro_step(cfg, B, "fp32", "fp32", ckpt, attention)
+    assert abs(planned - tr.peak) / tr.peak < 0.02, (planned, tr.peak)
+
+
+def test_zero_states_agree_with_deepspeeds_estimator():
+    """ZeRO-2 without buffers is DeepSpeed's own 2P + 18P/N; ZeRO-3 is ours = its 18P/N + the 2-byte gradient
+    partition it leaves out (stage3.py allocates grad_partitions_flat_buffer)."""
+    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+
+    from megadigpt.perf.memory import ZeroBuffers, model_states
+
+    P, largest, N = 304_000_000, 12_600_000, 16
+    none = ZeroBuffers(contiguous_gradients=False)
+    s2 = model_states(P, largest, N, 2, "bf16", buffers=none)
+    _, ds2 = estimate_zero2_model_states_mem_needs(P, num_gpus_per_node=N, cpu_offload=False)
+    assert abs(s2["params"] + s2["grads"] + s2["optimizer"] + s2["fp32_grads"] - ds2) <= N * 20
+    s3 = model_states(P, largest, N, 3, "bf16", buffers=none)
+    _, ds3, _ = estimate_zero3_model_states_mem_needs(P, largest, num_gpus_per_node=N, cpu_offload=False)
+    ours = s3["params"] + s3["grads"] + s3["optimizer"] + s3["fp32_grads"]
+    assert abs(ours - (ds3 - 4 * largest) - 2 * P / N) <= N * 20
+    # more ranks, less per rank; stage 1 keeps whole gradients, stage 3 whole parameters only while gathered
+    s1 = model_states(P, largest, N, 1, "bf16", buffers=none)
+    assert s1["grads"] == 2 * P and s2["grads"] < s1["grads"] and s3["params"] < s2["params"]
+    off = model_states(P, largest, N, 3, "bf16", offload=True, buffers=none)
+    assert off["optimizer"] == 0 and off["host"] == s3["optimizer"] + s3["fp32_grads"]
+
+
+def test_plan_cli(tmp_path):
+    out = tmp_path / "plan.json"
+    proc = run_cli(["plan", "--config", "demo", "--models", "vit_small/16,vit_base/16", "--gpus", "4", "--gpu-mem",
+                    "6", "--zero", "1,3", "--ckpt", "off,on", "--offload", "off", "--json", str(out),
+                    "train.global_batch=256"])
+    rows = json.loads(out.read_text())
+    assert len(rows) == 2 * 2 * 2 and "| vit_base/16 | 3 | on |" in proc.stdout
+    by = {(r["arch"], r["stage"], r["checkpointing"]): r for r in rows}
+    for (arch, stage, ck), r in by.items():
+        assert r["max_micro_batch"] >= r["recommended_micro_batch"] >= 1
+        assert (256 // 4) % r["recommended_micro_batch"] == 0
+        assert r["fits"] == (r["total_gib"] <= 6 - 1.0)
+        assert by[(arch, stage, True)]["activations_gib"] < by[(arch, stage, False)]["activations_gib"]
+        assert by[(arch, 3, ck)]["grads_gib"] < by[(arch, 1, ck)]["grads_gib"]
+    assert by[("vit_small", 3, True)]["max_micro_batch"] > by[("vit_base", 3, True)]["max_micro_batch"]
+    # bad input: one line, before any work
+    bad = run_cli(["plan", "--models", "vit_enormous/16"], check=False)
+    assert bad.returncode == 2 and "unknown model" in bad.stderr
+
+
+def test_bench_two_ranks_with_baseline(tmp_path):
+    """A real sweep: the reference-style baseline and ZeRO-1 / ZeRO-3 cases, two gloo ranks each."""
+    out = tmp_path / "bench"
+    proc = run_cli(["bench", "--models", "vit_tiny/4", "--img-size", "32", "--teacher", "pixels", "--zero", "1,3",
+                    "--micro-batch", "4", "--ranks", "2", "--steps", "2", "--warmup", "1", "--out", str(out),
+                    *TINY_MODEL], timeout=900)
+    rep = json.loads((out / "bench.json").read_text())
+    rows = rep["rows"]
+    assert [(r["case"]["baseline"], r["case"]["zero"]) for r in rows] == [(True, 0), (False, 1), (False, 3)]
+    base = rows[0]["result"]
+    assert rows[0]["case"]["attention"] == "eager" and base["precision"] == "fp32"
+    for r in rows:
+        x = r["result"]
+        assert x["status"] == "ok", x
+        assert x["world_size"] == 2 and x["images_per_s"] > 0
+        assert x["images_per_s"] == pytest.approx(8 / x["step_s"])
+        assert sum(x["phases_s"].values()) == pytest.approx(x["synced_step_s"], rel=0.1)
+        assert x["comm_s"] > 0 and x["comm_ops_s"]  # gloo collectives, timed by DeepSpeed's logger
+        assert 0 < x["mfu_student"] < 1 and x["flops_teacher_fwd"] == 0  # pixels: no teacher FLOPs
+        assert x["mfu_total"] == pytest.approx(x["mfu_student"])
+        assert x["vs_baseline"] == pytest.approx(x["images_per_s"] / base["images_per_s"])
+        if not r["case"]["baseline"]:  # the planner against the measured peak of the real engine
+            assert 0.85 <= x["measured_over_planned"] <= 1.15, x
+    # ds_configs/zero1.json's reduce bucket (5e8 fp32 elements) is allocated whole, and the planner knows it
+    assert rows[1]["result"]["peak_gib"] > 5e8 * 4 / 2 ** 30 > rows[2]["result"]["peak_gib"]
+    md = (out / "bench.md").read_text()
+    assert md.count("| vit_tiny/4@32 |") == 3 and "baseline" in md and md in proc.stdout
+    assert (out / "bench.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("args,msg", [(["--teacher", "clip"], "unknown teacher"),
+                                      (["--attention", "flex"], "FlexAttention"),
+                                      (["--ckpt", "yes"], "expected on or off"),
+                                      (["--models", "vit_base/x"], "arch/patch")])
+def test_bench_bad_input_fails_before_any_work(tmp_path, args, msg):
+    proc = run_cli(["bench", "--out", str(tmp_path / "b"), *args], check=False, timeout=120)
+    assert proc.returncode == 2 and msg in proc.stderr, proc.stderr[-2000:]
+    assert not (tmp_path / "b").exists()
+
