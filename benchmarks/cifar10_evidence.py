@@ -1,12 +1,17 @@
 """Evidence on real data: does D-iGPT pretraining help, and which of its parts matter? CIFAR-10, CPU-sized.
 
-Pretrains the same small ViT five ways, then fine-tunes and linear-probes each under one equal budget:
+Pretrains the same small ViT seven ways (250 steps x 64 images each), then fine-tunes and linear-probes each
+under one equal budget:
 
-    digpt     Gen + Dis decoders, EfficientNet-Lite0 teacher tokens (the method)
-    pixels    Gen + Dis decoders, raw pixel patches as the target
-    dis_only  the discriminative decoder alone
-    distill   plain feature distillation: full attention, no decoder
-    random    no pretraining (random initialisation)
+    digpt          Gen + Dis decoders, EfficientNet-Lite0 teacher tokens, cosine loss (the method)
+    kmeans_tokens  Gen + Dis, the same teacher tokens as 1,024 k-means ids, cross-entropy (DiGIT's target family;
+                   config digit_cifar10, tokenizer fit first)
+    palette        Gen + Dis, every pixel as one of iGPT's 512 k-means colours, cross-entropy (config
+                   igpt_cifar10, tokenizer fit first)
+    pixels         Gen + Dis decoders, raw (per-patch normalised) pixel patches as the target, cosine loss
+    dis_only       the discriminative decoder alone
+    distill        plain feature distillation: full attention, no decoder
+    random         no pretraining (random initialisation)
 
     python benchmarks/cifar10_evidence.py [--out runs/cifar10_evidence] [--only digpt,random] [--stage all]
 
@@ -24,11 +29,13 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 CIFAR = REPO.parent / "shared" / "data" / "cifar10"
-VARIANTS = {
-    "digpt": [],
-    "pixels": ["target.kind=pixels"],
-    "dis_only": ["model.objective=dis_only"],
-    "distill": ["model.objective=distill"],
+VARIANTS = {  # name: (pretraining config, overrides, tokenizer fit arguments); None: no pretraining
+    "digpt": ("cifar10_pretrain", [], None),
+    "kmeans_tokens": ("digit_cifar10", [], ["--k", "1024", "--images", "10000", "--tokens-per-image", "16"]),
+    "palette": ("igpt_cifar10", [], ["--k", "512", "--images", "10000", "--tokens-per-image", "64"]),
+    "pixels": ("cifar10_pretrain", ["target.kind=pixels"], None),
+    "dis_only": ("cifar10_pretrain", ["model.objective=dis_only"], None),
+    "distill": ("cifar10_pretrain", ["model.objective=distill"], None),
     "random": None,
 }
 
@@ -60,12 +67,20 @@ def main():
         vdir = out / name
         vdir.mkdir(parents=True, exist_ok=True)
         timing = json.loads((vdir / "timing.json").read_text()) if (vdir / "timing.json").is_file() else {}
-        overrides = VARIANTS[name]
+        variant = VARIANTS[name]
         init = ["model.arch=vit_tiny", "model.depth=6", "model.patch_size=4"]  # random: cifar10_pretrain's ViT
-        if overrides is not None:
+        if variant is not None:
+            config, overrides, fit = variant
             pre = vdir / "pretrain"
+            if fit is not None:  # discrete targets: the codebook first, from the same training images
+                tok = vdir / "tokenizer.pt"
+                overrides = overrides + [f"target.tokenizer={tok}"]
+                if args.stage in ("all", "pretrain") and not tok.is_file():
+                    timing["tokenizer_s"] = run(mg + ["tokenizer", "fit", "--config", config, "--data", train,
+                                                      "--out", str(tok)] + fit + overrides[:-1],
+                                                vdir / "tokenizer.log")
             if args.stage in ("all", "pretrain") and not (pre / "checkpoints" / "latest").is_file():
-                timing["pretrain_s"] = run(mg + ["pretrain", "--config", "cifar10_pretrain", "--data", train,
+                timing["pretrain_s"] = run(mg + ["pretrain", "--config", config, "--data", train,
                                                  "--run-dir", str(pre)] + overrides, vdir / "pretrain.log")
             init = ["--init-from", str(pre)]
         if args.stage in ("all", "finetune") and not (vdir / "finetune" / "last" / "config.json").is_file():
@@ -73,7 +88,7 @@ def main():
                                              "--val", test, "--run-dir", str(vdir / "finetune")] + init,
                                        vdir / "finetune.log")
         if args.stage in ("all", "probe") and not (vdir / "probe" / "results.json").is_file():
-            src = [str(vdir / "pretrain")] if overrides is not None else ["--random-init"] + init
+            src = [str(vdir / "pretrain")] if variant is not None else ["--random-init"] + init
             timing["probe_s"] = run(mg + ["probe", "--config", "cifar10_finetune"] + src +
                                     ["--train", ft_train, "--val", test, "--out", str(vdir / "probe"),
                                      "--knn-layers", "all"], vdir / "probe.log")
@@ -91,6 +106,8 @@ def table(rows, out: Path):
         knn = _read(vdir / "probe" / "results.json", lambda d: f"{d['knn'][-1]['top1']:.2f}")
         secs = " / ".join(f"{timing[k] / 60:.1f} min" if k in timing else "-" for k in
                           ("pretrain_s", "finetune_s", "probe_s"))
+        if "tokenizer_s" in timing:
+            secs += f" (+ {timing['tokenizer_s'] / 60:.1f} min tokenizer fit)"
         lines.append(f"| {name} | {ft if isinstance(ft, str) else f'{ft:.2f}'} | {pr} | {knn} | {secs} |")
     text = "\n".join(lines)
     print(text)

@@ -196,6 +196,21 @@ def cmd_bench(args) -> int:
     return 0 if all(r["result"]["status"] == "ok" for r in rep["rows"]) else 1
 
 
+def cmd_tokenizer_fit(args) -> int:
+    import json
+
+    from .config import load_config
+    from .tokenizer.fit import fit_tokenizer
+
+    cfg = load_config(args.config, list(args.overrides) + ([f"data.source={args.data}"] if args.data else []))
+    res = fit_tokenizer(cfg, k=args.k, images=args.images, tokens_per_image=args.tokens_per_image,
+                        iters=args.iters, seed=args.seed, out=args.out, device=args.device, batch=args.batch,
+                        force=args.force, progress=args.progress == "on" or (args.progress == "auto" and
+                                                                              sys.stderr.isatty()))
+    print(json.dumps(res))
+    return 0
+
+
 def cmd_show_config(args) -> int:
     from .config import ConfigError as _CE, FinetuneRunConfig, dump_config, load_config
 
@@ -406,6 +421,26 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--out", required=True, help="folder for bench.json, bench.md, bench.png and per-case logs")
     be.add_argument("overrides", nargs="*", metavar="section.key=value")
     be.set_defaults(fn=cmd_bench)
+
+    tk = sub.add_parser("tokenizer", help="discrete targets: fit a k-means codebook (iGPT palette, DiGIT tokens)")
+    tsub = tk.add_subparsers(dest="tokenizer_command", required=True)
+    tf = tsub.add_parser("fit", help="k-means over the config's target tokens (or RGB pixels) on a sample of its "
+                                     "training data; saves centroids + provenance")
+    tf.add_argument("--config", required=True, help="the pretraining config whose target is tokenized")
+    tf.add_argument("--data", default=None, help="shortcut for data.source=...")
+    tf.add_argument("--out", default=None, help="tokenizer file (default: the config's target.tokenizer)")
+    tf.add_argument("--k", type=int, default=None, help="clusters (default 512 for pixels, else 8192)")
+    tf.add_argument("--images", type=int, default=10000, help="images sampled from the training data")
+    tf.add_argument("--tokens-per-image", type=int, default=32, help="tokens drawn per image (0 = all)")
+    tf.add_argument("--iters", type=int, default=30, help="Lloyd iterations at most")
+    tf.add_argument("--seed", type=int, default=0, help="sample, augmentation and k-means++ seed")
+    tf.add_argument("--batch", type=int, default=64, help="images per teacher forward")
+    tf.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    tf.add_argument("--force", action="store_true", help="replace an existing tokenizer file")
+    tf.add_argument("--progress", default="auto", choices=["auto", "on", "off"],
+                    help="progress bars (auto: when stderr is a terminal)")
+    tf.add_argument("overrides", nargs="*", metavar="section.key=value")
+    tf.set_defaults(fn=cmd_tokenizer_fit)
 
     cr = sub.add_parser("config-reference", help="print the config reference (markdown)")
     cr.set_defaults(fn=cmd_config_reference)

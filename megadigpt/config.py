@@ -58,8 +58,9 @@ class TargetConfig:
     model: Optional[str] = None  # open_clip arch (e.g. ViT-H-14) or timm model name
     weights: Optional[str] = None  # local weights file; for open_clip also a pretrained tag (e.g. laion2b_s32b_b79k)
     image_size: Optional[int] = None  # teacher input resolution; default: the student's img_size
-    layer: str = "stride16"  # efficientnet_lite0 only: stride16 (112-d tokens) | stride32 (1280-d)
-    patch_size: Optional[int] = None  # pixels only: patch of the pixel target; default the student's patch
+    layer: Optional[str] = None  # which tokens (default first): efficientnet_lite0 stride16 (112-d) | stride32 (1280-d); timm final | a block index with the final norm (-3 = third from last, DiGIT); pixels norm (per-patch normalised) | rgb (colours, the palette's space); open_clip final. stride16 with another kind means its default (configs saved by earlier versions)
+    patch_size: Optional[int] = None  # pixels only: patch of the pixel target; default the student's patch (1 with layer=rgb: every pixel a token)
+    tokenizer: Optional[str] = None  # k-means codebook file (`megadigpt tokenizer fit`): each token becomes its nearest centroid's index and the decoders are trained with cross-entropy instead of cosine
     dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16
 
 

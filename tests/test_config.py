@@ -12,7 +12,8 @@ from .conftest import REPO, subprocess_env
 def test_builtin_configs_load_and_validate(tmp_path):
     from megadigpt.train.pretrain import plan_run
 
-    for name in ("demo", "digpt_vitb16_in1k", "digpt_vitl14_in21k", "digpt_vitl14_merged", "digpt_vith14_merged"):
+    for name in ("demo", "digpt_vitb16_in1k", "digpt_vitl14_in21k", "digpt_vitl14_merged", "digpt_vith14_merged",
+                 "igpt_cifar10", "digit_cifar10", "igpt_vitb2_32px_in1k", "digit_vitb14_in1k", "digit_vitl14_in1k"):
         cfg = load_config(name, [f"train.run_dir={tmp_path / name}"])
         assert cfg.model.arch.startswith("vit_")
         if name == "demo":
@@ -76,6 +77,11 @@ def _cli_error(args, **env):
     (["pretrain", "model.img_size=60"], {}, "not divisible by model.patch_size"),
     (["pretrain", "model.attention=flex", "train.device=cpu"], {}, "flex trains only on CUDA"),
     (["pretrain", "train.precision=fp16", "train.device=cpu"], {}, "fp16 is refused"),
+    (["pretrain", "target.tokenizer=/nope/tok.pt"], {}, "target.tokenizer not found: /nope/tok.pt"),
+    (["pretrain", "target.layer=stride8"], {}, "target.layer 'stride8' unknown for efficientnet_lite0"),
+    (["tokenizer", "fit", "--config", "demo"], {}, "where should the tokenizer go"),
+    (["tokenizer", "fit", "--config", "demo", "--out", "/nonexistent/tok.pt", "--images", "2", "--k", "4096"], {},
+     "fewer than k=4096"),
 ])
 def test_bad_input_fails_early_in_one_line(tmp_path, args, env, match):
     import re

@@ -91,7 +91,7 @@ def save(engine, run_dir, step: int, client_state: dict, keep: int = 0, is_rank0
         dist.barrier()  # every rank's shards are on disk
     if is_rank0:
         marker = {"step": step, "time": time.time(), **{k: v for k, v in client_state.items()
-                                                         if isinstance(v, (int, float, str, dict, list))}}
+                                                         if v is None or isinstance(v, (int, float, str, dict, list))}}
         _atomic_write(ckdir / tag / MARKER, json.dumps(marker))
         set_latest(run_dir, tag)
         prune(run_dir, keep, protect=tag)
@@ -145,24 +145,39 @@ def load(engine, run_dir, tag: str, universal: bool = False) -> dict:
     return client_state or {}
 
 
-def resume_point(run_dir, train_cfg, world_size: int, rank0: bool):
-    """What a (re)started run resumes from, decided before the engine exists: ``(tag, marker, universal)``.
-    A run directory trained with another global batch or seed is refused (the data order would change). When the
-    world size changed (ZeRO > 0), the checkpoint is converted to DeepSpeed's universal format (rank 0, once) and
-    ``universal`` is True: the engine must be built with ``{"checkpoint": {"load_universal": True}}``."""
-    import torch.distributed as dist
-
+def check_resumable(run_dir, train_cfg, tokenizer: Optional[str] = None):
+    """Refuse (ConfigError) a run directory whose latest checkpoint was trained with another global batch or seed
+    (the data order would change) or another tokenizer (``tokenizer``: the codebook's fingerprint; the token
+    indices would mean other things). Cheap: reads the marker only."""
     from ..config import ConfigError
 
     tag = latest_tag(run_dir)
     marker = read_marker(run_dir, tag) if tag else None
-    if not tag:
-        return None, None, False
+    if not marker:
+        return
     for key in ("global_batch", "seed"):
         if key in marker and marker[key] != getattr(train_cfg, key):
             raise ConfigError(f"{run_dir} was trained with train.{key}={marker[key]}, now "
                               f"{getattr(train_cfg, key)}: resuming would change the data order; use a new "
                               f"train.run_dir")
+    if "tokenizer" in marker and marker["tokenizer"] != tokenizer:
+        raise ConfigError(f"{run_dir} was trained with tokenizer {marker['tokenizer'] or 'none (features)'}, now "
+                          f"{tokenizer or 'none (features)'}: resuming would change what the heads predict; use "
+                          f"the same target.tokenizer or a new train.run_dir")
+
+
+def resume_point(run_dir, train_cfg, world_size: int, rank0: bool, tokenizer: Optional[str] = None):
+    """What a (re)started run resumes from, decided before the engine exists: ``(tag, marker, universal)``.
+    Refuses what :func:`check_resumable` refuses. When the world size changed (ZeRO > 0), the checkpoint is
+    converted to DeepSpeed's universal format (rank 0, once) and ``universal`` is True: the engine must be built
+    with ``{"checkpoint": {"load_universal": True}}``."""
+    import torch.distributed as dist
+
+    check_resumable(run_dir, train_cfg, tokenizer)
+    tag = latest_tag(run_dir)
+    marker = read_marker(run_dir, tag) if tag else None
+    if not tag:
+        return None, None, False
     universal = bool(marker.get("world_size", world_size) != world_size and train_cfg.zero_stage > 0)
     if universal:
         if rank0:

@@ -7,6 +7,12 @@ segment's teacher tokens and a discriminative decoder that predicts the visible 
 - ``dis_only``: the same block-causal encoder and the discriminative decoder alone (no next-segment prediction);
 - ``distill`` : plain feature distillation: full attention over the whole image, no decoder, a LayerNorm and a
   Linear on the last block predict every teacher token (and CLS from the CLS token).
+
+With ``num_classes`` (discrete targets: iGPT's palette, DiGIT's k-means tokens) the teacher tokens are codebook
+indices and every head predicts logits, trained with cross-entropy instead of ``2 - 2 cos``. Where the teacher's
+grid is r times finer than the student's (a palette over every pixel), each student token predicts its r x r
+teacher tokens (r*r*num_classes logits, unshuffled like a pixel-shuffle); other ratios resample the logits
+bilinearly, as features are.
 """
 
 from typing import List, Optional, Sequence, Tuple
@@ -33,15 +39,22 @@ def cosine_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return 2 - 2 * (pred * target).sum(dim=-1)
 
 
+def token_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per-token cross-entropy in fp32 (nats). logits (..., K), target (...) int64 -> (...)."""
+    k = logits.shape[-1]
+    return F.cross_entropy(logits.float().reshape(-1, k), target.reshape(-1), reduction="none").view(target.shape)
+
+
 class DiGPT(nn.Module):
     def __init__(self, encoder: ViTEncoder, segment_grid: int, teacher_dim: int, teacher_grid: int,
                  taps: Optional[Sequence[int]] = None, decoder_dim: int = 1024, decoder_depth: int = 2,
                  decoder_heads: int = 32, decoder_mlp_ratio: float = 4.0, attention: str = "sdpa",
-                 objective: str = "digpt"):
+                 objective: str = "digpt", num_classes: Optional[int] = None):
         super().__init__()
         if objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
         self.objective = objective
+        self.classes = num_classes
         self.encoder = encoder
         self.layout = SegmentLayout(encoder.grid, segment_grid)
         self.taps = list(taps) if taps else default_taps(encoder.depth)
@@ -52,6 +65,9 @@ class DiGPT(nn.Module):
                              f"{segment_grid}x{segment_grid} segments")
         self.teacher_grid = teacher_grid
         self.teacher_layout = SegmentLayout(teacher_grid, segment_grid)
+        # discrete targets on a grid r times finer: r*r tokens' logits per student token (else r = None: bilinear)
+        self.unshuffle = teacher_grid // encoder.grid if num_classes and teacher_grid % encoder.grid == 0 else None
+        out_dim = teacher_dim if not num_classes else num_classes * (self.unshuffle or 1) ** 2
 
         self.mask = AttentionMask(self.layout.mask())
         self.register_buffer("patch_index", self.layout.patch_index(), persistent=False)
@@ -66,14 +82,14 @@ class DiGPT(nn.Module):
         if objective in ("digpt", "dis_only"):
             self.dis_taps = FeatureTaps(C, len(self.taps), decoder_dim, decoder_depth)
         if objective == "digpt":
-            self.gen_decoder = Decoder(decoder_dim, decoder_depth, decoder_heads, decoder_mlp_ratio, teacher_dim,
+            self.gen_decoder = Decoder(decoder_dim, decoder_depth, decoder_heads, decoder_mlp_ratio, out_dim,
                                        attention)
         if objective in ("digpt", "dis_only"):
-            self.dis_decoder = Decoder(decoder_dim, decoder_depth, decoder_heads, decoder_mlp_ratio, teacher_dim,
+            self.dis_decoder = Decoder(decoder_dim, decoder_depth, decoder_heads, decoder_mlp_ratio, out_dim,
                                        attention)
         if objective == "distill":
             self.distill_norm = nn.LayerNorm(C, eps=1e-6)
-            self.distill_head = nn.Linear(C, teacher_dim)
+            self.distill_head = nn.Linear(C, out_dim)
         self.reset_parameters()
 
     # ------------------------------------------------------------------ init
@@ -119,7 +135,7 @@ class DiGPT(nn.Module):
         return pos[order]
 
     def predict(self, images: torch.Tensor, order: torch.Tensor):
-        """Raw predictions (B, L, teacher_dim) of both decoders; row-block k of Gen predicts segment k+1 of
+        """Raw predictions (B, L, head width) of both decoders; row-block k of Gen predicts segment k+1 of
         ``order``, of Dis segment k; the last row predicts the teacher's CLS token."""
         taps = self.encode(images, order)
         B, nv = images.shape[0], self.layout.num_visible
@@ -133,17 +149,33 @@ class DiGPT(nn.Module):
 
     # ------------------------------------------------------------------ loss
     def to_teacher_grid(self, pred: torch.Tensor) -> torch.Tensor:
-        """(B, (S-1)*T, D) segment predictions -> (B, S-1, Tt, D): bilinear per segment to the teacher's grid."""
-        B, _, D = pred.shape
-        nv, s, st = self.layout.num_visible, self.layout.segment_side, self.teacher_layout.segment_side
-        pred = pred.float().reshape(B * nv, s, s, D)
+        """(B, (S-1)*T, D') segment predictions -> (B, S-1, Tt, D) on the teacher's grid, per segment."""
+        return self._resample(pred, self.layout.num_visible, self.layout.segment_side,
+                              self.teacher_layout.segment_side)
+
+    def _resample(self, pred: torch.Tensor, n: int, s: int, st: int) -> torch.Tensor:
+        """(B, n*s*s, D') predictions for n square s x s blocks of student tokens -> (B, n, st*st, D) for the same
+        blocks on the teacher's grid: unshuffled (discrete targets, st = r*s) or bilinear (fp32)."""
+        B = pred.shape[0]
+        pred = pred.float()
+        if self.unshuffle:
+            r, k = self.unshuffle, self.classes
+            pred = pred.reshape(B * n, s, s, r, r, k).permute(0, 1, 3, 2, 4, 5)  # (i, a, j, b): row i*r+a, col j*r+b
+            return pred.reshape(B, n, st * st, k)
+        D = pred.shape[-1]
+        pred = pred.reshape(B * n, s, s, D)
         if s != st:
             pred = F.interpolate(pred.permute(0, 3, 1, 2), size=(st, st), mode="bilinear", align_corners=False)
             pred = pred.permute(0, 2, 3, 1)
-        return pred.reshape(B, nv, st * st, D)
+        return pred.reshape(B, n, st * st, D)
+
+    def token_loss(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Per-token loss: cross-entropy against codebook indices, else ``2 - 2 cos`` against features."""
+        return token_cross_entropy(pred, target) if self.classes else cosine_loss(pred, target)
 
     def targets(self, teacher_tokens: torch.Tensor, order: torch.Tensor):
-        """Teacher patch tokens (B, Nt, D), row-major on the teacher grid -> Gen and Dis targets (B, S-1, Tt, D)."""
+        """Teacher patch tokens (B, Nt, D) or indices (B, Nt), row-major on the teacher grid -> Gen and Dis
+        targets (B, S-1, Tt[, D])."""
         segs = take_segments(teacher_tokens[:, self.teacher_patch_index], order)  # (B, S, Tt, D)
         return segs[:, 1:], segs[:, :-1]
 
@@ -152,8 +184,11 @@ class DiGPT(nn.Module):
         """images: (B, 3, H, W) student view; teacher_tokens: (B, Gt*Gt, D); teacher_cls: (B, D) or None;
         order: (B, S) segment order (a fresh random one per sample when None).
 
-        Returns per-sample (B,) Gen and Dis losses, each the mean of ``2 - 2 cos`` over the sample's predicted
-        tokens (CLS counting as one token); the caller reduces over the batch."""
+        Discrete targets: teacher_tokens (B, Gt*Gt) int64 codebook indices, teacher_cls None.
+
+        Returns per-sample (B,) Gen and Dis losses, each the mean of the token loss (``2 - 2 cos``, or
+        cross-entropy for discrete targets) over the sample's predicted tokens (CLS counting as one token); the
+        caller reduces over the batch."""
         if teacher_tokens.shape[1] != self.teacher_grid ** 2:
             raise ValueError(f"expected {self.teacher_grid ** 2} teacher tokens, got {teacher_tokens.shape[1]}")
         if self.objective == "distill":
@@ -165,16 +200,12 @@ class DiGPT(nn.Module):
         gen, dis = self.predict(images, order)
         gen_t, dis_t = self.targets(teacher_tokens, order)
         nv_tokens = self.layout.num_visible * self.layout.tokens_per_segment
-        losses = []
-        for pred, tgt in ((gen, gen_t), (dis, dis_t)):
-            tok = cosine_loss(self.to_teacher_grid(pred[:, :nv_tokens]), tgt).flatten(1)  # (B, (S-1)*Tt)
-            if teacher_cls is not None:
-                tok = torch.cat([tok, cosine_loss(pred[:, -1], teacher_cls)[:, None]], dim=1)
-            losses.append(tok.mean(dim=1))
-        return losses[0], losses[1]
+        return tuple(self._token_losses(self.to_teacher_grid(pred[:, :nv_tokens]), tgt, pred[:, -1], teacher_cls)
+                     for pred, tgt in ((gen, gen_t), (dis, dis_t)))
 
     def _token_losses(self, pred, tgt, cls_pred, teacher_cls):
-        tok = cosine_loss(pred, tgt).flatten(1)
+        """Mean over the sample's tokens (+ CLS as one more token) -> (B,)."""
+        tok = self.token_loss(pred, tgt).flatten(1)
         if teacher_cls is not None:
             tok = torch.cat([tok, cosine_loss(cls_pred, teacher_cls)[:, None]], dim=1)
         return tok.mean(dim=1)
@@ -191,12 +222,9 @@ class DiGPT(nn.Module):
         return torch.zeros_like(loss), loss
 
     def _distill_loss(self, images, teacher_tokens, teacher_cls):
-        x = self.distill_head(self.distill_norm(self.encoder.forward_features(images)))  # (B, 1 + N, D)
-        B, G, Gt, D = images.shape[0], self.encoder.grid, self.teacher_grid, x.shape[-1]
-        pred = x[:, 1:].float()
-        if G != Gt:
-            pred = F.interpolate(pred.reshape(B, G, G, D).permute(0, 3, 1, 2), size=(Gt, Gt), mode="bilinear",
-                                 align_corners=False).permute(0, 2, 3, 1).reshape(B, Gt * Gt, D)
+        x = self.distill_head(self.distill_norm(self.encoder.forward_features(images)))  # (B, 1 + N, D')
+        B, G, Gt = images.shape[0], self.encoder.grid, self.teacher_grid
+        pred = self._resample(x[:, 1:], 1, G, Gt).reshape(B, Gt * Gt, -1)
         loss = self._token_losses(pred, teacher_tokens, x[:, 0], teacher_cls)
         return torch.zeros_like(loss), loss
 
@@ -204,12 +232,13 @@ class DiGPT(nn.Module):
 OBJECTIVES = ("digpt", "dis_only", "distill")
 
 
-def build_model(model_cfg, teacher_dim: int, teacher_grid: int) -> DiGPT:
-    """Build the student from a :class:`megadigpt.config.ModelConfig`."""
+def build_model(model_cfg, teacher_dim: int, teacher_grid: int, num_classes: Optional[int] = None) -> DiGPT:
+    """Build the student from a :class:`megadigpt.config.ModelConfig` (``num_classes``: a discrete target's
+    codebook size, :attr:`megadigpt.targets.TargetSpec.classes`)."""
     size = model_cfg.resolved_size()
     encoder = ViTEncoder(model_cfg.img_size, model_cfg.patch_size, size.embed_dim, size.depth, size.num_heads,
                          size.mlp_ratio, model_cfg.drop_path, model_cfg.attention)
     return DiGPT(encoder, model_cfg.segment_grid, teacher_dim, teacher_grid, taps=model_cfg.resolved_taps(),
                  decoder_dim=model_cfg.decoder_dim, decoder_depth=model_cfg.decoder_depth,
                  decoder_heads=model_cfg.decoder_heads, decoder_mlp_ratio=model_cfg.decoder_mlp_ratio,
-                 attention=model_cfg.attention, objective=model_cfg.objective)
+                 attention=model_cfg.attention, objective=model_cfg.objective, num_classes=num_classes)

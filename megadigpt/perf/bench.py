@@ -174,7 +174,7 @@ def run_case(case: Case, base: Optional[str], overrides: List[str], steps: int, 
     from ..distributed import env as dist_env
     from ..distributed.parallelize import apply_activation_checkpointing
     from ..model import build_model
-    from ..targets import build_target
+    from ..targets import build_target, student_targets
     from ..train.metrics import peak_tflops
     from ..train.optim import param_groups
     from ..train.pretrain import _dtype, _normalizer, plan_run
@@ -196,7 +196,7 @@ def run_case(case: Case, base: Optional[str], overrides: List[str], steps: int, 
     spec = teacher.spec
     sizes = memory.model_sizes(cfg)
     mem.start()
-    model = build_model(m, spec.dim, spec.grid)
+    model = build_model(m, spec.dim, spec.grid, spec.classes)
     if case.ckpt:
         apply_activation_checkpointing(model)
     if case.compile:
@@ -258,8 +258,7 @@ def run_case(case: Case, base: Optional[str], overrides: List[str], steps: int, 
         t = mark("data", t)
         with torch.no_grad():
             tokens, cls = teacher(xt)
-        tokens = tokens.to(_dtype(plan.precision))
-        cls = cls.to(_dtype(plan.precision)) if cls is not None else None
+        tokens, cls = student_targets(tokens, cls, _dtype(plan.precision))
         t = mark("teacher", t)
         gen, dis = engine(xs, tokens, cls, order)
         loss = gen.mean() + dis.mean()

@@ -23,6 +23,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from ..targets.base import example_targets, student_targets
+
 GiB = 2 ** 30
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 
@@ -108,14 +110,27 @@ class ModelSizes:
 
 
 def _meta_teacher(tcfg, mcfg):
-    """The teacher's architecture on the meta device (random, unallocated weights)."""
+    """The teacher's architecture on the meta device (random, unallocated weights); a discrete target's codebook
+    is a meta tensor of its size."""
     from ..targets import describe_target
+    from ..targets.base import describe_features
 
     spec = describe_target(tcfg, mcfg)
+    t = _meta_features(tcfg, mcfg, describe_features(tcfg, mcfg))
+    if spec.classes:
+        from ..targets.discrete import TokenizedTarget
+
+        t = TokenizedTarget(t, torch.empty(spec.classes, spec.dim, device="meta"))
+    return t, spec
+
+
+def _meta_features(tcfg, mcfg, spec):
+    from ..targets.base import resolved_layer
+
     if tcfg.kind == "pixels":
         from ..targets.pixels import PixelTarget
 
-        return PixelTarget(spec, tcfg.patch_size or mcfg.patch_size), spec
+        return PixelTarget(spec, tcfg.patch_size or mcfg.patch_size, resolved_layer(tcfg) == "norm")
     with torch.device("meta"):
         if tcfg.kind == "open_clip":
             import open_clip
@@ -128,12 +143,13 @@ def _meta_teacher(tcfg, mcfg):
                                               device="meta").visual
             t.spec = spec
         elif tcfg.kind == "timm":
-            from ..targets.timm_target import TimmTarget, _create
+            from ..targets.timm_target import TimmTarget, _create, block_index
 
             t = TimmTarget.__new__(TimmTarget)
             torch.nn.Module.__init__(t)
             t.spec, t.net = spec, _create(tcfg, spec.image_size, pretrained=False)
             t.prefix = getattr(t.net, "num_prefix_tokens", 1)
+            t.block = None if resolved_layer(tcfg) == "final" else block_index(tcfg, len(t.net.blocks))
         else:
             from efficientnet_lite_pytorch import EfficientNet
 
@@ -141,16 +157,16 @@ def _meta_teacher(tcfg, mcfg):
 
             t = EfficientNetTarget.__new__(EfficientNetTarget)
             torch.nn.Module.__init__(t)
-            t.spec, t.layer, t.net = spec, tcfg.layer, EfficientNet.from_name("efficientnet-lite0")
+            t.spec, t.layer, t.net = spec, resolved_layer(tcfg), EfficientNet.from_name("efficientnet-lite0")
     t.requires_grad_(False)
-    return t.eval(), spec
+    return t.eval()
 
 
 def _meta_student(cfg, spec, dtype=torch.float32):
     from ..model import build_model
 
     with torch.device("meta"):
-        model = build_model(cfg.model, spec.dim, spec.grid)
+        model = build_model(cfg.model, spec.dim, spec.grid, spec.classes)
     return model.to(dtype)
 
 
@@ -185,9 +201,8 @@ def _sizes(cfg) -> ModelSizes:
                                                for b in getattr(student, d).blocks]
     largest = max([sum(p.numel() for p in b.parameters()) for b in blocks] or [0])
     x, xt, order = _inputs(cfg, spec, 1, torch.float32, torch.float32)
-    sf = count_flops(student, x, torch.empty(1, spec.grid ** 2, spec.dim, device="meta"),
-                     torch.empty(1, spec.dim, device="meta"), order)
-    tf = count_flops(teacher, xt) if cfg.target.kind != "pixels" else 0.0
+    sf = count_flops(student, x, *example_targets(spec, 1, "meta"), order)
+    tf = count_flops(teacher, xt) if cfg.target.kind != "pixels" or spec.classes else 0.0
     return ModelSizes(P, largest, sum(p.numel() for p in teacher.parameters()), sf, tf)
 
 
@@ -233,8 +248,7 @@ def _trace(cfg, batch, precision, teacher_dtype, activation_checkpointing, atten
     with (fused_attention_memory() if fused else contextlib.nullcontext()), tracker:
         with torch.no_grad():
             tokens, cls = teacher(xt)
-        tokens = tokens.to(dt[precision])
-        cls = cls.to(dt[precision]) if cls is not None else None
+        tokens, cls = student_targets(tokens, cls, dt[precision])
         gen, dis = student(x, tokens, cls, order)
         (gen.mean() + dis.mean()).backward()
     return tracker.peak

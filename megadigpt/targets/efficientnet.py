@@ -7,18 +7,19 @@
 import torch
 
 from ..config import ConfigError
-from .base import IMAGENET_MEAN, IMAGENET_STD, Target, TargetSpec
+from .base import IMAGENET_MEAN, IMAGENET_STD, Target, TargetSpec, resolved_layer
 
 LAYERS = {"stride16": (16, 112), "stride32": (32, 1280)}
 STRIDE16_LAST_BLOCK = 10
 
 
 def describe(tcfg, size: int) -> TargetSpec:
-    if tcfg.layer not in LAYERS:
-        raise ConfigError(f"target.layer {tcfg.layer!r} unknown for efficientnet_lite0; choose {', '.join(LAYERS)}")
-    stride, dim = LAYERS[tcfg.layer]
+    layer = resolved_layer(tcfg)
+    if layer not in LAYERS:
+        raise ConfigError(f"target.layer {layer!r} unknown for efficientnet_lite0; choose {', '.join(LAYERS)}")
+    stride, dim = LAYERS[layer]
     if size % stride:
-        raise ConfigError(f"efficientnet_lite0 {tcfg.layer} needs an image size divisible by {stride}, got {size}")
+        raise ConfigError(f"efficientnet_lite0 {layer} needs an image size divisible by {stride}, got {size}")
     return TargetSpec(size, size // stride, dim, True, IMAGENET_MEAN, IMAGENET_STD)
 
 
@@ -37,7 +38,7 @@ class EfficientNetTarget(Target):
         super().__init__()
         from efficientnet_lite_pytorch import EfficientNet
 
-        self.spec, self.layer = spec, tcfg.layer
+        self.spec, self.layer = spec, resolved_layer(tcfg)
         # always pass weights_path: without it the package tries a download
         self.net = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=weights_path(tcfg))
 

@@ -274,13 +274,19 @@ def pretrain(cfg: Config) -> dict:
     from ..distributed import engine as ds_engine
     from ..distributed.parallelize import apply_activation_checkpointing
     from ..model import build_model
-    from ..targets import build_target
+    from ..targets import build_target, example_targets, student_targets
     from .metrics import MetricsSink, count_flops, peak_tflops
     from .optim import build_optimizer, lr_at
 
     t, m = cfg.train, cfg.model
     run_dir = Path(t.run_dir)
     samples = find_samples(cfg.data.source)  # I/O only (tar headers): still before the heavy part
+    tokenizer = None
+    if cfg.target.tokenizer:  # discrete targets: a resumed run must keep its codebook
+        from ..tokenizer import load_codebook
+
+        tokenizer = load_codebook(cfg.target.tokenizer).fingerprint()
+    ckpt.check_resumable(run_dir, t, tokenizer)
     if t.probe_every > 0:
         from .finetune import check_labels
 
@@ -307,14 +313,13 @@ def pretrain(cfg: Config) -> dict:
 
     # ---------------------------------------------------------------- student
     torch.manual_seed(t.seed)  # identical initial weights on every rank and for every world size
-    model = build_model(m, spec.dim, spec.grid)
+    model = build_model(m, spec.dim, spec.grid, spec.classes)
     if t.init_from:
         init_weights(model, t.init_from)
     with torch.device("meta"):
-        meta_model = build_model(m, spec.dim, spec.grid)
+        meta_model = build_model(m, spec.dim, spec.grid, spec.classes)
     x_meta = torch.zeros(1, 3, m.img_size, m.img_size, device="meta")
-    student_fwd = count_flops(meta_model, x_meta, torch.zeros(1, spec.grid ** 2, spec.dim, device="meta"),
-                              torch.zeros(1, spec.dim, device="meta"),
+    student_fwd = count_flops(meta_model, x_meta, *example_targets(spec, 1, "meta"),
                               torch.arange(m.segment_grid ** 2, device="meta")[None])
     del meta_model
     teacher_fwd = count_flops(teacher, torch.zeros(1, 3, spec.image_size, spec.image_size, device=device,
@@ -325,7 +330,7 @@ def pretrain(cfg: Config) -> dict:
     ds_config = ds_engine.build_ds_config(cfg, env.world_size, plan.precision)
 
     # ---------------------------------------------------------------- what to resume from (before the engine)
-    tag, marker, universal = ckpt.resume_point(run_dir, t, env.world_size, rank0)
+    tag, marker, universal = ckpt.resume_point(run_dir, t, env.world_size, rank0, tokenizer)
     if universal:  # a different number of ranks: DeepSpeed's universal checkpoint keeps the optimizer state
         ds_config["checkpoint"] = {"load_universal": True}
     engine = ds_engine.initialize(model, optimizer, ds_config)
@@ -368,7 +373,8 @@ def pretrain(cfg: Config) -> dict:
         nonlocal last_save
         ckpt.save(engine, run_dir, step, {"step": step, "global_batch": t.global_batch, "seed": t.seed,
                                           "world_size": env.world_size, "bad_samples": bad_total,
-                                          "nonfinite_steps": skipped_total}, keep=t.ckpt_keep, is_rank0=rank0)
+                                          "nonfinite_steps": skipped_total, "tokenizer": tokenizer},
+                  keep=t.ckpt_keep, is_rank0=rank0)
         last_save = time.monotonic()
         sink.event(event="checkpoint", step=step)
 
@@ -386,8 +392,7 @@ def pretrain(cfg: Config) -> dict:
         teacher_in = norm_teacher(views[spec.image_size])
         with torch.no_grad():
             tokens, cls = teacher(teacher_in)
-        tokens = tokens.to(compute_dtype)
-        cls = cls.to(compute_dtype) if cls is not None else None
+        tokens, cls = student_targets(tokens, cls, compute_dtype)
         valid = batch["valid"].to(device).float()
         gen_per_sample, dis_per_sample = engine(student_in, tokens, cls, batch["order"].to(device))
         n_valid = valid.sum().clamp(min=1.0)
