@@ -163,13 +163,19 @@ def cmd_plan(args) -> int:
     stages = _csv(args.zero, int)
     if not stages or any(z not in (1, 2, 3) for z in stages):
         raise ConfigError(f"--zero takes stages 1, 2, 3, got {args.zero}")
+    if args.classes is not None and args.classes < 1:
+        raise ConfigError("--classes must be >= 1")
+    if cfg.target.tokenizer and not args.classes and not Path(cfg.target.tokenizer).is_file():
+        raise ConfigError(f"target.tokenizer {cfg.target.tokenizer} is not fit yet; plan with --classes K (its "
+                          f"number of token ids) or fit it first (megadigpt tokenizer fit)")
     rows = []
     for arch, patch in models:
         rows += memory.plan(cfg, args.gpus, args.gpu_mem, [arch], stages, [_onoff(v) for v in _csv(args.ckpt)],
                             [_onoff(v) for v in _csv(args.offload)], args.micro_batch, patch, args.precision,
-                            args.teacher_dtype, args.reserve)
+                            args.teacher_dtype, args.reserve, args.classes)
     print(f"# per-GPU memory: {args.gpus} GPUs of {args.gpu_mem:g} GiB ({args.reserve:g} GiB reserved for the CUDA "
-          f"context and NCCL), teacher {cfg.target.kind} {cfg.target.model or ''}, {args.precision}, global batch "
+          f"context and NCCL), teacher {cfg.target.kind} {cfg.target.model or ''}"
+          f"{f' -> {args.classes} token ids' if args.classes else ''}, {args.precision}, global batch "
           f"{cfg.train.global_batch}; GiB per GPU")
     print(memory.markdown(rows, args.gpus, args.gpu_mem))
     if args.json:
@@ -394,6 +400,9 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--precision", default="bf16", choices=["bf16", "fp16", "fp32"])
     pl.add_argument("--teacher-dtype", dest="teacher_dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
     pl.add_argument("--reserve", type=float, default=1.0, help="GiB per GPU outside torch (CUDA context, NCCL)")
+    pl.add_argument("--classes", type=int, default=None,
+                    help="discrete targets: plan with this many token ids (instead of target.tokenizer's, e.g. "
+                         "before it is fit)")
     pl.add_argument("--json", default=None, help="also write the rows as JSON")
     pl.add_argument("overrides", nargs="*", metavar="section.key=value")
     pl.set_defaults(fn=cmd_plan)

@@ -222,9 +222,10 @@ def test_timm_teacher_block_layer_with_final_norm():
 # ============================================================================ pretraining on codebook indices
 
 
-def test_palette_pretraining_zero3_two_ranks_matches_one_rank_and_resume_keeps_the_tokenizer(cifar_dir, tmp_path):
+def test_palette_pretraining_zero_stages_and_ranks_agree_and_resume_keeps_the_tokenizer(cifar_dir, tmp_path):
     """CLI end to end: fit a 16-colour palette, pretrain on it (every pixel a class, 4x4 pixels per student token)
-    with ZeRO-1 on 1 rank and ZeRO-3 on 2 ranks (the same losses), then refuse to resume with another tokenizer."""
+    with ZeRO-1 on 1 rank, ZeRO-3 and ZeRO-2 on 2 ranks (the same losses), then refuse to resume with another
+    tokenizer."""
     data = str(cifar_dir / "train-000000.tar")
     palette = ["target.layer=rgb", "target.patch_size=1"]
     fit = ["tokenizer", "fit", "--config", "demo", "--data", data, "--k", "16", "--images", "64", "--iters", "10",
@@ -239,11 +240,13 @@ def test_palette_pretraining_zero3_two_ranks_matches_one_rank_and_resume_keeps_t
 
     pretrain("r1", 1, "train.zero_stage=1", "train.micro_batch=8")
     pretrain("r2", 2, "train.zero_stage=3", "train.micro_batch=4")
-    one, two = losses(tmp_path / "r1"), losses(tmp_path / "r2")
-    assert sorted(one) == sorted(two) == [1, 2, 3, 4]
+    pretrain("r3", 2, "train.zero_stage=2", "train.micro_batch=4")
+    one, two, three = losses(tmp_path / "r1"), losses(tmp_path / "r2"), losses(tmp_path / "r3")
+    assert sorted(one) == sorted(two) == sorted(three) == [1, 2, 3, 4]
     for step in (1, 2, 3):
-        for a, b in zip(one[step], two[step]):
-            assert abs(a - b) < 1e-5, (step, one[step], two[step])
+        for other in (two, three):
+            for a, b in zip(one[step], other[step]):
+                assert abs(a - b) < 1e-5, (step, one[step], other[step])
     assert abs(one[1][0] - math.log(16)) < 0.5  # cross-entropy over 16 colours starts near ln 16
     assert one[4][0] < one[1][0] and one[4][1] < one[1][1]  # and it learns
     marker = json.loads(next((tmp_path / "r2" / "checkpoints").glob("step_*/*.json")).read_text())
@@ -275,3 +278,7 @@ def test_planner_traces_the_logits_of_a_discrete_target(tmp_path):
     # Gen and Dis logits for 2 images x 3 segments x 16 x 16 pixels x K colours in fp32, alive until backward
     logits = 2 * 2 * 3 * 16 * 16 * K * 4
     assert discrete - features > logits, (discrete, features, logits)
+    # `megadigpt plan --classes K` plans the same before the tokenizer exists
+    unfit = dataclasses.replace(cfg, target=dataclasses.replace(cfg.target, tokenizer=str(tmp_path / "missing")))
+    assert model_sizes(unfit, classes=K) == sizes
+    assert trace_micro_step(unfit, 2, precision="fp32", teacher_dtype="fp32", classes=K) == discrete

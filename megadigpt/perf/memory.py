@@ -109,14 +109,19 @@ class ModelSizes:
     teacher_fwd_flops: Optional[float]
 
 
-def _meta_teacher(tcfg, mcfg):
+def _meta_teacher(tcfg, mcfg, classes: Optional[int] = None):
     """The teacher's architecture on the meta device (random, unallocated weights); a discrete target's codebook
-    is a meta tensor of its size."""
+    is a meta tensor of its size. ``classes``: plan a discrete target of that many ids without its tokenizer file
+    (it replaces target.tokenizer)."""
     from ..targets import describe_target
     from ..targets.base import describe_features
 
-    spec = describe_target(tcfg, mcfg)
-    t = _meta_features(tcfg, mcfg, describe_features(tcfg, mcfg))
+    features = describe_features(tcfg, mcfg)
+    if classes:
+        spec = replace(features, classes=classes, has_cls=False)
+    else:
+        spec = describe_target(tcfg, mcfg)
+    t = _meta_features(tcfg, mcfg, features)
     if spec.classes:
         from ..targets.discrete import TokenizedTarget
 
@@ -178,23 +183,24 @@ def _inputs(cfg, spec, batch, s_dtype, t_dtype):
     return x, xt, order
 
 
-_SIZES: Dict[str, ModelSizes] = {}
+_SIZES: Dict[tuple, ModelSizes] = {}
 
 
-def model_sizes(cfg) -> ModelSizes:
-    """Parameter counts and per-image forward FLOPs of the configured student and teacher (meta device)."""
+def model_sizes(cfg, classes: Optional[int] = None) -> ModelSizes:
+    """Parameter counts and per-image forward FLOPs of the configured student and teacher (meta device);
+    ``classes`` as in :func:`_meta_teacher`."""
     from ..config import dump_config
 
-    key = dump_config(cfg)
+    key = (dump_config(cfg), classes)
     if key not in _SIZES:
-        _SIZES[key] = _sizes(cfg)
+        _SIZES[key] = _sizes(cfg, classes)
     return _SIZES[key]
 
 
-def _sizes(cfg) -> ModelSizes:
+def _sizes(cfg, classes=None) -> ModelSizes:
     from ..train.metrics import count_flops
 
-    teacher, spec = _meta_teacher(cfg.target, cfg.model)
+    teacher, spec = _meta_teacher(cfg.target, cfg.model, classes)
     student = _meta_student(cfg, spec)
     P = sum(p.numel() for p in student.parameters() if p.requires_grad)
     blocks = list(student.encoder.blocks) + [b for d in ("gen_decoder", "dis_decoder") if hasattr(student, d)
@@ -213,16 +219,17 @@ _TRACES: Dict[tuple, int] = {}
 
 
 def trace_micro_step(cfg, batch: int, precision: str = "bf16", teacher_dtype: str = "bf16",
-                     activation_checkpointing: bool = False, attention: Optional[str] = None) -> int:
+                     activation_checkpointing: bool = False, attention: Optional[str] = None,
+                     classes: Optional[int] = None) -> int:
     from ..config import dump_config
 
-    key = (dump_config(cfg), batch, precision, teacher_dtype, activation_checkpointing, attention)
+    key = (dump_config(cfg), batch, precision, teacher_dtype, activation_checkpointing, attention, classes)
     if key not in _TRACES:
-        _TRACES[key] = _trace(cfg, batch, precision, teacher_dtype, activation_checkpointing, attention)
+        _TRACES[key] = _trace(cfg, batch, precision, teacher_dtype, activation_checkpointing, attention, classes)
     return _TRACES[key]
 
 
-def _trace(cfg, batch, precision, teacher_dtype, activation_checkpointing, attention) -> int:
+def _trace(cfg, batch, precision, teacher_dtype, activation_checkpointing, attention, classes=None) -> int:
     """Peak bytes of the tensors created by one training micro-step (teacher forward without grad, student
     forward, backward with each gradient handed off as soon as it is accumulated, as ZeRO's hooks do), traced on
     the meta device. Parameters are not included (they are model states)."""
@@ -230,7 +237,7 @@ def _trace(cfg, batch, precision, teacher_dtype, activation_checkpointing, atten
 
     attention = attention or cfg.model.attention
     dt = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-    teacher, spec = _meta_teacher(cfg.target, cfg.model)
+    teacher, spec = _meta_teacher(cfg.target, cfg.model, classes)
     teacher = teacher.to(dt[teacher_dtype])
     student = _meta_student(cfg, spec, dt[precision])
     if activation_checkpointing:
@@ -361,14 +368,16 @@ def _ds_buffers(cfg, stage: int) -> ZeroBuffers:
 
 
 def plan_one(cfg, world: int, gpu_gib: float, stage: int, ckpt: bool, offload: bool, micro_batch: int,
-             precision: str = "bf16", teacher_dtype: str = "bf16", reserve_gib: float = 1.0) -> PlanRow:
+             precision: str = "bf16", teacher_dtype: str = "bf16", reserve_gib: float = 1.0,
+             classes: Optional[int] = None) -> PlanRow:
     """One configuration. ``reserve_gib``: the device memory outside torch's allocator that a run cannot use (CUDA
-    context, NCCL buffers), taken off ``gpu_gib`` before fitting."""
-    sizes = model_sizes(cfg)
+    context, NCCL buffers), taken off ``gpu_gib`` before fitting. ``classes``: plan a discrete target of that many
+    ids before its tokenizer is fit."""
+    sizes = model_sizes(cfg, classes)
     st = model_states(sizes.student_params, sizes.largest_module_params, world, stage, precision, offload,
                       _ds_buffers(cfg, stage))
-    a1 = trace_micro_step(cfg, 1, precision, teacher_dtype, ckpt)
-    a2 = trace_micro_step(cfg, 2, precision, teacher_dtype, ckpt)
+    a1 = trace_micro_step(cfg, 1, precision, teacher_dtype, ckpt, classes=classes)
+    a2 = trace_micro_step(cfg, 2, precision, teacher_dtype, ckpt, classes=classes)
     per_image, fixed_act = a2 - a1, 2 * a1 - a2
 
     def act(b):
@@ -396,7 +405,8 @@ def plan_one(cfg, world: int, gpu_gib: float, stage: int, ckpt: bool, offload: b
 
 def plan(cfg, world: int, gpu_gib: float, archs: Sequence[str], stages=(1, 2, 3), ckpts=(False, True),
          offloads=(False, True), micro_batch: Optional[int] = None, patch: Optional[int] = None,
-         precision: str = "bf16", teacher_dtype: str = "bf16", reserve_gib: float = 1.0) -> List[PlanRow]:
+         precision: str = "bf16", teacher_dtype: str = "bf16", reserve_gib: float = 1.0,
+         classes: Optional[int] = None) -> List[PlanRow]:
     rows = []
     for arch in archs:
         m = replace(cfg.model, arch=arch, patch_size=patch or cfg.model.patch_size, taps=None)
@@ -405,7 +415,7 @@ def plan(cfg, world: int, gpu_gib: float, archs: Sequence[str], stages=(1, 2, 3)
             for ck in ckpts:
                 for off in offloads:
                     rows.append(plan_one(c, world, gpu_gib, stage, ck, off, micro_batch or cfg.train.micro_batch,
-                                         precision, teacher_dtype, reserve_gib))
+                                         precision, teacher_dtype, reserve_gib, classes))
     return rows
 
 
