@@ -5,6 +5,7 @@ from dataclasses import replace
 
 import torch
 
+from ..tokenizer.kmeans import assign
 from .base import Target
 
 
@@ -28,8 +29,6 @@ class TokenizedTarget(Target):
 
     @torch.no_grad()
     def forward(self, images):
-        from ..tokenizer.kmeans import assign
-
         tokens, _ = self.inner(images)
         B, N, D = tokens.shape
         return assign(tokens.reshape(B * N, D), self.centroids).reshape(B, N), None

@@ -100,11 +100,24 @@ class Codebook:
         return path
 
 
+_LOADED: dict = {}
+
+
 def load_codebook(path) -> Codebook:
-    """Read and validate a tokenizer file; every problem is a one-line ConfigError."""
+    """Read and validate a tokenizer file; every problem is a one-line ConfigError. Read once per process (the
+    early checks, the target and the resume check all ask), again if the file changes."""
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"target.tokenizer not found: {path} (create it with `megadigpt tokenizer fit`)")
+    st = p.stat()
+    key = (str(p.resolve()), st.st_mtime_ns, st.st_size)
+    if key not in _LOADED:
+        _LOADED.clear()
+        _LOADED[key] = _read(p, path)
+    return _LOADED[key]
+
+
+def _read(p: Path, path) -> Codebook:
     try:
         d = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated, not a torch file, or holding objects weights_only refuses

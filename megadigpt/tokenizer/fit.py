@@ -23,11 +23,10 @@ DEFAULT_K_FEATURES = 8192
 def plan_fit(cfg: Config, k: Optional[int], images: int, tokens_per_image: int, out: Optional[str], force: bool):
     """Every cheap check, before any model or data is touched. Returns (spec, k, out path, tokens per image)."""
     from ..data import check_source
-    from ..targets import describe_target
+    from ..targets.base import describe_features
 
-    tcfg = dataclasses.replace(cfg.target, tokenizer=None)  # fit the features, not a previous codebook's indices
-    spec = describe_target(tcfg, cfg.model)
-    k = k or DEFAULT_K.get(tcfg.kind, DEFAULT_K_FEATURES)
+    spec = describe_features(cfg.target, cfg.model)  # the features, not a previous codebook's indices
+    k = k or DEFAULT_K.get(cfg.target.kind, DEFAULT_K_FEATURES)
     out = out or cfg.target.tokenizer
     if not out:
         raise ConfigError("where should the tokenizer go? pass --out, or set target.tokenizer in the config")
