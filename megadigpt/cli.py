@@ -2,10 +2,11 @@
 
 import argparse
 import os
+import re
 import sys
 from pathlib import Path
 
-from .config import ConfigError
+from .config import ConfigError, check_output
 
 
 def _rank0() -> bool:
@@ -15,9 +16,47 @@ def _rank0() -> bool:
 
 
 def _fail(msg: str) -> int:
-    if _rank0():
-        print(f"megadigpt: error: {msg}", file=sys.stderr)
+    if _rank0():  # always one line: a message from a library may carry newlines
+        print(f"megadigpt: error: {' '.join(str(msg).splitlines())}", file=sys.stderr)
     return 2
+
+
+class ArgumentError(ConfigError):
+    """A bad command line, raised (not printed) so that it becomes the one ``megadigpt: error:`` line like every
+    other bad input, also where a command line is parsed inside another command (``submit``)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with the one-line error of every other bad input: ``megadigpt: error: <command>: ...``, exit 2,
+    no usage block (``--help`` still prints it). Subparsers inherit the class."""
+
+    def error(self, message):
+        where = self.prog.split(" ", 1)[1] + ": " if " " in self.prog else ""
+        raise ArgumentError(f"{where}{' '.join(message.split())}")
+
+
+def _bounded(conv, lo, strict, what):
+    def parse(text):
+        try:
+            v = conv(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if v != v or abs(v) == float("inf") or (v <= lo if strict else v < lo):  # (v != v: NaN)
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return v
+
+    parse.__name__ = what  # argparse names the type in some messages
+    return parse
+
+
+POS_INT = _bounded(int, 0, True, "a positive integer")
+NONNEG_INT = _bounded(int, 0, False, "an integer >= 0")
+POS_FLOAT = _bounded(float, 0, True, "a positive number")
+NONNEG_FLOAT = _bounded(float, 0, False, "a number >= 0")
+
+
+def _at_least(n):
+    return _bounded(int, n, False, f"an integer >= {n}")
 
 
 def pretrain_overrides(args):
@@ -65,6 +104,7 @@ def cmd_probe(args) -> int:
     w = args.weights
     if w and "=" in w and "." in w.split("=", 1)[0] and not Path(w).exists():  # an override, not weights
         args.overrides, w = [w] + list(args.overrides), None
+    check_output(args.out, "dir", "--out")
     cfg = load_config(args.config, finetune_overrides(args), root=FinetuneRunConfig)
     run_probe(cfg, w, args.out, random_init=args.random_init)
     return 0
@@ -74,6 +114,13 @@ def cmd_eval(args) -> int:
     from .train.evaluate import evaluate_sets
 
     folders = {k: getattr(args, k) for k in ("imagenet", "real", "v2", "a", "r", "sketch", "c") if getattr(args, k)}
+    if args.out:
+        check_output(args.out, "dir", "--out")
+    model = Path(args.model) / args.which if (Path(args.model) / args.which).is_dir() else Path(args.model)
+    if model.is_dir():  # a damaged or truncated model.safetensors: named now, from its header
+        from .config import check_weights_file
+
+        check_weights_file(model, "model")
     evaluate_sets(args.model, folders, args.out, which=args.which, batch=args.batch, limit=args.limit,
                   loader=args.loader, num_workers=args.workers, real_labels_path=args.real_labels)
     return 0
@@ -95,6 +142,8 @@ def cmd_submit(args) -> int:
         cli_slurm["env"] = dict(e.split("=", 1) for e in args.env)
     if args.no_requeue:
         cli_slurm["requeue"] = False
+    if args.after is not None and not re.fullmatch(r"\d+(_\d+)?(:\d+(_\d+)?)*", args.after):
+        raise ConfigError(f"--after takes SLURM job ids (e.g. 12345 or 12345:12346), got {args.after!r}")
     if args.what in slurm.COMMANDS:
         if args.from_stage or args.run_root:
             raise ConfigError("--from and --run-root are for chains")
@@ -117,14 +166,25 @@ def cmd_submit(args) -> int:
 def cmd_convert(args) -> int:
     from .checkpoint.convert import convert
 
+    check_output(args.out, "dir" if args.to == "timm" else "file", "--out")
+    if Path(args.input).exists():  # damaged or truncated weights: named now, from headers alone
+        from .config import check_weights_file
+
+        check_weights_file(args.input, "input")
     out = convert(args.input, args.to, args.out, tag=args.tag, num_heads=args.num_heads,
                   segment_grid=args.segment_grid, final_norm=not args.no_final_norm)
     print(f"wrote {out}")
     return 0
 
 
-def _csv(text, conv=str):
-    return [conv(v.strip()) for v in str(text).split(",") if v.strip()]
+def _csv(text, conv=str, what="--values", positive=False):
+    try:
+        out = [conv(v.strip()) for v in str(text).split(",") if v.strip()]
+    except ValueError:
+        raise ConfigError(f"{what} takes comma-separated integers, got {text!r}") from None
+    if positive and not all(v > 0 for v in out):
+        raise ConfigError(f"{what} takes positive integers, got {text!r}")
+    return out
 
 
 def _onoff(v: str) -> bool:
@@ -138,7 +198,7 @@ def _models(text):
     out = []
     for item in _csv(text):
         arch, _, patch = item.partition("/")
-        if patch and not patch.isdigit():
+        if not arch or (patch and not patch.isdigit()) or (patch and int(patch) < 1) or item.count("/") > 1:
             raise ConfigError(f"model {item!r}: write arch/patch, e.g. vit_large/14")
         out.append((arch if arch.startswith("vit_") else f"vit_{arch}", int(patch or 16)))
     return out
@@ -158,13 +218,13 @@ def cmd_plan(args) -> int:
     for arch, _ in models:
         if arch not in VIT_SIZES:
             raise ConfigError(f"unknown model {arch!r}; choose from {', '.join(VIT_SIZES)}")
-    if args.gpus < 1 or args.gpu_mem <= 0:
-        raise ConfigError("--gpus and --gpu-mem must be positive")
-    stages = _csv(args.zero, int)
+    if args.reserve >= args.gpu_mem:
+        raise ConfigError(f"--reserve {args.reserve:g} GiB leaves nothing of --gpu-mem {args.gpu_mem:g} GiB")
+    if args.json:
+        check_output(args.json, "file", "--json")
+    stages = _csv(args.zero, int, "--zero")
     if not stages or any(z not in (1, 2, 3) for z in stages):
         raise ConfigError(f"--zero takes stages 1, 2, 3, got {args.zero}")
-    if args.classes is not None and args.classes < 1:
-        raise ConfigError("--classes must be >= 1")
     if cfg.target.tokenizer and not args.classes and not Path(cfg.target.tokenizer).is_file():
         raise ConfigError(f"target.tokenizer {cfg.target.tokenizer} is not fit yet; plan with --classes K (its "
                           f"number of token ids) or fit it first (megadigpt tokenizer fit)")
@@ -186,16 +246,15 @@ def cmd_plan(args) -> int:
 def cmd_bench(args) -> int:
     from .perf import bench
 
-    cases = bench.expand_grid(_models(args.models), _csv(args.teacher), _csv(args.zero, int),
+    cases = bench.expand_grid(_models(args.models), _csv(args.teacher), _csv(args.zero, int, "--zero"),
                               [_onoff(v) for v in _csv(args.ckpt)], _csv(args.attention),
-                              _csv(args.micro_batch, int), _csv(args.precision),
+                              _csv(args.micro_batch, int, "--micro-batch", positive=True), _csv(args.precision),
                               [_onoff(v) for v in _csv(args.compile)], _csv(args.data), args.img_size)
     if not cases:
         raise ConfigError("the grid is empty")
-    if args.ranks < 1 or args.steps < 1 or args.warmup < 1:
-        raise ConfigError("--ranks, --steps and --warmup must be >= 1")
+    check_output(args.out, "dir", "--out")
     rep = bench.run_bench(cases, args.ranks, Path(args.out), args.config, args.overrides, args.steps, args.warmup,
-                          args.data_source, args.timeout, not args.no_baseline)
+                          args.data_source, args.timeout, not args.no_baseline, rounds=args.rounds)
     print(Path(args.out, "bench.md").read_text(), end="")
     print(f"wrote {args.out}/bench.json, bench.md" + (", bench.png" if rep.get("plot") else
                                                      " (no plot: pip install 'megadigpt[bench]')"))
@@ -208,7 +267,11 @@ def cmd_tokenizer_fit(args) -> int:
     from .config import load_config
     from .tokenizer.fit import fit_tokenizer
 
+    if args.out:
+        check_output(args.out, "file", "--out")
     cfg = load_config(args.config, list(args.overrides) + ([f"data.source={args.data}"] if args.data else []))
+    if not args.out and cfg.target.tokenizer:
+        check_output(cfg.target.tokenizer, "file", "target.tokenizer")
     res = fit_tokenizer(cfg, k=args.k, images=args.images, tokens_per_image=args.tokens_per_image,
                         iters=args.iters, seed=args.seed, out=args.out, device=args.device, batch=args.batch,
                         force=args.force, progress=args.progress == "on" or (args.progress == "auto" and
@@ -222,8 +285,11 @@ def cmd_show_config(args) -> int:
 
     try:
         cfg = load_config(args.config, args.overrides)
-    except _CE:  # a fine-tuning config
-        cfg = load_config(args.config, args.overrides, root=FinetuneRunConfig)
+    except _CE as first:  # a fine-tuning config, or a bad pretraining one (then its error is the one to report)
+        try:
+            cfg = load_config(args.config, args.overrides, root=FinetuneRunConfig)
+        except _CE as second:
+            raise (first if "is a pretraining config" in str(second) else second) from None
     print(dump_config(cfg), end="")
     return 0
 
@@ -240,6 +306,9 @@ def cmd_data(args) -> int:
 
     from .data import tools
 
+    check_output(args.out, "file" if args.data_command in ("merge", "in21k-labels") else "dir", "--out")
+    if getattr(args, "shards", None):
+        check_output(args.shards, "dir", "--shards")
     if args.data_command == "validate":
         res = tools.validate(args.source, args.out, workers=args.workers)
         print(json.dumps(res))
@@ -261,7 +330,7 @@ def cmd_data(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="megadigpt", description=__doc__)
+    p = _Parser(prog="megadigpt", description=__doc__)
     # the deepspeed launcher appends --local_rank=N; the rank comes from the environment anyway
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     sub = p.add_subparsers(dest="command", required=True)
@@ -307,10 +376,10 @@ def build_parser() -> argparse.ArgumentParser:
         ev.add_argument(f"--{name}", default=None, help=what)
     ev.add_argument("--real-labels", default=None, help="real.json (default: timm's bundled copy)")
     ev.add_argument("--out", default=None, help="folder for eval.json / eval.md")
-    ev.add_argument("--batch", type=int, default=64)
-    ev.add_argument("--limit", type=int, default=None, help="at most this many images per set (a quick look)")
+    ev.add_argument("--batch", type=POS_INT, default=64)
+    ev.add_argument("--limit", type=POS_INT, default=None, help="at most this many images per set (a quick look)")
     ev.add_argument("--loader", default="auto", choices=["auto", "dali", "torch"])
-    ev.add_argument("--workers", type=int, default=4)
+    ev.add_argument("--workers", type=NONNEG_INT, default=4)
     ev.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     ev.set_defaults(fn=cmd_eval)
 
@@ -324,8 +393,8 @@ def build_parser() -> argparse.ArgumentParser:
     cv.add_argument("--to", required=True, choices=["timm", "reference", "fp32"])
     cv.add_argument("--out", required=True, help="timm: a folder; reference: a .pth; fp32: a .safetensors")
     cv.add_argument("--tag", default=None, help="checkpoint tag (default: the newest complete one)")
-    cv.add_argument("--num-heads", type=int, default=None, help="timm: heads (default: from the run or the width)")
-    cv.add_argument("--segment-grid", type=int, default=2, help="reference: the segment grid (its mask buffer)")
+    cv.add_argument("--num-heads", type=POS_INT, default=None, help="timm: heads (default: from the run or the width)")
+    cv.add_argument("--segment-grid", type=_at_least(2), default=2, help="reference: the segment grid (its mask buffer)")
     cv.add_argument("--no-final-norm", action="store_true", help="timm: export without timm's final LayerNorm")
     cv.set_defaults(fn=cmd_convert)
 
@@ -334,21 +403,21 @@ def build_parser() -> argparse.ArgumentParser:
     v = dsub.add_parser("validate", help="decode every sample; write clean.jsonl and bad.jsonl (and clean shards)")
     v.add_argument("source", help="shards, an image folder, or a sample list (.jsonl)")
     v.add_argument("--out", required=True, help="folder for clean.jsonl / bad.jsonl")
-    v.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    v.add_argument("--workers", type=POS_INT, default=os.cpu_count() or 1)
     v.add_argument("--shards", default=None, help="also write clean shards to this folder")
-    v.add_argument("--shard-size", type=int, default=10000)
+    v.add_argument("--shard-size", type=POS_INT, default=10000)
     v.set_defaults(fn=cmd_data)
     b = dsub.add_parser("build", help="write webdataset shards + DALI indexes + manifest.json (restartable)")
     b.add_argument("source", help="an image folder, a file list (.txt: path [label]), shards, or a sample list")
     b.add_argument("--out", required=True)
-    b.add_argument("--shard-size", type=int, default=10000)
+    b.add_argument("--shard-size", type=POS_INT, default=10000)
     b.add_argument("--prefix", default="shard")
     b.set_defaults(fn=cmd_data)
     mg = dsub.add_parser("merge", help="merge sources by weight into a sample list (see README)")
     mg.add_argument("spec", help="YAML: sources [{name, source, weight, expected_count}], total, "
                                  "exclude_duplicates_of")
     mg.add_argument("--out", required=True, help="the merged sample list (.jsonl)")
-    mg.add_argument("--seed", type=int, default=0)
+    mg.add_argument("--seed", type=NONNEG_INT, default=0)
     mg.set_defaults(fn=cmd_data)
     lab = dsub.add_parser("in21k-labels", help="ImageNet-21K class indices from the synset folders present")
     lab.add_argument("root", help="folder of nXXXXXXXX synset folders")
@@ -365,16 +434,16 @@ def build_parser() -> argparse.ArgumentParser:
     sm.add_argument("--after", default=None, help="a job id the first stage waits for (afterok)")
     sm.add_argument("--from", dest="from_stage", default=None, help="chain: start at this stage")
     sm.add_argument("--run-root", default=None, help="chain: the folder of the stages' run directories")
-    sm.add_argument("--nodes", type=int, default=None)
-    sm.add_argument("--gpus-per-node", dest="gpus_per_node", type=int, default=None, help="0 on a CPU partition")
-    sm.add_argument("--ntasks-per-node", dest="ntasks_per_node", type=int, default=None)
-    sm.add_argument("--cpus-per-task", dest="cpus_per_task", type=int, default=None)
+    sm.add_argument("--nodes", type=POS_INT, default=None)
+    sm.add_argument("--gpus-per-node", dest="gpus_per_node", type=NONNEG_INT, default=None, help="0 on a CPU partition")
+    sm.add_argument("--ntasks-per-node", dest="ntasks_per_node", type=POS_INT, default=None)
+    sm.add_argument("--cpus-per-task", dest="cpus_per_task", type=POS_INT, default=None)
     sm.add_argument("--mem", default=None)
     sm.add_argument("--time", default=None, help="the time limit, e.g. 48:00:00")
     for k in ("partition", "account", "qos", "constraint", "reservation"):
         sm.add_argument(f"--{k}", default=None)
     sm.add_argument("--exclusive", action="store_true", default=None)
-    sm.add_argument("--signal-seconds", dest="signal_seconds", type=int, default=None,
+    sm.add_argument("--signal-seconds", dest="signal_seconds", type=NONNEG_INT, default=None,
                     help="SIGUSR1 this long before the time limit: checkpoint, requeue, resume (default 300)")
     sm.add_argument("--no-requeue", action="store_true", help="checkpoint on the signal but do not requeue")
     sm.add_argument("--job-name", dest="job_name", default=None)
@@ -391,16 +460,16 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--config", default="digpt_vitl14_merged", help="teacher, decoder, global batch, ... from here")
     pl.add_argument("--models", default=None, help="e.g. vit_base/16,vit_large/14 (default: B, L, H, g, e at the "
                                                    "config's patch)")
-    pl.add_argument("--gpus", type=int, default=8, help="data-parallel ranks (GPUs in all)")
-    pl.add_argument("--gpu-mem", dest="gpu_mem", type=float, default=80.0, help="GiB per GPU")
+    pl.add_argument("--gpus", type=POS_INT, default=8, help="data-parallel ranks (GPUs in all)")
+    pl.add_argument("--gpu-mem", dest="gpu_mem", type=POS_FLOAT, default=80.0, help="GiB per GPU")
     pl.add_argument("--zero", default="1,2,3")
     pl.add_argument("--ckpt", default="off,on", help="activation checkpointing: off,on")
     pl.add_argument("--offload", default="off,on", help="optimizer CPU offload: off,on")
-    pl.add_argument("--micro-batch", dest="micro_batch", type=int, default=None, help="default: the config's")
+    pl.add_argument("--micro-batch", dest="micro_batch", type=POS_INT, default=None, help="default: the config's")
     pl.add_argument("--precision", default="bf16", choices=["bf16", "fp16", "fp32"])
     pl.add_argument("--teacher-dtype", dest="teacher_dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
-    pl.add_argument("--reserve", type=float, default=1.0, help="GiB per GPU outside torch (CUDA context, NCCL)")
-    pl.add_argument("--classes", type=int, default=None,
+    pl.add_argument("--reserve", type=NONNEG_FLOAT, default=1.0, help="GiB per GPU outside torch (CUDA context, NCCL)")
+    pl.add_argument("--classes", type=POS_INT, default=None,
                     help="discrete targets: plan with this many token ids (instead of target.tokenizer's, e.g. "
                          "before it is fit)")
     pl.add_argument("--json", default=None, help="also write the rows as JSON")
@@ -411,7 +480,7 @@ def build_parser() -> argparse.ArgumentParser:
                                       "configurations, beside a reference-style baseline")
     be.add_argument("--config", default=None, help="base config (decoder, data settings; default: built-in)")
     be.add_argument("--models", default="vit_base/16", help="comma-separated arch/patch")
-    be.add_argument("--img-size", dest="img_size", type=int, default=224)
+    be.add_argument("--img-size", dest="img_size", type=POS_INT, default=224)
     be.add_argument("--teacher", default="efficientnet_lite0",
                     help="efficientnet_lite0 | pixels | open_clip:<arch> | timm:<name> (random weights), comma list")
     be.add_argument("--zero", default="1")
@@ -422,11 +491,13 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--compile", default="off", help="torch.compile of each block: off,on")
     be.add_argument("--data", default="synthetic", help="synthetic | torch | dali (the last two read --data-source)")
     be.add_argument("--data-source", dest="data_source", default=None, help="shards or an image folder")
-    be.add_argument("--ranks", type=int, default=1, help="processes (GPUs) per case")
-    be.add_argument("--steps", type=int, default=10, help="timed optimizer steps per case")
-    be.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+    be.add_argument("--ranks", type=POS_INT, default=1, help="processes (GPUs) per case")
+    be.add_argument("--steps", type=POS_INT, default=10, help="timed optimizer steps per case")
+    be.add_argument("--rounds", type=POS_INT, default=3, help="rounds: every case once per round, interleaved "
+                                                              "(A B A B ...); rows give the median and spread")
+    be.add_argument("--warmup", type=POS_INT, default=3, help="untimed steps first")
     be.add_argument("--no-baseline", dest="no_baseline", action="store_true", help="skip the reference-style rows")
-    be.add_argument("--timeout", type=float, default=3600.0, help="seconds per case")
+    be.add_argument("--timeout", type=POS_FLOAT, default=3600.0, help="seconds per case")
     be.add_argument("--out", required=True, help="folder for bench.json, bench.md, bench.png and per-case logs")
     be.add_argument("overrides", nargs="*", metavar="section.key=value")
     be.set_defaults(fn=cmd_bench)
@@ -438,12 +509,12 @@ def build_parser() -> argparse.ArgumentParser:
     tf.add_argument("--config", required=True, help="the pretraining config whose target is tokenized")
     tf.add_argument("--data", default=None, help="shortcut for data.source=...")
     tf.add_argument("--out", default=None, help="tokenizer file (default: the config's target.tokenizer)")
-    tf.add_argument("--k", type=int, default=None, help="clusters (default 512 for pixels, else 8192)")
-    tf.add_argument("--images", type=int, default=10000, help="images sampled from the training data")
-    tf.add_argument("--tokens-per-image", type=int, default=32, help="tokens drawn per image (0 = all)")
-    tf.add_argument("--iters", type=int, default=30, help="Lloyd iterations at most")
-    tf.add_argument("--seed", type=int, default=0, help="sample, augmentation and k-means++ seed")
-    tf.add_argument("--batch", type=int, default=64, help="images per teacher forward")
+    tf.add_argument("--k", type=_at_least(2), default=None, help="clusters (default 512 for pixels, else 8192)")
+    tf.add_argument("--images", type=POS_INT, default=10000, help="images sampled from the training data")
+    tf.add_argument("--tokens-per-image", type=NONNEG_INT, default=32, help="tokens drawn per image (0 = all)")
+    tf.add_argument("--iters", type=POS_INT, default=30, help="Lloyd iterations at most")
+    tf.add_argument("--seed", type=NONNEG_INT, default=0, help="sample, augmentation and k-means++ seed")
+    tf.add_argument("--batch", type=POS_INT, default=64, help="images per teacher forward")
     tf.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     tf.add_argument("--force", action="store_true", help="replace an existing tokenizer file")
     tf.add_argument("--progress", default="auto", choices=["auto", "on", "off"],
@@ -461,17 +532,28 @@ def main(argv=None) -> int:
     from .train.pretrain import Checkpointed, TrainingDiverged
 
     parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
-    # overrides may follow options (``probe W --out D model.img_size=448``): argparse leaves those over
-    stray = [a for a in extra if not ("=" in a and "." in a.split("=", 1)[0] and not a.startswith("-"))]
-    if stray or (extra and not hasattr(args, "overrides")):
-        parser.error(f"unrecognized arguments: {' '.join(stray or extra)}")
+    try:
+        args, extra = parser.parse_known_args(argv)
+        # overrides may follow options (``probe W --out D model.img_size=448``): argparse leaves those over
+        stray = [a for a in extra if not ("=" in a and "." in a.split("=", 1)[0] and not a.startswith("-"))]
+        if stray or (extra and not hasattr(args, "overrides")):
+            parser.error(f"unrecognized arguments: {' '.join(stray or extra)}")
+    except ArgumentError as e:
+        return _fail(str(e))
     if extra:
         args.overrides = list(args.overrides) + extra
     try:
         return args.fn(args)
     except ConfigError as e:
-        return _fail(str(e))
+        code = _fail(str(e))
+        dist = sys.modules.get("torch.distributed")
+        if dist is not None and dist.is_available() and dist.is_initialized():
+            # raised on every rank at once (a locked run dir, a full disk): leave at once too, so that a launcher
+            # that stops the other ranks when one exits finds them gone, not halfway through interpreter shutdown
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+        return code
     except (Checkpointed, TrainingDiverged) as e:
         if _rank0():
             print(f"megadigpt: {e}", file=sys.stderr)

@@ -1,5 +1,7 @@
 """The typed config tree. A YAML file fills it section by section; ``key=value`` overrides follow. Unknown or
-misspelled keys are an error (with a suggestion), never silently ignored.
+misspelled keys are an error (with a suggestion), never silently ignored; so is a value outside its key's range
+(``RULES``, checked by ``load_config`` for every command) and a config file that cannot be read as one (binary,
+empty, a key given twice: ``read_yaml``).
 
 Every field's comment is its documentation; README's config reference is generated from the same tree
 (``megadigpt config-reference``).
@@ -7,6 +9,7 @@ Every field's comment is its documentation; README's config reference is generat
 
 import dataclasses
 import difflib
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple, Union, get_args, get_origin, get_type_hints
@@ -36,7 +39,7 @@ class ModelConfig:
     decoder_heads: int = 32  # heads per decoder block
     decoder_mlp_ratio: float = 4.0
     drop_path: float = 0.0  # stochastic depth of the encoder (0 in the reference; 0.1 for EVA-02-L style)
-    attention: str = "sdpa"  # sdpa (CPU+GPU) | flex (CUDA fused, block-sparse) | eager (reference arithmetic)
+    attention: str = "sdpa"  # sdpa (CPU+GPU) | prefix (exact, mask-free: one SDPA per segment, flash-eligible) | flex (CUDA fused, block-sparse) | eager (reference arithmetic)
     objective: str = "digpt"  # digpt (Gen + Dis) | dis_only (ablation) | distill (no decoder, full attention)
 
     def resolved_size(self):
@@ -62,6 +65,7 @@ class TargetConfig:
     patch_size: Optional[int] = None  # pixels only: patch of the pixel target; default the student's patch (1 with layer=rgb: every pixel a token)
     tokenizer: Optional[str] = None  # k-means codebook file (`megadigpt tokenizer fit`): each token becomes its nearest centroid's index and the decoders are trained with cross-entropy instead of cosine
     dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16
+    random_weights: bool = False  # true: an open_clip/timm/efficientnet teacher with random weights (benchmarks, tests); otherwise a teacher without weights is an error
 
 
 @dataclass
@@ -104,6 +108,7 @@ class TrainConfig:
     zero_stage: int = 3  # 0 | 1 | 2 | 3
     ds_config: Optional[str] = None  # DeepSpeed JSON template; default ds_configs/zero<stage>.json
     activation_checkpointing: bool = False  # recompute encoder blocks in backward
+    compile: bool = False  # torch.compile each transformer block and the teacher's forward (compiled at the first step; its time is logged)
     ckpt_every: int = 1000  # optimizer steps between checkpoints (and always at the end)
     ckpt_every_minutes: float = 30.0  # also checkpoint when this much time passed since the last (0 = off)
     ckpt_keep: int = 3  # complete checkpoints kept (older ones deleted); 0 = keep all
@@ -218,6 +223,136 @@ class Config:
         return _plain(dataclasses.asdict(self))
 
 
+# ---------------------------------------------------------------------------------------------- value ranges
+# One rule per constrained key, beside the dataclasses: ``load_config`` checks every key of the tree against it, so
+# each key is validated once, in one place, for every command (pretrain, finetune, probe, eval, plan, bench, submit,
+# tokenizer fit, show-config). Cross-field checks (divisibility, world size, device) stay in plan_run /
+# plan_finetune. A small in-house table rather than OmegaConf structured configs: OmegaConf validates types but not
+# ranges, and its errors are multi-line; this keeps the one-line ``megadigpt: error: <key> must be ...``.
+class Rule:
+    """``text`` says what is allowed (in the error and the config reference); ``ok(value)`` decides. ``None`` (an
+    unset optional key) always passes."""
+
+    def __init__(self, text, ok, choices=None):
+        self._text, self.ok, self.choices = text, ok, choices
+
+    @property
+    def text(self) -> str:
+        return self._text() if callable(self._text) else self._text
+
+    def check(self, where: str, value):
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{where} must be a finite number, got {value}")
+        if value is not None and not self.ok(value):
+            hint = _suggest(value, map(str, self.choices())) if self.choices and isinstance(value, str) else ""
+            raise ConfigError(f"{where} must be {self.text}, got {_plain(value)!r}{hint}")
+
+
+def _num(v):  # a finite number: .inf and .nan are YAML floats too
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _blocks(v):
+    return v in ("all", "last") or all(x.strip().isdigit() and int(x) >= 1 for x in str(v).split(","))
+
+
+POSITIVE = Rule("> 0", lambda v: _num(v) and v > 0)
+NON_NEGATIVE = Rule(">= 0", lambda v: _num(v) and v >= 0)
+FRACTION = Rule("in [0, 1]", lambda v: _num(v) and 0 <= v <= 1)
+FRACTION_BELOW_1 = Rule("in [0, 1)", lambda v: _num(v) and 0 <= v < 1)
+FRACTION_ABOVE_0 = Rule("in (0, 1]", lambda v: _num(v) and 0 < v <= 1)
+SEED = Rule("in [0, 2**32)", lambda v: _num(v) and 0 <= v < 2 ** 32)
+
+
+def at_least(n) -> Rule:
+    return Rule(f">= {n}", lambda v: _num(v) and v >= n)
+
+
+def one_of(*choices) -> Rule:
+    """``choices``: the allowed values, or one callable returning them (imported lazily from the module that owns
+    them, so the list is written once)."""
+    get = choices[0] if len(choices) == 1 and callable(choices[0]) else (lambda: choices)
+    return Rule(lambda: "one of " + ", ".join(map(str, get())), lambda v: v in tuple(get()), choices=get)
+
+
+def each(rule: Rule) -> Rule:
+    return Rule(lambda: f"values {rule.text}", lambda v: all(rule.ok(x) for x in v))
+
+
+def ordered(rule: Rule) -> Rule:
+    """A (lo, hi) pair: each value obeys ``rule`` and lo <= hi."""
+    return Rule(lambda: f"lo <= hi, each {rule.text}", lambda v: all(rule.ok(x) for x in v) and v[0] <= v[1])
+
+
+def _vit_archs():
+    from .model.vit import VIT_SIZES
+
+    return tuple(VIT_SIZES)
+
+
+def _attention_backends():
+    from .model.attention import BACKENDS
+
+    return BACKENDS
+
+
+def _objectives():
+    from .model.digpt import OBJECTIVES
+
+    return OBJECTIVES
+
+
+BLOCKS = Rule("all, last or comma-separated block numbers >= 1", _blocks)
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+LOADERS = ("auto", "dali", "torch")
+STD = each(POSITIVE)
+RULES: Dict[type, Dict[str, Rule]] = {
+    ModelConfig: dict(arch=one_of(_vit_archs), patch_size=POSITIVE, img_size=POSITIVE, embed_dim=POSITIVE,
+                      depth=POSITIVE, num_heads=POSITIVE, mlp_ratio=POSITIVE, segment_grid=at_least(2),
+                      taps=each(at_least(1)), decoder_dim=POSITIVE, decoder_depth=POSITIVE, decoder_heads=POSITIVE,
+                      decoder_mlp_ratio=POSITIVE, drop_path=FRACTION_BELOW_1, attention=one_of(_attention_backends),
+                      objective=one_of(_objectives)),
+    TargetConfig: dict(image_size=POSITIVE, patch_size=POSITIVE, dtype=one_of(*PRECISIONS)),
+    DataConfig: dict(loader=one_of(*LOADERS), crop_scale=ordered(FRACTION_ABOVE_0), crop_ratio=ordered(POSITIVE),
+                     interpolation=one_of("bicubic", "bilinear"), std=STD, num_workers=NON_NEGATIVE),
+    OptimConfig: dict(lr=POSITIVE, blr=POSITIVE, min_lr=NON_NEGATIVE, betas=each(FRACTION_BELOW_1), eps=POSITIVE,
+                      weight_decay=NON_NEGATIVE, warmup_epochs=NON_NEGATIVE, warmup_steps=NON_NEGATIVE,
+                      grad_clip=NON_NEGATIVE),
+    TrainConfig: dict(epochs=NON_NEGATIVE, max_steps=POSITIVE, global_batch=POSITIVE, micro_batch=POSITIVE, seed=SEED,
+                      device=one_of("auto", "cpu", "cuda"), precision=one_of(*PRECISIONS),
+                      zero_stage=one_of(0, 1, 2, 3), ckpt_every=POSITIVE, ckpt_every_minutes=NON_NEGATIVE,
+                      ckpt_keep=NON_NEGATIVE, nan_tolerance=NON_NEGATIVE, log_every=POSITIVE,
+                      progress=one_of("auto", "on", "off"), peak_tflops=POSITIVE, probe_every=NON_NEGATIVE),
+    ClassifierConfig: dict(arch=one_of(lambda: ("auto",) + _vit_archs()), patch_size=POSITIVE, img_size=POSITIVE,
+                           embed_dim=POSITIVE, depth=POSITIVE, num_heads=POSITIVE, mlp_ratio=POSITIVE,
+                           drop_path=FRACTION_BELOW_1, global_pool=one_of("avg", "token"), num_classes=POSITIVE),
+    FinetuneDataConfig: dict(loader=one_of(*LOADERS), crop_scale=ordered(FRACTION_ABOVE_0),
+                             crop_pct=FRACTION_ABOVE_0, std=STD, num_workers=NON_NEGATIVE),
+    FinetuneOptimConfig: dict(layer_decay=FRACTION_ABOVE_0),
+    FinetuneConfig: dict(smoothing=FRACTION_BELOW_1, mixup=NON_NEGATIVE, cutmix=NON_NEGATIVE, mixup_prob=FRACTION,
+                         mixup_switch_prob=FRACTION, reprob=FRACTION, remode=one_of("pixel", "rand", "const"),
+                         ema_decay=FRACTION_BELOW_1, eval_every=POSITIVE, head_init_std=NON_NEGATIVE),
+    ProbeConfig: dict(epochs=POSITIVE, batch=POSITIVE, lr=POSITIVE, weight_decay=NON_NEGATIVE, knn_k=POSITIVE,
+                      knn_t=POSITIVE, layers=BLOCKS, knn_layers=BLOCKS),
+}
+
+
+def rules_of(section_cls) -> Dict[str, Rule]:
+    """The rules of a section class, inherited ones included (a subclass's rule wins)."""
+    out: Dict[str, Rule] = {}
+    for klass in reversed(section_cls.__mro__):
+        out.update(RULES.get(klass, {}))
+    return out
+
+
+def validate(cfg) -> None:
+    """Check every constrained key of a config tree (:class:`Config` or :class:`FinetuneRunConfig`)."""
+    for section in dataclasses.fields(cfg):
+        obj = getattr(cfg, section.name)
+        for key, rule in rules_of(type(obj)).items():
+            rule.check(f"{section.name}.{key}", getattr(obj, key))
+
+
 def _plain(x):
     if isinstance(x, dict):
         return {k: _plain(v) for k, v in x.items()}
@@ -290,9 +425,55 @@ def _apply(section_obj, values: Dict[str, Any], section: str):
         setattr(section_obj, key, _coerce(value, hints[key], f"{section}.{key}"))
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping (PyYAML silently keeps the last)."""
+
+
+def _no_duplicates(loader, node, deep=False):
+    seen = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise ConfigError(f"duplicate key {key!r} (line {key_node.start_mark.line + 1})")
+        seen.add(key)
+    return loader.construct_mapping(node, deep=deep)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _no_duplicates)
+
+
+def read_yaml(path, what: str = "config", allow_empty: bool = False):
+    """A YAML file megadigpt reads (configs, chains, merge specs): safe tags only, no duplicate keys, UTF-8 text;
+    every way it can be unreadable is one ConfigError naming the file."""
+    p = Path(path)
+    if p.is_dir():
+        raise ConfigError(f"{what} {path} is a directory, not a YAML file")
+    try:
+        text = p.read_bytes().decode("utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{what} file not found: {path}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{what} {path} is not UTF-8 text (a binary file? byte {e.start})") from None
+    except OSError as e:
+        raise ConfigError(f"cannot read {what} {path}: {e.strerror}") from None
+    try:
+        data = yaml.load(text, Loader=_StrictLoader)
+    except ConfigError as e:
+        raise ConfigError(f"{what} {path}: {e}") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f", line {mark.line + 1} column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{what} {path}: not valid YAML ({' '.join(str(getattr(e, 'problem', None) or e).split())}{where})") from None
+    if data is None and not allow_empty:
+        raise ConfigError(f"{what} {path} is empty")
+    return data
+
+
 def resolve_config_path(name_or_path: str) -> Path:
     p = Path(name_or_path)
     if p.suffix in (".yaml", ".yml") or p.exists():
+        if p.is_dir():
+            raise ConfigError(f"config {name_or_path} is a directory, not a YAML file")
         if not p.is_file():
             raise ConfigError(f"config file not found: {name_or_path}")
         return p
@@ -311,7 +492,11 @@ def parse_overrides(items: List[str]) -> Dict[str, Dict[str, Any]]:
             raise ConfigError(f"override {item!r} is not of the form section.key=value")
         key, raw = item.split("=", 1)
         section, name = key.split(".", 1)
-        out.setdefault(section, {})[name] = yaml.safe_load(raw) if raw != "" else None
+        try:
+            out.setdefault(section, {})[name] = yaml.safe_load(raw) if raw != "" else None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {item!r}: not a YAML value ({' '.join(str(getattr(e, 'problem', None) or e).split())}; quote "
+                              f"strings with special characters)") from None
     return out
 
 
@@ -321,10 +506,7 @@ def load_config(name_or_path: Optional[str] = None, overrides: Optional[List[str
     layers = []
     if name_or_path:
         path = resolve_config_path(name_or_path)
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})")
+        raw = read_yaml(path)
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: expected a mapping of sections")
         layers.append(raw)
@@ -345,7 +527,102 @@ def load_config(name_or_path: Optional[str] = None, overrides: Optional[List[str
             if not isinstance(values, dict):
                 raise ConfigError(f"config section '{section}' must be a mapping")
             _apply(sections[section], values, section)
+    validate(cfg)
     return cfg
+
+
+def check_output(path, kind: str, what: str) -> Path:
+    """An output the user names (``kind``: "file" or "dir"): refused in one line when it cannot be what is asked
+    for (an existing folder where a file goes, or the reverse; a path under a regular file), before any work, so
+    nothing is written half-way and no folder is replaced by a file."""
+    p = Path(path)
+    for parent in p.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ConfigError(f"{what} {path} lies under {parent}, which is a file, not a folder")
+            break
+    if kind == "dir" and p.exists() and not p.is_dir():
+        raise ConfigError(f"{what} {path} is an existing file; it needs a folder")
+    if kind == "file" and p.is_dir():
+        raise ConfigError(f"{what} {path} is an existing folder; it needs a file path")
+    return p
+
+
+def check_weights_file(path, what: str) -> None:
+    """Cheap early check of a weights input (headers and zip directories only, no tensors read): a damaged or
+    truncated .safetensors, or a torch file (.pt/.pth/.bin, a DeepSpeed checkpoint's shards of the newest tag) cut
+    short, is one ConfigError naming the file, before any process group or model exists. What the loaders find
+    later (wrong keys, unsafe contents) they report themselves."""
+    import zipfile
+
+    p = Path(path)
+    files = [p]
+    if p.is_dir():
+        files = sorted(p.glob("*.safetensors")) + sorted(p.glob("*.pt"))
+        for latest in (p / "latest", p / "checkpoints" / "latest"):  # a checkpoints folder or a run directory
+            if latest.is_file():
+                tag = latest.read_text().strip()
+                files += sorted((latest.parent / tag).glob("*.pt")) if tag and "/" not in tag else []
+    for f in files:
+        if f.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            try:  # reads the header and checks that it covers the file exactly
+                with safe_open(str(f), framework="pt"):
+                    pass
+            except Exception as e:  # noqa: BLE001 - SafetensorError, OSError, ...
+                raise ConfigError(f"{what} {f}: not a loadable safetensors file (damaged or truncated: "
+                                  f"{(str(e).splitlines() or [''])[0]})") from None
+        elif f.suffix in (".pt", ".pth", ".bin") and f.is_file():
+            with open(f, "rb") as fh:
+                legacy = fh.read(1) == b"\x80"  # torch's pre-1.6 format is a bare pickle: left to the loader
+            if not legacy and not zipfile.is_zipfile(f):
+                raise ConfigError(f"{what} {f}: damaged or truncated (not a complete torch archive, "
+                                  f"{f.stat().st_size} bytes)")
+
+
+# geometry keys whose change makes a run directory's checkpoint another network than the config builds
+_RESUME_KEYS = {"Config": {"model": ("patch_size", "img_size", "segment_grid", "decoder_dim", "decoder_depth",
+                                     "decoder_heads", "decoder_mlp_ratio", "objective"),
+                           "target": ("kind", "model", "layer")},
+                "FinetuneRunConfig": {"model": ("patch_size", "img_size", "embed_dim", "depth", "num_heads",
+                                                "mlp_ratio", "global_pool", "num_classes")}}
+
+
+def check_resume_config(run_dir, cfg) -> None:
+    """A run directory with a checkpoint is resumed only by the network it holds: its config.yaml (written at the
+    run's start) and ``cfg`` must agree on every geometry key, else one ConfigError naming the first differing key
+    (instead of DeepSpeed's size-mismatch traceback after the engine is built). Call only when a checkpoint
+    exists."""
+    saved_path = Path(run_dir) / "config.yaml"
+    if not saved_path.is_file():
+        return
+    saved = read_yaml(saved_path, "run config")
+    if not isinstance(saved, dict):
+        raise ConfigError(f"{saved_path}: expected a mapping of sections")
+    pairs = []
+    for section, keys in _RESUME_KEYS[type(cfg).__name__].items():
+        old = saved.get(section) or {}
+        pairs += [(f"{section}.{k}", old.get(k), getattr(getattr(cfg, section), k)) for k in keys]
+    if isinstance(cfg, Config):  # the encoder's size, whether named by arch or by explicit overrides
+        old_model = ModelConfig()
+        try:
+            _apply(old_model, {k: v for k, v in (saved.get("model") or {}).items()
+                               if k in get_type_hints(ModelConfig)}, "model")
+            old_size, old_taps = old_model.resolved_size(), old_model.resolved_taps()
+        except (ConfigError, KeyError):
+            old_size, old_taps = None, None
+        new_size = cfg.model.resolved_size()
+        if old_size is not None:
+            pairs += [(f"model.{k}", getattr(old_size, k), getattr(new_size, k))
+                      for k in ("embed_dim", "depth", "num_heads", "mlp_ratio")]
+            pairs.append(("model.taps", old_taps, cfg.model.resolved_taps()))
+    elif cfg.model.arch != "auto" and (saved.get("model") or {}).get("arch", "auto") != "auto":
+        pairs.append(("model.arch", saved["model"]["arch"], cfg.model.arch))
+    for key, old, new in pairs:
+        if old is not None and new is not None and _plain(old) != _plain(new):
+            raise ConfigError(f"{run_dir} holds a checkpoint of another network: {key} was {_plain(old)!r}, now "
+                              f"{_plain(new)!r}; use the run's settings or a new train.run_dir")
 
 
 def dump_config(cfg) -> str:
@@ -360,15 +637,17 @@ def reference_markdown() -> str:
     out = []
     for title, root in (("Pretraining (`megadigpt pretrain`)", Config),
                         ("Fine-tuning, probing, evaluation (`megadigpt finetune`, `probe`, `eval`)", FinetuneRunConfig)):
-        lines = [f"**{title}**", "", "| key | default | meaning |", "|---|---|---|"]
+        lines = [f"**{title}**", "", "| key | default | allowed | meaning |", "|---|---|---|---|"]
         for section in dataclasses.fields(root):
             section_cls = section.default_factory
             comments = {}
             for klass in reversed(section_cls.__mro__[:-1]):  # a subclass's comment wins
                 comments.update(re.findall(r"^\s+(\w+):[^#\n]*#\s*(.*)$", inspect.getsource(klass), flags=re.M))
+            rules = rules_of(section_cls)
             for f in dataclasses.fields(section_cls):
                 default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
                 meaning = comments.get(f.name, "").replace("|", "\\|")
-                lines.append(f"| `{section.name}.{f.name}` | `{_plain(default)}` | {meaning} |")
+                allowed = rules[f.name].text.replace("|", "\\|") if f.name in rules else ""
+                lines.append(f"| `{section.name}.{f.name}` | `{_plain(default)}` | {allowed} | {meaning} |")
         out.append("\n".join(lines))
     return "\n\n".join(out)

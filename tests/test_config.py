@@ -69,7 +69,7 @@ def _cli_error(args, **env):
     (["pretrain", "target.kind=timm", "target.model=vit_small_patch14_dinov2", "target.weights=/nope/w.safetensors"],
      {}, "timm teacher weights file not found: /nope/w.safetensors"),
     (["pretrain", "target.kind=open_clip", "target.model=ViT-B-16", "target.weights=/nope/clip.bin"], {},
-     "open_clip weights file not found"),
+     "open_clip (teacher )?weights file not found"),
     (["pretrain", "target.image_size=48"], {}, "teacher's 3x3 token grid"),
     (["pretrain", "train.global_batch=30", "train.micro_batch=4"], {}, "not divisible by train.micro_batch 4"),
     (["pretrain", "train.global_batch=32", "train.micro_batch=8"], {"WORLD_SIZE": "3", "RANK": "0"},

@@ -92,7 +92,8 @@ def test_ranks_are_disjoint_and_complete(cifar_dir):
 
 
 def test_a_broken_dali_pipeline_falls_back_per_batch(cifar_dir, monkeypatch):
-    """If DALI itself fails on a batch (a decoder error the header checks did not predict), that batch comes
+    """If DALI itself fails on a batch and no sample explains it (each decodes alone: here the failure is
+    injected, not in the data; data DALI fails on falls back per sample, tests/test_bad_data.py), that batch comes
     from the torch path and the pipeline is rebuilt; a pipeline that keeps failing is an error, not a silent
     switch."""
     stream = PretrainStream(find_samples(str(cifar_dir / "train-000000.tar")), [32], 4, seed=0)

@@ -9,7 +9,7 @@ from PIL import Image
 from megadigpt.config import ConfigError
 from megadigpt.data import PretrainStream, find_samples
 from megadigpt.data.pretrain_loader import StepBatchSampler, build_pretrain_loader, random_resized_crop_box
-from megadigpt.data.sources import DEMO_PHOTOS
+from megadigpt.data.sources import DEMO_PHOTOS, scan_source
 
 from .conftest import make_jpeg as _jpeg
 
@@ -91,8 +91,10 @@ def test_shard_missing_image_component_and_bad_label(tmp_path):
                 info = tarfile.TarInfo(f"{key}.{ext}")
                 info.size = len(data)
                 tf.addfile(info, io.BytesIO(data))
-    samples = find_samples(str(shard))
-    assert [(s.key, s.label) for s in samples] == [("a", 3), ("c", -1)]
+    samples, problems = scan_source(str(shard))  # both are bad samples now, with reasons (issue 15)
+    assert [(s.key, s.label) for s in samples] == [("a", 3)]
+    assert [(p.key, p.reason) for p in problems] == [("b", "no image member (members: .cls)"),
+                                                     ("c", "unparsable label b'x!' (.cls)")]
 
 
 def test_demo_photos_ship_in_a_wheel():

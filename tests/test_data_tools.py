@@ -18,7 +18,8 @@ from .conftest import make_jpeg, run_cli
 def test_validate_finds_every_planted_bad_sample(image_folder, tmp_path):
     root, expect = image_folder
     res = validate(str(root), tmp_path / "v", workers=2, progress=False)
-    assert res == {"total": len(expect), "clean": sum(expect.values()), "bad": len(expect) - sum(expect.values())}
+    assert res == {"total": len(expect), "clean": sum(expect.values()), "bad": len(expect) - sum(expect.values()),
+                   "damaged_shards": 0}
     bad = {json.loads(l)["key"] for l in (tmp_path / "v" / "bad.jsonl").read_text().splitlines()}
     assert bad == {k for k, ok in expect.items() if not ok}
     clean = find_samples(str(tmp_path / "v" / "clean.jsonl"))  # a sample list is a data source

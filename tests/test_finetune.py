@@ -199,10 +199,9 @@ def test_finetune_bad_input_fails_early(tmp_path):
         "train.init_from not found": ["train.init_from=/nonexistent"],
         "remode": ["model.arch=vit_tiny", "finetune.remode=zeros"],
     }
-    for msg, extra in cases.items():
-        cfg = load_config(None, base + extra, root=FinetuneRunConfig)
+    for msg, extra in cases.items():  # value ranges are load_config's, the rest plan_finetune's
         with pytest.raises(ConfigError, match=msg):
-            plan_finetune(cfg, 1)
+            plan_finetune(load_config(None, base + extra, root=FinetuneRunConfig), 1)
     with pytest.raises(ConfigError, match="pretraining config given"):
         load_config("demo", [], root=FinetuneRunConfig)
 

@@ -60,3 +60,36 @@ def test_bad_layouts():
         SegmentLayout(14, 3)
     with pytest.raises(ValueError):
         SegmentLayout(14, 1)
+
+
+@pytest.mark.parametrize("grid,segment_grid", [(14, 2), (16, 2), (16, 4), (8, 4)])  # patch 16 and 14 at 224 px
+def test_prefix_backend_equals_eager_forward_and_backward(grid, segment_grid):
+    """The mask-free backend computes the segment mask exactly: runs read off the mask, every run a prefix."""
+    from megadigpt.model.attention import AttentionMask, masked_attention
+
+    lay = SegmentLayout(grid, segment_grid)
+    mask = AttentionMask(lay.mask())
+    T, V = lay.tokens_per_segment, lay.num_visible
+    assert mask.prefix_runs == tuple((k * T, (k + 1) * T, (k + 1) * T) for k in range(V - 1)) + (
+        ((V - 1) * T, lay.seq_len, lay.seq_len),)
+    g = torch.Generator().manual_seed(grid * 10 + segment_grid)
+    q, k, v = (torch.randn(2, 3, lay.seq_len, 8, generator=g, dtype=torch.float64, requires_grad=True)
+               for _ in range(3))
+    weight = torch.randn(2, 3, lay.seq_len, 8, generator=g, dtype=torch.float64)
+    res = {}
+    for b in ("eager", "prefix"):
+        out = masked_attention(q, k, v, mask, b)
+        res[b] = (out, *torch.autograd.grad((out * weight).sum(), (q, k, v)))
+    for got, want in zip(res["prefix"], res["eager"]):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+
+
+def test_prefix_backend_refuses_a_mask_that_is_not_prefixes():
+    from megadigpt.model.attention import AttentionMask, masked_attention
+
+    dense = torch.ones(4, 4, dtype=torch.bool)
+    dense[1, 0] = False  # row 1 sees key 1 but not key 0
+    mask = AttentionMask(dense)
+    assert mask.prefix_runs is None
+    with pytest.raises(ValueError, match="prefix"):
+        masked_attention(*(torch.randn(1, 1, 4, 2) for _ in range(3)), mask, "prefix")

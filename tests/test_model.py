@@ -150,26 +150,27 @@ def test_loss_without_teacher_cls_and_downsampling():
 def test_attention_backends_agree():
     from megadigpt.distributed.parallelize import set_attention_backend
 
-    models = {b: set_attention_backend(tiny(), b) for b in ("sdpa", "eager", "flex")}
+    models = {b: set_attention_backend(tiny(), b) for b in ("sdpa", "eager", "flex", "prefix")}
     assert models["flex"].encoder.blocks[0].attn.backend == "flex"
     assert models["eager"].gen_decoder.blocks[0].cross_attn.backend == "eager"
     images = torch.randn(2, 3, 32, 32)
     order = torch.stack([torch.randperm(4) for _ in range(2)])
     with torch.no_grad():
         outs = {b: m.predict(images, order) for b, m in models.items()}
-    for b in ("eager", "flex"):
+    for b in ("eager", "flex", "prefix"):
         torch.testing.assert_close(outs[b][0], outs["sdpa"][0], rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(outs[b][1], outs["sdpa"][1], rtol=1e-4, atol=1e-5)
-    # gradients: sdpa and eager both train on CPU and agree
+    # gradients: sdpa, prefix and eager all train on CPU and agree
     tokens, cls = torch.randn(2, 64, 24), torch.randn(2, 24)
     grads = {}
-    for b in ("sdpa", "eager"):
+    for b in ("sdpa", "eager", "prefix"):
         m = models[b].train()
         m.zero_grad()
         g, d = m(images, tokens, cls, order)
         (g.mean() + d.mean()).backward()
         grads[b] = torch.cat([p.grad.flatten() for p in m.parameters() if p.grad is not None])
     torch.testing.assert_close(grads["eager"], grads["sdpa"], rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(grads["prefix"], grads["eager"], rtol=1e-4, atol=1e-6)
 
 
 def test_flex_refuses_to_train_on_cpu():

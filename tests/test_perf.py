@@ -106,11 +106,17 @@ def test_bench_two_ranks_with_baseline(tmp_path):
     """A real sweep: the reference-style baseline and ZeRO-1 / ZeRO-3 cases, two gloo ranks each."""
     out = tmp_path / "bench"
     proc = run_cli(["bench", "--models", "vit_tiny/4", "--img-size", "32", "--teacher", "pixels", "--zero", "1,3",
-                    "--micro-batch", "4", "--ranks", "2", "--steps", "2", "--warmup", "1", "--out", str(out),
+                    "--micro-batch", "4", "--ranks", "2", "--steps", "2", "--warmup", "1", "--rounds", "2",
+                    "--out", str(out),
                     *TINY_MODEL], timeout=900)
     rep = json.loads((out / "bench.json").read_text())
     rows = rep["rows"]
     assert [(r["case"]["baseline"], r["case"]["zero"]) for r in rows] == [(True, 0), (False, 1), (False, 3)]
+    # interleaved: round 1 runs every case, then round 2 runs every case again
+    assert rep["schedule"] == [[0, 0], [0, 1], [0, 2], [1, 0], [1, 1], [1, 2]]
+    # one peak rate for the whole sweep: every case's MFU is against the same number
+    assert len({r["result"]["peak_tflops"] for r in rows}) == 1
+    assert "once for the sweep" in rows[0]["result"]["peak_tflops_source"]
     base = rows[0]["result"]
     assert rows[0]["case"]["attention"] == "eager" and base["precision"] == "fp32"
     for r in rows:
@@ -122,7 +128,12 @@ def test_bench_two_ranks_with_baseline(tmp_path):
         assert x["comm_s"] > 0 and x["comm_ops_s"]  # gloo collectives, timed by DeepSpeed's logger
         assert 0 < x["mfu_student"] < 1 and x["flops_teacher_fwd"] == 0  # pixels: no teacher FLOPs
         assert x["mfu_total"] == pytest.approx(x["mfu_student"])
-        assert x["vs_baseline"] == pytest.approx(x["images_per_s"] / base["images_per_s"])
+        assert len(x["rounds_images_per_s"]) == 2 and x["images_per_s"] in x["rounds_images_per_s"]
+        lo, hi = x["images_per_s_spread"]
+        assert lo == min(x["rounds_images_per_s"]) <= x["images_per_s"] <= hi == max(x["rounds_images_per_s"])
+        pairs = [a / b for a, b in zip(x["rounds_images_per_s"], base["rounds_images_per_s"])]
+        assert x["vs_baseline"] == pytest.approx(sum(pairs) / 2)  # the median of the per-round ratios
+        assert x["vs_baseline_spread"] == pytest.approx([min(pairs), max(pairs)])
         if not r["case"]["baseline"]:  # the planner against the measured peak of the real engine
             assert 0.85 <= x["measured_over_planned"] <= 1.15, x
     # ds_configs/zero1.json's reduce bucket (5e8 fp32 elements) is allocated whole, and the planner knows it

@@ -202,7 +202,7 @@ def test_fit_roundtrip_provenance_and_mismatch_refused(cifar_small, tmp_path):
 
 def test_timm_teacher_block_layer_with_final_norm():
     """DiGIT's layer: a block's output through the final norm (here block -2 of a random 3-block ViT)."""
-    tcfg = TargetConfig(kind="timm", model="vit_tiny_patch16_224", layer="-2", image_size=32)
+    tcfg = TargetConfig(kind="timm", model="vit_tiny_patch16_224", layer="-2", image_size=32, random_weights=True)
     t = build_target(tcfg, ModelConfig(img_size=32))
     x = torch.randn(2, 3, 32, 32)
     tokens, cls = t(x)

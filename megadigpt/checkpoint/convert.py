@@ -6,14 +6,18 @@
   exported as timm's learnable parameter; timm's final LayerNorm is exported at its initial (1, 0) values
   (pretraining has no final norm), so ``timm.create_model(name, pretrained=True,
   pretrained_cfg_overlay=dict(file=...))`` matches every key; pass ``final_norm=False`` for the raw trunk.
-- ``--to reference``: the authors' D-iGPT layout, ``{'model': state_dict}`` with their key names.
+- ``--to reference``: the authors' D-iGPT layout, ``{'model': state_dict}`` with their key names, mapped by what
+  each module does in their ``forward`` (their ``ar_enc_norm``/``ar_enc2dec`` feed the discriminative decoder,
+  ``kd_*`` the generative one: see ``_MEMORY``), so the export is our network inside their code and ``--from
+  reference`` builds exactly theirs.
 - ``--to fp32``: the whole model (encoder + decoders) consolidated in fp32, safetensors.
 - ``--from reference``: a released reference checkpoint -> a megadigpt state dict (safetensors) for
   ``train.init_from`` (continue pretraining) or fine-tuning.
 
 Inputs: a run directory or a checkpoint directory (DeepSpeed, any ZeRO stage and world size; the newest complete
 tag unless ``--tag``), a megadigpt safetensors file, or a reference ``.pth``. Files are loaded safely
-(safetensors, or ``torch.load(weights_only=True)``).
+(safetensors, or ``torch.load(weights_only=True)`` with DeepSpeed's few types allowed, DeepSpeed's own loads
+included: :mod:`megadigpt.checkpoint.safe_load`).
 """
 
 import json
@@ -48,13 +52,19 @@ def load_deepspeed(path, tag: Optional[str] = None) -> Dict[str, torch.Tensor]:
     if not tag or not (ckdir / tag).is_dir():
         raise ConfigError(f"no complete checkpoint found in {path}")
     tagdir = ckdir / tag
+    from . import safe_load
+
+    safe_load.check_folder(tagdir)  # a run directory may come from anyone: nothing in it may run
     if any(tagdir.glob("*optim_states.pt")):
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        sd = get_fp32_state_dict_from_zero_checkpoint(str(ckdir), tag=tag)
-    else:  # ZeRO-0: the full module is in the model states file (our own file, trusted)
-        states = torch.load(next(tagdir.glob("*model_states.pt")), map_location="cpu", weights_only=False)
-        sd = states["module"]
+        with safe_load.deepspeed_loads():  # zero_to_fp32 asks for weights_only=False; it gets True
+            sd = get_fp32_state_dict_from_zero_checkpoint(str(ckdir), tag=tag)
+    else:  # ZeRO-0: the full module is in the model states file
+        states = safe_load.load(next(tagdir.glob("*model_states.pt")))
+        sd = states.get("module") if isinstance(states, dict) else None
+        if not isinstance(sd, dict):
+            raise ConfigError(f"{next(tagdir.glob('*model_states.pt'))}: not a DeepSpeed model states file")
     return {k: v.detach().float().contiguous() for k, v in sd.items()}
 
 
@@ -66,9 +76,7 @@ def load_any(path, tag: Optional[str] = None) -> Dict[str, torch.Tensor]:
     if _is_ds_dir(p):
         return load_deepspeed(p, tag)
     if p.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        sd = load_file(str(p))
+        sd = load_safetensors(p)
         if any(k.startswith("blocks.") for k in sd) and not any(k.startswith("encoder.") for k in sd):
             raise ConfigError(f"{path} is an encoder-only (timm) export; give the full megadigpt state")
         return sd
@@ -76,17 +84,39 @@ def load_any(path, tag: Optional[str] = None) -> Dict[str, torch.Tensor]:
 
 
 def load_reference_file(path) -> Dict[str, torch.Tensor]:
-    import argparse
-
-    try:
-        with torch.serialization.safe_globals([argparse.Namespace]):  # MAE-style checkpoints carry their args
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001
-        raise ConfigError(f"{path}: not a loadable checkpoint ({type(e).__name__}: {str(e).splitlines()[0]})")
+    obj = _load_pth(path)
     sd = obj.get("model", obj) if isinstance(obj, dict) else None
     if not isinstance(sd, dict) or "ar_token" not in sd:
         raise ConfigError(f"{path}: not a reference D-iGPT checkpoint (no 'model' with 'ar_token')")
     return sd
+
+
+def load_safetensors(path) -> Dict[str, torch.Tensor]:
+    """safetensors holds no code; a damaged header or file is still a one-line error naming it."""
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except Exception as e:  # noqa: BLE001 - SafetensorError, OSError, ...
+        raise ConfigError(f"{path}: not a loadable safetensors file ({type(e).__name__}: "
+                          f"{(str(e).splitlines() or [''])[0]})") from None
+
+
+def _read_json(path):
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise ConfigError(f"{path}: not readable JSON ({type(e).__name__}: {(str(e).splitlines() or [''])[0]})")
+
+
+def _load_pth(path):
+    """A ``.pth`` (reference or MAE-style fine-tuned checkpoint), loaded safely; MAE-style ones carry their
+    ``argparse.Namespace`` of training arguments, the one non-tensor type allowed beyond DeepSpeed's."""
+    import argparse
+
+    from . import safe_load
+
+    return safe_load.load(path, extra_globals=[argparse.Namespace], deepspeed_types=False)
 
 
 # ------------------------------------------------------------------------------------------- timm
@@ -152,7 +182,7 @@ def load_timm(folder, **kwargs):
     import timm
 
     folder = Path(folder)
-    cfg = json.loads((folder / "config.json").read_text())
+    cfg = _read_json(folder / "config.json")
     args = {**cfg["model_args"], **kwargs}
     return timm.create_model(cfg["architecture"], pretrained=True,
                              pretrained_cfg_overlay=dict(file=str(folder / "model.safetensors"),
@@ -173,31 +203,21 @@ def load_encoder_weights(path, tag: Optional[str] = None):
         raise ConfigError(f"weights not found: {path}")
     info = {}
     if p.is_dir() and (p / "config.json").is_file() and (p / "model.safetensors").is_file():
-        from safetensors.torch import load_file
-
-        meta = json.loads((p / "config.json").read_text())
+        meta = _read_json(p / "config.json")
         info["num_heads"] = meta.get("model_args", {}).get("num_heads")
         info["label_names"] = meta.get("label_names")
-        sd = load_file(str(p / "model.safetensors"))
+        sd = load_safetensors(p / "model.safetensors")
     elif _is_ds_dir(p):
         sd = load_deepspeed(p, tag)
         info["num_heads"] = _heads_from_run(p)
         info["label_names"] = _labels_from_run(p)
     elif p.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        sd = load_file(str(p))
+        sd = load_safetensors(p)
     elif p.is_dir():
         raise ConfigError(f"{path}: a folder with neither checkpoints (checkpoints/, or DeepSpeed shards) nor a timm "
                           f"export (config.json + model.safetensors)")
     else:
-        import argparse
-
-        try:
-            with torch.serialization.safe_globals([argparse.Namespace]):
-                obj = torch.load(p, map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001
-            raise ConfigError(f"{path}: not a loadable checkpoint ({type(e).__name__}: {str(e).splitlines()[0]})")
+        obj = _load_pth(p)
         sd = obj.get("model", obj.get("state_dict", obj)) if isinstance(obj, dict) else None
         if not isinstance(sd, dict):
             raise ConfigError(f"{path}: not a state dict")
@@ -226,13 +246,20 @@ def geometry_of(sd: Dict[str, torch.Tensor], num_heads: Optional[int]):
 
 # ------------------------------------------------------------------------------------------- reference layout
 
-_BRANCH = {"gen": "ar", "dis": "kd"}
+# Mapped by ROLE, not by name (spec §4, "Naming trap"): the reference's ``forward_encoder`` returns
+# ``(x_kd, x_ar, ...)`` and ``forward`` unpacks ``latent_ar, latent_kd, ...``, so the weights it names
+# ``ar_enc_norm``/``ar_enc2dec`` build the memory of the discriminative decoder (``kd_blocks``) and
+# ``kd_enc_norm``/``kd_enc2dec`` that of the generative one (``ar_blocks``). The decoders themselves (``*_token``,
+# ``*_blocks``, ``*_norm``, ``*_pred``) are used under their own names: ar = generative, kd = discriminative.
+_DECODER = {"gen": "ar", "dis": "kd"}  # megadigpt decoder -> the reference's decoder prefix
+_MEMORY = {"gen": "kd", "dis": "ar"}  # megadigpt decoder -> the prefix of the reference taps that feed it
 _SLOTS = {"enc": r"(?:patch_embed|blocks)\..+|cls_token|pos_embed", "wb": r"weight|bias", "i": r"\d+", "rest": r".+"}
 # (megadigpt name, reference name); {slots} match the same text on both sides
 _PAIRS = [("encoder.{enc}", "{enc}")]
-for _o, _r in _BRANCH.items():
-    _PAIRS += [(f"{_o}_taps.proj.{{wb}}", f"{_r}_enc2dec.{{wb}}"), (f"{_o}_decoder.query_token", f"{_r}_token"),
-               (f"{_o}_decoder.norm.{{wb}}", f"{_r}_norm.{{wb}}"), (f"{_o}_decoder.head.{{wb}}", f"{_r}_pred.{{wb}}")]
+for _o, _r in _DECODER.items():
+    _PAIRS += [(f"{_o}_taps.proj.{{wb}}", f"{_MEMORY[_o]}_enc2dec.{{wb}}"),
+               (f"{_o}_decoder.query_token", f"{_r}_token"), (f"{_o}_decoder.norm.{{wb}}", f"{_r}_norm.{{wb}}"),
+               (f"{_o}_decoder.head.{{wb}}", f"{_r}_pred.{{wb}}")]
     for _a, _b in (("norm1", "norm1"), ("self_attn", "attn1"), ("norm_cross_q", "norm2_1"),
                    ("norm_cross_kv", "norm2_2"), ("cross_attn", "attn2"), ("norm2", "norm2"), ("mlp", "mlp")):
         _PAIRS.append((f"{_o}_decoder.blocks.{{i}}.{_a}.{{rest}}", f"{_r}_blocks.{{i}}.{_b}.{{rest}}"))
@@ -264,7 +291,7 @@ def to_reference(sd: Dict[str, torch.Tensor], segment_grid: int = 2) -> dict:
     out = {}
     for k, v in sd.items():
         if k.startswith(("gen_taps.norm.", "dis_taps.norm.")):
-            ref = _BRANCH[k[:3]]
+            ref = _MEMORY[k[:3]]
             for i in range(num_taps):  # the reference repeats one LayerNorm module num_taps times
                 out[f"{ref}_enc_norm.{i}." + k.split(".")[-1]] = v.clone()
             continue
@@ -294,7 +321,8 @@ def from_reference(ref_sd: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
             continue
         m = re.match(r"(ar|kd)_enc_norm\.0\.(weight|bias)$", k)
         if m:
-            ours_keys[f"{'gen' if m.group(1) == 'ar' else 'dis'}_taps.norm.{m.group(2)}"] = v
+            ours = next(o for o, r in _MEMORY.items() if r == m.group(1))  # by role, not by name
+            ours_keys[f"{ours}_taps.norm.{m.group(2)}"] = v
             continue
         if "_enc_norm." in k:
             continue
@@ -373,5 +401,8 @@ def _labels_from_run(src) -> Optional[list]:
     for d in (Path(src), *list(Path(src).resolve().parents)[:3]):
         f = d / "label_names.json"
         if f.is_file():
-            return json.loads(f.read_text())
+            names = _read_json(f)
+            if not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
+                raise ConfigError(f"{f}: not a JSON list of class names")
+            return names
     return None

@@ -3,20 +3,26 @@
 train: RandomResizedCrop(scale 0.08-1, bicubic), horizontal flip, RandAugment (m9, n2), normalisation.
 eval : resize the shorter side to size / crop_pct (bicubic), centre crop, normalisation.
 Random erasing, mixup and cutmix are batch operations of the fine-tuning loop (on the device), not of the
-pipelines. Bad images are replaced by a blank one and flagged ``valid = False``.
+pipelines. Bad images are replaced by a blank one and flagged ``valid = False``; each batch names its bad
+samples (``bad``: dataset index, epoch, reason). On DALI, decode failures fall back per sample as in
+:mod:`megadigpt.data.dali_loader` (Pillow decodes what DALI does not).
 
 Each rank reads a disjoint slice of the per-epoch permutation (train: equal-sized slices, the tail dropped;
 eval: every sample exactly once, slices may differ by one).
 """
 
+import logging
+import os
 from typing import List, Sequence
 
 import numpy as np
 import torch
 
-from .dali_loader import _PLACEHOLDER, _meta_to_torch, _view_to_torch, inspect_image
-from .pretrain_loader import decode_rgb
+from .dali_loader import _PLACEHOLDER, _meta_to_torch, _view_to_torch, explain_failure, prepare
+from .pretrain_loader import decode_problem, decode_rgb
 from .sources import Sample
+
+log = logging.getLogger(__name__)
 
 
 def shard_indices(n: int, rank: int, world: int, epoch: int, seed: int, train: bool) -> List[int]:
@@ -66,9 +72,10 @@ class LabelledImages(torch.utils.data.Dataset):
     """``seed``: (run seed, epoch) -> every training sample's augmentation is drawn from its own stream, so a
     resumed epoch (``skip_batches``) and any worker count give the same images as an uninterrupted run."""
 
-    def __init__(self, samples: Sequence[Sample], indices: Sequence[int], transform, size: int, seed=None):
+    def __init__(self, samples: Sequence[Sample], indices: Sequence[int], transform, size: int, seed=None,
+                 epoch: int = 0):
         self.samples, self.indices, self.transform, self.size = samples, list(indices), transform, size
-        self.seed = seed
+        self.seed, self.epoch = seed, epoch
 
     def __len__(self):
         return len(self.indices)
@@ -82,21 +89,25 @@ class LabelledImages(torch.utils.data.Dataset):
             random.seed(k)
             np.random.seed(k)  # timm's RandAugment picks its ops with numpy
             torch.manual_seed(k)
+        data = None
         try:
-            return self.transform(decode_rgb(s.read())), s.label, True
-        except Exception:  # noqa: BLE001 - a bad image is flagged, not fatal
-            return torch.zeros(3, self.size, self.size), s.label, False
+            data = s.read()
+            return self.transform(decode_rgb(data)), s.label, True, self.indices[i], self.epoch, None
+        except Exception as e:  # noqa: BLE001 - a bad image is flagged, not fatal
+            return (torch.zeros(3, self.size, self.size), s.label, False, self.indices[i], self.epoch,
+                    decode_problem(data, e))
 
 
 def _collate(items):
-    return {"image": torch.stack([x for x, _, _ in items]), "label": torch.tensor([y for _, y, _ in items]),
-            "valid": torch.tensor([v for _, _, v in items])}
+    return {"image": torch.stack([it[0] for it in items]), "label": torch.tensor([it[1] for it in items]),
+            "valid": torch.tensor([it[2] for it in items]), "index": torch.tensor([it[3] for it in items]),
+            "bad": [(it[3], it[4], it[5]) for it in items if not it[2]]}
 
 
 def torch_loader(samples, indices, train, size, batch_size, mean, std, crop_pct=0.875, num_workers=2, seed=0,
                  epoch=0, auto_augment="rand-m9-mstd0.5-inc1", scale=(0.08, 1.0)):
     ds = LabelledImages(samples, indices, timm_transform(train, size, mean, std, crop_pct, auto_augment, scale), size,
-                        seed=(seed, epoch) if train else None)
+                        seed=(seed, epoch) if train else None, epoch=epoch)
     g = torch.Generator().manual_seed(seed * 1000 + epoch)
     return torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=False, drop_last=train,
                                        num_workers=num_workers, collate_fn=_collate, generator=g,
@@ -116,6 +127,9 @@ def eval_geometry(w: int, h: int, size: int, crop_pct: float):
 
 
 class _LabelledSource:
+    """``start``: the batch the pipeline's first iteration serves (a rebuilt pipeline goes on from there);
+    ``pillow_only``: sample indices DALI failed on; ``reasons``: index -> why a sample is bad."""
+
     def __init__(self, samples, indices, batch_size, drop_last, size=224, crop_pct=0.875):
         self.samples, self.indices, self.bs = samples, list(indices), batch_size
         self.size, self.crop_pct = size, crop_pct
@@ -123,27 +137,67 @@ class _LabelledSource:
         n = len(self.indices)
         self.num_batches = n // batch_size if drop_last else (n + batch_size - 1) // batch_size
         self.handles = {}
+        self.start, self.pillow_only, self.reasons = 0, set(), {}
+
+    def batch_indices(self, b: int) -> List[int]:
+        idx = self.indices[b * self.bs:(b + 1) * self.bs]
+        return idx + [idx[-1]] * (self.bs - len(idx))  # a partial last batch is padded; the padding is cut off
+
+    def encoded(self, i: int):
+        """Sample i as DALI gets it: (bytes, (width, height), valid)."""
+        try:
+            data, reason, w, h = prepare(self.samples[i].read(self.handles), i in self.pillow_only)
+        except OSError as e:
+            data, reason = None, f"unreadable: {e.strerror or e}"
+        if data is None:
+            self.reasons[i] = reason
+            return _PLACEHOLDER, (8, 8), False
+        return data, (w, h), True
 
     def __call__(self, iteration: int):
-        b = min(iteration, self.num_batches - 1)
-        idx = self.indices[b * self.bs:(b + 1) * self.bs]
-        idx = idx + [idx[-1]] * (self.bs - len(idx))  # a partial last batch is padded; the padding is cut off
+        b = min(self.start + iteration, self.num_batches - 1)
         enc, lab, val, geo = [], [], [], []
-        for i in idx:
-            s = self.samples[i]
-            try:
-                data = s.read(self.handles)
-            except OSError:
-                data = b""
-            wh = inspect_image(data)
-            ok = wh is not None
-            enc.append(np.frombuffer(data if ok else _PLACEHOLDER, dtype=np.uint8))
-            lab.append(np.array(s.label, dtype=np.int64))
+        for i in self.batch_indices(b):
+            data, wh, ok = self.encoded(i)
+            enc.append(np.frombuffer(data, dtype=np.uint8))
+            lab.append(np.array(self.samples[i].label, dtype=np.int64))
             val.append(np.array(ok, dtype=np.int32))
             if self.with_geometry:
-                nh, nw, top, left = eval_geometry(*(wh if ok else (8, 8)), self.size, self.crop_pct)
+                nh, nw, top, left = eval_geometry(*wh, self.size, self.crop_pct)
                 geo.append(np.array([nh, nw, top, left], dtype=np.float32))
         return (enc, lab, val, geo) if self.with_geometry else (enc, lab, val)
+
+
+class _ProbeSource:
+    """One sample a batch, for finding which samples DALI fails on."""
+
+    def __init__(self, source: _LabelledSource, indices: List[int]):
+        self.source, self.todo = source, indices
+
+    def index_of(self, k: int) -> int:
+        return self.todo[k]
+
+    def __call__(self, iteration: int):
+        return [np.frombuffer(self.source.encoded(self.todo[min(iteration, len(self.todo) - 1)])[0], dtype=np.uint8)]
+
+
+def _probe_pipeline(source, train: bool, device_id, scale):
+    """The pipeline's decoder alone, batch size 1."""
+    from nvidia.dali import fn, pipeline_def, types
+
+    dev = "mixed" if device_id is not None else "cpu"
+
+    @pipeline_def(batch_size=1, num_threads=1, device_id=device_id, prefetch_queue_depth=1, exec_dynamic=True)
+    def pipe():
+        enc = fn.external_source(source=source, batch=True)
+        if train:
+            return fn.decoders.image_random_crop(enc, device=dev, output_type=types.RGB, random_area=list(scale),
+                                                 random_aspect_ratio=[3 / 4, 4 / 3])
+        return fn.decoders.image(enc, device=dev, output_type=types.RGB)
+
+    p = pipe()
+    p.build()
+    return p
 
 
 def build_dali_pipeline(source, train: bool, size: int, batch_size: int, mean, std, device_id, num_threads: int,
@@ -183,12 +237,23 @@ class DaliClassificationLoader:
     def __init__(self, samples, indices, train, size, batch_size, mean, std, device, crop_pct=0.875,
                  num_threads=2, seed=0, epoch=0, scale=(0.08, 1.0), rand_aug=True):
         self.source = _LabelledSource(samples, indices, batch_size, drop_last=train, size=size, crop_pct=crop_pct)
-        self.n_items = len(indices)
+        self.n_items, self.epoch = len(indices), epoch
         self.train, self.bs, self.device = train, batch_size, device
-        device_id = device.index if device.type == "cuda" else None
-        self.pipe = build_dali_pipeline(self.source, train, size, batch_size, mean, std, device_id, num_threads,
-                                        crop_pct, seed=seed * 100_003 + epoch + 1, scale=scale, rand_aug=rand_aug)
-        self.pipe.build()
+        self.device_id = device.index if device.type == "cuda" else None
+        self.scale = scale
+        # arguments, not a closure over self: a reference cycle would leave the loader to the cyclic collector,
+        # which may run it in a forked DataLoader worker, where stopping DALI's (absent) threads hangs
+        self._args = (train, size, batch_size, mean, std, self.device_id, num_threads, crop_pct, seed * 100_003
+                      + epoch + 1, scale, rand_aug)
+        self._pid = os.getpid()
+        self.pipe = self._build()
+
+    def _build(self, seed_offset: int = 0):
+        train, size, bs, mean, std, device_id, threads, crop_pct, seed, scale, rand_aug = self._args
+        p = build_dali_pipeline(self.source, train, size, bs, mean, std, device_id, threads, crop_pct,
+                                seed=seed + seed_offset, scale=scale, rand_aug=rand_aug)
+        p.build()
+        return p
 
     def __len__(self):
         return self.source.num_batches
@@ -196,19 +261,49 @@ class DaliClassificationLoader:
     def close(self):
         """Stop DALI's threads now (see DaliPretrainLoader); also done when the loader is collected."""
         if getattr(self, "pipe", None) is not None:
-            self.pipe._shutdown()
+            if getattr(self, "_pid", None) == os.getpid():  # not in a forked child: DALI's threads are not there
+                self.pipe._shutdown()
             self.pipe = None
 
     def __del__(self):
         self.close()
 
+    def _probe(self, b: int):
+        """The samples of batches b and b + 1 (either may have been in flight) that DALI fails on alone."""
+        src = self.source
+        todo = [i for k in range(b, min(b + 2, src.num_batches)) for i in src.batch_indices(k)]
+        return explain_failure(list(dict.fromkeys(todo)), lambda t: _ProbeSource(src, t),
+                               lambda ps: _probe_pipeline(ps, self.train, self.device_id, self.scale),
+                               src.pillow_only, self.device_id)
+
     def __iter__(self):
-        for b in range(self.source.num_batches):
-            img, label, valid = self.pipe.run()
+        b, rebuilds = 0, 0
+        while b < self.source.num_batches:
+            try:
+                img, label, valid = self.pipe.run()
+            except Exception as e:  # noqa: BLE001 - find the samples DALI fails on; Pillow decodes them
+                culprits = self._probe(b)
+                self.close()
+                if not culprits:
+                    raise RuntimeError(f"the DALI pipeline failed on batch {b} and no sample explains it; this is "
+                                       f"not bad data (set data.loader=torch to continue without DALI): {e}") from e
+                for i in sorted(culprits):
+                    log.warning("DALI cannot decode %s %s; Pillow decodes it from now on (a bad sample if Pillow "
+                                "cannot either)",
+                                self.source.samples[i].path, self.source.samples[i].key)
+                self.source.pillow_only |= culprits
+                self.source.start, rebuilds = b, rebuilds + 1
+                self.pipe = self._build(rebuilds)  # a failed DALI pipeline is unusable: go on from batch b
+                continue
             x = _view_to_torch(img, self.device, torch.float32)
             keep = min(self.bs, self.n_items - b * self.bs)
-            yield {"image": x[:keep], "label": _meta_to_torch(label).reshape(-1)[:keep],
-                   "valid": _meta_to_torch(valid).reshape(-1)[:keep].bool()}
+            valid = _meta_to_torch(valid).reshape(-1)[:keep].bool()
+            index = torch.tensor(self.source.batch_indices(b)[:keep])
+            bad = [(int(index[r]), self.epoch, self.source.reasons.get(int(index[r]), "bad"))
+                   for r in torch.nonzero(~valid).reshape(-1).tolist()]
+            yield {"image": x[:keep], "label": _meta_to_torch(label).reshape(-1)[:keep], "valid": valid,
+                   "index": index, "bad": bad}
+            b += 1
 
 
 def build_classification_loader(samples: Sequence[Sample], train: bool, size: int, batch_size: int, rank: int = 0,

@@ -7,21 +7,25 @@ torch path does, and hands DALI the encoded bytes plus the box. DALI decodes onl
 it to each view's size (student, teacher) and flips it. So the DALI and torch paths select the same samples with
 the same boxes, and differ only by their decoders and resampling filters (measured in tests/test_dali.py).
 
-Bad data never stops the run: samples whose header does not parse, that are empty, too large, or (JPEG) lack
-their end-of-image marker are replaced by a placeholder and marked invalid before DALI sees them; if DALI still
-fails on a batch, that batch is produced by the torch path (which masks what it cannot decode) and the pipeline
-is rebuilt from the next batch.
+Bad data never stops the run, and decode failures fall back per sample: samples whose header does not parse,
+that are empty, too large, or (JPEG) lack their end-of-image marker are replaced by a placeholder and marked
+invalid (with the reason) before DALI sees them; images in a format DALI does not decode (GIF, also named .jpg)
+and samples DALI was once seen to fail on are decoded by Pillow, as the torch path does, and handed to DALI as
+raw pixels (PPM, lossless), so they keep their crop and train as on the torch path. If DALI still fails on a
+batch, each sample of it is decoded alone to find the ones it refuses; those go the Pillow way from then on and
+the batch is redone. A failure no sample explains is not bad data: that batch comes from the torch path, and
+five such failures in a row are an error.
 """
 
 import io
 import logging
-from typing import List, Sequence
+from typing import Dict, List, Optional, Sequence, Set, Tuple
 
 import numpy as np
 import torch
 from PIL import Image
 
-from .pretrain_loader import PretrainStream, collate, random_resized_crop_box, sample_rng
+from .pretrain_loader import PretrainStream, collate, decode_problem, decode_rgb, random_resized_crop_box, sample_rng
 
 log = logging.getLogger(__name__)
 
@@ -45,28 +49,69 @@ def _placeholder_jpeg() -> bytes:
 _PLACEHOLDER = _placeholder_jpeg()
 
 
-def inspect_image(data: bytes):
-    """Cheap pre-decode check: (width, height) if the bytes look decodable, else None."""
+# what DALI's decoders (nvImageCodec) read; anything else Pillow reads goes the Pillow way. MPO is how Pillow
+# names a JPEG with extra pictures (camera files).
+DALI_FORMATS = frozenset({"JPEG", "MPO", "PNG", "BMP", "PPM", "TIFF", "WEBP", "JPEG2000"})
+
+
+def examine_image(data: bytes) -> Tuple[Optional[str], int, int, Optional[str]]:
+    """Cheap pre-decode check from the header: (problem or None, width, height, Pillow's format name)."""
+    if not data:
+        return "empty", 0, 0, None
     if len(data) < 8:
-        return None
+        return f"too short to be an image ({len(data)} bytes)", 0, 0, None
     try:
         with Image.open(io.BytesIO(data)) as img:
             w, h = img.size
             fmt = img.format
-    except Exception:  # noqa: BLE001
-        return None
-    if w * h > MAX_PIXELS or w < 1 or h < 1:
-        return None
-    if fmt == "JPEG" and not data.rstrip(b"\x00").endswith(b"\xff\xd9"):
-        return None  # truncated: no end-of-image marker
-    return w, h
+    except Exception as e:  # noqa: BLE001
+        return f"not a recognisable image ({type(e).__name__})", 0, 0, None
+    if w < 1 or h < 1:
+        return f"image of size {w}x{h}", w, h, fmt
+    if w * h > MAX_PIXELS:
+        return f"too large ({w}x{h} pixels, over the {MAX_PIXELS}-pixel limit)", w, h, fmt
+    if fmt in ("JPEG", "MPO") and not data.rstrip(b"\x00").endswith(b"\xff\xd9"):
+        return "truncated JPEG (no end-of-image marker)", w, h, fmt
+    return None, w, h, fmt
+
+
+def inspect_image(data: bytes):
+    """Cheap pre-decode check: (width, height) if the bytes look decodable, else None."""
+    problem, w, h, _ = examine_image(data)
+    return None if problem else (w, h)
+
+
+def pillow_to_dali(data: bytes) -> bytes:
+    """Decode with Pillow (the torch path's decoder) and re-encode losslessly in a format DALI reads: raw RGB as
+    binary PPM, no compression to pay for. Raises where Pillow cannot decode."""
+    img = decode_rgb(data)
+    return b"P6\n%d %d\n255\n" % img.size + img.tobytes()
+
+
+def prepare(data: bytes, pillow: bool) -> Tuple[Optional[bytes], Optional[str], int, int]:
+    """What to hand DALI for one sample: (bytes or None if bad, reason if bad, width, height). ``pillow``: this
+    sample goes the Pillow way whatever its format (DALI was seen to fail on it)."""
+    problem, w, h, fmt = examine_image(data)
+    if problem:
+        return None, problem, w, h
+    if pillow or fmt not in DALI_FORMATS:
+        try:
+            return pillow_to_dali(data), None, w, h
+        except Exception as e:  # noqa: BLE001
+            return None, decode_problem(data, e), w, h
+    return data, None, w, h
 
 
 class _Source:
-    """Batch-mode external source: iteration i (offset by ``start``) -> micro-batch i of the plan."""
+    """Batch-mode external source: iteration i (offset by ``start``) -> micro-batch i of the plan.
+    ``pillow_only``: dataset indices DALI failed on; ``reasons``: (epoch, index) -> why a sample is bad, read by
+    the loader when it yields the batch (both shared with the loader, across pipeline rebuilds)."""
 
-    def __init__(self, stream: PretrainStream, batches: Sequence[List[int]], start: int):
+    def __init__(self, stream: PretrainStream, batches: Sequence[List[int]], start: int,
+                 pillow_only: Optional[Set[int]] = None, reasons: Optional[Dict[Tuple[int, int], str]] = None):
         self.stream, self.batches, self.start = stream, batches, start
+        self.pillow_only = pillow_only if pillow_only is not None else set()
+        self.reasons = reasons if reasons is not None else {}
         self.handles = {}
 
     def sample(self, position: int):
@@ -75,14 +120,13 @@ class _Source:
         s = st.samples[index]
         rng = sample_rng(st.seed, epoch, index)
         try:
-            data = s.read(self.handles)
-        except OSError:
-            data = b""
-        size = inspect_image(data)
-        if size is None:
+            data, reason, w, h = prepare(s.read(self.handles), index in self.pillow_only)
+        except OSError as e:
+            data, reason = None, f"unreadable: {e.strerror or e}"
+        if data is None:
             data, box, flip, valid = _PLACEHOLDER, (0, 0, 8, 8), False, False
+            self.reasons[(epoch, index)] = reason
         else:
-            w, h = size
             box = random_resized_crop_box(rng, h, w, st.scale, st.ratio)
             flip, valid = bool(st.hflip and rng.random() < 0.5), True
         order = np.random.default_rng([st.seed, epoch, index, 1]).permutation(st.num_segments)
@@ -103,6 +147,10 @@ OUTPUTS = ("encoded", "crop_start", "crop_shape", "flip", "order", "valid", "lab
 
 def build_pipeline(source: _Source, sizes: Sequence[int], batch_size: int, device_id, num_threads: int,
                    interpolation: str = "bicubic", prefetch: int = 2):
+    return _pipeline_graph(source, sizes, batch_size, device_id, num_threads, interpolation, prefetch)
+
+
+def _pipeline_graph(source, sizes, batch_size, device_id, num_threads, interpolation="bicubic", prefetch=2):
     from nvidia.dali import fn, pipeline_def, types
 
     interp = {"bicubic": types.INTERP_CUBIC, "bilinear": types.INTERP_LINEAR}[interpolation]
@@ -140,6 +188,70 @@ def _meta_to_torch(tl) -> torch.Tensor:
     return torch.from_numpy(np.array(tl.as_tensor()))
 
 
+def find_dali_failures(positions: Sequence[int], make_source, build, skip: Set[int]) -> Set[int]:
+    """Which of ``positions`` DALI fails on, each decoded alone (a failure leaves a DALI pipeline unusable, so
+    the probe pipeline is rebuilt after each). ``make_source(positions)`` -> a source of one-sample batches
+    serving them in order, with ``.index_of(k)`` naming the dataset index of the k-th; ``build(source)`` -> a
+    built batch-size-1 pipeline; indices in ``skip`` are not probed (they already go the Pillow way)."""
+    todo = list(positions)
+    failed: Set[int] = set()
+    while todo:
+        src = make_source(todo)
+        pipe = build(src)
+        done = 0
+        try:
+            for _ in range(len(todo)):
+                pipe.run()
+                done += 1
+        except Exception:  # noqa: BLE001 - the sample at ``done`` is one DALI refuses
+            idx = src.index_of(done)
+            if idx not in skip:
+                failed.add(idx)
+            done += 1
+        finally:
+            pipe._shutdown()
+            del pipe
+        todo = todo[done:] if done < len(todo) else []
+    return failed
+
+
+def explain_failure(positions: Sequence[int], make_source, build, skip: Set[int], device_id) -> Set[int]:
+    """:func:`find_dali_failures`, but nothing when DALI fails on every sample and on a known-good JPEG too."""
+    failed = find_dali_failures(positions, make_source, build, skip)
+    probed = {make_source(list(positions)).index_of(k) for k in range(len(positions))} - skip
+    if failed and failed == probed and not dali_decodes_placeholder(device_id):
+        return set()
+    return failed
+
+
+def dali_decodes_placeholder(device_id) -> bool:
+    """Whether DALI decodes a known-good JPEG at all: when a probe blames every sample it tried, this tells a
+    pipeline that fails on everything (not bad data) from a batch made only of images DALI refuses."""
+    from nvidia.dali import fn, pipeline_def, types
+
+    @pipeline_def(batch_size=1, num_threads=1, device_id=device_id, prefetch_queue_depth=1, exec_dynamic=True)
+    def pipe():
+        enc = fn.external_source(source=lambda i: [np.frombuffer(_PLACEHOLDER, dtype=np.uint8)], batch=True)
+        return fn.decoders.image(enc, device="mixed" if device_id is not None else "cpu", output_type=types.RGB)
+
+    p = None
+    try:
+        p = pipe()
+        p.build()
+        p.run()
+        return True
+    except Exception:  # noqa: BLE001
+        return False
+    finally:
+        if p is not None:
+            p._shutdown()
+
+
+class _ProbeSource(_Source):
+    def index_of(self, k: int) -> int:
+        return self.stream.locate(self.batches[k][0])[1]
+
+
 class DaliPretrainLoader:
     """Iterates this rank's micro-batches like the torch DataLoader does, as the same dicts."""
 
@@ -149,17 +261,34 @@ class DaliPretrainLoader:
         self.device = device
         self.device_id = device.index if device.type == "cuda" else None
         self.num_threads = num_threads
-        self.failed_batches = 0
+        self.failed_batches = 0  # batches no sample explained, produced by the torch path
+        self.pillow_only: Set[int] = set()  # samples DALI failed on: decoded by Pillow from then on
+        self.reasons: Dict[Tuple[int, int], str] = {}
         self.max_consecutive_failures = 5
 
     def __len__(self):
         return len(self.batches)
 
     def _pipeline(self, start: int):
-        p = build_pipeline(_Source(self.stream, self.batches, start), self.stream.sizes, self.sampler.m,
-                           self.device_id, self.num_threads, self.stream.interp_name)
+        p = build_pipeline(_Source(self.stream, self.batches, start, self.pillow_only, self.reasons),
+                           self.stream.sizes, self.sampler.m, self.device_id, self.num_threads,
+                           self.stream.interp_name)
         p.build()
         return p
+
+    def _probe(self, first: int) -> Set[int]:
+        """The samples of micro-batches ``first`` and ``first + 1`` (DALI may have been working on either when it
+        failed) that DALI cannot decode alone."""
+        positions = [p for i in range(first, min(first + 2, len(self.batches))) for p in self.batches[i]]
+
+        def build(src):
+            p = _pipeline_graph(src, self.stream.sizes, 1, self.device_id, 1, self.stream.interp_name, prefetch=1)
+            p.build()
+            return p
+
+        return explain_failure(
+            positions, lambda todo: _ProbeSource(self.stream, [[p] for p in todo], 0, self.pillow_only, {}), build,
+            self.pillow_only, self.device_id)
 
     def _torch_batch(self, i: int) -> dict:
         return collate([self.stream[p] for p in self.batches[i]])
@@ -175,17 +304,31 @@ class DaliPretrainLoader:
                     out = pipe.run()
                     views = [_view_to_torch(out[k], self.device) for k in range(nviews)]
                     order, valid, label, index, epoch = [_meta_to_torch(out[k]) for k in range(nviews, len(out))]
-                    yield {"views": views, "order": order.long(), "valid": valid.bool().reshape(-1),
-                           "label": label.reshape(-1), "index": index.reshape(-1), "epoch": epoch.reshape(-1)}
+                    valid, index, epoch = valid.bool().reshape(-1), index.reshape(-1), epoch.reshape(-1)
+                    bad = [(int(index[r]), int(epoch[r]), self.reasons.pop((int(epoch[r]), int(index[r])), "bad"))
+                           for r in torch.nonzero(~valid).reshape(-1).tolist()]
+                    yield {"views": views, "order": order.long(), "valid": valid, "label": label.reshape(-1),
+                           "index": index, "epoch": epoch, "bad": bad}
                     i += 1
             except Exception as e:  # noqa: BLE001 - a decode error invalidates the DALI pipeline, not the run
+                first_line = str(e).splitlines()[0] if str(e) else type(e).__name__
+                culprits = self._probe(i)
+                if culprits:  # bad data (for DALI): those samples go the Pillow way, the batch is redone
+                    for idx in sorted(culprits):
+                        s = self.stream.samples[idx]
+                        log.warning("DALI cannot decode %s %s; Pillow decodes it from now on (a bad sample if "
+                                    "Pillow cannot either)", s.path, s.key)
+                    self.pillow_only |= culprits
+                    consecutive = 0
+                    continue
                 consecutive = consecutive + 1 if last_failed == i - 1 else 1
                 last_failed = i
                 if consecutive >= self.max_consecutive_failures:
-                    raise RuntimeError(f"the DALI pipeline failed on {consecutive} micro-batches in a row; this is not "
-                                       f"bad data (set data.loader=torch to continue without DALI): {e}") from e
-                log.warning("DALI failed on micro-batch %d (%s); producing it with the torch path", i,
-                            str(e).splitlines()[0] if str(e) else type(e).__name__)
+                    raise RuntimeError(f"the DALI pipeline failed on {consecutive} micro-batches in a row and no "
+                                       f"sample explains it; this is not bad data (set data.loader=torch to "
+                                       f"continue without DALI): {e}") from e
+                log.warning("DALI failed on micro-batch %d (%s) and no sample of it explains that; producing it "
+                            "with the torch path", i, first_line)
                 self.failed_batches += 1
                 yield self._torch_batch(i)
                 i += 1

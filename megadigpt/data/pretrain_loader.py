@@ -8,7 +8,8 @@ after a resume at any step, and the global batch is the same set of identically 
 size and accumulation split.
 
 Bad images (truncated, garbage, empty, unreadable) never stop the run: the sample comes back as zeros with
-``valid = False``, the trainer leaves it out of the loss and counts it.
+``valid = False`` and a reason, the trainer leaves it out of the loss, counts it and records it
+(:mod:`megadigpt.data.bad_samples`).
 """
 
 import io
@@ -69,6 +70,15 @@ def decode_rgb(data: bytes) -> Image.Image:
     return img.convert("RGB")
 
 
+def decode_problem(data, exc: BaseException) -> str:
+    """Why a sample did not decode, in words: the header check's finding where it has one, else the error."""
+    from .dali_loader import examine_image
+
+    if data is None:
+        return f"unreadable: {getattr(exc, 'strerror', None) or exc}"
+    return examine_image(data)[0] or f"decode failed: {type(exc).__name__}: {str(exc)[:160]}"
+
+
 class PretrainStream(torch.utils.data.Dataset):
     """Map-style dataset over global stream positions; see the module docstring."""
 
@@ -103,9 +113,10 @@ class PretrainStream(torch.utils.data.Dataset):
         rng = sample_rng(self.seed, epoch, index)
         top, left, h, w = 0, 0, 0, 0
         flip = False
-        valid = True
+        valid, reason, data = True, None, None
         try:
-            img = decode_rgb(sample.read(self._handles))
+            data = sample.read(self._handles)
+            img = decode_rgb(data)
             top, left, h, w = random_resized_crop_box(rng, img.height, img.width, self.scale, self.ratio)
             flip = bool(self.hflip and rng.random() < 0.5)
             crop = img.crop((left, top, left + w, top + h))
@@ -115,13 +126,13 @@ class PretrainStream(torch.utils.data.Dataset):
                 if flip:
                     v = v.transpose(Image.FLIP_LEFT_RIGHT)
                 views.append(torch.from_numpy(np.asarray(v, dtype=np.uint8).copy()).permute(2, 0, 1))
-        except Exception:  # noqa: BLE001 - any undecodable input is a bad sample, not a dead run
-            valid = False
+        except Exception as e:  # noqa: BLE001 - any undecodable input is a bad sample, not a dead run
+            valid, reason = False, decode_problem(data, e)
             views = [torch.zeros(3, s, s, dtype=torch.uint8) for s in self.sizes]
         # the segment order has its own stream, so it does not depend on whether the image decoded
         order = torch.from_numpy(np.random.default_rng([self.seed, epoch, index, 1]).permutation(self.num_segments))
         return {"views": views, "order": order, "valid": valid, "label": sample.label, "index": index,
-                "epoch": epoch, "box": (top, left, h, w, flip)}
+                "epoch": epoch, "box": (top, left, h, w, flip), "reason": reason}
 
 
 def collate(items: List[dict]) -> dict:
@@ -132,6 +143,8 @@ def collate(items: List[dict]) -> dict:
         "label": torch.tensor([it["label"] for it in items]),
         "index": torch.tensor([it["index"] for it in items]),
         "epoch": torch.tensor([it["epoch"] for it in items]),
+        # (dataset index, epoch, reason) of each bad sample: what bad_samples.jsonl records
+        "bad": [(it["index"], it["epoch"], it["reason"]) for it in items if not it["valid"]],
     }
 
 

@@ -3,18 +3,23 @@
 A source is resolved into a flat, ordered list of :class:`Sample` records; decoding happens in the loader.
 """
 
+import functools
 import glob
 import json
+import logging
 import os
 import re
 import tarfile
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional, Sequence, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 from ..config import ConfigError
 
-IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".jpe")
+log = logging.getLogger(__name__)
+
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".jpe", ".gif", ".tif", ".tiff")
 # Real photos that ship inside the scikit-image wheel: the embedded default data of the demo.
 DEMO_PHOTOS = ("astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "hubble_deep_field.jpg", "retina.jpg",
                "ihc.png", "motorcycle_left.png", "motorcycle_right.png", "camera.png", "coins.png", "moon.png",
@@ -40,6 +45,15 @@ class Sample:
                 handles[self.path] = f
         f.seek(self.offset)
         return f.read(self.size)
+
+
+@dataclass(frozen=True)
+class Problem:
+    """A bad sample (or a damaged shard: ``key`` empty), by identity, and why."""
+
+    path: str  # the shard or the image file
+    key: str
+    reason: str
 
 
 def demo_dir() -> Path:
@@ -149,90 +163,201 @@ def _read_dali_index(shard: str):
     idx = Path(shard).with_suffix(".idx")
     if not idx.is_file():
         return None
-    lines = idx.read_text().splitlines()
-    if not lines or not lines[0].startswith("v1."):
+    try:
+        lines = idx.read_text().splitlines()
+        if not lines or not lines[0].startswith("v1."):
+            return None
+        recs = []
+        for line in lines[1:]:
+            parts = line.split()
+            comps = {}
+            for j in range(0, len(parts) - 3, 4):
+                ext, off, size, name = parts[j:j + 4]
+                comps["." + ext.lower()] = (int(off), int(size), name)
+            recs.append(comps)
+    except (OSError, UnicodeDecodeError, ValueError) as e:  # a damaged index: the tar itself is the truth
+        log.warning("ignoring the unreadable DALI index %s (%s); scanning the shard", idx, e)
         return None
-    recs = []
-    for line in lines[1:]:
-        parts = line.split()
-        comps = {}
-        for j in range(0, len(parts) - 3, 4):
-            ext, off, size, name = parts[j:j + 4]
-            comps["." + ext.lower()] = (int(off), int(size), name)
-        recs.append(comps)
     return recs
 
 
-def _tar_samples(shard: str) -> List[Sample]:
-    indexed = _read_dali_index(shard)
-    if indexed is not None:
-        out = []
-        with open(shard, "rb") as f:
-            for comps in indexed:
-                img = next((comps[e] for e in IMAGE_EXTS if e in comps), None)
-                if img is None:
-                    continue
-                label = -1
-                if ".cls" in comps:
-                    f.seek(comps[".cls"][0])
-                    try:
-                        label = int(f.read(comps[".cls"][1]).decode("ascii").strip())
-                    except (UnicodeDecodeError, ValueError):
-                        label = -1
-                out.append(Sample(shard, img[0], img[1], img[2].split(".", 1)[0], label))
-        return out
-    members = {}
+def parse_label(raw: bytes) -> Tuple[int, Optional[str]]:
+    """A ``.cls`` member -> (label, None), or (-1, why it is not a label): ASCII digits only, >= 0."""
     try:
-        with tarfile.open(shard, "r:") as tf:
-            for m in tf:
-                if not m.isfile():
-                    continue
-                base = os.path.basename(m.name)
-                if "." not in base:
-                    continue
-                key = os.path.join(os.path.dirname(m.name), base.split(".", 1)[0])
-                ext = "." + base.split(".", 1)[1].lower()
-                members.setdefault(key, {})[ext] = m
-            labels = {}
-            for key, parts in members.items():
-                if ".cls" in parts:
-                    raw = tf.extractfile(parts[".cls"]).read()
-                    try:
-                        labels[key] = int(raw.decode("ascii").strip())
-                    except (UnicodeDecodeError, ValueError):
-                        labels[key] = -1  # unparsable label: the sample still serves pretraining
-    except (tarfile.TarError, OSError) as e:
-        raise ConfigError(f"cannot read shard {shard}: {e}")
+        text = raw.decode("ascii").strip()
+    except UnicodeDecodeError:
+        return -1, f"unparsable label {raw[:24]!r} (.cls)"
+    if not text:
+        return -1, "empty label (.cls)"
+    if not re.fullmatch(r"[+-]?[0-9]+", text):
+        return -1, f"unparsable label {raw[:24]!r} (.cls)"
+    if int(text) < 0:
+        return -1, f"negative label {int(text)} (.cls)"
+    return int(text), None
+
+
+def _members_text(parts) -> str:
+    return ", ".join(sorted(parts)) or "none"
+
+
+def _samples_from_members(shard: str, members: Dict[str, Dict[str, Tuple[int, int]]], f, file_size: int,
+                          problems: List[Problem]) -> List[Sample]:
+    """members: key -> {ext: (data offset, size)}. A sample needs an image member and, if it has a ``.cls``, a
+    parsable one; members that run past the end of the file are truncated."""
     out = []
     for key, parts in members.items():
+        cut = sorted(e for e, (off, size) in parts.items() if off + size > file_size)
+        if cut:
+            problems.append(Problem(shard, key, f"truncated: member {key}{cut[0]} runs past the end of the shard "
+                                                f"({file_size} bytes)"))
+            continue
         img = next((parts[e] for e in IMAGE_EXTS if e in parts), None)
         if img is None:
-            continue  # a sample with no image component is skipped
-        out.append(Sample(shard, img.offset_data, img.size, key, labels.get(key, -1)))
+            problems.append(Problem(shard, key, f"no image member (members: {_members_text(parts)})"))
+            continue
+        label = -1
+        if ".cls" in parts:
+            off, size = parts[".cls"]
+            f.seek(off)
+            label, why = parse_label(f.read(size))
+            if why:
+                problems.append(Problem(shard, key, why))
+                continue
+        out.append(Sample(shard, img[0], img[1], key, label))
     return out
 
 
-def find_samples(source) -> List[Sample]:
+def _scan_tar(shard: str, f, file_size: int, problems: List[Problem]) -> Dict[str, Dict[str, Tuple[int, int]]]:
+    """Walk the tar headers with :mod:`tarfile`, keeping every member read before any damage, and report the
+    damage: tarfile itself stops silently at a header cut short or overwritten, and raises at a member whose data
+    is cut, so where the walk stopped is checked against the end-of-archive blocks."""
+    members: Dict[str, Dict[str, Tuple[int, int]]] = {}
+    last_key = None
+    try:
+        tf = tarfile.open(fileobj=f, mode="r:")
+    except tarfile.TarError as e:
+        problems.append(Problem(shard, "", f"not a readable tar file ({e})"))
+        return members
+    damage = None
+    with tf:
+        while True:
+            try:
+                m = tf.next()
+            except tarfile.TarError as e:  # data of the last member cut short ("unexpected end of data")
+                damage = f"truncated at byte {file_size} ({e})"
+                break
+            if m is None:
+                break
+            if not m.isfile():
+                continue
+            base = os.path.basename(m.name)
+            if "." not in base:
+                continue
+            key = os.path.join(os.path.dirname(m.name), base.split(".", 1)[0])
+            members.setdefault(key, {})["." + base.split(".", 1)[1].lower()] = (m.offset_data, m.size)
+            last_key = key
+        if damage is None:
+            end = tf.offset  # where the next header would start
+            f.seek(end)
+            block = f.read(tarfile.BLOCKSIZE)
+            if end >= file_size:
+                damage = f"ends at byte {file_size} without the end-of-archive blocks (truncated?)"
+            elif len(block) < tarfile.BLOCKSIZE:
+                damage = f"cut inside a tar header at byte {end} ({len(block)} of {tarfile.BLOCKSIZE} bytes)"
+            elif block.strip(b"\0"):
+                damage = f"invalid tar header at byte {end}: the remaining {file_size - end} bytes are unreadable"
+    if damage is not None:
+        problems.append(Problem(shard, "", damage))
+        if last_key is not None and all(off + size <= file_size for off, size in members[last_key].values()):
+            # webdataset samples are contiguous: the one before the damage may have lost members after it. It is
+            # complete if it has the members most samples of the shard have; else (or with nothing to compare) not.
+            kinds = Counter(frozenset(parts) for k, parts in members.items() if k != last_key)
+            if not kinds or not set(members[last_key]) >= kinds.most_common(1)[0][0]:
+                members.pop(last_key)
+                problems.append(Problem(shard, last_key, "may be incomplete: the shard is damaged right after it"))
+    return members
+
+
+def _tar_samples(shard: str, problems: List[Problem]) -> List[Sample]:
+    try:
+        f = open(shard, "rb")
+    except OSError as e:
+        problems.append(Problem(shard, "", f"unreadable shard: {e.strerror}"))
+        return []
+    with f:
+        file_size = os.fstat(f.fileno()).st_size
+        indexed = _read_dali_index(shard)
+        if indexed is not None:
+            members = {}
+            for n, comps in enumerate(indexed):
+                name = next(iter(comps.values()))[2] if comps else str(n)
+                members[name.split(".", 1)[0]] = {e: (off, size) for e, (off, size, _) in comps.items()}
+        else:
+            members = _scan_tar(shard, f, file_size, problems)
+            expected = _manifest_count(shard)
+            if expected is not None and expected > len(members):  # what a cut shard lost, where it is known
+                problems.append(Problem(shard, "", f"{expected - len(members)} of {expected} samples missing "
+                                                   f"(manifest.json counts {expected})"))
+        return _samples_from_members(shard, members, f, file_size, problems)
+
+
+@functools.lru_cache(maxsize=8)
+def _manifest_counts(path: str, mtime_ns: int) -> Dict[str, int]:
+    try:
+        return {r["name"]: int(r["count"]) for r in json.loads(Path(path).read_text()).get("shards", [])}
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        return {}
+
+
+def _manifest_count(shard: str) -> Optional[int]:
+    """The sample count ``data build``'s manifest.json beside the shard records for it, if any (read once per
+    folder, not once per shard)."""
+    path = Path(shard).parent / "manifest.json"
+    try:
+        mtime = path.stat().st_mtime_ns
+    except OSError:
+        return None
+    return _manifest_counts(str(path), mtime).get(Path(shard).name)
+
+
+def scan_source(source) -> Tuple[List[Sample], List[Problem]]:
+    """The samples of a source, and the problems found while listing them (damaged shards, samples without an
+    image member, unparsable labels): each a :class:`Problem` naming the shard and key. Decoding problems are
+    found later, by the loaders (or ``data validate``)."""
     kind, where = _resolve_paths(source)
+    problems: List[Problem] = []
+    if kind == "tar":
+        out = []
+        for shard in where:
+            out += _tar_samples(shard, problems)
+    else:
+        out = _plain_samples(kind, where)
+    if not out:
+        extra = f" ({len(problems)} problems, e.g. {problems[0].path}: {problems[0].reason})" if problems else ""
+        raise ConfigError(f"data source {source!r} holds no images{extra}")
+    if problems:
+        log.warning("%d bad samples or shard problems in %s, e.g. %s %s: %s (megadigpt data validate lists them)",
+                    len(problems), source, problems[0].path, problems[0].key, problems[0].reason)
+    return out, problems
+
+
+def _plain_samples(kind, where) -> List[Sample]:
     if kind == "demo":
         return [Sample(f, key=Path(f).stem) for f in where]
     if kind == "list":
         return read_sample_list(where)
-    if kind == "tar":
-        out = []
-        for shard in where:
-            out += _tar_samples(shard)
-    else:
-        root = Path(where)
-        files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTS and p.is_file())
-        classes = sorted({p.relative_to(root).parts[0] for p in files if len(p.relative_to(root).parts) > 1})
-        cidx = {c: i for i, c in enumerate(classes)}
-        out = [Sample(str(p), key=str(p.relative_to(root)),
-                      label=cidx.get(p.relative_to(root).parts[0], -1) if len(p.relative_to(root).parts) > 1 else -1)
-               for p in files]
-    if not out:
-        raise ConfigError(f"data source {source!r} holds no images")
-    return out
+    root = Path(where)
+    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTS and p.is_file())
+    classes = sorted({p.relative_to(root).parts[0] for p in files if len(p.relative_to(root).parts) > 1})
+    cidx = {c: i for i, c in enumerate(classes)}
+    return [Sample(str(p), key=str(p.relative_to(root)),
+                   label=cidx.get(p.relative_to(root).parts[0], -1) if len(p.relative_to(root).parts) > 1 else -1)
+            for p in files]
+
+
+def find_samples(source) -> List[Sample]:
+    """The usable samples of a source (see :func:`scan_source` for the problems found on the way)."""
+    return scan_source(source)[0]
 
 
 def label_names(source) -> Optional[List[str]]:

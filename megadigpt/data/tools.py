@@ -18,7 +18,7 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 
 from ..config import ConfigError
-from .sources import Sample, find_samples, write_sample_list
+from .sources import Sample, find_samples, scan_source, write_sample_list
 
 
 def _progress(total: int, desc: str, enabled: bool = True):
@@ -30,22 +30,22 @@ def _progress(total: int, desc: str, enabled: bool = True):
 # ============================================================================ validate
 
 def check_sample(sample: Sample) -> Optional[str]:
-    """None if the sample decodes (by the same rules as the training loaders), else why not."""
-    from .dali_loader import inspect_image
-    from .pretrain_loader import decode_rgb
+    """None if the sample decodes (by the same rules as the training loaders), else why not. Images DALI does not
+    decode but Pillow does (GIF bytes named .jpg, 1-bit TIFF) are fine: both loaders decode them with Pillow."""
+    from .dali_loader import examine_image
+    from .pretrain_loader import decode_problem, decode_rgb
 
     try:
         data = sample.read()
     except OSError as e:
         return f"unreadable: {e.strerror}"
-    if not data:
-        return "empty"
-    if inspect_image(data) is None:
-        return "not a decodable image (bad header, truncated, or too large)"
+    problem = examine_image(data)[0]
+    if problem:
+        return problem
     try:
         decode_rgb(data)
     except Exception as e:  # noqa: BLE001
-        return f"decode failed: {type(e).__name__}"
+        return decode_problem(data, e)
     return None
 
 
@@ -54,8 +54,10 @@ def _check_chunk(samples: List[Sample]):
 
 
 def validate(source, out_dir, workers: int = 2, progress: bool = True) -> Dict[str, int]:
-    """Decode every sample; write ``clean.jsonl`` (a sample list to train from) and ``bad.jsonl`` (with reasons)."""
-    samples = find_samples(source)
+    """List and decode every sample; write ``clean.jsonl`` (a sample list to train from) and ``bad.jsonl`` (the
+    bad samples with reasons: ``kind`` "index" for what listing the source found (a damaged shard has an empty
+    ``key``; samples without an image member; unparsable labels; members cut off), "decode" for the rest)."""
+    samples, problems = scan_source(source)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     chunks = [samples[i:i + 256] for i in range(0, len(samples), 256)]
@@ -67,10 +69,13 @@ def validate(source, out_dir, workers: int = 2, progress: bool = True) -> Dict[s
             bar.update(len(res))
     bar.close()
     clean = [s for s, r in zip(samples, reasons) if r is None]
-    bad = [(s, r) for s, r in zip(samples, reasons) if r is not None]
+    bad = [(Sample(p.path, key=p.key), p.reason, "index") for p in problems]
+    bad += [(s, r, "decode") for s, r in zip(samples, reasons) if r is not None]
     write_sample_list(out / "clean.jsonl", clean)
-    write_sample_list(out / "bad.jsonl", [s for s, _ in bad], [{"reason": r} for _, r in bad])
-    return {"total": len(samples), "clean": len(clean), "bad": len(bad)}
+    write_sample_list(out / "bad.jsonl", [s for s, _, _ in bad], [{"reason": r, "kind": k} for _, r, k in bad])
+    keyed = sum(1 for p in problems if p.key)
+    return {"total": len(samples) + keyed, "clean": len(clean), "bad": len(bad) - (len(problems) - keyed),
+            "damaged_shards": len({p.path for p in problems if not p.key})}
 
 
 # ============================================================================ build shards
@@ -172,9 +177,11 @@ def merge(spec_path, out_path, seed: int = 0, progress: bool = True) -> dict:
     """The merged public dataset from a YAML of sources (see README): per-source weights are the fraction of the
     merged epoch drawn from that source; sources are checked for completeness; exact duplicates (by content hash)
     of an evaluation set are dropped. Writes a sample list and ``<out>.manifest.json``."""
-    import yaml
+    from ..config import read_yaml
 
-    spec = yaml.safe_load(Path(spec_path).read_text()) or {}
+    spec = read_yaml(spec_path, "merge spec")  # binary, empty, duplicate keys, a folder: one line
+    if not isinstance(spec, dict):
+        raise ConfigError(f"{spec_path}: a merge spec is a mapping (sources, total, exclude_duplicates_of)")
     unknown = set(spec) - {"sources", "total", "exclude_duplicates_of"}
     if unknown:
         raise ConfigError(f"{spec_path}: unknown keys {sorted(unknown)}")

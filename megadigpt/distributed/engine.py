@@ -19,6 +19,12 @@ def template_path(zero_stage: int, path: Optional[str] = None) -> Path:
     p = Path(path) if path else DS_CONFIG_DIR / f"zero{zero_stage}.json"
     if not p.is_file():
         raise ConfigError(f"DeepSpeed config template not found: {p}")
+    try:  # parsed here too, so that plan_run refuses a damaged template before anything heavy
+        ok = isinstance(json.loads(p.read_bytes().decode("utf-8")), dict)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(f"DeepSpeed config template {p} is not valid JSON: {(str(e).splitlines() or [''])[0]}")
+    if not ok:
+        raise ConfigError(f"DeepSpeed config template {p} is not a JSON object")
     return p
 
 
@@ -47,6 +53,12 @@ def build_ds_config(cfg, world_size: int, precision: str) -> dict:
         ds["zero_optimization"]["stage"] = t.zero_stage
     ds["bf16"] = {"enabled": precision == "bf16"}
     ds["fp16"] = {"enabled": precision == "fp16", **({"initial_scale_power": 16} if precision == "fp16" else {})}
+    if precision != "fp32" and ds["zero_optimization"]["stage"] > 0:
+        # accumulate and reduce gradients in fp32, not in the 16-bit model dtype (DeepSpeed's default): with
+        # accumulation over many micro-batches bf16's 8-bit mantissa loses the small contributions. ZeRO-0 has no
+        # fp32 accumulation in DeepSpeed (it refuses the mix): there the gradients stay in the model dtype.
+        ds.setdefault("data_types", {}).setdefault("grad_accum_dtype", "fp32")
+        ds.setdefault("communication_data_type", "fp32")
     ds.setdefault("steps_per_print", 10 ** 9)  # megadigpt logs itself
     ds.setdefault("wall_clock_breakdown", False)
     return ds
@@ -57,6 +69,7 @@ def start_processes(env, device_type: str):
     Returns the device."""
     from . import env as dist_env
 
+    dist_env.follow_launcher(env)  # before the rendezvous, which can wait for ever on a launcher that is gone
     dist_env.export(env)
     # DeepSpeed's ZeRO calls torch's older collective names, one warning per rank and step
     warnings.filterwarnings("ignore", category=FutureWarning, message=r"`torch\.distributed\.\w+` is deprecated")

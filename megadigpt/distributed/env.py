@@ -1,6 +1,6 @@
 """Rank / world size / master address from whatever launched us: torchrun and the deepspeed launcher
 (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT), mpirun (Open MPI's OMPI_COMM_WORLD_*, or any MPI through
-mpi4py), srun (SLURM_*), or nothing (one process). Set the torch-style variables ourselves before DeepSpeed looks,
+mpi4py), srun (SLURM_*), or nothing (one process, on a free port unless MASTER_PORT is set). Set the torch-style variables ourselves before DeepSpeed looks,
 so it never falls back to its own MPI discovery (which picks a non-loopback address from `hostname -I`).
 
 Under mpirun without MASTER_ADDR, mpi4py (``pip install 'megadigpt[mpi]'``) broadcasts rank 0's host name and a
@@ -101,7 +101,43 @@ def discover() -> DistEnv:
         port = int(e.get("MASTER_PORT", 20000 + int(e.get("SLURM_JOB_ID", 0)) % 20000))
         return DistEnv(int(e["SLURM_PROCID"]), world, int(e.get("SLURM_LOCALID", 0)), addr or "127.0.0.1", port,
                        "slurm")
-    return DistEnv(0, 1, 0, "127.0.0.1", int(e.get("MASTER_PORT", 29500)), "none")
+    return DistEnv(0, 1, 0, "127.0.0.1", int(e["MASTER_PORT"]) if "MASTER_PORT" in e else _free_port(), "none")
+
+
+@functools.lru_cache(maxsize=1)
+def _free_port() -> int:
+    """A port the kernel says is free, for a run without a launcher (one process: its own rendezvous). A fixed
+    default (29500) made two such runs on one machine collide (EADDRINUSE). Cached: every ``discover()`` of this
+    process names the same port; the window until the store binds it is a few seconds at most."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+LAUNCHER_PID = os.getppid()  # at import (the CLI's first moments): a launcher that dies later is told apart
+
+
+def set_parent_death_signal(sig: int) -> bool:
+    """Linux ``prctl(PR_SET_PDEATHSIG, sig)``: the kernel sends ``sig`` to this process when the thread that forked
+    it ends (0 clears it). False where unsupported."""
+    try:
+        import ctypes
+
+        return ctypes.CDLL(None, use_errno=True).prctl(1, int(sig), 0, 0, 0) == 0  # PR_SET_PDEATHSIG = 1
+    except (OSError, AttributeError):
+        return False
+
+
+def follow_launcher(env: DistEnv) -> None:
+    """Under torchrun or the deepspeed launcher (both fork their workers from their main thread), die with the
+    launcher from the start: SIGHUP when it goes, whose default action ends a rank still starting up (stuck in a
+    rendezvous, say); once training, ``megadigpt.train.runtime.SignalFlag`` turns it into checkpoint-and-exit.
+    torchrun starts each worker in a session of its own, so nothing else would reach them."""
+    import signal
+    import sys
+
+    if env.launcher == "torch" and sys.platform.startswith("linux") and os.getppid() == LAUNCHER_PID:
+        set_parent_death_signal(signal.SIGHUP)
 
 
 def export(env: DistEnv) -> None:

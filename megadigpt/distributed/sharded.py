@@ -74,7 +74,11 @@ class LocalEMA:
         torch.save({"decay": self.decay, "shadow": [s.cpu() for s in self.shadow]}, path)
 
     def load(self, path: Path) -> bool:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        from ..checkpoint.safe_load import load
+
+        state = load(path, deepspeed_types=False)  # tensors only; a damaged or refused file: one line naming it
+        if not (isinstance(state, dict) and isinstance(state.get("shadow"), list)):
+            return False
         if len(state["shadow"]) != len(self.shadow) or any(a.shape != b.shape for a, b in
                                                            zip(state["shadow"], self.shadow)):
             return False

@@ -17,6 +17,7 @@ The scripts in ``slurm/*.sbatch`` are this module's ``TEMPLATES``, rendered (``p
 import argparse
 import json
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -26,7 +27,6 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Dict, List, Optional
 
-import yaml
 
 from ..config import ConfigError, _suggest
 
@@ -36,6 +36,11 @@ _PKG = Path(__file__).resolve().parent.parent
 SLURM_DIR = next((d for d in (_PKG / "slurm", _PKG.parent / "slurm") if d.is_dir()), _PKG.parent / "slurm")
 _FROM_SNAPSHOT = "import sys; sys.path.insert(0, sys.argv.pop(1)); from megadigpt.cli import main; sys.exit(main())"
 EXIT_CODES = "0 done, 2 bad input, 3 diverged, 75 checkpointed on a signal"
+
+
+# sbatch --time: minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS (man sbatch); --mem: a size, unit K/M/G/T
+_TIME = re.compile(r"(?i)unlimited|infinite|\d+(:\d{1,2}){0,2}|\d+-\d{1,2}(:\d{1,2}){0,2}")
+_MEM = re.compile(r"(?i)\d+[KMGT]?B?")
 
 
 @dataclass
@@ -69,6 +74,36 @@ class SlurmOptions:
         return self.nodes * self.tasks_per_node
 
     def check(self, where: str = "slurm"):
+        from typing import get_type_hints
+
+        from ..config import _coerce
+
+        if isinstance(self.time, int) and not isinstance(self.time, bool):
+            raise ConfigError(f"{where}: time {self.time} is a number: quote the time limit, e.g. \"48:00:00\" (YAML "
+                              f"reads an unquoted 48:00:00 as seconds)")
+        for f in fields(self):  # YAML chains may hold any type: a wrong one is an error, not a traceback later
+            if f.name not in ("sbatch", "env"):
+                setattr(self, f.name, _coerce(getattr(self, f.name), get_type_hints(SlurmOptions)[f.name],
+                                              f"{where}: {f.name}"))
+        if not _TIME.fullmatch(self.time):
+            raise ConfigError(f"{where}: time {self.time!r} is not a SLURM time limit (minutes, MM:SS, HH:MM:SS, "
+                              f"D-HH, D-HH:MM, D-HH:MM:SS or UNLIMITED), e.g. 48:00:00")
+        if self.mem is not None and not _MEM.fullmatch(self.mem):
+            raise ConfigError(f"{where}: mem {self.mem!r} is not a SLURM memory size (a number with an optional "
+                              f"K, M, G or T suffix; 0 = all of the node's)")
+        for k in ("partition", "account", "qos", "constraint", "reservation", "job_name"):
+            v = getattr(self, k)
+            if v is not None and (not v or any(c.isspace() for c in v)):
+                raise ConfigError(f"{where}: {k} {v!r} must be one non-empty word (no spaces or newlines)")
+        if not isinstance(self.sbatch, list) or not isinstance(self.env, dict):
+            raise ConfigError(f"{where}: sbatch is a list of options and env a mapping")
+        for opt in self.sbatch:  # each becomes one `#SBATCH` line of the script
+            if not isinstance(opt, str) or not opt.startswith("-") or "\n" in opt or "\r" in opt:
+                raise ConfigError(f"{where}: sbatch option {opt!r} must be one option line starting with - "
+                                  f"(e.g. --mail-type=END)")
+        for k in self.env:
+            if not isinstance(k, str) or not k.isidentifier():
+                raise ConfigError(f"{where}: env name {k!r} is not a shell variable name")
         if self.nodes < 1 or self.tasks_per_node < 1 or self.gpus_per_node < 0:
             raise ConfigError(f"{where}: nodes and tasks per node must be >= 1 and gpus_per_node >= 0")
         if self.gpus_per_node and self.ntasks_per_node and self.ntasks_per_node != self.gpus_per_node:
@@ -121,10 +156,7 @@ def parse_stage_args(command: str, args: List[str]):
     if command not in COMMANDS:
         raise ConfigError(f"cannot submit {command!r}; choose from {', '.join(COMMANDS)}")
     parser = _subparser(command)
-    try:
-        ns, extra = parser.parse_known_args(args)
-    except SystemExit:
-        raise ConfigError(f"bad arguments for megadigpt {command}: {' '.join(args)}")
+    ns, extra = parser.parse_known_args(args)  # a bad one raises cli.ArgumentError: one line naming the option
     stray = [a for a in extra if not ("=" in a and "." in a.split("=", 1)[0] and not a.startswith("-"))]
     if stray:
         raise ConfigError(f"megadigpt {command}: unrecognized arguments: {' '.join(stray)} (options of `megadigpt "
@@ -343,10 +375,9 @@ _CHAIN_KEYS = ("run_root", "slurm", "stages")
 def load_chain(path, run_root: Optional[str] = None, cli_slurm: Optional[dict] = None):
     """A chain YAML -> (stages in order, the chain's root folder). ``{name}`` in a stage's strings is that earlier stage's run directory.
     Options given on the command line (``cli_slurm``) win over the YAML's, for every stage."""
-    try:
-        spec = yaml.safe_load(Path(path).read_text())
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}")
+    from ..config import read_yaml
+
+    spec = read_yaml(path, "chain")  # safe tags only; binary, empty, duplicate keys: one line
     if not isinstance(spec, dict) or not isinstance(spec.get("stages"), list) or not spec["stages"]:
         raise ConfigError(f"{path}: a chain has `stages:` (a list) and optional `run_root:`, `slurm:`")
     for k in spec:

@@ -5,28 +5,44 @@
               (compiled on CUDA). Its backward is CUDA-only: on CPU it can run inference, not training.
 - ``eager`` : the reference implementation's arithmetic (explicit softmax with an additive -inf mask). The
               baseline that speed-ups are measured against; also the numerical oracle in tests.
+- ``prefix``: the segment mask computed exactly without a mask. Every row of it is a prefix (segment k's queries
+              see the keys of segments 0..k; the last visible segment and CLS see everything), so consecutive
+              rows with the same prefix are one unmasked ``scaled_dot_product_attention`` over the keys before
+              it: S-1 calls for S-1 visible segments, none of the masked-out work (a third of it for 2x2
+              segments), and no mask argument, so the flash kernels apply on a GPU. The runs are read off the
+              dense mask itself (and refused if it is not a prefix structure), so they cannot drift from it.
 """
 
-from typing import Dict
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-BACKENDS = ("sdpa", "flex", "eager")
+BACKENDS = ("sdpa", "flex", "eager", "prefix")
 
 
 class AttentionMask(nn.Module):
     """Holds the dense boolean mask (True = may attend) and lazily the per-device structures of each backend."""
 
-    def __init__(self, dense: torch.Tensor):
+    def __init__(self, dense: torch.Tensor, structure: Optional[torch.Tensor] = None):
+        """``structure``: the same mask on a real device, where ``dense`` is built on the meta device (sizes and
+        traces only); the ``prefix`` backend's runs are read off it."""
         super().__init__()
         self.register_buffer("dense", dense.bool(), persistent=False)
         self._flex: Dict[str, object] = {}
+        self._additive: Dict[tuple, torch.Tensor] = {}
+        source = structure if structure is not None else dense
+        self.prefix_runs = None if source.is_meta else prefix_runs(source.bool())
 
     def additive(self, dtype) -> torch.Tensor:
-        zero = torch.zeros((), dtype=dtype, device=self.dense.device)
-        return torch.where(self.dense, zero, torch.tensor(float("-inf"), dtype=dtype, device=self.dense.device))
+        """The -inf/0 additive mask in ``dtype``, built once per dtype and device (not on every call)."""
+        key = (dtype, str(self.dense.device))
+        if key not in self._additive:
+            zero = torch.zeros((), dtype=dtype, device=self.dense.device)
+            self._additive[key] = torch.where(self.dense, zero, torch.tensor(float("-inf"), dtype=dtype,
+                                                                              device=self.dense.device))
+        return self._additive[key]
 
     def flex_block_mask(self):
         key = str(self.dense.device)
@@ -41,6 +57,28 @@ class AttentionMask(nn.Module):
             n = dense.shape[0]
             self._flex[key] = create_block_mask(mask_mod, B=None, H=None, Q_LEN=n, KV_LEN=n, device=dense.device)
         return self._flex[key]
+
+
+def prefix_runs(dense: torch.Tensor) -> Optional[Tuple[Tuple[int, int, int], ...]]:
+    """``((q_start, q_end, kv_len), ...)``: rows ``q_start:q_end`` see exactly keys ``0:kv_len``; None where some
+    row of the mask is not a prefix (then the ``prefix`` backend cannot compute it)."""
+    n = dense.sum(dim=1)
+    cols = torch.arange(dense.shape[1], device=dense.device)
+    if not torch.equal(dense, cols[None, :] < n[:, None]) or bool((n == 0).any()):
+        return None
+    runs, start = [], 0
+    for i in range(1, len(n) + 1):
+        if i == len(n) or n[i] != n[start]:
+            runs.append((start, i, int(n[start])))
+            start = i
+    return tuple(runs)
+
+
+def _prefix(q, k, v, runs, scale):
+    if runs is None:
+        raise ValueError("attention backend 'prefix' needs a mask whose every row is a prefix of the keys")
+    return torch.cat([F.scaled_dot_product_attention(q[:, :, a:b], k[:, :, :n], v[:, :, :n], scale=scale)
+                      for a, b, n in runs], dim=2)
 
 
 _compiled_flex = None
@@ -67,6 +105,8 @@ def masked_attention(q, k, v, mask: AttentionMask, backend: str) -> torch.Tensor
     if backend == "eager":
         attn = (q @ k.transpose(-2, -1)) * scale + mask.additive(q.dtype)
         return attn.softmax(dim=-1) @ v
+    if backend == "prefix":
+        return _prefix(q, k, v, mask.prefix_runs, scale)
     if backend == "flex":
         return _flex(q, k, v, mask.flex_block_mask(), scale)
     raise ValueError(f"unknown attention backend {backend!r}; choose one of {BACKENDS}")

@@ -15,6 +15,7 @@ teacher tokens (r*r*num_classes logits, unshuffled like a pixel-shuffle); other 
 bilinearly, as features are.
 """
 
+import functools
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -49,7 +50,8 @@ class DiGPT(nn.Module):
     def __init__(self, encoder: ViTEncoder, segment_grid: int, teacher_dim: int, teacher_grid: int,
                  taps: Optional[Sequence[int]] = None, decoder_dim: int = 1024, decoder_depth: int = 2,
                  decoder_heads: int = 32, decoder_mlp_ratio: float = 4.0, attention: str = "sdpa",
-                 objective: str = "digpt", num_classes: Optional[int] = None):
+                 objective: str = "digpt", num_classes: Optional[int] = None, init_weights: bool = True):
+        """``init_weights=False`` leaves the initialisation (:meth:`init_steps`) to the caller."""
         super().__init__()
         if objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
@@ -69,7 +71,7 @@ class DiGPT(nn.Module):
         self.unshuffle = teacher_grid // encoder.grid if num_classes and teacher_grid % encoder.grid == 0 else None
         out_dim = teacher_dim if not num_classes else num_classes * (self.unshuffle or 1) ** 2
 
-        self.mask = AttentionMask(self.layout.mask())
+        self.mask = AttentionMask(self.layout.mask(), structure=self.layout.mask(device="cpu"))
         self.register_buffer("patch_index", self.layout.patch_index(), persistent=False)
         self.register_buffer("teacher_patch_index", self.teacher_layout.patch_index(), persistent=False)
         self.register_buffer("decoder_pos_embed", sincos_2d(decoder_dim, encoder.grid, cls_token=False),
@@ -90,25 +92,43 @@ class DiGPT(nn.Module):
         if objective == "distill":
             self.distill_norm = nn.LayerNorm(C, eps=1e-6)
             self.distill_head = nn.Linear(C, out_dim)
-        self.reset_parameters()
+        if init_weights:
+            self.reset_parameters()
 
     # ------------------------------------------------------------------ init
     def reset_parameters(self):
+        for _, init in self.init_steps():
+            init()
+
+    def init_steps(self):
+        """The initialisation as ``(parameters, init)`` steps, in the fixed order that defines the initial weights
+        for a seed (the random draws happen in this order). :meth:`reset_parameters` runs them; a partitioned
+        build (``distributed.partitioned``) runs each one with only its parameters gathered."""
+        def linear(m):
+            nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+        def norm(m):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+        def patch(proj):
+            nn.init.xavier_uniform_(proj.weight.data.view(proj.weight.shape[0], -1))  # a Linear over the patch
+            nn.init.zeros_(proj.bias)
+
         for m in self.modules():
             if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
+                yield list(m.parameters(recurse=False)), functools.partial(linear, m)
             elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-        w = self.encoder.patch_embed.proj.weight
-        nn.init.xavier_uniform_(w.data.view(w.shape[0], -1))  # like a Linear over the flattened patch
-        nn.init.zeros_(self.encoder.patch_embed.proj.bias)
-        nn.init.zeros_(self.encoder.cls_token)
+                yield list(m.parameters(recurse=False)), functools.partial(norm, m)
+        proj = self.encoder.patch_embed.proj
+        yield list(proj.parameters(recurse=False)), functools.partial(patch, proj)
+        yield [self.encoder.cls_token], functools.partial(nn.init.zeros_, self.encoder.cls_token)
         for name in ("gen_decoder", "dis_decoder"):
             if hasattr(self, name):
-                nn.init.trunc_normal_(getattr(self, name).query_token, std=0.02)
+                q = getattr(self, name).query_token
+                yield [q], functools.partial(nn.init.trunc_normal_, q, std=0.02)
 
     # ------------------------------------------------------------------ encoder
     def random_order(self, batch: int, device=None, generator=None) -> torch.Tensor:
@@ -232,13 +252,15 @@ class DiGPT(nn.Module):
 OBJECTIVES = ("digpt", "dis_only", "distill")
 
 
-def build_model(model_cfg, teacher_dim: int, teacher_grid: int, num_classes: Optional[int] = None) -> DiGPT:
+def build_model(model_cfg, teacher_dim: int, teacher_grid: int, num_classes: Optional[int] = None,
+                init_weights: bool = True) -> DiGPT:
     """Build the student from a :class:`megadigpt.config.ModelConfig` (``num_classes``: a discrete target's
-    codebook size, :attr:`megadigpt.targets.TargetSpec.classes`)."""
+    codebook size, :attr:`megadigpt.targets.TargetSpec.classes`; ``init_weights=False``: see :class:`DiGPT`)."""
     size = model_cfg.resolved_size()
     encoder = ViTEncoder(model_cfg.img_size, model_cfg.patch_size, size.embed_dim, size.depth, size.num_heads,
                          size.mlp_ratio, model_cfg.drop_path, model_cfg.attention)
     return DiGPT(encoder, model_cfg.segment_grid, teacher_dim, teacher_grid, taps=model_cfg.resolved_taps(),
                  decoder_dim=model_cfg.decoder_dim, decoder_depth=model_cfg.decoder_depth,
                  decoder_heads=model_cfg.decoder_heads, decoder_mlp_ratio=model_cfg.decoder_mlp_ratio,
-                 attention=model_cfg.attention, objective=model_cfg.objective, num_classes=num_classes)
+                 attention=model_cfg.attention, objective=model_cfg.objective, num_classes=num_classes,
+                 init_weights=init_weights)

@@ -21,13 +21,13 @@ def segment_patch_index(grid: int, segment_grid: int) -> torch.Tensor:
     return idx.permute(0, 2, 1, 3).reshape(segment_grid * segment_grid, side * side)
 
 
-def segment_causal_mask(num_visible: int, tokens_per_segment: int) -> torch.Tensor:
+def segment_causal_mask(num_visible: int, tokens_per_segment: int, device=None) -> torch.Tensor:
     """Boolean (L, L) mask, True where a query (row) may attend to a key (column); L = num_visible*T + 1.
 
     Segment k sees segments 0..k; the last visible segment also sees CLS; CLS (last token) sees everything.
     """
-    seg = torch.arange(num_visible).repeat_interleave(tokens_per_segment)
-    seg = torch.cat([seg, torch.tensor([num_visible - 1])])  # CLS sits in the last visible block...
+    seg = torch.arange(num_visible, device=device).repeat_interleave(tokens_per_segment)
+    seg = torch.cat([seg, torch.tensor([num_visible - 1], device=device)])  # CLS sits in the last visible block...
     mask = seg[:, None] >= seg[None, :]
     mask[-1, :] = True  # ...and sees everything; segments before the last cannot see it (column rule above)
     return mask
@@ -76,5 +76,5 @@ class SegmentLayout:
     def patch_index(self) -> torch.Tensor:
         return segment_patch_index(self.grid, self.segment_grid)
 
-    def mask(self) -> torch.Tensor:
-        return segment_causal_mask(self.num_visible, self.tokens_per_segment)
+    def mask(self, device=None) -> torch.Tensor:
+        return segment_causal_mask(self.num_visible, self.tokens_per_segment, device)

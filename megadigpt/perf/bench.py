@@ -11,8 +11,12 @@ Timing (rank 0):
     breakdown    the same steps again with the device synchronised at each phase boundary: data (next batch,
                  copy, normalise), teacher forward, student forward (incl. the loss), student backward, optimizer
                  step; their sum is the synchronised step time;
-    comm         a few more steps with DeepSpeed's communication logger, which times every collective and
-                 serialises it: the time spent in collectives per step (inside backward and optimizer above).
+    comm         a separate pass: a few more steps with DeepSpeed's communication logger, which times every
+                 collective and serialises it: the collectives' time per step with nothing overlapping them (not
+                 a share of the step time above; it can exceed it).
+Rounds: every case runs once per round, round after round (A B A B ...); a row is the low-median round, with the
+spread of images/s and the median (and spread) of the per-round ratio to the baseline that ran in the same round.
+A CPU's peak rate is measured once per sweep, so MFU columns compare.
 Memory: the peak over the timed steps, above the process's footprint before the student was built (GPU:
 ``max_memory_allocated``; CPU: the resident-set high-water mark, reset through ``/proc/self/clear_refs``); the
 planner's prediction for the same case (``perf.memory``) is printed beside it.
@@ -31,6 +35,7 @@ import json
 import os
 import platform
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -80,11 +85,12 @@ def as_baseline(c: Case, device_type: str) -> Case:
 def _teacher_overrides(spec: str) -> List[str]:
     kind, _, name = spec.partition(":")
     if kind == "open_clip":
-        return ["target.kind=open_clip", f"target.model={name or 'ViT-H-14'}", "target.weights=null"]
+        return ["target.kind=open_clip", f"target.model={name or 'ViT-H-14'}", "target.weights=null",
+                "target.random_weights=true"]
     if kind == "timm":
         if not name:
             raise ConfigError("teacher timm:<model name>")
-        return ["target.kind=timm", f"target.model={name}", "target.weights=null"]
+        return ["target.kind=timm", f"target.model={name}", "target.weights=null", "target.random_weights=true"]
     if kind in ("efficientnet_lite0", "pixels"):
         return [f"target.kind={kind}"]
     raise ConfigError(f"unknown teacher {spec!r}: efficientnet_lite0 | pixels | open_clip:<arch> | timm:<name>")
@@ -176,7 +182,7 @@ def run_case(case: Case, base: Optional[str], overrides: List[str], steps: int, 
     from ..model import build_model
     from ..targets import build_target, student_targets
     from ..train.metrics import peak_tflops
-    from ..train.optim import param_groups
+    from ..train.optim import build_optimizer, param_groups
     from ..train.pretrain import _dtype, _normalizer, plan_run
     from . import memory
 
@@ -203,12 +209,11 @@ def run_case(case: Case, base: Optional[str], overrides: List[str], steps: int, 
         for blk in list(model.encoder.blocks) + [b for d in ("gen_decoder", "dis_decoder") if hasattr(model, d)
                                                  for b in getattr(model, d).blocks]:
             blk.compile()
-    if case.baseline:
-        kw = {"foreach": False}
-    else:
-        kw = {"fused": True} if device.type == "cuda" else {"foreach": False}
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=1e-4,
-                                  betas=tuple(cfg.optim.betas), **kw)
+    if case.baseline:  # the reference: torch's per-parameter loop
+        optimizer = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=1e-4,
+                                      betas=tuple(cfg.optim.betas), foreach=False)
+    else:  # what pretraining builds (fused where the device has the kernel)
+        optimizer = build_optimizer(model, cfg.optim, 1e-4, device.type)
     ds_config = ds_engine.build_ds_config(cfg, env.world_size, plan.precision)
     if case.offload:
         ds_config["zero_optimization"]["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
@@ -292,8 +297,11 @@ def run_case(case: Case, base: Optional[str], overrides: List[str], steps: int, 
         loss = step(times)
     sync()
     synced_s = (time.perf_counter() - t0) / steps
+    device_used = None
     if device.type == "cuda":
         peak_bytes, rss_bytes = mem.stop()
+        free, total_mem = torch.cuda.mem_get_info(device)  # what the allocator's figure leaves out (context, NCCL)
+        device_used = (total_mem - free) / memory.GiB
     loss_value = float(loss.detach().float().item())
 
     comm = {}
@@ -331,7 +339,7 @@ def run_case(case: Case, base: Optional[str], overrides: List[str], steps: int, 
         "phases_s": {k: v / steps for k, v in times.items()}, "comm_s": sum(comm.values()), "comm_ops_s": comm,
         "peak_gib": max(p[0] for p in peaks) / memory.GiB, "states_gib": max(p[1] for p in peaks) / memory.GiB,
         "rss_peak_gib": (max(p[2] for p in peaks) / memory.GiB) if rss_bytes is not None else None,
-        "peak_tflops": peak_tf, "peak_tflops_source": peak_src,
+        "device_used_gib": device_used, "peak_tflops": peak_tf, "peak_tflops_source": peak_src,
         "flops_student_fwd": sizes.student_fwd_flops, "flops_teacher_fwd": sizes.teacher_fwd_flops,
         "student_params": sizes.student_params, "teacher_params": sizes.teacher_params, "loss": loss_value, **mfu,
     }
@@ -340,10 +348,7 @@ def run_case(case: Case, base: Optional[str], overrides: List[str], steps: int, 
         # weights (built before) -- states and the larger of activations and the step's fp32 gradients
         res["planned_gib"] = planned.total_gib - planned.teacher_gib
         res["planned_states_gib"] = (planned.params_gib + planned.grads_gib + planned.optimizer_gib +
-                                     planned.buffers_gib - memory.model_states(
-                                         sizes.student_params, sizes.largest_module_params, env.world_size,
-                                         case.zero, plan.precision, case.offload,
-                                         memory._ds_buffers(cfg, case.zero))["fp32_grads"] / memory.GiB)
+                                     planned.buffers_gib)
         res["planned_activations_gib"] = planned.activations_gib
         res["measured_over_planned"] = res["peak_gib"] / res["planned_gib"]
     dist.barrier()
@@ -456,23 +461,45 @@ def with_baselines(cases: List[Case], device_type: str) -> List[Case]:
     return out
 
 
+_GROUP = ("arch", "patch", "img_size", "teacher", "micro_batch", "data")
+
+
+def aggregate(case: Case, results: List[dict]) -> dict:
+    """One row from a case's rounds: the low-median round's measurement (images/s, step time, breakdown, memory
+    stay consistent with one another), with every round's images/s and their spread beside it."""
+    bad = [x for x in results if x.get("status") != "ok"]
+    if bad:
+        return {**bad[0], "rounds_images_per_s": [x.get("images_per_s") for x in results]}
+    ips = [x["images_per_s"] for x in results]
+    mid = results[ips.index(statistics.median_low(ips))]
+    return {**mid, "rounds_images_per_s": ips, "images_per_s_spread": [min(ips), max(ips)]}
+
+
 def attach_speedups(rows: List[dict]):
-    base = {tuple(r["case"][k] for k in ("arch", "patch", "img_size", "teacher", "micro_batch", "data")):
-            r["result"]["images_per_s"] for r in rows if r["case"]["baseline"] and r["result"]["status"] == "ok"}
+    """``vs_baseline``: the median over rounds of the case's images/s over its baseline's in the same round (the
+    two ran back to back), with the spread of those ratios."""
+    base = {tuple(r["case"][k] for k in _GROUP): r["result"]["rounds_images_per_s"] for r in rows
+            if r["case"]["baseline"] and r["result"]["status"] == "ok"}
     for r in rows:
-        key = tuple(r["case"][k] for k in ("arch", "patch", "img_size", "teacher", "micro_batch", "data"))
-        if r["result"]["status"] == "ok" and key in base:
-            r["result"]["vs_baseline"] = r["result"]["images_per_s"] / base[key]
+        key = tuple(r["case"][k] for k in _GROUP)
+        x = r["result"]
+        if x["status"] == "ok" and key in base:
+            ratios = [a / b for a, b in zip(x["rounds_images_per_s"], base[key])]
+            x["vs_baseline"], x["vs_baseline_spread"] = statistics.median(ratios), [min(ratios), max(ratios)]
 
 
 def _f(v, fmt):
     return "–" if v is None else format(v, fmt)
 
 
+def _spread(pair, fmt) -> str:
+    return "" if not pair or pair[0] == pair[1] else f" [{format(pair[0], fmt)}-{format(pair[1], fmt)}]"
+
+
 def markdown(rows: List[dict]) -> str:
-    head = ("| model | teacher | case | precision | data | micro-batch | img/s | step ms | data | teacher fwd | "
-            "student fwd | student bwd | optimizer | comm | peak GiB | planned GiB | measured/planned | "
-            "MFU student | MFU total | vs baseline |")
+    head = ("| model | teacher | case | precision | data | micro-batch | img/s [min-max] | step ms | data | "
+            "teacher fwd | student fwd | student bwd | optimizer | comm (separate pass) | peak GiB | planned GiB | "
+            "measured/planned | MFU student | MFU total | vs baseline [min-max] |")
     out = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         c, x = r["case"], r["result"]
@@ -486,11 +513,13 @@ def markdown(rows: List[dict]) -> str:
         ms = lambda s: _f(None if s is None else 1000 * s, ".0f")  # noqa: E731
         out.append(
             f"| {name} | {c['teacher']} | {label} | {x['precision']} | {c['data']} | {c['micro_batch']} | "
-            f"{x['images_per_s']:.1f} | {ms(x['step_s'])} | " + " | ".join(ms(ph[p]) for p in PHASES) +
+            f"{x['images_per_s']:.1f}{_spread(x.get('images_per_s_spread'), '.1f')} | {ms(x['step_s'])} | " +
+            " | ".join(ms(ph[p]) for p in PHASES) +
             f" | {ms(x['comm_s']) if x['world_size'] > 1 else '–'} | {x['peak_gib']:.2f} | "
             f"{_f(x.get('planned_gib'), '.2f')} | {_f(x.get('measured_over_planned'), '.2f')} | "
             f"{_f(x.get('mfu_student'), '.1%')} | {_f(x.get('mfu_total'), '.1%')} | "
-            f"{_f(x.get('vs_baseline'), '.2f')}{'x' if x.get('vs_baseline') else ''} |")
+            f"{_f(x.get('vs_baseline'), '.2f')}{'x' if x.get('vs_baseline') else ''}"
+            f"{_spread(x.get('vs_baseline_spread'), '.2f')} |")
     return "\n".join(out)
 
 
@@ -531,7 +560,13 @@ def plot(rows: List[dict], path: Path) -> bool:
 
 
 def run_bench(cases: List[Case], ranks: int, out: Path, base=None, overrides=(), steps=5, warmup=2,
-              data_source=None, timeout=1800.0, baseline=True, comm_steps=2, echo=print) -> dict:
+              data_source=None, timeout=1800.0, baseline=True, comm_steps=2, echo=print, rounds: int = 3,
+              deadline: Optional[float] = None) -> dict:
+    """Every case (baselines included) runs once per round, in the same order, round after round (A B C A B C
+    ...), so that a shared machine's slow phases hit all of them; rows report the median round and the spread.
+    On a CPU the peak matmul rate is measured once, here, for the whole sweep (MFU columns compare).
+    ``deadline`` (``time.monotonic()``): a time budget; a round that would start after it is not run, and cases
+    not reached in the first round are recorded as skipped."""
     import torch
 
     from ..train.pretrain import _device_type
@@ -549,19 +584,41 @@ def run_bench(cases: List[Case], ranks: int, out: Path, base=None, overrides=(),
     if device_type == "cuda" and ranks > torch.cuda.device_count():
         raise ConfigError(f"--ranks {ranks} but {torch.cuda.device_count()} GPUs are visible")
     out.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for i, c in enumerate(cases):
-        echo(f"[{i + 1}/{len(cases)}] {c.arch}/{c.patch} {c.teacher} mb{c.micro_batch} {c.data}: {c.label}")
-        res = launch_case(c, ranks, base, list(overrides), steps, warmup, data_source, timeout, out / f"case{i:03d}",
-                          comm_steps)
-        rows.append({"case": asdict(c), "result": res})
-        if res["status"] == "ok":
-            echo(f"    {res['images_per_s']:.2f} img/s, peak {res['peak_gib']:.2f} GiB")
-        else:
-            echo(f"    {res['status']}: {res.get('error', '')[-300:]}")
+    overrides = list(overrides)
+    peak_note = None
+    if device_type == "cpu" and not any(o.startswith("train.peak_tflops=") for o in overrides):
+        from ..train.metrics import peak_tflops
+
+        peak, _ = peak_tflops(torch.device("cpu"), None)
+        overrides.append(f"train.peak_tflops={peak}")
+        peak_note = f"measured CPU fp32 matmul, once for the sweep ({peak:.3f} TFLOP/s)"
+    results = [[] for _ in cases]
+    schedule = []
+    for r in range(rounds):
+        if r > 0 and deadline is not None and time.monotonic() > deadline:
+            echo(f"time budget spent: {r} of {rounds} rounds")
+            break
+        for i, c in enumerate(cases):
+            if deadline is not None and time.monotonic() > deadline:
+                if r == 0:
+                    results[i].append({"status": "skipped", "error": "time budget spent before this case"})
+                continue
+            echo(f"[round {r + 1}/{rounds}, {i + 1}/{len(cases)}] {c.arch}/{c.patch} {c.teacher} mb{c.micro_batch} "
+                 f"{c.data}: {c.label}")
+            res = launch_case(c, ranks, base, overrides, steps, warmup, data_source, timeout,
+                              out / f"case{i:03d}" / f"round{r}", comm_steps)
+            if peak_note and res.get("status") == "ok":
+                res["peak_tflops_source"] = peak_note
+            results[i].append(res)
+            schedule.append([r, i])
+            if res["status"] == "ok":
+                echo(f"    {res['images_per_s']:.2f} img/s, peak {res['peak_gib']:.2f} GiB")
+            else:
+                echo(f"    {res['status']}: {res.get('error', '')[-300:]}")
+    rows = [{"case": asdict(c), "result": aggregate(c, res)} for c, res in zip(cases, results)]
     attach_speedups(rows)
     report = {"date": time.strftime("%Y-%m-%d"), "host": socket.gethostname(), "ranks": ranks, "steps": steps,
-              "warmup": warmup, "torch": torch.__version__, "rows": rows}
+              "warmup": warmup, "rounds": rounds, "schedule": schedule, "torch": torch.__version__, "rows": rows}
     try:
         import deepspeed
 

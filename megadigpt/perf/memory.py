@@ -115,7 +115,10 @@ def _meta_teacher(tcfg, mcfg, classes: Optional[int] = None):
     (it replaces target.tokenizer)."""
     from ..targets import describe_target
     from ..targets.base import describe_features
+    from ..targets.weights import NEEDS_WEIGHTS
 
+    if tcfg.kind in NEEDS_WEIGHTS:  # the architecture alone: plan before (or without) the weights being here
+        tcfg = replace(tcfg, weights=None, random_weights=True) if not tcfg.tokenizer or classes else tcfg
     features = describe_features(tcfg, mcfg)
     if classes:
         spec = replace(features, classes=classes, has_cls=False)
@@ -144,8 +147,11 @@ def _meta_features(tcfg, mcfg, spec):
 
             t = OpenCLIPTarget.__new__(OpenCLIPTarget)
             torch.nn.Module.__init__(t)
-            t.visual = open_clip.create_model(tcfg.model, pretrained=None, force_image_size=spec.image_size,
-                                              device="meta").visual
+            from ..targets.openclip import quiet_random_init
+
+            with quiet_random_init():
+                t.visual = open_clip.create_model(tcfg.model, pretrained=None, force_image_size=spec.image_size,
+                                                  device="meta").visual
             t.spec = spec
         elif tcfg.kind == "timm":
             from ..targets.timm_target import TimmTarget, _create, block_index
@@ -207,7 +213,10 @@ def _sizes(cfg, classes=None) -> ModelSizes:
                                                for b in getattr(student, d).blocks]
     largest = max([sum(p.numel() for p in b.parameters()) for b in blocks] or [0])
     x, xt, order = _inputs(cfg, spec, 1, torch.float32, torch.float32)
-    sf = count_flops(student, x, *example_targets(spec, 1, "meta"), order)
+    from ..distributed.parallelize import set_attention_backend
+
+    # the dense-mask attention's FLOPs whatever the backend (prefix skips work, flex hides it): MFU compares across
+    sf = count_flops(set_attention_backend(student, "sdpa"), x, *example_targets(spec, 1, "meta"), order)
     tf = count_flops(teacher, xt) if cfg.target.kind != "pixels" or spec.classes else 0.0
     return ModelSizes(P, largest, sum(p.numel() for p in teacher.parameters()), sf, tf)
 
@@ -346,7 +355,8 @@ class PlanRow:
     params_gib: float
     grads_gib: float
     optimizer_gib: float
-    buffers_gib: float
+    buffers_gib: float  # ZeRO's reduce buckets
+    fp32_grads_gib: float  # the fp32 gradient partition of the optimizer step (after the activations are freed)
     activations_gib: float
     teacher_gib: float
     total_gib: float
@@ -354,6 +364,17 @@ class PlanRow:
     max_micro_batch: int  # the largest that fits (0: none)
     recommended_micro_batch: int  # the largest that fits and divides train.global_batch / world
     host_gib: float  # per rank, with CPU offload
+    build_host_gib: float = 0.0  # host memory per rank while the fp32 student is built (ZeRO-3: partitioned)
+
+
+def build_host_bytes(P: int, largest: int, world: int, stage: int) -> int:
+    """Host memory per rank while the fp32 student is built: the whole of it (4 P) for ZeRO 0-2; under ZeRO-3
+    (``distributed.partitioned``) this rank's partitions (4 P / N) plus one block in full, the most that
+    construction or an initialisation step holds gathered at once (an upper bound: DeepSpeed partitions each
+    leaf module as it is built)."""
+    if stage == 3:
+        return 4 * (math.ceil(P / world) + largest)
+    return 4 * P
 
 
 def _ds_buffers(cfg, stage: int) -> ZeroBuffers:
@@ -399,8 +420,9 @@ def plan_one(cfg, world: int, gpu_gib: float, stage: int, ckpt: bool, offload: b
     tb = total(micro_batch)
     return PlanRow(cfg.model.arch, cfg.model.patch_size, stage, ckpt, offload, micro_batch,
                    (st["params"] + st["gathered_params"]) / GiB, st["grads"] / GiB,
-                   st["optimizer"] / GiB, (st["buckets"] + st["fp32_grads"]) / GiB, act(micro_batch) / GiB,
-                   teacher / GiB, tb / GiB, tb <= budget, best, rec, st["host"] / GiB)
+                   st["optimizer"] / GiB, st["buckets"] / GiB, st["fp32_grads"] / GiB, act(micro_batch) / GiB,
+                   teacher / GiB, tb / GiB, tb <= budget, best, rec, st["host"] / GiB,
+                   build_host_bytes(sizes.student_params, sizes.largest_module_params, world, stage) / GiB)
 
 
 def plan(cfg, world: int, gpu_gib: float, archs: Sequence[str], stages=(1, 2, 3), ckpts=(False, True),
@@ -420,13 +442,20 @@ def plan(cfg, world: int, gpu_gib: float, archs: Sequence[str], stages=(1, 2, 3)
 
 
 def markdown(rows: List[PlanRow], world: int, gpu_gib: float) -> str:
-    head = ("| model | ZeRO | act. ckpt | offload | micro-batch | params | grads | optimizer | buffers | "
-            "activations | teacher | total GiB | fits | max micro-batch | recommended | host GiB/GPU |")
+    head = ("| model | ZeRO | act. ckpt | offload | micro-batch | params | grads | optimizer | buckets | "
+            "activations | step fp32 grads | teacher | total GiB | fits | max micro-batch | recommended | "
+            "host GiB/GPU | build host GiB/GPU |")
     out = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         out.append(f"| {r.arch}/{r.patch} | {r.stage} | {'on' if r.checkpointing else 'off'} | "
                    f"{'cpu' if r.offload else 'off'} | {r.micro_batch} | {r.params_gib:.2f} | {r.grads_gib:.2f} | "
-                   f"{r.optimizer_gib:.2f} | {r.buffers_gib:.2f} | {r.activations_gib:.2f} | {r.teacher_gib:.2f} | "
-                   f"{r.total_gib:.2f} | {'yes' if r.fits else 'no'} | {r.max_micro_batch} | "
-                   f"{r.recommended_micro_batch} | {r.host_gib:.2f} |")
+                   f"{r.optimizer_gib:.2f} | {r.buffers_gib:.2f} | {r.activations_gib:.2f} | "
+                   f"{r.fp32_grads_gib:.2f} | {r.teacher_gib:.2f} | {r.total_gib:.2f} | {'yes' if r.fits else 'no'} | "
+                   f"{r.max_micro_batch} | {r.recommended_micro_batch} | {r.host_gib:.2f} | "
+                   f"{r.build_host_gib:.2f} |")
+    out.append("")
+    out.append("total = params + grads + optimizer + buckets + teacher + the larger of activations and step fp32 "
+               "grads (the optimizer step's fp32 gradient partition exists after the activations are freed); "
+               "host GiB/GPU: optimizer states offloaded to the host; build host GiB/GPU: host memory while the "
+               "fp32 student is built (ZeRO-3 builds it partitioned)")
     return "\n".join(out)

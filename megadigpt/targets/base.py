@@ -1,5 +1,4 @@
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Optional, Tuple
 
 import torch
@@ -66,11 +65,6 @@ class Target(nn.Module):
         raise NotImplementedError
 
 
-def _check_weights(path: Optional[str], what: str):
-    if path is not None and not Path(path).is_file():
-        raise ConfigError(f"{what} weights file not found: {path}")
-
-
 def describe_target(tcfg, mcfg) -> TargetSpec:
     """Sizes of the configured target, from configs and small metadata only. With ``tcfg.tokenizer`` the codebook
     file is read and checked against the target (teacher, layer, resolution, width) here, before anything heavy."""
@@ -85,7 +79,16 @@ def describe_target(tcfg, mcfg) -> TargetSpec:
 
 
 def describe_features(tcfg, mcfg) -> TargetSpec:
-    """Sizes of the feature target itself (``target.tokenizer`` not applied)."""
+    """Sizes of the feature target itself (``target.tokenizer`` not applied); its weights are checked too (no
+    silent random teacher; the file opened safely, once)."""
+    from .weights import check
+
+    spec = _describe_kind(tcfg, mcfg)
+    check(tcfg)
+    return spec
+
+
+def _describe_kind(tcfg, mcfg) -> TargetSpec:
     size = tcfg.image_size or mcfg.img_size
     kinds = LAYERS.get(tcfg.kind)
     if kinds is None:
@@ -115,7 +118,14 @@ def build_target(tcfg, mcfg, device=None, dtype=torch.float32) -> Target:
     """The frozen target in ``dtype`` on ``device``; with ``tcfg.tokenizer`` wrapped so that it returns codebook
     indices (the assignment runs in fp32 whatever ``dtype`` is)."""
     spec = describe_features(tcfg, mcfg)
-    t = _build_features(tcfg, mcfg, spec)
+    try:
+        t = _build_features(tcfg, mcfg, spec)
+    except ConfigError:
+        raise
+    except (RuntimeError, KeyError, ValueError, OSError) as e:  # e.g. weights of another architecture
+        msg = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)[:300]
+        raise ConfigError(f"target.weights {tcfg.weights or '(default)'} could not be loaded into {tcfg.kind} "
+                          f"{tcfg.model or ''}: {msg}") from None
     t.requires_grad_(False)
     t = t.to(device=device, dtype=dtype).eval()
     if tcfg.tokenizer:

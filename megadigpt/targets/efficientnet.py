@@ -40,7 +40,8 @@ class EfficientNetTarget(Target):
 
         self.spec, self.layer = spec, resolved_layer(tcfg)
         # always pass weights_path: without it the package tries a download
-        self.net = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=weights_path(tcfg))
+        self.net = (EfficientNet.from_name("efficientnet-lite0") if tcfg.random_weights else
+                    EfficientNet.from_pretrained("efficientnet-lite0", weights_path=weights_path(tcfg)))
 
     @torch.no_grad()
     def forward(self, images):

@@ -1,6 +1,7 @@
 """OpenCLIP vision towers (the reference teacher is ViT-H-14): last-layer tokens after ``ln_post`` and ``proj``."""
 
-from pathlib import Path
+import contextlib
+import logging
 
 import torch
 
@@ -27,10 +28,18 @@ def describe(tcfg, size: int) -> TargetSpec:
     patch = v["patch_size"]
     if size % patch:
         raise ConfigError(f"open_clip {tcfg.model} has patch {patch}; target image_size {size} is not divisible")
-    w = tcfg.weights
-    if w and (("/" in w) or Path(w).suffix) and not Path(w).is_file():
-        raise ConfigError(f"open_clip weights file not found: {w}")
     return TargetSpec(size, size // patch, cfg["embed_dim"], True, CLIP_MEAN, CLIP_STD)
+
+
+@contextlib.contextmanager
+def quiet_random_init():
+    """open_clip warns on the root logger for every model built without weights; where that is intended (a random
+    teacher by target.random_weights, which the start event records, or the planner's meta build) say nothing."""
+    logging.disable(logging.WARNING)
+    try:
+        yield
+    finally:
+        logging.disable(logging.NOTSET)
 
 
 class OpenCLIPTarget(Target):
@@ -38,8 +47,10 @@ class OpenCLIPTarget(Target):
         super().__init__()
         import open_clip
 
-        # a file path or a pretrained tag; None builds random weights (benchmarks)
-        model = open_clip.create_model(tcfg.model, pretrained=tcfg.weights, force_image_size=spec.image_size)
+        # a file path or a pretrained tag; random weights only with target.random_weights (checked in describe)
+        with quiet_random_init() if tcfg.random_weights else contextlib.nullcontext():
+            model = open_clip.create_model(tcfg.model, pretrained=None if tcfg.random_weights else tcfg.weights,
+                                           force_image_size=spec.image_size)
         self.visual = model.visual
         self.spec = spec
         if getattr(self.visual, "proj", None) is None:

@@ -6,14 +6,14 @@ negative from the end, whose output goes through the final norm (DiGIT: ``-3``, 
 import torch
 
 from ..config import ConfigError
-from .base import Target, TargetSpec, _check_weights, resolved_layer
+from .base import Target, TargetSpec, resolved_layer
 
 
 def _create(tcfg, size, pretrained: bool):
     import timm
 
     kw = dict(num_classes=0, img_size=size)
-    if pretrained and tcfg.weights:
+    if pretrained and tcfg.weights and not tcfg.random_weights:
         kw.update(pretrained=True, pretrained_cfg_overlay=dict(file=tcfg.weights))
     return timm.create_model(tcfg.model, **kw)
 
@@ -40,7 +40,6 @@ def describe(tcfg, size: int) -> TargetSpec:
         raise ConfigError("target.model must name a timm model, e.g. vit_large_patch14_dinov2")
     if not timm.is_model(tcfg.model):
         raise ConfigError(f"unknown timm model {tcfg.model!r}")
-    _check_weights(tcfg.weights, "timm teacher")
     with torch.device("meta"):  # sizes only: nothing is allocated or initialised
         m = _create(tcfg, size, pretrained=False)
     pe = getattr(m, "patch_embed", None)

@@ -53,7 +53,7 @@ def fit_tokenizer(cfg: Config, k: Optional[int] = None, images: int = 10000, tok
     from .. import __version__
     from ..data import PretrainStream, build_pretrain_loader, find_samples
     from ..targets import build_target
-    from ..train.pretrain import _dtype, _normalizer, resolve_loader
+    from ..train.pretrain import _dtype, _normalizer, auto_precision, resolve_loader
     from .codebook import Codebook, target_identity
     from .kmeans import kmeans
 
@@ -61,8 +61,9 @@ def fit_tokenizer(cfg: Config, k: Optional[int] = None, images: int = 10000, tok
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda: no CUDA device here")
-    dev = torch.device(device)
-    tdtype = cfg.target.dtype if cfg.target.dtype != "auto" else ("bf16" if dev.type == "cuda" else "fp32")
+    # with its index: the DALI pipeline takes its device_id from it (an index-less "cuda" built it on the CPU)
+    dev = torch.device("cuda", torch.cuda.current_device()) if device == "cuda" else torch.device("cpu")
+    tdtype = cfg.target.dtype if cfg.target.dtype != "auto" else auto_precision(dev.type)
     tcfg = dataclasses.replace(cfg.target, tokenizer=None)
     samples = find_samples(cfg.data.source)
     images = min(images, len(samples))

@@ -141,7 +141,12 @@ def load_classifier(path, which: str = "best"):
     if not (p / "config.json").is_file() or not (p / "model.safetensors").is_file():
         raise ConfigError(f"{path}: not a classifier export (config.json + model.safetensors) nor a fine-tuning run "
                           f"with {which}/")
-    meta = json.loads((p / "config.json").read_text())
+    try:
+        meta = json.loads((p / "config.json").read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise ConfigError(f"{p / 'config.json'}: not readable JSON ({(str(e).splitlines() or [''])[0]})") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("model_args"), dict):
+        raise ConfigError(f"{p / 'config.json'}: not a megadigpt/timm classifier export (no model_args)")
     if not meta.get("num_classes"):
         raise ConfigError(f"{path}: an encoder without a classifier head; fine-tune it first")
     model = VisionTransformer(**meta["model_args"])
@@ -227,7 +232,7 @@ def evaluate_sets(model_path: str, folders: Dict[str, str], out_dir: Optional[st
                   real_labels_path: Optional[str] = None, device: str = "auto", precision: str = "auto") -> dict:
     """``megadigpt eval``. ``folders``: set name -> its root (see the module doc). Returns and writes the table."""
     from ..distributed import env as dist_env
-    from .pretrain import _device_type, _dtype, resolve_loader
+    from .pretrain import _device_type, _dtype, auto_precision, resolve_loader
 
     unknown = set(folders) - set(SETS)
     if unknown:
@@ -260,7 +265,7 @@ def evaluate_sets(model_path: str, folders: Dict[str, str], out_dir: Optional[st
         from ..distributed.engine import init_distributed
 
         init_distributed(env, dev_type)
-    prec = precision if precision != "auto" else ("bf16" if dev_type == "cuda" else "fp32")
+    prec = precision if precision != "auto" else auto_precision(dev_type)
     dtype = _dtype(prec)
     model.to(device=device, dtype=dtype)
     cfg = meta.get("pretrained_cfg", {})

@@ -34,33 +34,24 @@ class FinetunePlan:
     loader: str
 
 
-def _positive_fraction(name, v, lo_closed=True, hi=1.0):
-    if not ((0 <= v if lo_closed else 0 < v) and v <= hi):
-        raise ConfigError(f"{name} must lie in {'[' if lo_closed else '('}0, {hi}], got {v}")
-
-
 def plan_finetune(cfg: FinetuneRunConfig, world_size: Optional[int] = None, need_train: bool = True,
                   device_type: Optional[str] = None, init_from_pending: bool = False) -> FinetunePlan:
     """Every check that needs no weights, no decoding and no process group (``device_type`` and
     ``init_from_pending``: as in ``plan_run``)."""
     from ..data import check_source
     from ..distributed.engine import template_path
-    from ..model.vit import VIT_SIZES
-    from .pretrain import _device_type, resolve_loader
+    from .pretrain import _device_type, auto_precision, resolve_loader
 
     m, d, t, f, o = cfg.model, cfg.data, cfg.train, cfg.finetune, cfg.optim
-    if m.arch != "auto" and m.arch not in VIT_SIZES:
-        from ..config import _suggest
-
-        raise ConfigError(f"unknown model.arch {m.arch!r}{_suggest(m.arch, VIT_SIZES)}; auto or one of "
-                          f"{', '.join(VIT_SIZES)}")
     if m.arch == "auto" and not t.init_from:
         raise ConfigError("model.arch=auto takes the geometry from train.init_from; set one of them "
                           "(model.arch=vit_base for a randomly initialised model)")
     if t.init_from and not init_from_pending and not Path(t.init_from).exists():
         raise ConfigError(f"train.init_from not found: {t.init_from}")
-    if m.global_pool not in ("avg", "token"):
-        raise ConfigError(f"model.global_pool must be avg or token, got {m.global_pool!r}")
+    if t.init_from and not init_from_pending:
+        from ..config import check_weights_file
+
+        check_weights_file(t.init_from, "train.init_from")
     if m.patch_size and m.img_size % m.patch_size:
         raise ConfigError(f"model.img_size {m.img_size} is not divisible by model.patch_size {m.patch_size}")
     if need_train:
@@ -73,34 +64,16 @@ def plan_finetune(cfg: FinetuneRunConfig, world_size: Optional[int] = None, need
     loader = resolve_loader(d.loader)
     device_type = device_type or _device_type(t.device)
     world = world_size if world_size is not None else dist_env.discover().world_size
-    if t.micro_batch < 1 or t.global_batch < 1 or t.global_batch % (t.micro_batch * world):
+    if t.global_batch % (t.micro_batch * world):  # (ranges: checked by load_config)
         raise ConfigError(f"train.global_batch {t.global_batch} is not divisible by train.micro_batch "
                           f"{t.micro_batch} x world size {world}")
     if (f.mixup > 0 or f.cutmix > 0) and t.micro_batch % 2:
         raise ConfigError(f"mixup/cutmix pair each batch with its reverse: train.micro_batch {t.micro_batch} must be "
                           f"even (or set finetune.mixup=0 finetune.cutmix=0)")
-    if t.zero_stage not in (0, 1, 2, 3):
-        raise ConfigError(f"train.zero_stage must be 0, 1, 2 or 3, got {t.zero_stage}")
     template_path(t.zero_stage, t.ds_config)
-    _positive_fraction("optim.layer_decay", o.layer_decay, lo_closed=False)
-    _positive_fraction("finetune.reprob", f.reprob)
-    _positive_fraction("finetune.mixup_prob", f.mixup_prob)
-    _positive_fraction("finetune.mixup_switch_prob", f.mixup_switch_prob)
-    if not 0 <= f.smoothing < 1:
-        raise ConfigError(f"finetune.smoothing must lie in [0, 1), got {f.smoothing}")
-    if not 0 <= f.ema_decay < 1:
-        raise ConfigError(f"finetune.ema_decay must lie in [0, 1), got {f.ema_decay}")
-    if f.mixup < 0 or f.cutmix < 0:
-        raise ConfigError("finetune.mixup and finetune.cutmix are Beta alphas: >= 0")
-    if f.remode not in ("pixel", "rand", "const"):
-        raise ConfigError(f"finetune.remode must be pixel, rand or const, got {f.remode!r}")
-    if f.eval_every < 1 or t.log_every < 1 or t.ckpt_every < 1:
-        raise ConfigError("finetune.eval_every, train.log_every and train.ckpt_every must be >= 1")
     if t.max_steps is None and t.epochs <= 0:
         raise ConfigError("set train.epochs > 0 or train.max_steps")
-    precision = t.precision if t.precision != "auto" else ("bf16" if device_type == "cuda" else "fp32")
-    if precision not in ("fp32", "bf16", "fp16"):
-        raise ConfigError(f"train.precision must be auto, fp32, bf16 or fp16, got {precision!r}")
+    precision = t.precision if t.precision != "auto" else auto_precision(device_type)
     if precision == "fp16" and device_type == "cpu":
         raise ConfigError("train.precision=fp16 is refused by DeepSpeed on CPU; use fp32 or bf16")
     try:
@@ -273,12 +246,13 @@ def finetune(cfg: FinetuneRunConfig) -> dict:
     plan = plan_finetune(cfg, env.world_size)
 
     from ..checkpoint.convert import load_encoder_weights
-    from ..data import find_samples
     from ..data.sources import label_names as source_label_names
 
     m, d, t, f, o = cfg.model, cfg.data, cfg.train, cfg.finetune, cfg.optim
     run_dir = Path(t.run_dir)
-    train_samples, val_samples = find_samples(d.train), find_samples(d.val)
+    from ..data.sources import scan_source
+
+    (train_samples, train_problems), (val_samples, val_problems) = scan_source(d.train), scan_source(d.val)
     num_classes = check_labels(train_samples, "data.train", m.num_classes)
     check_labels(val_samples, "data.val", num_classes)
     names = source_label_names(d.train)
@@ -288,6 +262,18 @@ def finetune(cfg: FinetuneRunConfig) -> dict:
     geom, _ = resolve_model(cfg, weights, info)
     if m.img_size % geom.patch_size:
         raise ConfigError(f"model.img_size {m.img_size} is not divisible by the patch size {geom.patch_size}")
+    from ..checkpoint import latest_tag
+
+    if latest_tag(run_dir):  # resuming: the checkpoint must be this network (else DeepSpeed's size mismatch)
+        import copy
+
+        from ..config import check_resume_config
+
+        now = copy.deepcopy(cfg)
+        for k in ("embed_dim", "depth", "num_heads", "mlp_ratio", "patch_size"):
+            setattr(now.model, k, getattr(geom, k))
+        now.model.num_classes = num_classes
+        check_resume_config(run_dir, now)
 
     import numpy as np
     import torch
@@ -321,6 +307,9 @@ def finetune(cfg: FinetuneRunConfig) -> dict:
     device = ds_engine.start_processes(env, plan.device_type)
     signals = SignalFlag()  # from here on a signal means: checkpoint after the first step that completes
     rank0 = env.rank == 0
+    from .runtime import hold_run_dir, release
+
+    hold_run_dir(run_dir, rank0)  # one run per directory: a second one stops here, on every rank
     import copy
 
     resolved = copy.deepcopy(cfg)
@@ -339,6 +328,10 @@ def finetune(cfg: FinetuneRunConfig) -> dict:
     del weights
     if t.activation_checkpointing:
         model.set_grad_checkpointing(True)
+    if t.compile:  # after activation checkpointing, before the engine shards (torchtitan's order)
+        from ..distributed.parallelize import apply_compile
+
+        apply_compile(model)
     groups = param_groups_lrd(model, o.weight_decay, o.layer_decay, geom.depth)
     optimizer = build_optimizer(model, o, plan.lr, plan.device_type, groups)
     ds_config = ds_engine.build_ds_config(cfg, world, plan.precision)
@@ -378,6 +371,9 @@ def finetune(cfg: FinetuneRunConfig) -> dict:
     erase = RandomErasing(f.reprob, mode=f.remode, max_count=1, device=str(device)) if f.reprob > 0 else None
 
     sink = MetricsSink(run_dir, rank0, t.tensorboard, t.progress, total_steps, start_step)
+    from ..data.bad_samples import BadSampleLog
+
+    bad_log = BadSampleLog(run_dir, train_samples, env.rank, start_step, train_problems + val_problems, device)
     sink.event(event="resume" if tag else "start", step=start_step, world_size=world, **ds_engine.where(),
                train_images=len(train_samples),
                val_images=len(val_samples), num_classes=num_classes, total_steps=total_steps,
@@ -397,6 +393,7 @@ def finetune(cfg: FinetuneRunConfig) -> dict:
             export_classifier(state, model_args, run_dir / which, names, metrics, d.mean, d.std, d.crop_pct)
 
     def checkpoint_now(step):
+        bad_log.flush()  # before the checkpoint: the records of the steps it covers are on disk
         client = {"step": step, "global_batch": t.global_batch, "seed": t.seed, "world_size": world,
                   "epoch": step / steps_per_epoch}
         tag_name = ckpt_files.tag_for(step)
@@ -405,7 +402,8 @@ def finetune(cfg: FinetuneRunConfig) -> dict:
             ema.save(ema_file(tag_name))
         client["best"] = best  # the best-so-far record lives in the marker: a resumed run keeps tracking it
         client["nonfinite_steps"] = skipped
-        ckpt.save(engine, run_dir, step, client, keep=t.ckpt_keep, is_rank0=rank0)
+        ckpt.save(engine, run_dir, step, client, keep=t.ckpt_keep, is_rank0=rank0,
+                  extra_files=[ema_file(tag_name)] if ema is not None else ())
         sink.event(event="checkpoint", step=step)
 
     # ---------------------------------------------------------------- loop
@@ -416,6 +414,7 @@ def finetune(cfg: FinetuneRunConfig) -> dict:
     t_last, steps_since = time.perf_counter(), 0
     history = []
     engine.train()
+    loop_start = time.perf_counter()
     while step < total_steps and outcome == "done":
         epoch = step // steps_per_epoch
         first = (step % steps_per_epoch) * plan.accum
@@ -438,6 +437,7 @@ def finetune(cfg: FinetuneRunConfig) -> dict:
             x = batch["image"].to(device, non_blocking=True)
             y = batch["label"].to(device, non_blocking=True)
             valid = batch["valid"].to(device).float()
+            bad_log.add(batch, step + 1)
             if erase is not None:
                 x = erase(x)
             if mixup is not None:
@@ -464,6 +464,8 @@ def finetune(cfg: FinetuneRunConfig) -> dict:
             step += 1
             steps_since += 1
             sink.advance()
+            if t.compile and step == start_step + 1:  # the first step compiles every block: its time is the cold compile
+                sink.event(event="compiled", step=step, first_step_s=round(time.perf_counter() - loop_start, 3))
             if ema is not None and not step_failed:
                 ema.update()
             if step_failed:
@@ -479,6 +481,7 @@ def finetune(cfg: FinetuneRunConfig) -> dict:
                 streak = 0
             if step % t.log_every == 0 or step == total_steps:
                 dist.all_reduce(acc)
+                bad_log.flush()
                 elapsed = time.perf_counter() - t_last
                 rec = {"train_loss": (acc[0] / acc[1]).item() if acc[1] > 0 else None, "lr": lr,
                        "grad_norm": ds_engine.grad_norm(engine), "bad_samples": int(acc[2].item()),
@@ -538,11 +541,13 @@ def finetune(cfg: FinetuneRunConfig) -> dict:
         if outcome == "done" and step < total_steps and step % steps_per_epoch:
             raise RuntimeError(f"the epoch {epoch} loader ended early at step {step}")
     signals.restore()
-    sink.event(event=outcome, step=step)
+    if outcome != "signal":  # the signal event, with its name, is already written
+        sink.event(event=outcome, step=step)
     sink.close()
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+    release(run_dir)
     if outcome == "diverged":
         raise TrainingDiverged(msg)
     if outcome == "signal":

@@ -11,14 +11,19 @@ def param_groups(model: torch.nn.Module, weight_decay: float):
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
+        ndim = len(getattr(p, "ds_shape", p.shape))  # a ZeRO-3-partitioned parameter's data is a 1-D placeholder
+        (no_decay if ndim <= 1 or name.endswith(".bias") else decay).append(p)
     return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
 
 
+FUSED_DEVICES = ("cuda", "cpu")  # torch's fused AdamW kernels (apex's CUDA kernel now lives in torch; CPU since 2.4)
+
+
 def build_optimizer(model, ocfg, lr: float, device_type: str, groups=None):
-    """AdamW over ``groups`` (default: :func:`param_groups`). torch's fused kernel on CUDA (apex's kernel now lives
-    in torch); the plain loop on CPU."""
-    kw = {"fused": True} if device_type == "cuda" else {"foreach": False}
+    """AdamW over ``groups`` (default: :func:`param_groups`): torch's fused kernel wherever torch has one (on CPU
+    it measured 3.6x faster than the per-parameter loop for ViT-B's parameters, with the same results:
+    tests/test_optim.py), else torch's default."""
+    kw = {"fused": True} if device_type in FUSED_DEVICES else {}
     groups = groups if groups is not None else param_groups(model, ocfg.weight_decay)
     return torch.optim.AdamW(groups, lr=lr, betas=tuple(ocfg.betas), eps=ocfg.eps, **kw)
 

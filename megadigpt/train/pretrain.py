@@ -7,8 +7,9 @@ Run it with ``megadigpt pretrain --config <yaml> [section.key=value ...]`` under
 deepspeed launcher, mpirun or srun.
 """
 
+import functools
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional
 
@@ -42,6 +43,19 @@ def _device_type(requested: str) -> str:
     return requested
 
 
+def auto_precision(device_type: str, bf16_supported: Optional[bool] = None) -> str:
+    """What ``auto`` means: bf16 on GPUs with bf16 tensor cores (Ampere and newer), fp16 on older ones (V100, T4:
+    no bf16 units, where bf16 would be emulated), fp32 on CPU. Planning for compute nodes from a machine without a
+    GPU (``megadigpt submit``) assumes bf16."""
+    if device_type != "cuda":
+        return "fp32"
+    if bf16_supported is None:
+        import torch
+
+        bf16_supported = not torch.cuda.is_available() or torch.cuda.is_bf16_supported(including_emulation=False)
+    return "bf16" if bf16_supported else "fp16"
+
+
 def resolve_loader(name: str) -> str:
     from ..data.dali_loader import dali_available
 
@@ -59,18 +73,11 @@ def plan_run(cfg: Config, world_size: Optional[int] = None, device_type: Optiona
     """Every check that needs no model, no data decoding and no process group. Raises ConfigError.
     ``megadigpt submit`` plans for the compute nodes (``device_type``) and for a ``train.init_from`` that an
     earlier stage of its chain will write (``init_from_pending``)."""
-    from ..model.vit import VIT_SIZES
-    from ..model.attention import BACKENDS
     from ..targets import describe_target
     from ..data import check_source
     from ..distributed.engine import template_path
 
-    m, t = cfg.model, cfg.train
-    if m.arch not in VIT_SIZES:
-        from ..config import _suggest
-
-        raise ConfigError(f"unknown model.arch {m.arch!r}{_suggest(m.arch, VIT_SIZES)}; choose from "
-                          f"{', '.join(VIT_SIZES)}")
+    m, t = cfg.model, cfg.train  # value ranges (positive sizes, choices, fractions) were checked by load_config
     size = m.resolved_size()
     if m.img_size % m.patch_size:
         raise ConfigError(f"model.img_size {m.img_size} is not divisible by model.patch_size {m.patch_size}")
@@ -87,12 +94,6 @@ def plan_run(cfg: Config, world_size: Optional[int] = None, device_type: Optiona
     taps = m.resolved_taps()
     if not taps or not all(1 <= x <= size.depth for x in taps):
         raise ConfigError(f"model.taps {taps} must be blocks in 1..{size.depth}")
-    from ..model.digpt import OBJECTIVES
-
-    if m.objective not in OBJECTIVES:
-        raise ConfigError(f"model.objective must be one of {', '.join(OBJECTIVES)}, got {m.objective!r}")
-    if m.attention not in BACKENDS:
-        raise ConfigError(f"model.attention must be one of {', '.join(BACKENDS)}, got {m.attention!r}")
     device_type = device_type or _device_type(t.device)
     if m.attention == "flex" and device_type != "cuda":
         raise ConfigError("model.attention=flex trains only on CUDA (FlexAttention has no CPU backward); "
@@ -107,35 +108,21 @@ def plan_run(cfg: Config, world_size: Optional[int] = None, device_type: Optiona
     loader = resolve_loader(cfg.data.loader)
 
     world = world_size if world_size is not None else dist_env.discover().world_size
-    if t.micro_batch < 1 or t.global_batch < 1:
-        raise ConfigError("train.micro_batch and train.global_batch must be positive")
     if t.global_batch % (t.micro_batch * world):
         raise ConfigError(f"train.global_batch {t.global_batch} is not divisible by train.micro_batch "
                           f"{t.micro_batch} x world size {world}")
-    if t.zero_stage not in (0, 1, 2, 3):
-        raise ConfigError(f"train.zero_stage must be 0, 1, 2 or 3, got {t.zero_stage}")
     template_path(t.zero_stage, t.ds_config)
 
     precision = t.precision
     if precision == "auto":
-        precision = "bf16" if device_type == "cuda" else "fp32"
-    if precision not in ("fp32", "bf16", "fp16"):
-        raise ConfigError(f"train.precision must be auto, fp32, bf16 or fp16, got {precision!r}")
+        precision = auto_precision(device_type)
     if precision == "fp16" and device_type == "cpu":
         raise ConfigError("train.precision=fp16 is refused by DeepSpeed on CPU; use fp32 or bf16")
     teacher_dtype = cfg.target.dtype
     if teacher_dtype == "auto":
-        teacher_dtype = "bf16" if device_type == "cuda" else "fp32"
-    if teacher_dtype not in ("fp32", "bf16", "fp16"):
-        raise ConfigError(f"target.dtype must be auto, fp32, bf16 or fp16, got {teacher_dtype!r}")
+        teacher_dtype = auto_precision(device_type)
     if t.max_steps is None and t.epochs <= 0:
         raise ConfigError("set train.epochs > 0 or train.max_steps")
-    if t.ckpt_every < 1 or t.log_every < 1:
-        raise ConfigError("train.ckpt_every and train.log_every must be >= 1")
-    if t.ckpt_keep < 0 or t.ckpt_every_minutes < 0 or t.nan_tolerance < 0:
-        raise ConfigError("train.ckpt_keep, train.ckpt_every_minutes and train.nan_tolerance must be >= 0")
-    if t.probe_every < 0:
-        raise ConfigError("train.probe_every must be >= 0")
     if t.probe_every > 0:
         if not (t.probe_train and t.probe_val):
             raise ConfigError("train.probe_every needs train.probe_train and train.probe_val (labelled images)")
@@ -143,9 +130,10 @@ def plan_run(cfg: Config, world_size: Optional[int] = None, device_type: Optiona
         check_source(t.probe_val)
     if t.init_from and not init_from_pending and not Path(t.init_from).exists():
         raise ConfigError(f"train.init_from not found: {t.init_from}")
-    lo, hi = cfg.data.crop_scale
-    if not 0 < lo <= hi <= 1:
-        raise ConfigError(f"data.crop_scale must satisfy 0 < lo <= hi <= 1, got {cfg.data.crop_scale}")
+    if t.init_from and not init_from_pending:
+        from ..config import check_weights_file
+
+        check_weights_file(t.init_from, "train.init_from")
     try:
         Path(t.run_dir).mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -173,10 +161,16 @@ def repair_universal_load(engine, groups):
             state["step"] = state["step"].clone()
 
 
-def init_weights(model, path):
-    """Load weights (strict) from a megadigpt file, a DeepSpeed checkpoint or a reference D-iGPT checkpoint."""
+def init_weights(model, path, partitioned: bool = False):
+    """Load weights (strict) from a megadigpt file, a DeepSpeed checkpoint or a reference D-iGPT checkpoint. A
+    partitioned (ZeRO-3) model: read on rank 0 only and copied in module by module."""
     from ..checkpoint.convert import load_any
 
+    if partitioned:
+        from ..distributed.partitioned import load_partitioned
+
+        load_partitioned(model, lambda: load_any(path), f"train.init_from {path}")
+        return
     sd = load_any(path)
     own = {**dict(model.named_parameters()), **dict(model.named_buffers())}
     persistent = model.state_dict()
@@ -207,41 +201,7 @@ class Checkpointed(RuntimeError):
         self.step, self.signal = step, signal
 
 
-class SignalFlag:
-    """SIGTERM and SIGUSR1 (SLURM's warning before the time limit or preemption) ask for checkpoint-and-exit.
-    ``code`` is 0 (none), 1 (SIGTERM) or 2 (SIGUSR1): reduce it with MAX across ranks, name it with ``name_of``."""
-
-    NAMES = {1: "SIGTERM", 2: "SIGUSR1"}
-
-    def __init__(self):
-        import signal
-
-        self.code = 0
-        self._old = {}
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            try:
-                self._old[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread
-                pass
-
-    @property
-    def raised(self) -> bool:
-        return self.code > 0
-
-    @classmethod
-    def name_of(cls, code) -> str:
-        return cls.NAMES.get(int(code), "none")
-
-    def _handle(self, signum, frame):
-        import signal
-
-        self.code = max(self.code, 2 if signum == signal.SIGUSR1 else 1)
-
-    def restore(self):
-        import signal
-
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
+from .runtime import SignalFlag  # noqa: E402 - re-exported: cli, finetune, tests and launch/slurm import it here
 
 
 def _dtype(name):
@@ -259,6 +219,26 @@ def _normalizer(mean, std, dtype, device):
     return lambda x_uint8: ((x_uint8.float() / 255.0 - m) / s).to(dtype)
 
 
+def _teacher_record(cfg: Config, run_dir: Path, rank0: bool) -> Optional[dict]:
+    """The teacher weights' identity (path or tag, size, sha256: hashed on rank 0 only) for the start event and
+    the checkpoint markers; a resumed run must use the same teacher (every rank learns rank 0's verdict)."""
+    import torch.distributed as dist
+
+    from .. import checkpoint as ckpt
+    from ..targets.weights import identity, resume_mismatch
+
+    problem = [None]
+    teacher_id = identity(cfg.target) if rank0 else None
+    if rank0:
+        tag = ckpt.latest_tag(run_dir)
+        problem[0] = resume_mismatch((ckpt.read_marker(run_dir, tag) or {}).get("teacher") if tag else None,
+                                     teacher_id)
+    dist.broadcast_object_list(problem, src=0)
+    if problem[0]:
+        raise ConfigError(problem[0])
+    return teacher_id
+
+
 def pretrain(cfg: Config) -> dict:
     """Run (or resume) pretraining; returns a summary of the run."""
     env = dist_env.discover()
@@ -268,25 +248,32 @@ def pretrain(cfg: Config) -> dict:
     import torch.distributed as dist
 
     from .. import checkpoint as ckpt
+    from ..config import check_resume_config
     from ..testing import active as fault_active
     from ..testing import fault
     from ..data import PretrainStream, build_pretrain_loader, find_samples
+    from ..data.bad_samples import BadSampleLog
+    from ..data.sources import scan_source
     from ..distributed import engine as ds_engine
-    from ..distributed.parallelize import apply_activation_checkpointing
+    from ..distributed.parallelize import apply_activation_checkpointing, apply_compile
+    from ..distributed.partitioned import build_partitioned, host_peak_bytes, reset_host_peak
     from ..model import build_model
     from ..targets import build_target, example_targets, student_targets
     from .metrics import MetricsSink, count_flops, peak_tflops
     from .optim import build_optimizer, lr_at
+    from .runtime import hold_run_dir, release
 
     t, m = cfg.train, cfg.model
     run_dir = Path(t.run_dir)
-    samples = find_samples(cfg.data.source)  # I/O only (tar headers): still before the heavy part
+    samples, index_problems = scan_source(cfg.data.source)  # I/O only (tar headers): still before the heavy part
     tokenizer = None
     if cfg.target.tokenizer:  # discrete targets: a resumed run must keep its codebook
         from ..tokenizer import load_codebook
 
         tokenizer = load_codebook(cfg.target.tokenizer).fingerprint()
     ckpt.check_resumable(run_dir, t, tokenizer)
+    if ckpt.latest_tag(run_dir):  # a checkpoint of another network: one line now, not DeepSpeed's traceback later
+        check_resume_config(run_dir, cfg)
     if t.probe_every > 0:
         from .finetune import check_labels
 
@@ -303,6 +290,8 @@ def pretrain(cfg: Config) -> dict:
     device = ds_engine.start_processes(env, plan.device_type)
     signals = SignalFlag()  # from here on a signal means: checkpoint after the first step that completes
     rank0 = env.rank == 0
+    hold_run_dir(run_dir, rank0)  # one run per directory: a second one stops here, on every rank
+    teacher_id = _teacher_record(cfg, run_dir, rank0)
     if rank0:
         (run_dir / "config.yaml").write_text(dump_config(cfg))
 
@@ -312,12 +301,18 @@ def pretrain(cfg: Config) -> dict:
     spec = teacher.spec
 
     # ---------------------------------------------------------------- student
-    torch.manual_seed(t.seed)  # identical initial weights on every rank and for every world size
-    model = build_model(m, spec.dim, spec.grid, spec.classes)
+    ds_config = ds_engine.build_ds_config(cfg, env.world_size, plan.precision)
+    partitioned = t.zero_stage == 3  # built in pieces: no rank ever holds the whole student
+    reset_host_peak()
+    host_before = host_peak_bytes()
+    torch.manual_seed(t.seed)  # identical initial weights on every rank, for every world size, partitioned or not
+    build = functools.partial(build_model, m, spec.dim, spec.grid, spec.classes)
+    model = build_partitioned(build, ds_config) if partitioned else build()
     if t.init_from:
-        init_weights(model, t.init_from)
-    with torch.device("meta"):
-        meta_model = build_model(m, spec.dim, spec.grid, spec.classes)
+        init_weights(model, t.init_from, partitioned)
+    host_build_gib = ((host_peak_bytes() or 0) - (host_before or 0)) / 2 ** 30
+    with torch.device("meta"):  # FLOPs of the dense-mask attention whatever the backend: MFU compares across them
+        meta_model = build_model(replace(m, attention="sdpa"), spec.dim, spec.grid, spec.classes)
     x_meta = torch.zeros(1, 3, m.img_size, m.img_size, device="meta")
     student_fwd = count_flops(meta_model, x_meta, *example_targets(spec, 1, "meta"),
                               torch.arange(m.segment_grid ** 2, device="meta")[None])
@@ -326,8 +321,9 @@ def pretrain(cfg: Config) -> dict:
                                                    dtype=_dtype(plan.teacher_dtype)))
     if t.activation_checkpointing:
         apply_activation_checkpointing(model)
+    if t.compile:  # after activation checkpointing, before the engine shards (torchtitan's order)
+        apply_compile(model, teacher)
     optimizer = build_optimizer(model, cfg.optim, plan.lr, plan.device_type)
-    ds_config = ds_engine.build_ds_config(cfg, env.world_size, plan.precision)
 
     # ---------------------------------------------------------------- what to resume from (before the engine)
     tag, marker, universal = ckpt.resume_point(run_dir, t, env.world_size, rank0, tokenizer)
@@ -352,12 +348,15 @@ def pretrain(cfg: Config) -> dict:
 
     peak, peak_src = peak_tflops(device, t.peak_tflops)
     sink = MetricsSink(run_dir, rank0, t.tensorboard, t.progress, total_steps, start_step)
+    bad_log = BadSampleLog(run_dir, samples, env.rank, start_step, index_problems, device)  # bad_samples.jsonl
     sink.event(event="resume" if tag else "start", step=start_step, world_size=env.world_size, **ds_engine.where(),
                images=n,
                total_steps=total_steps, accum=plan.accum, precision=plan.precision, device=str(device),
                loader=plan.loader,
                flops_student_fwd=student_fwd, flops_teacher_fwd=teacher_fwd, peak_tflops=peak,
-               peak_tflops_source=peak_src, checkpoint=tag, universal=universal)
+               peak_tflops_source=peak_src, grad_accum_dtype=ds_config.get("data_types", {}).get(
+                   "grad_accum_dtype", plan.precision), partitioned_build=partitioned,
+               host_build_peak_gib=round(host_build_gib, 4), checkpoint=tag, universal=universal, teacher=teacher_id)
 
     # ---------------------------------------------------------------- loop
     step, micro = start_step, 0
@@ -371,9 +370,11 @@ def pretrain(cfg: Config) -> dict:
 
     def checkpoint_now():
         nonlocal last_save
+        bad_log.flush()  # before the checkpoint: the records of the steps it covers are on disk
         ckpt.save(engine, run_dir, step, {"step": step, "global_batch": t.global_batch, "seed": t.seed,
                                           "world_size": env.world_size, "bad_samples": bad_total,
-                                          "nonfinite_steps": skipped_total, "tokenizer": tokenizer},
+                                          "nonfinite_steps": skipped_total, "tokenizer": tokenizer,
+                                          "teacher": teacher_id},
                   keep=t.ckpt_keep, is_rank0=rank0)
         last_save = time.monotonic()
         sink.event(event="checkpoint", step=step)
@@ -381,6 +382,7 @@ def pretrain(cfg: Config) -> dict:
     norm_student = _normalizer(cfg.data.mean, cfg.data.std, compute_dtype, device)
     norm_teacher = _normalizer(spec.mean, spec.std, _dtype(plan.teacher_dtype), device)
     engine.train()
+    loop_start = time.perf_counter()
     for batch in loader:
         if micro == 0:
             torch.manual_seed(t.seed * 1_000_003 + step * 1009 + env.rank)  # drop-path etc.: stateless per step
@@ -394,6 +396,7 @@ def pretrain(cfg: Config) -> dict:
             tokens, cls = teacher(teacher_in)
         tokens, cls = student_targets(tokens, cls, compute_dtype)
         valid = batch["valid"].to(device).float()
+        bad_log.add(batch, step + 1)
         gen_per_sample, dis_per_sample = engine(student_in, tokens, cls, batch["order"].to(device))
         n_valid = valid.sum().clamp(min=1.0)
         gen = (gen_per_sample * valid).sum() / n_valid
@@ -412,6 +415,8 @@ def pretrain(cfg: Config) -> dict:
         step += 1
         steps_since += 1
         sink.advance()
+        if t.compile and step == start_step + 1:  # the first step compiles every block: its time is the cold compile
+            sink.event(event="compiled", step=step, first_step_s=round(time.perf_counter() - loop_start, 3))
         if step_failed:
             skipped_total += 1
             streak_start = streak_start or step
@@ -431,6 +436,7 @@ def pretrain(cfg: Config) -> dict:
             streak_start = None
         if step % t.log_every == 0 or step == total_steps:
             dist.all_reduce(acc)
+            bad_log.flush()
             if acc[2] > 0:
                 gen_l, dis_l = (acc[0] / acc[2]).item(), (acc[1] / acc[2]).item()
             else:  # every step since the last line was skipped (non-finite) or every sample was bad
@@ -473,11 +479,13 @@ def pretrain(cfg: Config) -> dict:
             sink.event(event="signal", step=step, signal=agreed)
             break
     signals.restore()
-    sink.event(event=outcome, step=step)
+    if outcome != "signal":  # the signal event, with its name, is already written
+        sink.event(event=outcome, step=step)
     sink.close()
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+    release(run_dir)
     if outcome == "diverged":
         raise TrainingDiverged(msg)
     if outcome == "signal":
