@@ -233,8 +233,8 @@ def cmd_plan(args) -> int:
         rows += memory.plan(cfg, args.gpus, args.gpu_mem, [arch], stages, [_onoff(v) for v in _csv(args.ckpt)],
                             [_onoff(v) for v in _csv(args.offload)], args.micro_batch, patch, args.precision,
                             args.teacher_dtype, args.reserve, args.classes)
-    print(f"# per-GPU memory: {args.gpus} GPUs of {args.gpu_mem:g} GiB ({args.reserve:g} GiB reserved for the CUDA "
-          f"context and NCCL), teacher {cfg.target.kind} {cfg.target.model or ''}"
+    print(f"# per-GPU memory: {args.gpus} GPUs of {args.gpu_mem:g} GiB ({args.reserve:g} GiB reserved outside "
+          f"torch's tensors: CUDA context, NCCL, DALI), teacher {cfg.target.kind} {cfg.target.model or ''}"
           f"{f' -> {args.classes} token ids' if args.classes else ''}, {args.precision}, global batch "
           f"{cfg.train.global_batch}; GiB per GPU")
     print(memory.markdown(rows, args.gpus, args.gpu_mem))
@@ -327,6 +327,9 @@ def cmd_data(args) -> int:
         print(f"{labels['classes']} classes ({'complete' if labels['complete'] else 'expected ' + str(labels['expected_classes'])}); "
               f"{sum(i >= 0 for i in labels['in1k_to_in21k'])}/1000 ImageNet-1K classes mapped -> {args.out}")
     return 0
+
+
+_RESERVE_GIB = 4.0  # megadigpt.perf.memory.RESERVE_GIB (not imported here: it would load torch for every command)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -468,7 +471,9 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--micro-batch", dest="micro_batch", type=POS_INT, default=None, help="default: the config's")
     pl.add_argument("--precision", default="bf16", choices=["bf16", "fp16", "fp32"])
     pl.add_argument("--teacher-dtype", dest="teacher_dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
-    pl.add_argument("--reserve", type=NONNEG_FLOAT, default=1.0, help="GiB per GPU outside torch (CUDA context, NCCL)")
+    pl.add_argument("--reserve", type=NONNEG_FLOAT, default=_RESERVE_GIB,
+                    help=f"GiB per GPU outside torch's tensors (CUDA context, NCCL communicators, DALI pools, "
+                         f"allocator slack; default {_RESERVE_GIB:g}, see README)")
     pl.add_argument("--classes", type=POS_INT, default=None,
                     help="discrete targets: plan with this many token ids (instead of target.tokenizer's, e.g. "
                          "before it is fit)")

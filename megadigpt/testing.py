@@ -1,5 +1,6 @@
 """Fault injection for the test suite: ``MEGADIGPT_FAULTS="kill_in_save=4,nan=6:1,nan=7"`` makes the process die
-during the save of step 4, and makes the loss non-finite at step 6 on rank 1 and at step 7 on every rank;
+during the save of step 4, and makes the loss non-finite at step 6 on rank 1 and at step 7 on every rank
+(``nan=6:1:0``: only micro-batch 0 of step 6, on rank 1);
 ``sleep=3`` makes step 3 take 3 s longer (a window for a test's signal); ``term=5`` makes the process send itself
 SIGTERM after step 5 (a preemption at a known step); ``crash=2`` raises an error in step 2 (a failing job); ``enospc_in_save=4`` makes every checkpoint
 write of step 4 fail with ENOSPC (a full disk, where a test may not mount a small tmpfs; checked in
@@ -22,10 +23,13 @@ def _parse():
 _FAULTS = _parse()
 
 
-def active(name: str, step: int, rank: int = 0) -> bool:
+def active(name: str, step: int, rank: int = 0, micro: int = None) -> bool:
+    """``STEP``, ``STEP:RANK`` or ``STEP:RANK:MICRO`` (an empty RANK: every rank; MICRO: the micro-batch of the
+    step, from 0, where the caller passes ``micro``; without it every micro-batch)."""
     for arg in _FAULTS.get(name, []):
-        s, _, r = arg.partition(":")
-        if int(s) == step and (r == "" or int(r) == rank):
+        s, _, rest = arg.partition(":")
+        r, _, m = rest.partition(":")
+        if int(s) == step and (r == "" or int(r) == rank) and (m == "" or micro is None or int(m) == micro):
             return True
     return False
 

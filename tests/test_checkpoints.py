@@ -2,9 +2,11 @@
 world size on resume (universal checkpoints). Real DeepSpeed ZeRO-3 engines on gloo, real files on disk."""
 
 import json
+import os
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import psutil
 import pytest
@@ -130,3 +132,44 @@ def test_time_based_checkpoints(cifar_dir, tmp_path):
     run_cli(_args(cifar_dir, run_dir, "train.ckpt_every=100", "train.ckpt_every_minutes=1e-9", "train.ckpt_keep=0",
                   "train.max_steps=3", "train.zero_stage=1"))
     assert complete_tags(run_dir) == ["step_00000001", "step_00000002", "step_00000003"]
+
+
+def _slow_rank0(rank, world, port, folder, out):
+    """Rank 0 works longer than the process group's timeout (1 s here, 10 min in DeepSpeed's default) while rank 1
+    waits: through rank0_while_others_wait, then (the control: what resume_point did before) in a broadcast."""
+    import datetime
+
+    import torch
+    import torch.distributed as dist
+
+    from megadigpt.checkpoint.ds_checkpoint import rank0_while_others_wait
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=1))
+
+    def work():
+        time.sleep(2.5)
+        return "the verdict"
+
+    got = rank0_while_others_wait(Path(folder), "step_00000001_universal", work, rank == 0, poll_s=0.1)
+    control = "finished"
+    try:
+        verdict = [work() if rank == 0 else None]
+        dist.broadcast_object_list(verdict, src=0)
+    except Exception as e:  # noqa: BLE001 - gloo's timeout
+        control = type(e).__name__
+    (Path(out) / f"rank{rank}.json").write_text(json.dumps({"got": got, "control": control}))
+    os._exit(0)  # the control broke the process group: no orderly teardown
+
+
+def test_rank0_converts_while_the_others_wait_outside_the_process_group_timeout(tmp_path):
+    import torch.multiprocessing as mp
+
+    from .conftest import free_port
+
+    mp.spawn(_slow_rank0, args=(2, free_port(), str(tmp_path), str(tmp_path)), nprocs=2, join=True)
+    got = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert [g["got"] for g in got] == ["the verdict"] * 2  # both ranks learn rank 0's result, no timeout
+    assert got[1]["control"] != "finished"  # the collective wait does time out here: the test can fail
+    assert not list(tmp_path.glob(".*.status"))  # the verdict file is removed

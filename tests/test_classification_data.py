@@ -85,3 +85,58 @@ def test_randaugment_posterize_zero_bits_is_black_not_an_error():
         out = auto_augment.NAME_TO_OP[name](img, 0)
         assert np.asarray(out).max() == 0
         assert np.asarray(auto_augment.NAME_TO_OP[name](img, 4)).max() == 192
+
+
+def test_dali_train_draws_are_per_sample_not_per_rank(cifar_test):
+    """One image repeated: the k-th sample of rank 0 and of rank 1 (same world) must get different crops, flips
+    and RandAugment draws (they did not when every rank's pipeline had the same seed), and a sample's draw must
+    not depend on the rank that reads it: world 1 and rank 1 of world 2 give it the same pixels."""
+    same = [cifar_test[0]] * 16
+    bs = 4
+
+    def images(rank, world):
+        loader = build_classification_loader(same, True, 32, bs, rank, world, kind="dali", num_workers=1, seed=3)
+        batches = list(loader)
+        loader.close()
+        return torch.cat([b["image"] for b in batches]), torch.cat([b["index"] for b in batches]).tolist()
+
+    r0, i0 = images(0, 2)
+    r1, i1 = images(1, 2)
+    assert len(set(i0) | set(i1)) == 16 and not set(i0) & set(i1)
+    differ = [(r0[k] - r1[k]).abs().max().item() > 0 for k in range(len(i0))]
+    assert all(differ), differ  # the same image, different samples: a draw of its own each
+    whole, iw = images(0, 1)
+    for k, idx in enumerate(i1):
+        assert torch.equal(r1[k], whole[iw.index(idx)]), idx  # the same sample: the same draw, whichever rank
+
+
+def test_torch_loader_pins_memory_for_cuda_only(cifar_test):
+    """Pinned host batches (non-blocking copies) where the device is CUDA; decided from the device, so this
+    runs without one."""
+    cuda = build_classification_loader(cifar_test, True, 32, 8, kind="torch", num_workers=0,
+                                       device=torch.device("cuda", 0))
+    cpu = build_classification_loader(cifar_test, True, 32, 8, kind="torch", num_workers=0,
+                                      device=torch.device("cpu"))
+    assert cuda.pin_memory and not cpu.pin_memory
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_dali_parallel_source_equals_serial(image_folder, train):
+    """The DALI source in worker processes (num_workers 2 -> 1 source worker) and in the calling thread
+    (num_workers 0) give the same pixels, labels, masks and bad-sample reasons."""
+    root, expect = image_folder
+    samples = find_samples(str(root))
+    out = []
+    for workers in (0, 2):
+        loader = build_classification_loader(samples, train, 32, 3, kind="dali", num_workers=workers, seed=1)
+        assert (loader._args[-1] > 0) == (workers > 0)  # parallel external source or not
+        out.append(list(loader))
+        loader.close()
+    assert len(out[0]) == len(out[1]) > 0
+    for a, b in zip(*out):
+        assert torch.equal(a["image"], b["image"]) and torch.equal(a["valid"], b["valid"])
+        assert torch.equal(a["label"], b["label"]) and a["bad"] == b["bad"]
+    bad = [r for batch in out[1] for r in batch["bad"]]
+    assert bad and all(reason not in ("-", "bad") for _, _, reason in bad)
+    if not train:
+        assert {samples[i].key for i, _, _ in bad} == {k for k, ok in expect.items() if not ok}

@@ -132,3 +132,28 @@ def test_a_broken_dali_pipeline_falls_back_per_batch(cifar_dir, monkeypatch):
     monkeypatch.setattr(dali_loader, "build_pipeline", lambda source, *a, **k: real(AlwaysBroken(source), *a, **k))
     with pytest.raises(RuntimeError, match="in a row"):
         list(DaliPretrainLoader(stream, StepBatchSampler(8, 8, 0, 1, 0, 10), CPU))
+
+
+@pytest.mark.parametrize("method", ["fork", "spawn"])
+def test_parallel_source_gives_the_serial_batches(image_folder, monkeypatch, method):
+    """DALI's parallel external source (Python worker processes; spawn is what a CUDA trainer uses, so the
+    source and the stream must pickle) yields exactly the serial source's batches: samples, boxes, flips,
+    orders, pixels, and the bad samples with their reasons (carried by the pipeline from the workers)."""
+    root, expect = image_folder
+    samples = find_samples(str(root))
+    stream = PretrainStream(samples, [16, 32], 4, seed=0)
+    stream[0]  # an open file handle in the stream: it must not need to travel
+    sampler = StepBatchSampler(4, 2, 0, 1, 0, 4)  # 2 epochs of the 7 images
+    serial = list(DaliPretrainLoader(stream, sampler, CPU))
+    assert dali_loader.py_start_method("cuda") == "spawn"  # fork after CUDA initialisation is unsafe
+    monkeypatch.setattr(dali_loader, "py_start_method", lambda device_type: method)
+    parallel = list(DaliPretrainLoader(stream, sampler, CPU, py_workers=2 if method == "fork" else 1))
+    assert len(serial) == len(parallel) == 8
+    for a, b in zip(serial, parallel):
+        for key in ("order", "index", "epoch", "label", "valid"):
+            assert torch.equal(a[key], b[key]), key
+        assert all(torch.equal(u, v) for u, v in zip(a["views"], b["views"]))
+        assert a["bad"] == b["bad"]
+    bad = [r for b in parallel for r in b["bad"]]
+    assert {samples[i].key for i, _, _ in bad} == {k for k, ok in expect.items() if not ok}
+    assert all(reason and reason != "-" for _, _, reason in bad)  # the real reason, not a placeholder

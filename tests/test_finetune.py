@@ -348,3 +348,151 @@ def test_encoder_weights_from_every_source(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ConfigError, match="neither checkpoints"):
         load_encoder_weights(tmp_path / "empty")
+
+
+MASTERS_SCRIPT = r"""
+import os, torch, deepspeed
+from deepspeed.utils import safe_get_full_fp32_param
+from megadigpt.distributed.sharded import LocalEMA, full_state_dict
+from megadigpt.model.classifier import EncoderGeometry, build_classifier
+from megadigpt.train.optim import build_optimizer
+from megadigpt.config import OptimConfig
+deepspeed.init_distributed("gloo", auto_mpi_discovery=False)
+rank = int(os.environ["RANK"])
+for stage in (1, 3):
+    torch.manual_seed(0)
+    model = build_classifier(EncoderGeometry(32, 2, 2, 2.0, 8), 16, 5)
+    ds = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1, "bf16": {"enabled": True},
+          "zero_optimization": {"stage": stage}, "steps_per_print": 10 ** 9}
+    opt = build_optimizer(model, OptimConfig(), 1e-2, "cpu", ds_config=ds)
+    engine = deepspeed.initialize(model=model, optimizer=opt, config=ds)[0]
+    module = engine.module
+    params = dict(module.named_parameters())
+    masters = lambda: {n: safe_get_full_fp32_param(p).detach().float().cpu().clone() for n, p in params.items()}
+    def bf16_values():
+        with deepspeed.zero.GatheredParameters(list(params.values())) if stage == 3 else torch.no_grad():
+            return {n: p.detach().float().cpu().clone() for n, p in params.items()}
+    ema = LocalEMA(module, 0.5)
+    m0 = masters()
+    torch.manual_seed(1 + rank)
+    for _ in range(2):
+        loss = engine(torch.randn(2, 3, 16, 16, dtype=torch.bfloat16)).float().logsumexp(-1).mean()
+        engine.backward(loss)
+        engine.step()
+    ema.update()
+    m1, lp = masters(), bf16_values()
+    state = full_state_dict(module, rank == 0)
+    ema_state = full_state_dict(module, rank == 0, ema)
+    with ema.swapped_in():
+        swapped = bf16_values()
+    after = bf16_values()
+    if rank == 0:
+        assert all(torch.equal(state[n], m1[n]) for n in params), f"ZeRO-{stage}: export is not the fp32 masters"
+        assert any(not torch.equal(state[n], lp[n]) for n in params), f"ZeRO-{stage}: masters equal bf16 values?"
+        want = {n: torch.lerp(m0[n], m1[n], 0.5) for n in params}
+        assert all(torch.equal(ema_state[n], want[n]) for n in params), f"ZeRO-{stage}: EMA is not of the masters"
+        assert all(torch.equal(swapped[n], want[n].bfloat16().float()) for n in params), f"ZeRO-{stage}: swap"
+        assert all(torch.equal(after[n], lp[n]) for n in params), f"ZeRO-{stage}: weights not restored"
+    engine.destroy()
+"""
+
+
+@pytest.fixture(scope="module")
+def two_rank_checks(tmp_path_factory):
+    """MASTERS_SCRIPT and PARTITIONED_SCRIPT in one 2-rank gloo run (one start-up for both)."""
+    import subprocess
+    import sys
+
+    from .conftest import REPO, free_port, subprocess_env
+
+    script = tmp_path_factory.mktemp("two_rank") / "checks.py"
+    script.write_text("import os, sys, traceback\n"
+                      "for name, code in ((\"masters\", MASTERS), (\"partitioned\", PARTITIONED)):\n"
+                      "    try:\n"
+                      "        exec(code, {})\n"
+                      "        print(f\"{name} OK rank {os.environ['RANK']}\", flush=True)\n"
+                      "    except Exception:\n"
+                      "        print(f\"{name} FAILED\", traceback.format_exc(), flush=True)\n"
+                      "torch = __import__('torch'); torch.distributed.destroy_process_group()\n"
+                      "os._exit(0)  # zero.Init's gloo work threads can abort the interpreter's exit\n")
+    script.write_text(f"MASTERS = {MASTERS_SCRIPT!r}\nPARTITIONED = {PARTITIONED_SCRIPT!r}\n" + script.read_text())
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                           str(free_port()), str(script)], capture_output=True, text=True, timeout=300,
+                          env=subprocess_env(), cwd=str(REPO))
+    return proc
+
+
+def _verdict(proc, name):
+    assert proc.stdout.count(f"{name} OK") == 2, proc.stdout[-4000:] + proc.stderr[-3000:]
+
+
+def test_bf16_exports_and_ema_use_the_fp32_masters(two_rank_checks):
+    """bf16 ZeRO-1 and ZeRO-3 engines on 2 ranks: exports are the optimizer's fp32 masters bit for bit (not the
+    bf16 module copies), the EMA averages the masters, and evaluating with it swaps in and out exactly."""
+    _verdict(two_rank_checks, "masters")
+
+
+PARTITIONED_SCRIPT = r"""
+import functools, os, torch, deepspeed
+from megadigpt.model.classifier import EncoderGeometry, build_classifier
+from megadigpt.train.finetune import build_and_load
+deepspeed.init_distributed("gloo", auto_mpi_discovery=False)
+rank = int(os.environ["RANK"])
+geom = EncoderGeometry(32, 2, 2, 2.0, 8)
+build = functools.partial(build_classifier, geom, 32, 5)
+torch.manual_seed(3)
+pretrained = build_classifier(geom, 16, 7).state_dict()  # another grid (interpolated) and another head (dropped)
+for dtype, weights in ((torch.float32, pretrained), (torch.bfloat16, pretrained), (torch.float32, None)):
+    ds = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1, "steps_per_print": 10 ** 9,
+          "zero_optimization": {"stage": 3}, "bf16": {"enabled": dtype == torch.bfloat16}}
+    torch.manual_seed(0)
+    plain, report = build_and_load(build, weights, 0.02)
+    torch.manual_seed(0)
+    part, preport = build_and_load(build, weights, 0.02, ds)
+    assert report == preport, (report, preport)
+    assert all(p.numel() < plain.get_parameter(n).numel() for n, p in part.named_parameters() if p.ndim), "whole"
+    with deepspeed.zero.GatheredParameters(list(part.parameters())):
+        got = {n: p.detach().clone() for n, p in part.named_parameters()}
+    bad = [n for n, p in plain.named_parameters() if not torch.equal(got[n], p.detach().to(dtype))]
+    assert not bad, f"{dtype} weights={weights is not None}: initial weights differ: {bad[:4]}"
+    if dtype == torch.float32 and weights is not None:  # the first loss, through a ZeRO-3 engine
+        x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(rank))
+        engine = deepspeed.initialize(model=part, optimizer=torch.optim.AdamW(part.parameters()), config=ds)[0]
+        a, b = engine(x).logsumexp(-1).mean().item(), plain(x).logsumexp(-1).mean().item()
+        assert abs(a - b) < 1e-6, (a, b)
+        engine.destroy()
+"""
+
+
+def test_zero3_classifier_built_partitioned_equals_the_plain_build(two_rank_checks):
+    """Under ZeRO-3 the classifier is built partitioned (timm's init module by module, the pretrained trunk
+    copied in module by module) with the plain build's initial weights, in fp32 and bf16, with and without
+    pretrained weights; the first loss through the engine equals the plain model's."""
+    _verdict(two_rank_checks, "partitioned")
+
+
+def test_compiled_classifier_matches_eager():
+    """train.compile for fine-tuning: the timm classifier with its blocks compiled (as finetune applies it, after
+    activation checkpointing) gives the eager forward and gradients to 1e-5."""
+    import torch
+
+    from megadigpt.distributed.parallelize import apply_compile
+    from megadigpt.model.classifier import EncoderGeometry, build_classifier
+
+    geom = EncoderGeometry(32, 2, 2, 2.0, 8)
+    torch.manual_seed(0)
+    eager = build_classifier(geom, 16, 5)
+    compiled = build_classifier(geom, 16, 5)
+    compiled.load_state_dict(eager.state_dict())
+    compiled.set_grad_checkpointing(True)
+    assert apply_compile(compiled) == geom.depth
+    x, y = torch.randn(4, 3, 16, 16), torch.tensor([0, 1, 2, 3])
+    losses = []
+    for model in (eager, compiled):
+        loss = torch.nn.functional.cross_entropy(model(x), y, label_smoothing=0.1)
+        loss.backward()
+        losses.append(loss.item())
+    assert abs(losses[0] - losses[1]) < 1e-5, losses
+    for (name, a), b in zip(eager.named_parameters(), compiled.parameters()):
+        torch.testing.assert_close(b.grad, a.grad, atol=1e-5, rtol=1e-4, msg=name)
+    assert all(getattr(blk, "_compiled_call_impl", None) is not None for blk in compiled.blocks)

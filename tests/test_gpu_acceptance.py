@@ -17,9 +17,10 @@ def test_acceptance_dry_run_runs_every_check(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     res = json.loads((out / "acceptance.json").read_text())
     assert res["dry_run"] is True
-    for check in ("environment", "attention", "cpu_gpu_loss", "engine_bf16", "throughput", "targets"):
+    for check in ("environment", "attention", "cpu_gpu_loss", "engine_bf16", "optimizer", "throughput", "targets"):
         assert res[check]["status"] == "ok", (check, res[check])
     assert set(res["attention"]["backends"]) == {"sdpa", "prefix", "eager", "flex"}
+    assert set(res["optimizer"]["median_ms"]) == {"torch_fused", "torch_loop"}  # DeepSpeed's FusedAdam: CUDA only
     assert res["engine_bf16"]["zero1"]["grad_accum_dtype"] == res["engine_bf16"]["zero3"]["grad_accum_dtype"] == "fp32"
     assert res["throughput"]["rounds_done"] == 2 and res["throughput"]["ok"] == 2  # baseline + one case
     bench = json.loads((out / "bench.json").read_text())

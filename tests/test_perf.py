@@ -59,33 +59,91 @@ def test_meta_trace_equals_the_real_step_on_cpu(attention, ckpt):
 
 
 def test_zero_states_agree_with_deepspeeds_estimator():
-    """ZeRO-2 without buffers is DeepSpeed's own 2P + 18P/N; ZeRO-3 is ours = its 18P/N + the 2-byte gradient
-    partition it leaves out (stage3.py allocates grad_partitions_flat_buffer)."""
+    """With 16-bit gradient accumulation (what DeepSpeed's estimator assumes), ZeRO-2 without buffers is its own
+    2P + 18P/N; ZeRO-3 is ours = its 18P/N + the 2-byte gradient partition it leaves out (stage3.py allocates
+    grad_partitions_flat_buffer). megadigpt's default, fp32 accumulation for 16-bit runs, adds 2 bytes per
+    gradient element held (ZeRO-2/3: the partition; ZeRO-1's BF16_Optimizer: a full fp32 accumulator)."""
     from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
     from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
 
     from megadigpt.perf.memory import ZeroBuffers, model_states
 
     P, largest, N = 304_000_000, 12_600_000, 16
-    none = ZeroBuffers(contiguous_gradients=False)
-    s2 = model_states(P, largest, N, 2, "bf16", buffers=none)
+    bf16_accum = ZeroBuffers(contiguous_gradients=False, grad_accum="bf16", comm_dtype="bf16")
+    fp32_accum = ZeroBuffers(contiguous_gradients=False)
+
+    def total(s):
+        return s["params"] + s["grads"] + s["optimizer"] + s["fp32_grads"]
+
+    s2 = model_states(P, largest, N, 2, "bf16", buffers=bf16_accum)
     _, ds2 = estimate_zero2_model_states_mem_needs(P, num_gpus_per_node=N, cpu_offload=False)
-    assert abs(s2["params"] + s2["grads"] + s2["optimizer"] + s2["fp32_grads"] - ds2) <= N * 20
-    s3 = model_states(P, largest, N, 3, "bf16", buffers=none)
+    assert abs(total(s2) - ds2) <= N * 20
+    assert total(model_states(P, largest, N, 2, "bf16", buffers=fp32_accum)) - total(s2) == 2 * -(-P // N)
+    s3 = model_states(P, largest, N, 3, "bf16", buffers=bf16_accum)
     _, ds3, _ = estimate_zero3_model_states_mem_needs(P, largest, num_gpus_per_node=N, cpu_offload=False)
-    ours = s3["params"] + s3["grads"] + s3["optimizer"] + s3["fp32_grads"]
-    assert abs(ours - (ds3 - 4 * largest) - 2 * P / N) <= N * 20
-    # more ranks, less per rank; stage 1 keeps whole gradients, stage 3 whole parameters only while gathered
-    s1 = model_states(P, largest, N, 1, "bf16", buffers=none)
+    assert abs(total(s3) - (ds3 - 4 * largest) - 2 * P / N) <= N * 20
+    assert total(model_states(P, largest, N, 3, "bf16", buffers=fp32_accum)) - total(s3) == 2 * -(-P // N)
+    # more ranks, less per rank; stage 1 keeps whole gradients (BF16_Optimizer: 16-bit + a full fp32
+    # accumulator), stage 3 whole parameters only while gathered
+    s1 = model_states(P, largest, N, 1, "bf16", buffers=bf16_accum)
     assert s1["grads"] == 2 * P and s2["grads"] < s1["grads"] and s3["params"] < s2["params"]
-    off = model_states(P, largest, N, 3, "bf16", offload=True, buffers=none)
+    assert model_states(P, largest, N, 1, "bf16", buffers=fp32_accum)["grads"] == 6 * P
+    off = model_states(P, largest, N, 3, "bf16", offload=True, buffers=bf16_accum)
     assert off["optimizer"] == 0 and off["host"] == s3["optimizer"] + s3["fp32_grads"]
 
 
+def test_auto_buckets_follow_the_model():
+    """ds_configs' "auto" bucket sizes are an eighth of the student (bounded), not 5e8 elements: a ViT-L student
+    gets several buckets for overlap_comm to overlap, a tiny one no 1-2 GB buffer; explicit values win; the
+    planner sizes the buckets it counts from the same resolved values."""
+    from megadigpt.config import load_config
+    from megadigpt.distributed.engine import BUCKET_MAX, BUCKET_MIN, build_ds_config
+    from megadigpt.perf.memory import _ds_buffers, student_params
+
+    def cfg_for(arch, stage, extra=()):
+        return load_config(None, [f"model.arch={arch}", "target.kind=pixels", f"train.zero_stage={stage}",
+                                  "train.global_batch=64", "train.micro_batch=32", *extra])
+
+    for arch in ("vit_large", "vit_tiny"):
+        for stage in (1, 2, 3):
+            cfg = cfg_for(arch, stage)
+            P = student_params(cfg)
+            z = build_ds_config(cfg, 2, "bf16")["zero_optimization"]
+            keys = ("reduce_bucket_size", "allgather_bucket_size") if stage < 3 else (
+                "reduce_bucket_size", "stage3_prefetch_bucket_size")
+            for k in keys:
+                assert BUCKET_MIN <= z[k] <= BUCKET_MAX and P / 8 <= z[k] < P / 8 + BUCKET_MIN, (arch, k, z[k], P)
+            assert z["reduce_bucket_size"] < P  # several buckets per backward, whatever the model
+            assert _ds_buffers(cfg, stage, P).reduce_bucket == z["reduce_bucket_size"]
+    large, tiny = (build_ds_config(cfg_for(a, 2), 2, "bf16")["zero_optimization"]["reduce_bucket_size"]
+                   for a in ("vit_large", "vit_tiny"))
+    assert large > tiny
+
+
+def test_explicit_bucket_sizes_win(tmp_path):
+    from megadigpt.config import load_config
+    from megadigpt.distributed.engine import DS_CONFIG_DIR, build_ds_config
+    from megadigpt.perf.memory import _ds_buffers
+
+    ds = json.loads((DS_CONFIG_DIR / "zero2.json").read_text())
+    ds["zero_optimization"]["reduce_bucket_size"] = 123456
+    path = tmp_path / "z2.json"
+    path.write_text(json.dumps(ds))
+    cfg = load_config(None, ["model.arch=vit_tiny", "target.kind=pixels", "train.zero_stage=2",
+                             f"train.ds_config={path}", "train.global_batch=64", "train.micro_batch=32"])
+    z = build_ds_config(cfg, 2, "bf16")["zero_optimization"]
+    assert z["reduce_bucket_size"] == 123456 and z["allgather_bucket_size"] != "auto"
+    assert _ds_buffers(cfg, 2, 10 ** 6).reduce_bucket == 123456
+
+
 def test_plan_cli(tmp_path):
+    from megadigpt.cli import _RESERVE_GIB
+    from megadigpt.perf.memory import RESERVE_GIB
+
+    assert _RESERVE_GIB == RESERVE_GIB >= 3  # CUDA context + NCCL + DALI pools: 3-4 GiB on H100 nodes
     out = tmp_path / "plan.json"
     proc = run_cli(["plan", "--config", "demo", "--models", "vit_small/16,vit_base/16", "--gpus", "4", "--gpu-mem",
-                    "6", "--zero", "1,3", "--ckpt", "off,on", "--offload", "off", "--json", str(out),
+                    "9", "--zero", "1,3", "--ckpt", "off,on", "--offload", "off", "--json", str(out),
                     "train.global_batch=256"])
     rows = json.loads(out.read_text())
     assert len(rows) == 2 * 2 * 2 and "| vit_base/16 | 3 | on |" in proc.stdout
@@ -93,7 +151,7 @@ def test_plan_cli(tmp_path):
     for (arch, stage, ck), r in by.items():
         assert r["max_micro_batch"] >= r["recommended_micro_batch"] >= 1
         assert (256 // 4) % r["recommended_micro_batch"] == 0
-        assert r["fits"] == (r["total_gib"] <= 6 - 1.0)
+        assert r["fits"] == (r["total_gib"] <= 9 - RESERVE_GIB)  # the default reserve outside torch's tensors
         assert by[(arch, stage, True)]["activations_gib"] < by[(arch, stage, False)]["activations_gib"]
         assert by[(arch, 3, ck)]["grads_gib"] < by[(arch, 1, ck)]["grads_gib"]
     assert by[("vit_small", 3, True)]["max_micro_batch"] > by[("vit_base", 3, True)]["max_micro_batch"]
@@ -136,8 +194,9 @@ def test_bench_two_ranks_with_baseline(tmp_path):
         assert x["vs_baseline_spread"] == pytest.approx([min(pairs), max(pairs)])
         if not r["case"]["baseline"]:  # the planner against the measured peak of the real engine
             assert 0.85 <= x["measured_over_planned"] <= 1.15, x
-    # ds_configs/zero1.json's reduce bucket (5e8 fp32 elements) is allocated whole, and the planner knows it
-    assert rows[1]["result"]["peak_gib"] > 5e8 * 4 / 2 ** 30 > rows[2]["result"]["peak_gib"]
+    # ds_configs' "auto" buckets follow the model: the tiny student's ZeRO-1 case no longer carries DeepSpeed's
+    # 5e8-element fp32 bucket (1.86 GiB, allocated whole; the planner follows the resolved size, checked above)
+    assert rows[1]["result"]["peak_gib"] < 5e8 * 4 / 2 ** 30 / 4
     md = (out / "bench.md").read_text()
     assert md.count("| vit_tiny/4@32 |") == 3 and "baseline" in md and md in proc.stdout
     assert (out / "bench.png").stat().st_size > 1000
@@ -152,3 +211,22 @@ def test_bench_bad_input_fails_before_any_work(tmp_path, args, msg):
     assert proc.returncode == 2 and msg in proc.stderr, proc.stderr[-2000:]
     assert not (tmp_path / "b").exists()
 
+
+
+def test_bench_table_shows_device_used_when_recorded():
+    """GPU rows carry torch.cuda.mem_get_info's device-wide use beside the allocator's peak; CPU rows do not, and
+    their table has no such column."""
+    from dataclasses import asdict
+
+    from megadigpt.perf.bench import PHASES, Case, markdown
+
+    x = {"status": "ok", "precision": "bf16", "images_per_s": 10.0, "step_s": 1.0, "world_size": 1,
+         "phases_s": dict.fromkeys(PHASES, 0.1), "comm_s": 0.0, "peak_gib": 3.0, "planned_gib": 3.1,
+         "measured_over_planned": 0.97}
+    cpu = markdown([{"case": asdict(Case()), "result": x}])
+    gpu = markdown([{"case": asdict(Case()), "result": {**x, "device_used_gib": 5.5}}])
+    assert "device used GiB" not in cpu and "device used GiB" in gpu
+    head, _, row = gpu.splitlines()
+    cells = [c.strip() for c in row.split("|")]
+    assert cells[[c.strip() for c in head.split("|")].index("device used GiB")] == "5.50"
+    assert head.count("|") == row.count("|")

@@ -13,6 +13,8 @@ Checks
                       eager oracle at ViT-L/14's shapes; then their speed (benchmarks/attention_backends.py)
     cpu_gpu_loss      the same tiny model and batch give the same fp32 loss on the GPU and on the CPU
     engine_bf16       the bf16 DeepSpeed engine runs ZeRO-1 and ZeRO-3 pretraining steps (real CLI, 1 rank)
+    optimizer         torch's fused AdamW vs DeepSpeed's FusedAdam vs the per-parameter loop on ViT-L-sized
+                      parameters (which one the GPU path should use)
     throughput        `megadigpt bench`: D-iGPT-B/16 and D-iGPT-L/14 with an OpenCLIP ViT-H/14-shaped teacher
                       (random weights: the speed does not depend on them), bf16, each attention backend, compile
                       off/on, and the reference-style baseline, interleaved; images/s, MFU (student and total),
@@ -178,6 +180,46 @@ def check_engine_bf16(a):
     return {"status": "ok" if ok else "fail", **out}
 
 
+def check_optimizer(a):
+    """torch's fused AdamW (what build_optimizer uses) against DeepSpeed's FusedAdam (JIT-built here) and the
+    per-parameter loop, interleaved, on ViT-L-sized fp32 parameters: which one the GPU path should use."""
+    import statistics
+
+    import torch
+
+    dev = a.device
+    shapes = [(1024, 4096)] * 48 + [(4096, 1024)] * 48 + [(1024, 3072)] * 24 if not a.dry_run else [(64, 64)] * 8
+    params = [torch.randn(s, device=dev, requires_grad=True) for s in shapes]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    makers = {"torch_fused": lambda: torch.optim.AdamW(params, lr=1e-4, fused=True),
+              "torch_loop": lambda: torch.optim.AdamW(params, lr=1e-4, foreach=False)}
+    notes = {}
+    if dev == "cuda":
+        try:
+            from deepspeed.ops.adam import FusedAdam
+
+            makers["deepspeed_fused"] = lambda: FusedAdam(params, lr=1e-4, adam_w_mode=True)
+        except Exception as e:  # noqa: BLE001 - the JIT build needs nvcc and ninja
+            notes["deepspeed_fused"] = f"not built: {type(e).__name__}: {str(e)[:200]}"
+    opts = {k: f() for k, f in makers.items()}
+    sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
+    times = {k: [] for k in opts}
+    for _ in range(2):
+        for o in opts.values():
+            o.step()
+    for _ in range(10 if not a.dry_run else 2):
+        for k, o in opts.items():
+            sync()
+            t0 = time.perf_counter()
+            o.step()
+            sync()
+            times[k].append(time.perf_counter() - t0)
+    med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+    return {"status": "ok", "params": sum(p.numel() for p in params), "median_ms": med,
+            "fastest": min(med, key=med.get), **({"notes": notes} if notes else {})}
+
+
 def check_throughput(a, budget: Budget):
     from megadigpt.perf.bench import Case, run_bench
 
@@ -236,7 +278,7 @@ def markdown(results: dict) -> str:
              f"{env.get('open_clip')}; DALI: {env.get('dali')}; {results['seconds']:.0f} s in all"
              f"{' (DRY RUN on CPU: toy sizes, no GPU numbers)' if results['dry_run'] else ''}", "",
              "| check | status | seconds | summary |", "|---|---|---|---|"]
-    for name in ("environment", "attention", "cpu_gpu_loss", "engine_bf16", "throughput", "targets"):
+    for name in ("environment", "attention", "cpu_gpu_loss", "engine_bf16", "optimizer", "throughput", "targets"):
         r = results.get(name, {"status": "not run"})
         summary = ""
         if name == "attention" and "backends" in r:
@@ -247,6 +289,8 @@ def markdown(results: dict) -> str:
         elif name == "engine_bf16":
             summary = "; ".join(f"{k}: exit {v['exit']}, losses {[round(x, 3) for x in v['losses']]}"
                                 for k, v in r.items() if isinstance(v, dict) and "exit" in v)
+        elif name == "optimizer" and "median_ms" in r:
+            summary = ", ".join(f"{k} {v:.2f} ms" for k, v in r["median_ms"].items()) + f"; fastest {r['fastest']}"
         elif name == "throughput" and "cases" in r:
             summary = f"{r['ok']}/{r['cases']} cases, {r['rounds_done']} round(s)"
         elif name == "targets" and "best_mfu_total" in r:
@@ -290,7 +334,7 @@ def main(argv=None) -> int:
     budget = Budget(a.budget_s)
     results = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "dry_run": a.dry_run}
     checks = [("environment", check_environment), ("attention", check_attention),
-              ("cpu_gpu_loss", check_cpu_gpu_loss), ("engine_bf16", check_engine_bf16),
+              ("cpu_gpu_loss", check_cpu_gpu_loss), ("engine_bf16", check_engine_bf16), ("optimizer", check_optimizer),
               ("throughput", lambda a: check_throughput(a, budget)),
               ("targets", lambda a: check_targets(a, results.get("throughput")))]
     for name, fn in checks:

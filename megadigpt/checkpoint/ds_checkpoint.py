@@ -462,8 +462,6 @@ def resume_point(run_dir, train_cfg, world_size: int, rank0: bool, tokenizer: Op
     Refuses what :func:`check_resumable` refuses. When the world size changed (ZeRO > 0), the checkpoint is
     converted to DeepSpeed's universal format (rank 0, once) and ``universal`` is True: the engine must be built
     with ``{"checkpoint": {"load_universal": True}}``."""
-    import torch.distributed as dist
-
     check_resumable(run_dir, train_cfg, tokenizer)
     tag = verified_latest_tag(run_dir, rank0)
     marker = read_marker(run_dir, tag) if tag else None
@@ -471,20 +469,47 @@ def resume_point(run_dir, train_cfg, world_size: int, rank0: bool, tokenizer: Op
         return None, None, False
     universal = bool(marker.get("world_size", world_size) != world_size and train_cfg.zero_stage > 0)
     if universal:  # rank 0 converts; every rank learns how it went (a refused file stops all of them, at once)
-        from ..config import ConfigError
-
-        problem = [None]
-        if rank0:
+        def convert():
             try:
                 make_universal(run_dir, tag)
             except ConfigError as e:
-                problem[0] = str(e)
+                return str(e)
             except Exception as e:  # noqa: BLE001 - e.g. DeepSpeed's converter failed: say so on every rank
                 lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()] or [type(e).__name__]
-                problem[0] = f"converting {tag} to a universal checkpoint failed: {lines[0]}" + (
+                return f"converting {tag} to a universal checkpoint failed: {lines[0]}" + (
                     f" ... {lines[-1]}" if len(lines) > 1 else "")
-        if dist.is_initialized():
-            dist.broadcast_object_list(problem, src=0)
-        if problem[0]:
-            raise ConfigError(problem[0])
+            return None
+
+        problem = rank0_while_others_wait(checkpoint_dir(run_dir), universal_tag(tag), convert, rank0)
+        if problem:
+            raise ConfigError(problem)
     return tag, marker, universal
+
+
+def rank0_while_others_wait(folder: Path, name: str, fn, rank0: bool, poll_s: float = 0.5):
+    """Rank 0 runs ``fn`` (which returns a problem, or None) while the other ranks wait on the file system, outside
+    any collective: a conversion longer than the process group's timeout (DeepSpeed's default is 10 minutes; a
+    ViT-L checkpoint of 64 ranks can take longer) must not trip the NCCL watchdog on the waiting ranks. Rank 0
+    writes its verdict to ``folder/.<name>.<nonce>.status`` (the nonce, broadcast first, keeps an earlier attempt's
+    file from answering); the others poll for it. Every rank returns the verdict. A rank 0 that dies meanwhile
+    ends the job through its launcher (torchrun; srun --kill-on-bad-exit), as any failed rank does."""
+    import uuid
+
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return fn()
+    nonce = [uuid.uuid4().hex if rank0 else None]
+    dist.broadcast_object_list(nonce, src=0)
+    status = Path(folder) / f".{name}.{nonce[0]}.status"
+    if rank0:
+        problem = fn()
+        _atomic_write(status, json.dumps({"problem": problem}))
+    else:
+        while not status.is_file():
+            time.sleep(poll_s)
+        problem = json.loads(status.read_text())["problem"]
+    dist.barrier()  # every rank has read the verdict: a short wait, all are here within poll_s
+    if rank0:
+        status.unlink(missing_ok=True)
+    return problem

@@ -6,6 +6,9 @@ bytes and its image header, draws the crop box, flip and segment order from (see
 torch path does, and hands DALI the encoded bytes plus the box. DALI decodes only the box (ROI decoding), resizes
 it to each view's size (student, teacher) and flips it. So the DALI and torch paths select the same samples with
 the same boxes, and differ only by their decoders and resampling filters (measured in tests/test_dali.py).
+With ``py_workers`` > 0 that source is DALI's parallel external source: the samples of each batch are prepared in
+worker processes (fork on the CPU, spawn once CUDA is initialised), not in the training thread, with the same
+output (a bad sample's reason travels in the pipeline's output).
 
 Bad data never stops the run, and decode failures fall back per sample: samples whose header does not parse,
 that are empty, too large, or (JPEG) lack their end-of-image marker are replaced by a placeholder and marked
@@ -114,6 +117,10 @@ class _Source:
         self.reasons = reasons if reasons is not None else {}
         self.handles = {}
 
+    def __getstate__(self):
+        # spawned source workers get a copy: no open file handles (reopened there); reasons travel in the output
+        return {**self.__dict__, "handles": {}, "reasons": {}}
+
     def sample(self, position: int):
         st = self.stream
         epoch, index = st.locate(position)
@@ -125,7 +132,6 @@ class _Source:
             data, reason = None, f"unreadable: {e.strerror or e}"
         if data is None:
             data, box, flip, valid = _PLACEHOLDER, (0, 0, 8, 8), False, False
-            self.reasons[(epoch, index)] = reason
         else:
             box = random_resized_crop_box(rng, h, w, st.scale, st.ratio)
             flip, valid = bool(st.hflip and rng.random() < 0.5), True
@@ -133,34 +139,59 @@ class _Source:
         return (np.frombuffer(data, dtype=np.uint8), np.array(box[:2], dtype=np.int32),
                 np.array(box[2:], dtype=np.int32), np.array(flip, dtype=np.int32), order.astype(np.int64),
                 np.array(valid, dtype=np.int32), np.array(s.label, dtype=np.int64), np.array(index, dtype=np.int64),
-                np.array(epoch, dtype=np.int64))
+                np.array(epoch, dtype=np.int64),
+                # why it is bad, carried by the pipeline: a parallel source runs in other processes
+                np.frombuffer((reason or "-").encode(), dtype=np.uint8))
+
+    def positions(self, iteration: int) -> List[int]:
+        i = self.start + iteration
+        return self.batches[min(i, len(self.batches) - 1)]  # DALI prefetches past the end: repeat the last
 
     def __call__(self, iteration: int):
-        i = self.start + iteration
-        positions = self.batches[min(i, len(self.batches) - 1)]  # DALI prefetches past the end: repeat the last
-        cols = list(zip(*(self.sample(p) for p in positions)))
+        cols = list(zip(*(self.sample(p) for p in self.positions(iteration))))
         return [list(c) for c in cols]
 
 
-OUTPUTS = ("encoded", "crop_start", "crop_shape", "flip", "order", "valid", "label", "index", "epoch")
+class _ParallelSource(_Source):
+    """The same samples one at a time, for DALI's parallel external source (sample mode: DALI spreads the
+    samples of each batch over its Python worker processes, outside the training process's GIL)."""
+
+    def __call__(self, info):
+        return self.sample(self.positions(info.iteration)[info.idx_in_batch])
+
+
+OUTPUTS = ("encoded", "crop_start", "crop_shape", "flip", "order", "valid", "label", "index", "epoch", "reason")
+
+
+def py_start_method(device_type: str) -> str:
+    """How DALI starts its Python source workers: fork is cheap but unsafe once CUDA is initialised in the
+    parent (the trainer's process always is, on a GPU), so spawn there."""
+    return "spawn" if device_type == "cuda" else "fork"
 
 
 def build_pipeline(source: _Source, sizes: Sequence[int], batch_size: int, device_id, num_threads: int,
-                   interpolation: str = "bicubic", prefetch: int = 2):
-    return _pipeline_graph(source, sizes, batch_size, device_id, num_threads, interpolation, prefetch)
+                   interpolation: str = "bicubic", prefetch: int = 2, py_workers: int = 0):
+    return _pipeline_graph(source, sizes, batch_size, device_id, num_threads, interpolation, prefetch, py_workers)
 
 
-def _pipeline_graph(source, sizes, batch_size, device_id, num_threads, interpolation="bicubic", prefetch=2):
+def _pipeline_graph(source, sizes, batch_size, device_id, num_threads, interpolation="bicubic", prefetch=2,
+                    py_workers=0):
+    """``py_workers`` > 0: ``source`` is a :class:`_ParallelSource` run by that many DALI worker processes
+    (parallel external source); 0: a batch source run by ``pipe.run()`` in the calling thread."""
     from nvidia.dali import fn, pipeline_def, types
 
     interp = {"bicubic": types.INTERP_CUBIC, "bilinear": types.INTERP_LINEAR}[interpolation]
     gpu = device_id is not None
+    parallel = py_workers > 0
+    extra = dict(py_num_workers=py_workers, py_start_method=py_start_method("cuda" if gpu else "cpu")) \
+        if parallel else {}
 
     @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=device_id, prefetch_queue_depth=prefetch,
-                  exec_dynamic=True)
+                  exec_dynamic=True, **extra)
     def pipe():
-        enc, start, shape, flip, order, valid, label, index, epoch = fn.external_source(
-            source=source, num_outputs=len(OUTPUTS), batch=True, parallel=False)
+        src = dict(parallel=True, batch=False, prefetch_queue_depth=prefetch) if parallel else dict(batch=True)
+        enc, start, shape, flip, order, valid, label, index, epoch, reason = fn.external_source(
+            source=source, num_outputs=len(OUTPUTS), **src)
         img = fn.decoders.image_slice(enc, start, shape, device="mixed" if gpu else "cpu", output_type=types.RGB,
                                       axis_names="HW", normalized_anchor=False, normalized_shape=False)
         views = []
@@ -168,7 +199,7 @@ def _pipeline_graph(source, sizes, batch_size, device_id, num_threads, interpola
             v = fn.resize(img, resize_x=s, resize_y=s, interp_type=interp, antialias=True)
             views.append(fn.crop_mirror_normalize(v, mirror=flip, dtype=types.UINT8, output_layout="CHW",
                                                   mean=[0.0], std=[1.0]))
-        return (*views, order, valid, label, index, epoch)
+        return (*views, order, valid, label, index, epoch, reason)
 
     return pipe()
 
@@ -255,12 +286,14 @@ class _ProbeSource(_Source):
 class DaliPretrainLoader:
     """Iterates this rank's micro-batches like the torch DataLoader does, as the same dicts."""
 
-    def __init__(self, stream: PretrainStream, batch_sampler, device: torch.device, num_threads: int = 2):
+    def __init__(self, stream: PretrainStream, batch_sampler, device: torch.device, num_threads: int = 2,
+                 py_workers: int = 0):
         self.stream, self.sampler = stream, batch_sampler
         self.batches = batch_sampler  # indexable: micro-batch i -> its stream positions
         self.device = device
         self.device_id = device.index if device.type == "cuda" else None
         self.num_threads = num_threads
+        self.py_workers = py_workers  # DALI source worker processes (0: the source runs in this thread)
         self.failed_batches = 0  # batches no sample explained, produced by the torch path
         self.pillow_only: Set[int] = set()  # samples DALI failed on: decoded by Pillow from then on
         self.reasons: Dict[Tuple[int, int], str] = {}
@@ -270,9 +303,10 @@ class DaliPretrainLoader:
         return len(self.batches)
 
     def _pipeline(self, start: int):
-        p = build_pipeline(_Source(self.stream, self.batches, start, self.pillow_only, self.reasons),
+        cls = _ParallelSource if self.py_workers > 0 else _Source
+        p = build_pipeline(cls(self.stream, self.batches, start, self.pillow_only, self.reasons),
                            self.stream.sizes, self.sampler.m, self.device_id, self.num_threads,
-                           self.stream.interp_name)
+                           self.stream.interp_name, py_workers=self.py_workers)
         p.build()
         return p
 
@@ -303,9 +337,10 @@ class DaliPretrainLoader:
                 while i < n:
                     out = pipe.run()
                     views = [_view_to_torch(out[k], self.device) for k in range(nviews)]
-                    order, valid, label, index, epoch = [_meta_to_torch(out[k]) for k in range(nviews, len(out))]
+                    order, valid, label, index, epoch = [_meta_to_torch(out[k]) for k in range(nviews, len(out) - 1)]
                     valid, index, epoch = valid.bool().reshape(-1), index.reshape(-1), epoch.reshape(-1)
-                    bad = [(int(index[r]), int(epoch[r]), self.reasons.pop((int(epoch[r]), int(index[r])), "bad"))
+                    reasons = out[len(out) - 1]
+                    bad = [(int(index[r]), int(epoch[r]), np.array(reasons[r]).tobytes().decode(errors="replace"))
                            for r in torch.nonzero(~valid).reshape(-1).tolist()]
                     yield {"views": views, "order": order.long(), "valid": valid, "label": label.reshape(-1),
                            "index": index, "epoch": epoch, "bad": bad}

@@ -1,6 +1,8 @@
 """The DeepSpeed engine: config from a JSON template in ds_configs/, process group, initialize."""
 
+import contextlib
 import json
+import math
 import os
 import warnings
 from pathlib import Path
@@ -28,9 +30,37 @@ def template_path(zero_stage: int, path: Optional[str] = None) -> Path:
     return p
 
 
-def build_ds_config(cfg, world_size: int, precision: str) -> dict:
+BUCKET_KEYS = ("reduce_bucket_size", "allgather_bucket_size", "stage3_prefetch_bucket_size")
+BUCKET_FRACTION, BUCKET_MIN, BUCKET_MAX = 8, 2 ** 20, 50_000_000
+
+
+def bucket_elements(params: int) -> int:
+    """An "auto" ZeRO bucket (elements): an eighth of the trainable parameters, rounded up to 2^20 and between
+    2^20 and 5e7. A bucket as large as the model (DeepSpeed's 5e8 default exceeds a whole ViT-L) leaves
+    ``overlap_comm`` nothing to overlap and is allocated in full however small the model; ~8 buckets per step
+    let the reduction of one run under the backward of the next; 2^20 keeps tiny models' collectives from being
+    latency-bound, and 5e7 (100 MB in bf16, what ds_configs/zero3.json shipped) already saturates NCCL's
+    bandwidth while keeping ViT-g/e's buckets (ZeRO-3's lives for good, in fp32) small."""
+    b = -(-max(1, params) // BUCKET_FRACTION)
+    return int(min(BUCKET_MAX, max(BUCKET_MIN, -(-b // BUCKET_MIN) * BUCKET_MIN)))
+
+
+def fill_buckets(ds: dict, params: int) -> dict:
+    """Replace "auto" bucket sizes in ``ds["zero_optimization"]`` by :func:`bucket_elements` of ``params``
+    (trainable parameters); explicit values win. The planner resolves a template through this too."""
+    z = ds.get("zero_optimization", {})
+    if any(z.get(k) == "auto" for k in BUCKET_KEYS):
+        for k in BUCKET_KEYS:
+            if z.get(k) == "auto":
+                z[k] = bucket_elements(params)
+    return ds
+
+
+def build_ds_config(cfg, world_size: int, precision: str, params: Optional[int] = None) -> dict:
     """Fill a template with the run's batch geometry, precision and clipping; keys the template sets explicitly
-    (other than "auto") win, so a user's JSON can tune buckets, offload, etc."""
+    (other than "auto") win, so a user's JSON can tune buckets, offload, etc. "auto" bucket sizes follow the
+    student's trainable parameter count ``params`` (None: counted on the meta device; see
+    :func:`bucket_elements`)."""
     t = cfg.train
     try:
         ds = json.loads(template_path(t.zero_stage, t.ds_config).read_text())
@@ -59,9 +89,59 @@ def build_ds_config(cfg, world_size: int, precision: str) -> dict:
         # fp32 accumulation in DeepSpeed (it refuses the mix): there the gradients stay in the model dtype.
         ds.setdefault("data_types", {}).setdefault("grad_accum_dtype", "fp32")
         ds.setdefault("communication_data_type", "fp32")
+    z = ds["zero_optimization"]
+    if params is None and any(z.get(k) == "auto" for k in BUCKET_KEYS):
+        from ..perf.memory import student_params
+
+        params = student_params(cfg)
+    fill_buckets(ds, params)
     ds.setdefault("steps_per_print", 10 ** 9)  # megadigpt logs itself
     ds.setdefault("wall_clock_breakdown", False)
     return ds
+
+
+def device_index(local_rank: int, device_count: int) -> int:
+    """This rank's GPU among those it can see: where SLURM shows each task only its own (``--gpus-per-task=1``,
+    ``--gpu-bind``) every rank sees one device, index 0, whatever its local rank."""
+    if device_count < 1:
+        raise ConfigError("train.device=cuda but this process sees no CUDA device")
+    return local_rank % device_count
+
+
+def _slurm_tasks_on_node(spec: str, node_id: int) -> Optional[int]:
+    """SLURM_TASKS_PER_NODE's format, e.g. ``2(x3),1``: the task count of node ``node_id`` of the allocation."""
+    counts = []
+    for part in spec.split(","):
+        n, _, rep = part.partition("(x")
+        try:
+            counts += [int(n)] * (int(rep.rstrip(")")) if rep else 1)
+        except ValueError:
+            return None
+    return counts[node_id] if 0 <= node_id < len(counts) else None
+
+
+def local_world_size(environ, world_size: int = 1) -> int:
+    """Ranks on this node, from whichever launcher started them (the sbatch template unsets LOCAL_WORLD_SIZE)."""
+    for key in ("LOCAL_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE", "SLURM_NTASKS_PER_NODE"):
+        if str(environ.get(key, "")).isdigit():
+            return max(1, int(environ[key]))
+    for key in ("SLURM_STEP_TASKS_PER_NODE", "SLURM_TASKS_PER_NODE"):
+        if environ.get(key):
+            n = _slurm_tasks_on_node(environ[key], int(environ.get("SLURM_NODEID", 0) or 0))
+            if n:
+                return n
+    return max(1, world_size)
+
+
+def cpu_threads(affinity: int, environ, world_size: int = 1) -> int:
+    """torch's intra-op threads for one rank. ``affinity``: the CPUs this process may run on
+    (``len(os.sched_getaffinity(0))``; ``os.cpu_count()`` ignores cgroups and binding). Where srun bound each
+    task to its own CPUs (SLURM_CPU_BIND_TYPE other than none) the mask is already this rank's share; otherwise
+    the node's ranks share the mask."""
+    bind = str(environ.get("SLURM_CPU_BIND_TYPE", "")).strip(", ")
+    if bind and not bind.startswith("none"):
+        return max(1, affinity)
+    return max(1, affinity // local_world_size(environ, world_size))
 
 
 def start_processes(env, device_type: str):
@@ -73,15 +153,19 @@ def start_processes(env, device_type: str):
     dist_env.export(env)
     # DeepSpeed's ZeRO calls torch's older collective names, one warning per rank and step
     warnings.filterwarnings("ignore", category=FutureWarning, message=r"`torch\.distributed\.\w+` is deprecated")
-    if "OMP_NUM_THREADS" not in os.environ:  # the cores of the node, shared by its ranks
-        local = int(os.environ.get("LOCAL_WORLD_SIZE", env.world_size))
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local)))
-    if device_type == "cuda":
-        torch.cuda.set_device(env.local_rank)
-        device = torch.device("cuda", env.local_rank)
-    else:
-        device = torch.device("cpu")
+    device = pick_device(env, device_type)
     init_distributed(env, device_type)
+    return device
+
+
+def pick_device(env, device_type: str) -> torch.device:
+    """This rank's device (made current: NCCL and the kernels use the current one) and its CPU threads."""
+    if "OMP_NUM_THREADS" not in os.environ:  # the CPUs this rank may use, shared with its node's peers
+        torch.set_num_threads(cpu_threads(len(os.sched_getaffinity(0)), os.environ, env.world_size))
+    if device_type != "cuda":
+        return torch.device("cpu")
+    device = torch.device("cuda", device_index(env.local_rank, torch.cuda.device_count()))
+    torch.cuda.set_device(device)
     return device
 
 
@@ -114,21 +198,64 @@ def initialize(model, optimizer, ds_config: dict):
     return engine
 
 
-def backward_if_finite(engine, loss, accum: int) -> bool:
-    """Backward and step unless the loss is non-finite on any rank (every rank must agree before backward: one
-    rank's NaN would poison everyone's gradients). A skipped micro-batch does no backward; with accumulation the
-    step still goes on without it. Returns whether the micro-batch counted."""
+def micro_step(engine, loss, nonfinite, last: bool) -> Optional[bool]:
+    """One micro-batch's backward and, on the last micro-batch of a step (``last``), the optimizer step, applied
+    only if every rank's loss was finite on every micro-batch of the step.
+
+    Every rank runs every backward, finite or not, so DeepSpeed's gradient reductions (ZeRO-0/1's all-reduce at the
+    boundary, ZeRO-2/3's reduce-scatter) and its micro-step counters stay in lockstep on all ranks (skipping a
+    backward skipped the boundary's all-reduce: each rank then stepped with its own gradients). ``nonfinite`` (a
+    float tensor on the device) collects the step's non-finite losses without a host synchronisation; the ranks
+    agree on it once per step, by one all-reduce, before the optimizer step, and it is zeroed for the next step.
+    A skipped step still goes through DeepSpeed's whole ``step()`` (which clears the accumulated gradients in every
+    ZeRO buffer and advances global_steps) with the inner optimizer's update suppressed: no weight and no moment
+    changes, identically on every rank, as DeepSpeed does for an fp16 overflow (counted in ``skipped_steps``).
+    Returns None inside a step, else whether the update was applied."""
     import torch.distributed as dist
 
-    finite = torch.isfinite(loss.detach()).float()
-    dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-    if finite.item() == 1.0:
-        engine.backward(loss)
+    if engine.is_gradient_accumulation_boundary() != last:
+        raise RuntimeError("megadigpt's micro-step count disagrees with DeepSpeed's accumulation boundary")
+    nonfinite += (~torch.isfinite(loss.detach())).float()
+    engine.backward(loss)
+    if not last:
+        engine.step()  # counts the micro-step; no update inside a step
+        return None
+    dist.all_reduce(nonfinite, op=dist.ReduceOp.MAX)
+    applied = nonfinite.max().item() == 0  # the step's one host synchronisation for finiteness
+    nonfinite.zero_()
+    if applied:
         engine.step()
         return True
-    if accum > 1:
+    with _update_suppressed(engine):
         engine.step()
+    if engine.was_step_applied():  # DeepSpeed did not skip it by itself (its fp16 overflow check does)
+        engine._step_applied = False
+        engine.skipped_steps += 1
     return False
+
+
+@contextlib.contextmanager
+def _update_suppressed(engine):
+    """The torch optimizer inside DeepSpeed's wrappers (ZeRO-0: the engine's own; ZeRO-1/2/3, bf16: the one they
+    call on their fp32 partitions) does nothing: the wrappers copy back unchanged masters."""
+    opt = engine.basic_optimizer
+    own = vars(opt).get("step")  # e.g. an LR scheduler's wrapper: put back afterwards
+    opt.step = lambda *args, **kwargs: None
+    try:
+        yield
+    finally:
+        if own is None:
+            del opt.step
+        else:
+            opt.step = own
+
+
+def to_device(t, device):
+    """Host-to-device copy that does not block the host: from pinned memory (pinned here if the loader did not),
+    on CUDA only (pinning needs a CUDA driver; on the CPU this is no copy at all)."""
+    if device.type == "cuda" and t.device.type == "cpu":
+        return (t if t.is_pinned() else t.pin_memory()).to(device, non_blocking=True)
+    return t.to(device)
 
 
 def set_lr(engine, lr: float):
@@ -143,4 +270,5 @@ def grad_norm(engine) -> Optional[float]:
         return None
     if g is None:
         return None
-    return float(g.item() if torch.is_tensor(g) else g)
+    g = float(g.item() if torch.is_tensor(g) else g)
+    return g if math.isfinite(g) else None  # a skipped step's norm: no NaN in metrics.jsonl (not strict JSON)

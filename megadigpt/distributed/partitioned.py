@@ -14,6 +14,8 @@ module the same way; other ranks receive their partitions. DeepSpeed's own ``zer
 ours is the step-wise initialisation and loading, which DeepSpeed leaves to the model.
 """
 
+import contextlib
+import ctypes
 from typing import Callable, Dict, Optional
 
 import torch
@@ -38,15 +40,37 @@ def reset_host_peak() -> None:
         pass
 
 
+@contextlib.contextmanager
+def _unmap_freed_tensors():
+    """glibc's malloc raises its mmap threshold to the size of each large block freed (up to 32 MiB), after which
+    such blocks come from the heap, and the heap keeps the pages of the whole-module tensors freed after
+    partitioning: measured, ViT-g's partitioned build then peaked at 3.27 GiB per rank instead of 2.16. A fixed
+    128 KiB threshold during the build returns every freed tensor to the system; afterwards the threshold is
+    fixed at glibc's own maximum (32 MiB). Linux with glibc only; elsewhere nothing changes."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        yield
+        return
+    M_MMAP_THRESHOLD = -3
+    mallopt(M_MMAP_THRESHOLD, 128 * 1024)
+    try:
+        yield
+    finally:
+        mallopt(M_MMAP_THRESHOLD, 32 * 1024 * 1024)
+
+
 def build_partitioned(build: Callable[..., torch.nn.Module], ds_config: dict) -> torch.nn.Module:
     """``build(init_weights=False)`` under ``deepspeed.zero.Init``, then the model's initialisation step by step."""
     import deepspeed
 
-    with deepspeed.zero.Init(config_dict_or_path=ds_config):  # parameters in the engine's dtype (bf16 / fp32)
-        model = build(init_weights=False)
-    for params, init in model.init_steps():
-        with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
-            _init_in_fp32(params, init)
+    with _unmap_freed_tensors():
+        with deepspeed.zero.Init(config_dict_or_path=ds_config):  # parameters in the engine's dtype (bf16 / fp32)
+            model = build(init_weights=False)
+        for params, init in model.init_steps():
+            with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
+                _init_in_fp32(params, init)
     return model
 
 

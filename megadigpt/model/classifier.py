@@ -30,11 +30,51 @@ class EncoderGeometry:
 
 
 def build_classifier(geom: EncoderGeometry, img_size: int, num_classes: int, global_pool: str = "avg",
-                     drop_path: float = 0.0):
+                     drop_path: float = 0.0, init_weights: bool = True):
+    """timm's ViT. ``init_weights=False``: timm's own weight init is left to the caller, as ``model.init_steps()``
+    (:func:`init_steps`); a partitioned build (``distributed.partitioned``) runs them one module at a time."""
+    import functools
+
     from timm.models.vision_transformer import VisionTransformer
 
     # LayerNorm eps 1e-6 is timm's ViT default (and the pretraining encoder's)
-    return VisionTransformer(**geom.model_args(img_size, num_classes, global_pool, drop_path))
+    model = VisionTransformer(**geom.model_args(img_size, num_classes, global_pool, drop_path),
+                              weight_init="" if init_weights else "skip")
+    if not init_weights:
+        model.init_steps = functools.partial(init_steps, model)
+    return model
+
+
+def _depth_first(module: torch.nn.Module, include_root: bool = False):
+    """Modules in the order of timm's ``named_apply`` (children first, then the module)."""
+    for child in module.children():
+        yield from _depth_first(child, True)
+    if include_root:
+        yield module
+
+
+def init_steps(model):
+    """timm's ``VisionTransformer.init_weights`` (the default mode, after the modules' own construction-time init)
+    as ``(parameters, init)`` steps in timm's order, each touching only its parameters: the random draws are the
+    plain build's, step for step."""
+    import functools
+
+    from timm.models import vision_transformer as tvit
+
+    if getattr(model, "reg_token", None) is not None or getattr(model, "fix_init", False):
+        raise ValueError("init_steps covers timm's default ViT init only (no register tokens, no fix_init)")
+    if model.pos_embed is not None:
+        yield [model.pos_embed], functools.partial(tvit.trunc_normal_, model.pos_embed, std=.02)
+    if model.cls_token is not None:
+        yield [model.cls_token], functools.partial(torch.nn.init.normal_, model.cls_token, std=1e-6)
+    for module in _depth_first(model):
+        if isinstance(module, torch.nn.Linear):
+            params = list(module.parameters(recurse=False))
+        elif hasattr(module, "init_weights"):  # e.g. a block that re-initialises its children's norms
+            params = list(module.parameters())
+        else:  # needs_reset=False: the module's own __init__ initialised it
+            continue
+        yield params, functools.partial(tvit.init_weights_vit_timm, module, needs_reset=False)
 
 
 def interpolate_pos_embed(pos_embed: torch.Tensor, new_grid: int, num_prefix: int = 1) -> torch.Tensor:
@@ -73,7 +113,8 @@ def param_groups_lrd(model: torch.nn.Module, weight_decay: float, layer_decay: f
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        no_wd = p.ndim == 1 or name.endswith(".bias") or name in skip
+        ndim = len(getattr(p, "ds_shape", p.shape))  # a ZeRO-3-partitioned parameter's data is 1-D
+        no_wd = ndim == 1 or name.endswith(".bias") or name in skip
         lid = layer_id(name, depth)
         key = (lid, no_wd)
         if key not in groups:

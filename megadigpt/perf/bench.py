@@ -209,14 +209,14 @@ def run_case(case: Case, base: Optional[str], overrides: List[str], steps: int, 
         for blk in list(model.encoder.blocks) + [b for d in ("gen_decoder", "dis_decoder") if hasattr(model, d)
                                                  for b in getattr(model, d).blocks]:
             blk.compile()
-    if case.baseline:  # the reference: torch's per-parameter loop
-        optimizer = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=1e-4,
-                                      betas=tuple(cfg.optim.betas), foreach=False)
-    else:  # what pretraining builds (fused where the device has the kernel)
-        optimizer = build_optimizer(model, cfg.optim, 1e-4, device.type)
     ds_config = ds_engine.build_ds_config(cfg, env.world_size, plan.precision)
     if case.offload:
         ds_config["zero_optimization"]["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+    if case.baseline and not case.offload:  # the reference: torch's per-parameter loop
+        optimizer = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=1e-4,
+                                      betas=tuple(cfg.optim.betas), foreach=False)
+    else:  # what pretraining builds (fused where the device has the kernel; DeepSpeed's CPU Adam when offloaded)
+        optimizer = build_optimizer(model, cfg.optim, 1e-4, device.type, ds_config=ds_config)
     engine = ds_engine.initialize(model, optimizer, ds_config)
 
     # ---------------------------------------------------------------- inputs
@@ -497,9 +497,13 @@ def _spread(pair, fmt) -> str:
 
 
 def markdown(rows: List[dict]) -> str:
+    # GPU runs: what the device had in use (torch.cuda.mem_get_info: + CUDA context, NCCL, allocator cache) beside
+    # torch's peak; the difference is what ``megadigpt plan --reserve`` stands for
+    used = any(r["result"].get("device_used_gib") is not None for r in rows)
     head = ("| model | teacher | case | precision | data | micro-batch | img/s [min-max] | step ms | data | "
-            "teacher fwd | student fwd | student bwd | optimizer | comm (separate pass) | peak GiB | planned GiB | "
-            "measured/planned | MFU student | MFU total | vs baseline [min-max] |")
+            "teacher fwd | student fwd | student bwd | optimizer | comm (separate pass) | peak GiB | "
+            + ("device used GiB | " if used else "") +
+            "planned GiB | measured/planned | MFU student | MFU total | vs baseline [min-max] |")
     out = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         c, x = r["case"], r["result"]
@@ -516,6 +520,7 @@ def markdown(rows: List[dict]) -> str:
             f"{x['images_per_s']:.1f}{_spread(x.get('images_per_s_spread'), '.1f')} | {ms(x['step_s'])} | " +
             " | ".join(ms(ph[p]) for p in PHASES) +
             f" | {ms(x['comm_s']) if x['world_size'] > 1 else '–'} | {x['peak_gib']:.2f} | "
+            + (f"{_f(x.get('device_used_gib'), '.2f')} | " if used else "") +
             f"{_f(x.get('planned_gib'), '.2f')} | {_f(x.get('measured_over_planned'), '.2f')} | "
             f"{_f(x.get('mfu_student'), '.1%')} | {_f(x.get('mfu_total'), '.1%')} | "
             f"{_f(x.get('vs_baseline'), '.2f')}{'x' if x.get('vs_baseline') else ''}"

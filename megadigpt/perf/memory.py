@@ -9,8 +9,9 @@
                    memory-efficient kernels, FlexAttention) save only their output and the log-sum-exp; the trace
                    models them that way, the ``eager`` backend with its full L x L matrices.
 
-The sum is checked against real peaks by ``megadigpt bench`` (CPU: the resident set of a real DeepSpeed
-engine's process; GPU: ``torch.cuda.max_memory_allocated``), which prints planned and measured side by side.
+The sum is checked against real peaks by ``megadigpt bench`` (CPU: the tensor storages of a real DeepSpeed
+engine's process, counted by :class:`LiveBytes`; GPU: ``torch.cuda.max_memory_allocated``), which prints planned
+and measured side by side.
 """
 
 import contextlib
@@ -26,6 +27,13 @@ from torch.utils._pytree import tree_flatten
 from ..targets.base import example_targets, student_targets
 
 GiB = 2 ** 30
+# Device memory per GPU that torch's tensors cannot have, taken off --gpu-mem before fitting: the CUDA context with
+# torch's, cuBLAS's and cuDNN's kernels and workspaces (~0.5-1 GiB), the NCCL communicators' buffers (~1-2 GiB on
+# an 8-GPU NVLink node, more with several process groups), DALI's device pools (~0.5 GiB) and the caching
+# allocator's slack over the allocated bytes the plan counts. Together 3-4 GiB on H100 nodes (issue 16): the
+# upper end, so that a plan that fits does not OOM. Check a machine with ``megadigpt bench`` (device used GiB,
+# from torch.cuda.mem_get_info, against peak GiB) and pass --reserve.
+RESERVE_GIB = 4.0
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 
 
@@ -190,6 +198,23 @@ def _inputs(cfg, spec, batch, s_dtype, t_dtype):
 
 
 _SIZES: Dict[tuple, ModelSizes] = {}
+_PARAMS: Dict[tuple, int] = {}
+
+
+def student_params(cfg, classes: Optional[int] = None) -> int:
+    """Trainable parameters of the configured student, built on the meta device from the target's description
+    alone (no teacher): what "auto" DeepSpeed bucket sizes follow."""
+    from ..config import dump_config
+    from ..targets import describe_target
+
+    key = (dump_config(cfg), classes)
+    if key not in _PARAMS:
+        spec = describe_target(cfg.target, cfg.model)
+        if classes:
+            spec = replace(spec, classes=classes)
+        student = _meta_student(cfg, spec)
+        _PARAMS[key] = sum(p.numel() for p in student.parameters() if p.requires_grad)
+    return _PARAMS[key]
 
 
 def model_sizes(cfg, classes: Optional[int] = None) -> ModelSizes:
@@ -217,6 +242,7 @@ def _sizes(cfg, classes=None) -> ModelSizes:
 
     # the dense-mask attention's FLOPs whatever the backend (prefix skips work, flex hides it): MFU compares across
     sf = count_flops(set_attention_backend(student, "sdpa"), x, *example_targets(spec, 1, "meta"), order)
+    # on meta, so that fused attention (open_clip's MHA fast path, CPU SDPA) is counted (see train/metrics.py)
     tf = count_flops(teacher, xt) if cfg.target.kind != "pixels" or spec.classes else 0.0
     return ModelSizes(P, largest, sum(p.numel() for p in teacher.parameters()), sf, tf)
 
@@ -275,7 +301,7 @@ def _trace(cfg, batch, precision, teacher_dtype, activation_checkpointing, atten
 
 @dataclass(frozen=True)
 class ZeroBuffers:
-    """The DeepSpeed config values that size ZeRO's buffers (elements)."""
+    """The DeepSpeed config values that size ZeRO's buffers (elements), as ``build_ds_config`` resolves them."""
 
     reduce_bucket: int = 500_000_000
     allgather_bucket: int = 500_000_000
@@ -284,6 +310,8 @@ class ZeroBuffers:
     max_reuse: int = 1_000_000_000
     overlap_comm: bool = False
     contiguous_gradients: bool = True
+    grad_accum: Optional[str] = None  # data_types.grad_accum_dtype; None: megadigpt's default (fp32 when 16-bit)
+    comm_dtype: Optional[str] = None  # communication_data_type; None: likewise
 
     @classmethod
     def from_ds(cls, ds: dict, stage: int):
@@ -294,49 +322,79 @@ class ZeroBuffers:
                    int(z.get("stage3_prefetch_bucket_size", d.prefetch_bucket)),
                    int(z.get("stage3_max_live_parameters", d.max_live)),
                    int(z.get("stage3_max_reuse_distance", d.max_reuse)),
-                   bool(z.get("overlap_comm", d.overlap_comm)), bool(z.get("contiguous_gradients", True)))
+                   bool(z.get("overlap_comm", d.overlap_comm)), bool(z.get("contiguous_gradients", True)),
+                   ds.get("data_types", {}).get("grad_accum_dtype"), ds.get("communication_data_type"))
+
+
+_DS_DTYPE_BYTES = {"fp32": 4, "float32": 4, "bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2}
+ALLREDUCE_CHUNK = 500_000_000  # deepspeed.runtime.engine.MEMORY_OPT_ALLREDUCE_SIZE: the engine's all-reduce chunk
 
 
 def model_states(P: int, largest: int, world: int, stage: int, precision: str, offload: bool = False,
                  buffers: ZeroBuffers = ZeroBuffers()) -> Dict[str, int]:
-    """Per-rank bytes of the student's model states under DeepSpeed ZeRO (AdamW), on the device and on the host.
+    """Per-rank bytes of the student's model states under DeepSpeed ZeRO (AdamW), on the device and on the host,
+    as DeepSpeed 0.19's optimizers allocate them (runtime/bf16_optimizer.py, zero/stage_1_and_2.py,
+    zero/stage3.py), checked against real engines by ``megadigpt bench`` (README, "Planning memory").
 
-    h = 2 (bf16/fp16) or 4 (fp32) bytes per weight; N = data-parallel ranks.
+    h = 2 (bf16/fp16) or 4 (fp32) bytes per weight; a = gradient accumulation bytes: 4 for 16-bit runs
+    (``build_ds_config`` sets ``data_types.grad_accum_dtype=fp32`` for ZeRO 1-3), else h; c = the bytes of
+    ``communication_data_type`` (likewise fp32); N = data-parallel ranks; rb = reduce_bucket_size.
 
-    ========  ==================  ============================  ===============================  ================
-    stage     parameters          gradients                     optimizer (fp32 master + m + v)  buffers
-    ========  ==================  ============================  ===============================  ================
-    1         h P                 h P                           12 P / N                         fp32 grads 4P/N
-    2         h P                 h P / N                       12 P / N                         fp32 grads 4P/N,
-                                                                                                 reduce buckets
-    3         h P / N + gathered  h P / N                       12 P / N                         fp32 grads 4P/N,
-                                                                                                 reduce bucket
-    ========  ==================  ============================  ===============================  ================
-
-    DeepSpeed keeps a separate fp32 master copy even when the model itself is fp32 (CPU), and the fp32 gradient
-    partition exists during the optimizer step. ZeRO-3 keeps gathered (full) parameters alive between their
-    forward and backward use unless the distance exceeds ``stage3_max_reuse_distance`` (default 1e9), capped by
-    ``stage3_max_live_parameters``; gathered = h x min(P, max_live) (none on one rank). CPU offload moves the master, m, v and the
-    fp32 gradients to the host."""
+    ``params``       h P (stage 3: h P / N, this rank's partition). ``gathered_params`` (stage 3, N > 1): the full
+                     16-bit parameters ZeRO-3 keeps gathered between a module's forward and backward use unless the
+                     reuse distance exceeds ``stage3_max_reuse_distance`` (default 1e9 > P: all of them), capped by
+                     ``stage3_max_live_parameters``; on one rank DeepSpeed computes on the partition itself.
+    ``grads``        what holds gradients through backward:
+                     stage 1, bf16 + fp32 accumulation: DeepSpeed's BF16_Optimizer (the engine picks it for ZeRO-1
+                       bf16 with fp32 accumulation): the 16-bit ``.grad`` of every parameter (h P, zeroed, not
+                       freed, between steps) plus a flat fp32 accumulator for *all* parameters (4 P, on every rank:
+                       it reduces whole gradients and steps only its partition);
+                     stage 1 otherwise: every ``.grad`` (h P), plus a fp32 ``grad_accum`` copy (4 P) where the
+                       accumulation dtype differs (fp16);
+                     stage 2: the reduced partition, a P / N (a fp32 "compact" partition buffer with fp32
+                       accumulation, else ``grads_in_partition``); the gradients waiting for reduction sit in the
+                       buckets;
+                     stage 3: ``grad_partitions_flat_buffer``, a P / N.
+    ``optimizer``    12 P / N: the fp32 master partition and Adam's m and v (a separate fp32 master even when the
+                     model is fp32).
+    ``buckets``      ZeRO's contiguous-gradient buckets, allocated at their full size however small the model:
+                     stage 1 (not BF16_Optimizer) and 2: rb elements of the reduction dtype (a for stage 1, h for
+                     stage 2, which stages in the model dtype), two of them with ``overlap_comm``; they exist during
+                     backward only (alongside the activations). Stage 3: one bucket of rb x c bytes, for good.
+                     BF16_Optimizer has none.
+    ``fp32_grads``   what exists only after backward has freed the activations (the plan takes the larger of the
+                     two): the fp32 gradient partition that the optimizer step gets (a flattened copy, 4 P / N);
+                     BF16_Optimizer instead flattens the fp32 gradients for its all-reduce, 4 min(P, 5e8) (the
+                     engine's chunk; one rank too).
+    ``host``         CPU offload moves the master, m, v and the fp32 gradient partition to the host."""
     h = DTYPE_BYTES[precision]
     N = world
     part = math.ceil(P / N)
     if stage not in (1, 2, 3):
         raise ValueError(f"the planner models ZeRO stages 1, 2 and 3, got {stage}")
+    a = _DS_DTYPE_BYTES[buffers.grad_accum] if buffers.grad_accum else (h if precision == "fp32" else 4)
+    c = _DS_DTYPE_BYTES[buffers.comm_dtype] if buffers.comm_dtype else (h if precision == "fp32" else 4)
+    bf16_optimizer = stage == 1 and precision == "bf16" and a == 4 and not offload
     params = h * P if stage < 3 else h * part
     gathered = 0
     if stage == 3 and N > 1:  # one rank: DeepSpeed computes on the partition itself, nothing is gathered
         gathered = h * min(P, buffers.max_live) if buffers.max_reuse >= P else h * min(
             max(largest, buffers.prefetch_bucket), P)
-    grads = h * P if stage == 1 else h * part
+    if stage == 1:
+        grads = h * P + (4 * P if a != h else 0)
+    else:
+        grads = a * part
     optim = 12 * part
-    fp32_grads = 4 * part
+    fp32_grads = 4 * min(P, ALLREDUCE_CHUNK) if bf16_optimizer else 4 * part
     bucket = 0
-    if buffers.contiguous_gradients:  # torch.empty(reduce_bucket_size): allocated in full, however small the model
-        bucket = h * buffers.reduce_bucket * (2 if buffers.overlap_comm and stage < 3 else 1)
+    if buffers.contiguous_gradients and not bf16_optimizer:
+        if stage == 3:
+            bucket = c * buffers.reduce_bucket
+        else:
+            bucket = (a if stage == 1 else h) * buffers.reduce_bucket * (2 if buffers.overlap_comm else 1)
     host = 0
     if offload:
-        host, optim, fp32_grads = optim + fp32_grads, 0, 0
+        host, optim, fp32_grads = optim + 4 * part, 0, 0
     return {"params": params, "gathered_params": gathered, "grads": grads, "optimizer": optim,
             "fp32_grads": fp32_grads, "buckets": bucket, "host": host}
 
@@ -356,7 +414,7 @@ class PlanRow:
     grads_gib: float
     optimizer_gib: float
     buffers_gib: float  # ZeRO's reduce buckets
-    fp32_grads_gib: float  # the fp32 gradient partition of the optimizer step (after the activations are freed)
+    fp32_grads_gib: float  # what exists only after the activations are freed (model_states' fp32_grads)
     activations_gib: float
     teacher_gib: float
     total_gib: float
@@ -377,26 +435,28 @@ def build_host_bytes(P: int, largest: int, world: int, stage: int) -> int:
     return 4 * P
 
 
-def _ds_buffers(cfg, stage: int) -> ZeroBuffers:
+def _ds_buffers(cfg, stage: int, params: int) -> ZeroBuffers:
+    """The bucket sizes the engine will get: the template's, with "auto" resolved as ``build_ds_config`` does."""
     import json
 
-    from ..distributed.engine import template_path
+    from ..distributed.engine import fill_buckets, template_path
 
     try:
-        return ZeroBuffers.from_ds(json.loads(template_path(stage, cfg.train.ds_config).read_text()), stage)
+        ds = json.loads(template_path(stage, cfg.train.ds_config).read_text())
     except Exception:  # noqa: BLE001 - no template: DeepSpeed's defaults
         return ZeroBuffers(overlap_comm=stage == 3)
+    return ZeroBuffers.from_ds(fill_buckets(ds, params), stage)
 
 
 def plan_one(cfg, world: int, gpu_gib: float, stage: int, ckpt: bool, offload: bool, micro_batch: int,
-             precision: str = "bf16", teacher_dtype: str = "bf16", reserve_gib: float = 1.0,
+             precision: str = "bf16", teacher_dtype: str = "bf16", reserve_gib: float = RESERVE_GIB,
              classes: Optional[int] = None) -> PlanRow:
-    """One configuration. ``reserve_gib``: the device memory outside torch's allocator that a run cannot use (CUDA
-    context, NCCL buffers), taken off ``gpu_gib`` before fitting. ``classes``: plan a discrete target of that many
-    ids before its tokenizer is fit."""
+    """One configuration. ``reserve_gib``: the device memory outside torch's tensors that a run cannot use (CUDA
+    context, NCCL buffers, DALI pools, allocator slack: see ``RESERVE_GIB``), taken off ``gpu_gib`` before
+    fitting. ``classes``: plan a discrete target of that many ids before its tokenizer is fit."""
     sizes = model_sizes(cfg, classes)
     st = model_states(sizes.student_params, sizes.largest_module_params, world, stage, precision, offload,
-                      _ds_buffers(cfg, stage))
+                      _ds_buffers(cfg, stage, sizes.student_params))
     a1 = trace_micro_step(cfg, 1, precision, teacher_dtype, ckpt, classes=classes)
     a2 = trace_micro_step(cfg, 2, precision, teacher_dtype, ckpt, classes=classes)
     per_image, fixed_act = a2 - a1, 2 * a1 - a2
@@ -427,7 +487,7 @@ def plan_one(cfg, world: int, gpu_gib: float, stage: int, ckpt: bool, offload: b
 
 def plan(cfg, world: int, gpu_gib: float, archs: Sequence[str], stages=(1, 2, 3), ckpts=(False, True),
          offloads=(False, True), micro_batch: Optional[int] = None, patch: Optional[int] = None,
-         precision: str = "bf16", teacher_dtype: str = "bf16", reserve_gib: float = 1.0,
+         precision: str = "bf16", teacher_dtype: str = "bf16", reserve_gib: float = RESERVE_GIB,
          classes: Optional[int] = None) -> List[PlanRow]:
     rows = []
     for arch in archs:
@@ -455,7 +515,9 @@ def markdown(rows: List[PlanRow], world: int, gpu_gib: float) -> str:
                    f"{r.build_host_gib:.2f} |")
     out.append("")
     out.append("total = params + grads + optimizer + buckets + teacher + the larger of activations and step fp32 "
-               "grads (the optimizer step's fp32 gradient partition exists after the activations are freed); "
+               "grads (the optimizer step's fp32 gradient partition, or ZeRO-1 bf16's flattened fp32 gradients for "
+               "the all-reduce, exist after the activations are freed); grads include the fp32 accumulation "
+               "buffers of 16-bit runs; "
                "host GiB/GPU: optimizer states offloaded to the host; build host GiB/GPU: host memory while the "
                "fp32 student is built (ZeRO-3 builds it partitioned)")
     return "\n".join(out)

@@ -260,9 +260,10 @@ def evaluate_sets(model_path: str, folders: Dict[str, str], out_dir: Optional[st
 
     env = dist_env.discover()
     dist_env.export(env)
-    device = torch.device("cuda", env.local_rank) if dev_type == "cuda" else torch.device("cpu")
+    from ..distributed.engine import init_distributed, pick_device
+
+    device = pick_device(env, dev_type)  # also the current CUDA device, as NCCL needs
     if env.world_size > 1:
-        from ..distributed.engine import init_distributed
 
         init_distributed(env, dev_type)
     prec = precision if precision != "auto" else auto_precision(dev_type)

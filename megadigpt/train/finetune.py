@@ -9,7 +9,7 @@
 resume (the data order is a function of (seed, epoch), so a resumed run sees the same batches).
 """
 
-import contextlib
+import functools
 import json
 import math
 import os
@@ -113,38 +113,87 @@ def resolve_model(cfg: FinetuneRunConfig, weights=None, info=None):
     return geom, img
 
 
-def load_into_classifier(model, weights, head_init_std: float) -> dict:
-    """Pretrained trunk (and a matching head, when it fits) into the timm model; returns what was done."""
-    import torch
-
+def fit_to_classifier(model, weights):
+    """The pretrained state made to fit the timm model's (full) shapes: position embeddings interpolated,
+    another task's head and the pretraining's final norm dropped. -> (state, report); ConfigError when the trunk
+    does not fit."""
+    from ..distributed.partitioned import full_shape
     from ..model.classifier import interpolate_pos_embed
 
-    own = model.state_dict()
+    own = {n: tuple(full_shape(p)) for n, p in model.named_parameters()}
+    own.update({n: tuple(b.shape) for n, b in model.named_buffers() if n in model.state_dict()})
     sd = dict(weights)
     report = {"interpolated": None, "dropped": [], "fresh": []}
     grid = model.patch_embed.grid_size[0]
-    if sd["pos_embed"].shape != own["pos_embed"].shape:
+    if tuple(sd["pos_embed"].shape) != own["pos_embed"]:
         old = sd["pos_embed"].shape[1] - 1
         sd["pos_embed"] = interpolate_pos_embed(sd["pos_embed"], grid)
         report["interpolated"] = f"{int(round(old ** 0.5))}x{int(round(old ** 0.5))} -> {grid}x{grid}"
     for k in list(sd):
-        if k not in own or sd[k].shape != own[k].shape:
+        if k not in own or tuple(sd[k].shape) != own[k]:
             if k.startswith(("head.", "fc_norm.", "norm.")):  # another task's head / the pretraining's final norm
                 report["dropped"].append(k)
                 del sd[k]
     missing = sorted(set(own) - set(sd))
     unexpected = sorted(set(sd) - set(own))
     bad_missing = [k for k in missing if not k.startswith(("head.", "fc_norm.", "norm."))]
-    wrong = [k for k in sd if k in own and sd[k].shape != own[k].shape]
+    wrong = [k for k in sd if k in own and tuple(sd[k].shape) != own[k]]
     if bad_missing or unexpected or wrong:
         raise ConfigError(f"the pretrained weights do not fit the classifier: missing {bad_missing[:3]}, unexpected "
                           f"{unexpected[:3]}, wrong shape {wrong[:3]}")
-    model.load_state_dict(sd, strict=False)
     report["fresh"] = missing
-    if "head.weight" in missing:
+    return sd, report
+
+
+def load_into_classifier(model, weights, head_init_std: float) -> dict:
+    """Pretrained trunk (and a matching head, when it fits) into the timm model; returns what was done."""
+    import torch
+
+    sd, report = fit_to_classifier(model, weights)
+    model.load_state_dict(sd, strict=False)
+    if "head.weight" in report["fresh"]:
         torch.nn.init.trunc_normal_(model.head.weight, std=head_init_std)
         torch.nn.init.zeros_(model.head.bias)
     return report
+
+
+def build_and_load(build, weights, head_init_std: float, ds_config: Optional[dict] = None):
+    """The classifier with its initial weights: built whole (``ds_config`` None), or partitioned under ZeRO-3
+    (``build_partitioned``: timm's init one module at a time; the pretrained weights copied in module by module
+    from rank 0's copy), with the same values for the same seed either way. -> (model, load report or None)."""
+    import torch
+
+    if ds_config is None:
+        model = build()
+        report = load_into_classifier(model, weights, head_init_std) if weights is not None else None
+        if weights is None:
+            torch.nn.init.trunc_normal_(model.head.weight, std=head_init_std)
+        return model, report
+
+    import deepspeed
+    import torch.distributed as dist
+
+    from ..distributed.partitioned import _init_in_fp32, build_partitioned, load_partitioned
+
+    model = build_partitioned(build, ds_config)
+    report = None
+    if weights is not None:
+        sd, report = fit_to_classifier(model, weights)  # on every rank: the same verdict, no collective
+        fresh = [p for n, p in model.named_parameters() if n in report["fresh"]]
+        with deepspeed.zero.GatheredParameters(fresh):  # the small fresh head / norms keep their initial values
+            if dist.get_rank() == 0:
+                sd.update({n: p.detach().clone() for n, p in model.named_parameters() if n in report["fresh"]})
+        load_partitioned(model, lambda: sd, "train.init_from")
+    head = [model.head.weight] + ([model.head.bias] if report is not None else [])
+    if report is None or "head.weight" in report["fresh"]:  # drawn in fp32 as the plain build draws them
+        def init_head():
+            torch.nn.init.trunc_normal_(model.head.weight, std=head_init_std)
+            if report is not None:
+                torch.nn.init.zeros_(model.head.bias)
+
+        with deepspeed.zero.GatheredParameters(head, modifier_rank=0):
+            _init_in_fp32(head, init_head)
+    return model, report
 
 
 # ============================================================================ exports
@@ -319,12 +368,16 @@ def finetune(cfg: FinetuneRunConfig) -> dict:
         if names:
             (run_dir / "label_names.json").write_text(json.dumps(names))
 
+    with torch.device("meta"):  # the classifier's parameter count, for DeepSpeed's "auto" bucket sizes
+        n_params = sum(p.numel() for p in build_classifier(geom, m.img_size, num_classes,
+                                                            m.global_pool).parameters())
+    ds_config = ds_engine.build_ds_config(cfg, world, plan.precision, params=n_params)
     torch.manual_seed(t.seed)  # identical initial head on every rank
-    model = build_classifier(geom, m.img_size, num_classes, m.global_pool, m.drop_path)
+    # under ZeRO-3 built partitioned: no rank ever holds the whole classifier (ViT-g/e)
+    model, load_report = build_and_load(
+        functools.partial(build_classifier, geom, m.img_size, num_classes, m.global_pool, m.drop_path), weights,
+        f.head_init_std, ds_config if t.zero_stage == 3 else None)
     model_args = geom.model_args(m.img_size, num_classes, m.global_pool)
-    load_report = load_into_classifier(model, weights, f.head_init_std) if weights is not None else None
-    if weights is None:
-        torch.nn.init.trunc_normal_(model.head.weight, std=f.head_init_std)
     del weights
     if t.activation_checkpointing:
         model.set_grad_checkpointing(True)
@@ -333,8 +386,7 @@ def finetune(cfg: FinetuneRunConfig) -> dict:
 
         apply_compile(model)
     groups = param_groups_lrd(model, o.weight_decay, o.layer_decay, geom.depth)
-    optimizer = build_optimizer(model, o, plan.lr, plan.device_type, groups)
-    ds_config = ds_engine.build_ds_config(cfg, world, plan.precision)
+    optimizer = build_optimizer(model, o, plan.lr, plan.device_type, groups, ds_config=ds_config)
 
     tag, marker, universal = ckpt.resume_point(run_dir, t, world, rank0)
     if universal:
@@ -387,8 +439,7 @@ def finetune(cfg: FinetuneRunConfig) -> dict:
                                            mean=d.mean, std=d.std, crop_pct=d.crop_pct)
 
     def export(which: str, metrics: dict, with_ema: bool):
-        with (ema.swapped_in() if with_ema else contextlib.nullcontext()):
-            state = full_state_dict(module, rank0)
+        state = full_state_dict(module, rank0, ema if with_ema else None)  # fp32 masters / EMA, not bf16 params
         if rank0:
             export_classifier(state, model_args, run_dir / which, names, metrics, d.mean, d.std, d.crop_pct)
 
@@ -410,6 +461,8 @@ def finetune(cfg: FinetuneRunConfig) -> dict:
     step = start_step
     outcome, msg = "done", ""
     acc = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, valid count, bad count
+    step_acc = torch.zeros(2, dtype=torch.float64, device=device)  # this step's: counted if it is applied
+    nonfinite = torch.zeros(1, device=device)  # this step's non-finite losses, agreed on at its end
     streak, skipped = 0, int((marker or {}).get("nonfinite_steps", 0))
     t_last, steps_since = time.perf_counter(), 0
     history = []
@@ -429,14 +482,13 @@ def finetune(cfg: FinetuneRunConfig) -> dict:
             if micro == 0:
                 lr = lr_at(step, plan.lr, warmup, total_steps, o.min_lr)
                 ds_engine.set_lr(engine, lr)
-                step_failed = False
             rng_seed = (t.seed * 1_000_003 + step * 1009 + micro * 7 + env.rank) % (2 ** 32)
             torch.manual_seed(rng_seed)  # drop path, erasing: stateless per (step, micro, rank)
             np.random.seed(rng_seed)  # timm's Mixup draws lam and boxes from numpy
             random.seed(rng_seed)  # and RandomErasing from Python's
             x = batch["image"].to(device, non_blocking=True)
             y = batch["label"].to(device, non_blocking=True)
-            valid = batch["valid"].to(device).float()
+            valid = ds_engine.to_device(batch["valid"], device).float()
             bad_log.add(batch, step + 1)
             if erase is not None:
                 x = erase(x)
@@ -450,17 +502,20 @@ def finetune(cfg: FinetuneRunConfig) -> dict:
             else:
                 per_sample = F.cross_entropy(logits, y, label_smoothing=f.smoothing, reduction="none")
             loss = (per_sample * valid).sum() / valid.sum().clamp(min=1.0)
-            if fault_active("nan", step + 1, env.rank):
+            if fault_active("nan", step + 1, env.rank, micro):
                 loss = loss * float("nan")
-            if ds_engine.backward_if_finite(engine, loss, plan.accum):
-                acc += torch.stack([loss.detach().double() * valid.sum(), valid.sum().double(),
-                                    (1 - valid).sum().double()])
-            else:
-                step_failed = True
+            step_acc += torch.stack([loss.detach().double() * valid.sum(), valid.sum().double()])
+            acc[2] += (1 - valid).sum().double()
+            # every rank runs every backward; whether the step's update is applied is agreed once, at its end
+            applied = ds_engine.micro_step(engine, loss, nonfinite, last=micro + 1 == plan.accum)
             micro += 1
             if micro < plan.accum:
                 continue
             micro = 0
+            step_failed = not applied
+            if applied:  # a skipped step's micro-batches count in no loss
+                acc[:2] += step_acc
+            step_acc.zero_()
             step += 1
             steps_since += 1
             sink.advance()

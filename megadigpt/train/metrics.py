@@ -1,10 +1,19 @@
 """Throughput, FLOPs and MFU, and the metric sinks: metrics.jsonl, TensorBoard, a progress bar.
 
-FLOPs are counted, not estimated: ``torch.utils.flop_counter`` over one image through the student (on the meta
-device, so nothing is computed) and through the teacher. Model FLOPs per image = 3 x student forward (forward +
-backward, whether or not activations are recomputed) [+ 1 x teacher forward for the total]. MFU divides achieved
-FLOP/s by the device's peak: the dense bf16 tensor-core peak for known GPUs, ``train.peak_tflops`` if given, or on
-a CPU a measured fp32 matmul rate (labelled as measured).
+FLOPs are counted, not estimated: ``torch.utils.flop_counter`` over one image through the student and through the
+teacher, both built on the meta device (nothing is computed). On the meta device ``F.scaled_dot_product_attention``
+runs its math decomposition, whose matmuls the counter sees, and ``nn.MultiheadAttention`` (OpenCLIP) takes its
+slow path; on a real CPU or GPU in eval/no_grad the MHA fast path (``_native_multi_head_attention``) and CPU's
+fused SDPA kernel are invisible to the counter, so counting on real tensors leaves out attention (and, for MHA, the
+q/k/v and output projections). Model FLOPs per image = 3 x student forward (forward + backward, whether or not
+activations are recomputed) [+ 1 x teacher forward for the total].
+
+MFU divides achieved FLOP/s by the device's peak: ``train.peak_tflops`` if given; for known GPUs the dense (no
+sparsity) 16-bit tensor-core peak of NVIDIA's datasheet (:func:`gpu_peak`): bf16 where the GPU has bf16 tensor
+cores, fp16 on V100 and T4, which have none (MFU there is against the fp16 peak, the fastest the matmuls can run;
+precision ``auto`` trains in fp16 on them). MFU is always against the 16-bit peak, also for an fp32 run (the
+usual convention: it says how far the run is from the hardware, not from its own dtype). On a CPU: a measured
+fp32 matmul rate (labelled as measured).
 """
 
 import json
@@ -15,10 +24,46 @@ from typing import Optional
 
 import torch
 
-GPU_PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0, "V100": 125.0}
+# Dense 16-bit tensor-core peaks (TFLOP/s per GPU, without 2:4 sparsity) from NVIDIA's datasheets. Matched in
+# this order against torch.cuda.get_device_name(), case-insensitively, every word of a key present: the specific
+# variants first (an H100 PCIe is not an H100 SXM; "A100" must not match "A10").
+GPU_PEAKS = (
+    # (words in the device name, label, 16-bit dtype of the peak, TFLOP/s)
+    (("H100", "PCIe"), "H100 PCIe", "bf16", 756.0),
+    (("H100", "NVL"), "H100 NVL", "bf16", 835.0),
+    (("H200", "NVL"), "H200 NVL", "bf16", 835.0),
+    (("GH200",), "GH200", "bf16", 989.0),
+    (("H200",), "H200 SXM", "bf16", 989.0),
+    (("H100",), "H100 SXM", "bf16", 989.0),  # "NVIDIA H100 80GB HBM3"
+    (("H800",), "H800 SXM", "bf16", 989.0),
+    (("A100",), "A100", "bf16", 312.0),  # SXM and PCIe alike
+    (("A800",), "A800", "bf16", 312.0),
+    (("L40S",), "L40S", "bf16", 362.0),
+    (("L40",), "L40", "bf16", 181.0),
+    (("L4",), "L4", "bf16", 121.0),
+    (("A10G",), "A10G", "bf16", 70.0),
+    (("A10",), "A10", "bf16", 125.0),
+    (("V100", "PCIe"), "V100 PCIe", "fp16", 112.0),  # Volta: no bf16 at all
+    (("V100S",), "V100S", "fp16", 130.0),
+    (("V100",), "V100 SXM2", "fp16", 125.0),
+    (("T4",), "T4", "fp16", 65.0),
+)
+
+
+def gpu_peak(name: str):
+    """(TFLOP/s, label, dtype) of the dense 16-bit tensor-core peak for a CUDA device name, or None if unknown."""
+    import re
+
+    words = set(re.split(r"[^0-9A-Z]+", name.upper()))
+    for keys, label, dtype, tflops in GPU_PEAKS:
+        if all(k.upper() in words for k in keys):
+            return tflops, label, dtype
+    return None
 
 
 def count_flops(fn, *args) -> Optional[float]:
+    """FLOPs of ``fn(*args)``. Pass a module and inputs on the meta device (see the module docstring: on real
+    tensors fused attention kernels are invisible to the counter)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     try:
@@ -29,16 +74,27 @@ def count_flops(fn, *args) -> Optional[float]:
         return None
 
 
+def teacher_flops(cfg, classes: Optional[int] = None) -> Optional[float]:
+    """Forward FLOPs per image of the configured teacher, counted on its meta-device twin (random, unallocated
+    weights: the same architecture) so that attention is in the count; 0 for the pixel target."""
+    from ..perf.memory import _meta_teacher
+
+    teacher, spec = _meta_teacher(cfg.target, cfg.model, classes)
+    if cfg.target.kind == "pixels" and not spec.classes:
+        return 0.0
+    return count_flops(teacher, torch.zeros(1, 3, spec.image_size, spec.image_size, device="meta"))
+
+
 def peak_tflops(device: torch.device, override: Optional[float]):
     """(TFLOP/s per device, how it was obtained)."""
     if override:
         return override, "config"
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
-        for key, v in GPU_PEAK_BF16_TFLOPS.items():
-            if key in name:
-                return v, f"{key} bf16 dense"
-        return None, "unknown GPU"
+        hit = gpu_peak(name)
+        if hit:
+            return hit[0], f"{hit[1]} {hit[2]} dense (datasheet)"
+        return None, f"unknown GPU {name!r}: set train.peak_tflops"
     a = torch.randn(1024, 1024)
     a @ a
     t0, n = time.perf_counter(), 0

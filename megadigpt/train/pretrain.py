@@ -259,7 +259,7 @@ def pretrain(cfg: Config) -> dict:
     from ..distributed.partitioned import build_partitioned, host_peak_bytes, reset_host_peak
     from ..model import build_model
     from ..targets import build_target, example_targets, student_targets
-    from .metrics import MetricsSink, count_flops, peak_tflops
+    from .metrics import MetricsSink, count_flops, peak_tflops, teacher_flops
     from .optim import build_optimizer, lr_at
     from .runtime import hold_run_dir, release
 
@@ -317,13 +317,12 @@ def pretrain(cfg: Config) -> dict:
     student_fwd = count_flops(meta_model, x_meta, *example_targets(spec, 1, "meta"),
                               torch.arange(m.segment_grid ** 2, device="meta")[None])
     del meta_model
-    teacher_fwd = count_flops(teacher, torch.zeros(1, 3, spec.image_size, spec.image_size, device=device,
-                                                   dtype=_dtype(plan.teacher_dtype)))
+    teacher_fwd = teacher_flops(cfg)  # on meta: on real tensors the teacher's fused attention is not counted
     if t.activation_checkpointing:
         apply_activation_checkpointing(model)
     if t.compile:  # after activation checkpointing, before the engine shards (torchtitan's order)
         apply_compile(model, teacher)
-    optimizer = build_optimizer(model, cfg.optim, plan.lr, plan.device_type)
+    optimizer = build_optimizer(model, cfg.optim, plan.lr, plan.device_type, ds_config=ds_config)
 
     # ---------------------------------------------------------------- what to resume from (before the engine)
     tag, marker, universal = ckpt.resume_point(run_dir, t, env.world_size, rank0, tokenizer)
@@ -361,6 +360,8 @@ def pretrain(cfg: Config) -> dict:
     # ---------------------------------------------------------------- loop
     step, micro = start_step, 0
     acc = torch.zeros(4, dtype=torch.float64, device=device)  # gen sum, dis sum, valid count, bad count
+    step_acc = torch.zeros(3, dtype=torch.float64, device=device)  # this step's: counted if it is applied
+    nonfinite = torch.zeros(1, device=device)  # this step's non-finite losses, agreed on at its end
     bad_total = int((marker or {}).get("bad_samples", 0))
     skipped_total = int((marker or {}).get("nonfinite_steps", 0))
     streak_start, step_failed, last_save = None, False, time.monotonic()
@@ -388,30 +389,33 @@ def pretrain(cfg: Config) -> dict:
             torch.manual_seed(t.seed * 1_000_003 + step * 1009 + env.rank)  # drop-path etc.: stateless per step
             lr = lr_at(step, plan.lr, warmup, total_steps, cfg.optim.min_lr)
             ds_engine.set_lr(engine, lr)
-            step_failed = False
         views = {s: v.to(device, non_blocking=True) for s, v in zip(sizes, batch["views"])}
         student_in = norm_student(views[m.img_size])
         teacher_in = norm_teacher(views[spec.image_size])
         with torch.no_grad():
             tokens, cls = teacher(teacher_in)
         tokens, cls = student_targets(tokens, cls, compute_dtype)
-        valid = batch["valid"].to(device).float()
+        valid = ds_engine.to_device(batch["valid"], device).float()
         bad_log.add(batch, step + 1)
-        gen_per_sample, dis_per_sample = engine(student_in, tokens, cls, batch["order"].to(device))
+        gen_per_sample, dis_per_sample = engine(student_in, tokens, cls, ds_engine.to_device(batch["order"], device))
         n_valid = valid.sum().clamp(min=1.0)
         gen = (gen_per_sample * valid).sum() / n_valid
         dis = (dis_per_sample * valid).sum() / n_valid
-        if fault_active("nan", step + 1, env.rank):
+        if fault_active("nan", step + 1, env.rank, micro):
             gen = gen * float("nan")
-        if ds_engine.backward_if_finite(engine, gen + dis, plan.accum):
-            acc += torch.stack([gen.detach().double() * valid.sum(), dis.detach().double() * valid.sum(),
-                                valid.sum().double(), (1 - valid).sum().double()])
-        else:
-            step_failed = True
+        step_acc += torch.stack([gen.detach().double() * valid.sum(), dis.detach().double() * valid.sum(),
+                                 valid.sum().double()])
+        acc[3] += (1 - valid).sum().double()
+        # every rank runs every backward; whether the step's update is applied is agreed once, at its end
+        applied = ds_engine.micro_step(engine, gen + dis, nonfinite, last=micro + 1 == plan.accum)
         micro += 1
         if micro < plan.accum:
             continue
         micro = 0
+        step_failed = not applied
+        if applied:  # a skipped step's micro-batches count in no loss
+            acc[:3] += step_acc
+        step_acc.zero_()
         step += 1
         steps_since += 1
         sink.advance()
@@ -472,7 +476,8 @@ def pretrain(cfg: Config) -> dict:
             from .probe import knn_monitor
 
             sink.log(step, knn_monitor(engine.module.encoder, *probe_sets, probe_classes, m.img_size, t.micro_batch,
-                                       device, compute_dtype, cfg.data.mean, cfg.data.std))
+                                       device, compute_dtype, cfg.data.mean, cfg.data.std,
+                                       num_workers=cfg.data.num_workers))
         if flags[0] > 0 and step < total_steps:
             outcome = "signal"
             agreed = SignalFlag.name_of(flags[0])

@@ -198,27 +198,64 @@ def train_linear_heads(train_x: torch.Tensor, train_y: torch.Tensor, val_x: torc
 # ============================================================================ k-NN
 
 
+def _gather_padded(t: torch.Tensor, rows: int) -> torch.Tensor:
+    """Every rank's ``t`` (at most ``rows`` rows), zero-padded to ``rows``: (world, rows, ...)."""
+    import torch.distributed as dist
+
+    padded = torch.cat([t, t.new_zeros((rows - t.shape[0], *t.shape[1:]))])
+    if _world() == 1:
+        return padded[None]
+    parts = [torch.empty_like(padded) for _ in range(_world())]
+    dist.all_gather(parts, padded)
+    return torch.stack(parts)
+
+
 @torch.no_grad()
 def knn_classify(train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tensor, val_y: torch.Tensor,
                  num_classes: int, k: int = 20, t: float = 0.07, chunk: int = 1024) -> Dict:
-    """Cosine k-NN with exp(cos / t) weighted votes. train_x: (n, C) this rank's slice (gathered from all ranks
-    here), val_x: (m, C) this rank's slice. Returns top-1/top-5 over all ranks."""
-    bank = F.normalize(_all_gather_rows(train_x.float()), dim=1)
-    bank_y = _all_gather_rows(train_y)
-    k = min(k, bank.shape[0])
-    hits = torch.zeros(2, dtype=torch.float64, device=val_x.device)
-    for i in range(0, val_x.shape[0], chunk):
-        q = F.normalize(val_x[i:i + chunk].float(), dim=1)
-        sim, idx = (q @ bank.T).topk(k, dim=1)
-        votes = torch.zeros(q.shape[0], num_classes, device=q.device)
-        votes.scatter_add_(1, bank_y[idx], (sim / t).exp())
+    """Cosine k-NN with exp(cos / t) weighted votes, on a sharded bank. train_x: (n, C) this rank's slice of the
+    bank (it stays here: memory per rank is ``n x C`` fp32, 1/world of the bank), val_x: (m, C) this rank's
+    queries. Per chunk, the queries of every rank are gathered (``world x chunk x C``), each rank finds their k
+    nearest in its own shard, and the (world x k) candidates per query are gathered and merged: the same
+    neighbours as a gathered bank. Returns top-1/top-5 over all ranks, and ``bank_rows`` (this rank's shard)."""
+    import torch.distributed as dist
+
+    world = _world()
+    device = val_x.device
+    bank = F.normalize(train_x.float(), dim=1)  # this rank's shard only
+    bank_y = train_y.to(device)
+    n_all = int(_all_reduce(torch.tensor([float(bank.shape[0])], device=device)).item())
+    k = min(k, n_all)
+    m = torch.tensor([val_x.shape[0]], device=device)
+    if world > 1:
+        dist.all_reduce(m, op=dist.ReduceOp.MAX)
+    rounds = (int(m.item()) + chunk - 1) // chunk  # the same on every rank: each round is a collective
+    hits = torch.zeros(2, dtype=torch.float64, device=device)
+    total = 0
+    for r in range(rounds):
+        q, y = val_x[r * chunk:(r + 1) * chunk], val_y[r * chunk:(r + 1) * chunk].to(device)
+        qs = _gather_padded(F.normalize(q.float(), dim=1), chunk).flatten(0, 1)  # (world * chunk, C)
+        ys = _gather_padded(y, chunk).flatten()
+        real = _gather_padded(torch.ones(len(y), dtype=torch.bool, device=device), chunk).flatten()
+        # this shard's best k (fewer if the shard is smaller; -inf fills, never chosen over a real neighbour)
+        kk = min(k, bank.shape[0])
+        sim = torch.full((qs.shape[0], k), -math.inf, device=device)
+        lab = torch.zeros(qs.shape[0], k, dtype=torch.long, device=device)
+        if kk > 0:
+            s, i = (qs @ bank.T).topk(kk, dim=1)
+            sim[:, :kk], lab[:, :kk] = s, bank_y[i]
+        sims = _gather_padded(sim, sim.shape[0]).permute(1, 0, 2).flatten(1)  # (world * chunk, world * k)
+        labs = _gather_padded(lab, lab.shape[0]).permute(1, 0, 2).flatten(1)
+        sim, j = sims.topk(k, dim=1)
+        votes = torch.zeros(qs.shape[0], num_classes, device=device)
+        votes.scatter_add_(1, labs.gather(1, j), (sim / t).exp())
         top = votes.topk(min(5, num_classes), dim=1).indices
-        y = val_y[i:i + chunk]
-        hits[0] += (top[:, 0] == y).double().sum()
-        hits[1] += (top == y[:, None]).any(1).double().sum()
-    _all_reduce(hits)
-    m = _all_reduce(torch.tensor([float(val_x.shape[0])], dtype=torch.float64, device=val_x.device)).item()
-    return {"top1": 100 * hits[0].item() / max(m, 1), "top5": 100 * hits[1].item() / max(m, 1)}
+        # every rank now holds the merged answer for every rank's queries: count them all, here
+        hits[0] += ((top[:, 0] == ys) & real).double().sum()
+        hits[1] += ((top == ys[:, None]).any(1) & real).double().sum()
+        total += int(real.sum())
+    return {"top1": 100 * hits[0].item() / max(total, 1), "top5": 100 * hits[1].item() / max(total, 1),
+            "bank_rows": int(bank.shape[0])}
 
 
 # ============================================================================ the command
@@ -246,14 +283,16 @@ def features_for(encoder, samples, img_size: int, micro_batch: int, layers, devi
 
 
 def knn_monitor(encoder, train_samples, val_samples, num_classes: int, img_size: int, micro_batch: int, device,
-                dtype, mean, std, k: int = 20, t: float = 0.07) -> Dict:
-    """k-NN top-1 of the last block's pooled features, during pretraining (a collective: every rank calls it)."""
+                dtype, mean, std, k: int = 20, t: float = 0.07, num_workers: int = 2) -> Dict:
+    """k-NN top-1 of the last block's pooled features, during pretraining (a collective: every rank calls it).
+    Images are decoded by ``num_workers`` DataLoader workers (not in the training thread); the bank stays
+    sharded over the ranks (:func:`knn_classify`)."""
     import time
 
     t0 = time.perf_counter()
     depth = len(encoder.blocks)
     common = dict(img_size=img_size, micro_batch=micro_batch, layers=[depth], device=device, dtype=dtype,
-                  kind="torch", num_workers=0, mean=mean, std=std, crop_pct=0.875)
+                  kind="torch", num_workers=num_workers, mean=mean, std=std, crop_pct=0.875)
     tx, ty = features_for(encoder, train_samples, **common)
     vx, vy = features_for(encoder, val_samples, **common)
     r = knn_classify(tx[0], ty, vx[0], vy, num_classes, k, t)
@@ -314,7 +353,7 @@ def run_probe(cfg, weights: Optional[str], out_dir: str, random_init: bool = Fal
     knn = []
     for v in knn_layers:
         r = knn_classify(tx[want.index(v)], ty, vx[want.index(v)], vy, num_classes, p.knn_k, p.knn_t)
-        knn.append({"layer": v, **r})
+        knn.append({"layer": v, "top1": r["top1"], "top5": r["top5"]})
     result = {"weights": weights, "random_init": bool(random_init and not weights), "linear": per_layer,
               "best": best, "knn": knn, "num_classes": num_classes, "train_images": int(_all_reduce(
                   torch.tensor([float(len(ty))], device=device)).item()),
