@@ -24,6 +24,9 @@ setup(
         "pillow",
         "pyyaml",
         "tqdm",
+        "fsspec",  # remote shards: http(s), s3, gs ...
+        "aiohttp",  # fsspec's http
+        "braceexpand",  # {a..b} and {a,b} shard sets (as webdataset)
         "tensorboard",
         "safetensors",
         "scikit-image",  # the demo's real photos

@@ -1,4 +1,5 @@
-"""Where images come from: webdataset shards (the layout img2dataset writes), image folders, the demo photos.
+"""Where images come from: webdataset shards (the layout img2dataset writes, local or at http(s)/s3/gs/pipe: URLs
+through :mod:`megadigpt.data.remote`), image folders, the demo photos.
 
 A source is resolved into a flat, ordered list of :class:`Sample` records; decoding happens in the loader.
 """
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 from ..config import ConfigError
+from .remote import RemoteError, cache_shard, default_cache_dir, expand_urls, is_remote
 
 log = logging.getLogger(__name__)
 
@@ -64,18 +66,6 @@ def demo_dir() -> Path:
     return Path(skimage.__file__).parent / "data"
 
 
-def _expand_braces(pattern: str) -> List[str]:
-    m = re.search(r"\{(\d+)\.\.(\d+)\}", pattern)
-    if not m:
-        return [pattern]
-    a, b = m.group(1), m.group(2)
-    width = len(a)
-    out = []
-    for i in range(int(a), int(b) + 1):
-        out += _expand_braces(pattern[:m.start()] + str(i).zfill(width) + pattern[m.end():])
-    return out
-
-
 def _resolve_paths(source: Union[str, Sequence[str]]):
     """-> ('demo', [files]) | ('tar', [shards]) | ('folder', root)"""
     items = [source] if isinstance(source, str) else list(source)
@@ -88,8 +78,14 @@ def _resolve_paths(source: Union[str, Sequence[str]]):
     shards, folders = [], []
     for item in items:
         item = os.path.expanduser(str(item))
-        expanded = _expand_braces(item)
+        expanded = expand_urls(item)  # {000..009} ranges and {train,val} comma sets (braceexpand)
         for e in expanded:
+            if is_remote(e):  # http(s)://, s3://, gs://, pipe: - read through a local copy (remote.cache_shard)
+                try:
+                    shards.append(cache_shard(e, default_cache_dir()))
+                except RemoteError as err:
+                    raise ConfigError(str(err)) from None
+                continue
             if any(ch in e for ch in "*?["):
                 matches = sorted(glob.glob(e))
                 if not matches:
