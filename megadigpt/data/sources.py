@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 from ..config import ConfigError
-from .remote import RemoteError, cache_shard, default_cache_dir, expand_urls, is_remote
+from .remote import RemoteError, cache_shard, expand_urls, is_remote
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ def _resolve_paths(source: Union[str, Sequence[str]]):
         for e in expanded:
             if is_remote(e):  # http(s)://, s3://, gs://, pipe: - read through a local copy (remote.cache_shard)
                 try:
-                    shards.append(cache_shard(e, default_cache_dir()))
+                    shards.append(cache_shard(e))
                 except RemoteError as err:
                     raise ConfigError(str(err)) from None
                 continue
