@@ -24,6 +24,7 @@ setup(
         "pillow",
         "pyyaml",
         "tqdm",
+        "matplotlib",  # megadigpt report's plots
         "fsspec",  # remote shards: http(s), s3, gs ...
         "aiohttp",  # fsspec's http
         "braceexpand",  # {a..b} and {a,b} shard sets (as webdataset)
@@ -35,7 +36,8 @@ setup(
     ],
     extras_require={
         # the tests run real DALI pipelines on the CPU
-        "test": ["pytest>=7", "nvidia-dali-cuda130", "mpi4py", "matplotlib"],
+        "test": ["pytest>=7", "nvidia-dali-cuda130", "mpi4py", "matplotlib", "wandb"],
+        "wandb": ["wandb"],
         # megadigpt bench's plot
         "bench": ["matplotlib"],
         "mpi": ["mpi4py"],

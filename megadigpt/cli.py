@@ -26,9 +26,25 @@ class ArgumentError(ConfigError):
     other bad input, also where a command line is parsed inside another command (``submit``)."""
 
 
+class _Help(argparse.HelpFormatter):
+    """``--help`` shows each option's default (where it has one worth showing: not None, not an off switch)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if (not action.option_strings or "default" in text or action.default in (None, False, argparse.SUPPRESS)
+                or isinstance(action, argparse._VersionAction)):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse with the one-line error of every other bad input: ``megadigpt: error: <command>: ...``, exit 2,
-    no usage block (``--help`` still prints it). Subparsers inherit the class."""
+    no usage block (``--help`` still prints it). Subparsers inherit the class, and the help formatter that
+    shows defaults."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _Help)
+        super().__init__(*args, **kwargs)
 
     def error(self, message):
         where = self.prog.split(" ", 1)[1] + ": " if " " in self.prog else ""
@@ -65,6 +81,8 @@ def pretrain_overrides(args):
         overrides.append(f"data.source={args.data}")
     if args.run_dir:
         overrides.append(f"train.run_dir={args.run_dir}")
+    if getattr(args, "allow_schedule_change", False):
+        overrides.append("train.allow_schedule_change=true")
     return overrides
 
 
@@ -83,6 +101,8 @@ def finetune_overrides(args):
         v = getattr(args, flag, None)
         if v:
             overrides.append(f"{key}={v}")
+    if getattr(args, "allow_schedule_change", False):
+        overrides.append("train.allow_schedule_change=true")
     return overrides
 
 
@@ -95,6 +115,12 @@ def cmd_finetune(args) -> int:
         b = res["best"]["best"]
         print(f"best top-1 {b['top1']:.2f} (step {b['step']}); exports in {res['run_dir']}/best and /last")
     return 0
+
+
+def cmd_segment(args) -> int:
+    from .train.segment import cli_main
+
+    return cli_main(args)
 
 
 def cmd_probe(args) -> int:
@@ -208,6 +234,11 @@ def cmd_plan(args) -> int:
     import json
     from dataclasses import asdict
 
+    from .perf.segment_memory import cmd_plan_segment, is_segment_config
+
+    if is_segment_config(args.config):  # the segmentation step (UperNet at the crop size)
+        return cmd_plan_segment(args)
+
     from .config import load_config
     from .model.vit import VIT_SIZES
     from .perf import memory
@@ -294,6 +325,16 @@ def cmd_show_config(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    from .train.report import report
+
+    if args.out:
+        check_output(args.out, "dir", "--out")
+    res = report(args.run_dir, args.out, args.probe)
+    print(f"{len(res['plots'])} plots ({', '.join(res['plots'])}) and summary.md in {res['out']}")
+    return 0
+
+
 def cmd_config_reference(args) -> int:
     from .config import reference_markdown
 
@@ -306,7 +347,12 @@ def cmd_data(args) -> int:
 
     from .data import tools
 
-    check_output(args.out, "file" if args.data_command in ("merge", "in21k-labels") else "dir", "--out")
+    file_out = args.data_command == "in21k-labels" or (args.data_command == "merge" and str(args.out).endswith(".jsonl"))
+    check_output(args.out, "file" if file_out else "dir", "--out")
+    if args.data_command == "merge" and not file_out and Path(args.out).is_dir() and \
+            not (Path(args.out) / "index.json").is_file():  # a merge replaces an old index, never another folder
+        raise ConfigError(f"--out {args.out} is an existing folder that is not a sample index; give a new folder, "
+                          f"an index folder to replace, or a .jsonl file path")
     if getattr(args, "shards", None):
         check_output(args.shards, "dir", "--shards")
     if args.data_command == "validate":
@@ -318,6 +364,9 @@ def cmd_data(args) -> int:
     elif args.data_command == "build":
         m = tools.build(args.source, args.out, shard_size=args.shard_size, prefix=args.prefix)
         print(json.dumps({k: m[k] for k in ("count", "classes", "labelled")} | {"shards": len(m["shards"])}))
+    elif args.data_command == "index":
+        print(json.dumps(tools.index_shards(args.source if len(args.source) > 1 else args.source[0], args.out,
+                                            workers=args.workers)))
     elif args.data_command == "merge":
         m = tools.merge(args.spec, args.out, seed=args.seed)
         print(json.dumps(m, indent=1))
@@ -333,7 +382,10 @@ _RESERVE_GIB = 4.0  # megadigpt.perf.memory.RESERVE_GIB (not imported here: it w
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="megadigpt", description=__doc__)
+    from . import __version__
+
+    p = _Parser(prog="megadigpt", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", action="version", version=f"megadigpt {__version__}")
     # the deepspeed launcher appends --local_rank=N; the rank comes from the environment anyway
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     sub = p.add_subparsers(dest="command", required=True)
@@ -342,6 +394,8 @@ def build_parser() -> argparse.ArgumentParser:
     pt.add_argument("--config", default="demo", help="a YAML file or a built-in config name (default: demo)")
     pt.add_argument("--data", default=None, help="shortcut for data.source=...: shards, a folder, or 'demo'")
     pt.add_argument("--run-dir", default=None, help="shortcut for train.run_dir=...")
+    pt.add_argument("--allow-schedule-change", action="store_true",
+                    help="resume with another lr schedule (max_steps, epochs, lr, warm-up); recorded in metrics.jsonl")
     pt.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     pt.add_argument("overrides", nargs="*", metavar="section.key=value")
     pt.set_defaults(fn=cmd_pretrain)
@@ -352,10 +406,15 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--val", default=None, help="shortcut for data.val=...")
     ft.add_argument("--init-from", dest="init_from", default=None, help="shortcut for train.init_from=...")
     ft.add_argument("--run-dir", default=None, help="shortcut for train.run_dir=...")
+    ft.add_argument("--allow-schedule-change", action="store_true",
+                    help="resume with another lr schedule (max_steps, epochs, lr, warm-up); recorded in metrics.jsonl")
     ft.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     ft.add_argument("overrides", nargs="*", metavar="section.key=value")
     ft.set_defaults(fn=cmd_finetune)
 
+    from .train.segment import add_parser as add_segment_parser
+
+    add_segment_parser(sub).set_defaults(fn=cmd_segment)  # ADE20K-style semantic segmentation (UperNet)
     pr = sub.add_parser("probe", help="linear probe of every block (best block reported) and k-NN")
     pr.add_argument("weights", nargs="?", default=None, help="a pretraining run/checkpoint, a timm folder, a "
                                                              ".safetensors or a reference .pth")
@@ -401,7 +460,8 @@ def build_parser() -> argparse.ArgumentParser:
     cv.add_argument("--no-final-norm", action="store_true", help="timm: export without timm's final LayerNorm")
     cv.set_defaults(fn=cmd_convert)
 
-    data = sub.add_parser("data", help="dataset tooling: validate, build shards, merge, ImageNet-21K labels")
+    data = sub.add_parser("data", help="dataset tooling: validate, build shards, index shards, merge, ImageNet-21K "
+                                       "labels")
     dsub = data.add_subparsers(dest="data_command", required=True)
     v = dsub.add_parser("validate", help="decode every sample; write clean.jsonl and bad.jsonl (and clean shards)")
     v.add_argument("source", help="shards, an image folder, or a sample list (.jsonl)")
@@ -410,16 +470,24 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--shards", default=None, help="also write clean shards to this folder")
     v.add_argument("--shard-size", type=POS_INT, default=10000)
     v.set_defaults(fn=cmd_data)
-    b = dsub.add_parser("build", help="write webdataset shards + DALI indexes + manifest.json (restartable)")
+    b = dsub.add_parser("build", help="write webdataset shards + DALI indexes + manifest.json + the sample index "
+                                      "<out>/index (restartable)")
     b.add_argument("source", help="an image folder, a file list (.txt: path [label]), shards, or a sample list")
     b.add_argument("--out", required=True)
     b.add_argument("--shard-size", type=POS_INT, default=10000)
     b.add_argument("--prefix", default="shard")
     b.set_defaults(fn=cmd_data)
-    mg = dsub.add_parser("merge", help="merge sources by weight into a sample list (see README)")
+    ix = dsub.add_parser("index", help="scan tar shards written elsewhere (e.g. img2dataset's) into a sample index "
+                                       "folder, in parallel; <shards>/index is used automatically")
+    ix.add_argument("source", nargs="+", help="shards: a folder, a pattern such as 'dir/{00000..01023}.tar', or URLs")
+    ix.add_argument("--out", required=True, help="the index folder (written atomically; an old index is replaced)")
+    ix.add_argument("--workers", type=POS_INT, default=os.cpu_count() or 1, help="scanning processes")
+    ix.set_defaults(fn=cmd_data)
+    mg = dsub.add_parser("merge", help="merge sources by weight into a sample index folder, or a sample list "
+                                       "(.jsonl) for small merges (see docs/data.md)")
     mg.add_argument("spec", help="YAML: sources [{name, source, weight, expected_count}], total, "
                                  "exclude_duplicates_of")
-    mg.add_argument("--out", required=True, help="the merged sample list (.jsonl)")
+    mg.add_argument("--out", required=True, help="the merged index folder (or a .jsonl sample list)")
     mg.add_argument("--seed", type=NONNEG_INT, default=0)
     mg.set_defaults(fn=cmd_data)
     lab = dsub.add_parser("in21k-labels", help="ImageNet-21K class indices from the synset folders present")
@@ -473,7 +541,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--teacher-dtype", dest="teacher_dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
     pl.add_argument("--reserve", type=NONNEG_FLOAT, default=_RESERVE_GIB,
                     help=f"GiB per GPU outside torch's tensors (CUDA context, NCCL communicators, DALI pools, "
-                         f"allocator slack; default {_RESERVE_GIB:g}, see README)")
+                         f"allocator slack; default {_RESERVE_GIB:g}, see docs/benchmarks.md)")
     pl.add_argument("--classes", type=POS_INT, default=None,
                     help="discrete targets: plan with this many token ids (instead of target.tokenizer's, e.g. "
                          "before it is fit)")
@@ -529,6 +597,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     cr = sub.add_parser("config-reference", help="print the config reference (markdown)")
     cr.set_defaults(fn=cmd_config_reference)
+    rp = sub.add_parser("report", help="PNG plots of a run (losses, lr, images/s, k-NN / val top-1, per-block "
+                                       "probe) and a markdown summary")
+    rp.add_argument("run_dir", help="a pretraining or fine-tuning run directory (its metrics.jsonl)")
+    rp.add_argument("--out", default=None, help="folder for the plots and summary.md (default: <run_dir>/report)")
+    rp.add_argument("--probe", default=None, help="a `megadigpt probe --out` folder: also plot top-1 per block")
+    rp.set_defaults(fn=cmd_report)
     return p
 
 

@@ -3,7 +3,7 @@ misspelled keys are an error (with a suggestion), never silently ignored; so is 
 (``RULES``, checked by ``load_config`` for every command) and a config file that cannot be read as one (binary,
 empty, a key given twice: ``read_yaml``).
 
-Every field's comment is its documentation; README's config reference is generated from the same tree
+Every field's comment is its documentation; the config reference (docs/config.md) is generated from the same tree
 (``megadigpt config-reference``).
 """
 
@@ -79,6 +79,12 @@ class DataConfig:
     mean: Tuple[float, float, float] = (0.485, 0.456, 0.406)  # student normalisation (ImageNet)
     std: Tuple[float, float, float] = (0.229, 0.224, 0.225)
     num_workers: int = 2  # per rank: DataLoader workers (torch) or DALI CPU threads
+    mode: str = "auto"  # auto (stream for remote URLs, indexed otherwise) | indexed (random access, exact resume) | stream (sequential shard reads)
+    cache_dir: Optional[str] = None  # indexed mode: local copies of remote shards; default $MEGADIGPT_CACHE or ~/.cache/megadigpt/shards
+    shuffle_buffer: int = 2000  # stream mode: samples per DataLoader worker held and drawn from at random
+    epoch_size: Optional[int] = None  # stream mode: samples per epoch where no manifest.json beside the shards counts them
+    io_timeout_s: float = 60.0  # remote reads: seconds without progress before a read is abandoned and retried
+    io_retries: int = 3  # remote reads: retries with backoff (0.5, 1, 2 s, ...) before a shard is skipped
 
 
 @dataclass
@@ -112,9 +118,13 @@ class TrainConfig:
     ckpt_every: int = 1000  # optimizer steps between checkpoints (and always at the end)
     ckpt_every_minutes: float = 30.0  # also checkpoint when this much time passed since the last (0 = off)
     ckpt_keep: int = 3  # complete checkpoints kept (older ones deleted); 0 = keep all
+    allow_schedule_change: bool = False  # resume with another lr schedule (max_steps, epochs, lr, warm-up; --allow-schedule-change); recorded in metrics.jsonl
     nan_tolerance: int = 3  # consecutive non-finite steps skipped before rolling back and stopping
     log_every: int = 10  # optimizer steps between metric lines
     tensorboard: bool = True
+    wandb: bool = False  # also log to Weights & Biases (pip install wandb); the W&B run id is kept in the run directory
+    wandb_project: str = "megadigpt"
+    wandb_mode: str = "online"  # online | offline (written under <run_dir>/wandb; `wandb sync` later)
     progress: str = "auto"  # auto (a bar when stderr is a terminal) | on | off
     peak_tflops: Optional[float] = None  # per-device peak for MFU; default: known GPUs, or a measured CPU matmul
     probe_every: int = 0  # optimizer steps between k-NN monitors of the encoder (0 = off; knn_top1 in metrics)
@@ -151,6 +161,9 @@ class FinetuneDataConfig:
     mean: Tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: Tuple[float, float, float] = (0.229, 0.224, 0.225)
     num_workers: int = 4  # per rank: DataLoader workers (torch) or DALI CPU threads
+    cache_dir: Optional[str] = None  # local copies of remote shards; default $MEGADIGPT_CACHE or ~/.cache/megadigpt/shards
+    io_timeout_s: float = 60.0  # remote reads: seconds without progress before a read is abandoned and retried
+    io_retries: int = 3  # remote reads: retries with backoff (0.5, 1, 2 s, ...) before a shard is skipped
 
 
 @dataclass
@@ -314,7 +327,9 @@ RULES: Dict[type, Dict[str, Rule]] = {
                       objective=one_of(_objectives)),
     TargetConfig: dict(image_size=POSITIVE, patch_size=POSITIVE, dtype=one_of(*PRECISIONS)),
     DataConfig: dict(loader=one_of(*LOADERS), crop_scale=ordered(FRACTION_ABOVE_0), crop_ratio=ordered(POSITIVE),
-                     interpolation=one_of("bicubic", "bilinear"), std=STD, num_workers=NON_NEGATIVE),
+                     interpolation=one_of("bicubic", "bilinear"), std=STD, num_workers=NON_NEGATIVE,
+                     mode=one_of("auto", "indexed", "stream"), shuffle_buffer=POSITIVE, epoch_size=POSITIVE,
+                     io_timeout_s=POSITIVE, io_retries=NON_NEGATIVE),
     OptimConfig: dict(lr=POSITIVE, blr=POSITIVE, min_lr=NON_NEGATIVE, betas=each(FRACTION_BELOW_1), eps=POSITIVE,
                       weight_decay=NON_NEGATIVE, warmup_epochs=NON_NEGATIVE, warmup_steps=NON_NEGATIVE,
                       grad_clip=NON_NEGATIVE),
@@ -322,12 +337,13 @@ RULES: Dict[type, Dict[str, Rule]] = {
                       device=one_of("auto", "cpu", "cuda"), precision=one_of(*PRECISIONS),
                       zero_stage=one_of(0, 1, 2, 3), ckpt_every=POSITIVE, ckpt_every_minutes=NON_NEGATIVE,
                       ckpt_keep=NON_NEGATIVE, nan_tolerance=NON_NEGATIVE, log_every=POSITIVE,
-                      progress=one_of("auto", "on", "off"), peak_tflops=POSITIVE, probe_every=NON_NEGATIVE),
+                      progress=one_of("auto", "on", "off"), wandb_mode=one_of("online", "offline"), peak_tflops=POSITIVE, probe_every=NON_NEGATIVE),
     ClassifierConfig: dict(arch=one_of(lambda: ("auto",) + _vit_archs()), patch_size=POSITIVE, img_size=POSITIVE,
                            embed_dim=POSITIVE, depth=POSITIVE, num_heads=POSITIVE, mlp_ratio=POSITIVE,
                            drop_path=FRACTION_BELOW_1, global_pool=one_of("avg", "token"), num_classes=POSITIVE),
     FinetuneDataConfig: dict(loader=one_of(*LOADERS), crop_scale=ordered(FRACTION_ABOVE_0),
-                             crop_pct=FRACTION_ABOVE_0, std=STD, num_workers=NON_NEGATIVE),
+                             crop_pct=FRACTION_ABOVE_0, std=STD, num_workers=NON_NEGATIVE,
+                             io_timeout_s=POSITIVE, io_retries=NON_NEGATIVE),
     FinetuneOptimConfig: dict(layer_decay=FRACTION_ABOVE_0),
     FinetuneConfig: dict(smoothing=FRACTION_BELOW_1, mixup=NON_NEGATIVE, cutmix=NON_NEGATIVE, mixup_prob=FRACTION,
                          mixup_switch_prob=FRACTION, reprob=FRACTION, remode=one_of("pixel", "rand", "const"),
@@ -548,6 +564,36 @@ def check_output(path, kind: str, what: str) -> Path:
     return p
 
 
+_PREVIEW: Optional[List[str]] = None  # warnings collected inside preview_paths(), else None
+
+
+class preview_paths:
+    """Inside ``with preview_paths() as warnings:``, an input path that does not exist on this machine (data,
+    weights, a model to evaluate) is a warning collected in ``warnings`` instead of an error: ``submit --dry-run``
+    previews a job for a cluster whose file systems the login machine or laptop does not mount. Every other
+    check still raises."""
+
+    def __enter__(self) -> List[str]:
+        global _PREVIEW
+        self._outer, _PREVIEW = _PREVIEW, []
+        return _PREVIEW
+
+    def __exit__(self, *exc):
+        global _PREVIEW
+        _PREVIEW = self._outer
+        return False
+
+
+def missing_path(message: str) -> bool:
+    """An input that does not exist: raise ConfigError(message), or, inside :class:`preview_paths`, note it and
+    return True (the caller skips the checks that would read it)."""
+    if _PREVIEW is None:
+        raise ConfigError(message)
+    if message not in _PREVIEW:
+        _PREVIEW.append(message)
+    return True
+
+
 def check_weights_file(path, what: str) -> None:
     """Cheap early check of a weights input (headers and zip directories only, no tensors read): a damaged or
     truncated .safetensors, or a torch file (.pt/.pth/.bin, a DeepSpeed checkpoint's shards of the newest tag) cut
@@ -630,7 +676,7 @@ def dump_config(cfg) -> str:
 
 
 def reference_markdown() -> str:
-    """The config reference tables for the README, from the field comments of this file."""
+    """The config reference tables for docs/config.md, from the field comments of this file."""
     import inspect
     import re
 

@@ -5,7 +5,7 @@ during the save of step 4, and makes the loss non-finite at step 6 on rank 1 and
 SIGTERM after step 5 (a preemption at a known step); ``crash=2`` raises an error in step 2 (a failing job); ``enospc_in_save=4`` makes every checkpoint
 write of step 4 fail with ENOSPC (a full disk, where a test may not mount a small tmpfs; checked in
 ``megadigpt.checkpoint.ds_checkpoint``).
-Never set outside tests; the names are listed in the README."""
+Never set outside tests; the names are the ones above."""
 
 import os
 import signal
@@ -46,3 +46,16 @@ def fault(name: str, step: int, rank: int = None):
         os.kill(os.getpid(), signal.SIGTERM)
     if name == "crash" and active(name, step, rank):
         raise RuntimeError(f"injected crash at step {step} (MEGADIGPT_FAULTS)")
+
+
+def record_trained(batch, step: int, rank: int) -> None:
+    """Tests of stream-mode resume: with ``MEGADIGPT_TRAINED_LOG=<path>``, append one JSON line per micro-batch the
+    trainer consumes (``{"step", "rank", "ids": [[shard, key], ...]}``) to ``<path>.rank<rank>``, flushed at once
+    so that a kill -9 keeps what was written. Nothing is done without the variable."""
+    path = os.environ.get("MEGADIGPT_TRAINED_LOG")
+    if not path or "ids" not in batch:
+        return
+    import json
+
+    with open(f"{path}.rank{rank}", "a") as f:
+        f.write(json.dumps({"step": int(step), "rank": int(rank), "ids": [list(i) for i in batch["ids"]]}) + "\n")

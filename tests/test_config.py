@@ -94,7 +94,7 @@ def test_bad_input_fails_early_in_one_line(tmp_path, args, env, match):
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
-def test_readme_config_reference_is_current():
-    readme = (REPO / "README.md").read_text()
-    assert reference_markdown() in readme, "README config reference is stale: regenerate with " \
-                                           "`megadigpt config-reference`"
+def test_docs_config_reference_is_current():
+    page = (REPO / "docs" / "config.md").read_text()
+    assert reference_markdown() in page, "docs/config.md config reference is stale: regenerate with " \
+                                         "`megadigpt config-reference`"

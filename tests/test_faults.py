@@ -188,7 +188,7 @@ def test_workers_exit_when_torchrun_is_killed(cifar_dir, tmp_path):
 
 def test_sigterm_under_torchrun(cifar_dir, tmp_path):
     """torchrun forwards SIGTERM to its workers, which checkpoint and exit 75; torchrun itself then re-raises the
-    signal as its SignalException and exits 1 (torch's behaviour: documented in the README)."""
+    signal as its SignalException and exits 1 (torch's behaviour: documented in docs/checkpoints.md)."""
     run_dir = tmp_path / "term"
     proc, workers = _start_torchrun(cifar_dir, run_dir)
     proc.send_signal(signal.SIGTERM)

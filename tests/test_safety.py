@@ -185,7 +185,7 @@ def test_resume_refuses_shards(runs, cifar_dir, tmp_path, stage, kind):
     run = _copy(runs, f"z{stage}", tmp_path)
     f, marker = next(_tag(run).glob(f"*{kind}.pt")), tmp_path / "PWNED"
     plant(f, marker, legacy=stage == 1)  # ZeRO-1: through DeepSpeed's own (patched) load_checkpoint
-    _refused(run_cli(_pre(cifar_dir, run, "train.max_steps=2", f"train.zero_stage={stage}"), check=False), f, marker)
+    _refused(run_cli(_pre(cifar_dir, run, "train.max_steps=2", f"train.zero_stage={stage}", "train.allow_schedule_change=true"), check=False), f, marker)
 
 
 def _as_if_two_ranks(run):
@@ -215,7 +215,7 @@ def test_universal_conversion_and_loading(runs, cifar_dir, tmp_path):
     uni = run / "checkpoints" / make_universal(run, tag.name)
     g = next(uni.rglob("fp32.pt"))
     plant(g, marker, legacy=True)  # read by DeepSpeed's ZeRO universal loader (weights_only=False of its own)
-    args = _pre(cifar_dir, run, "train.max_steps=2", "train.zero_stage=1")
+    args = _pre(cifar_dir, run, "train.max_steps=2", "train.zero_stage=1", "train.allow_schedule_change=true")
     _refused(run_cli(args, check=False), g, marker)
 
     shutil.rmtree(uni)
@@ -228,7 +228,7 @@ def test_finetune_resume_refuses_ema_shard(runs, cifar_small, tmp_path):
     run = _copy(runs, "ft", tmp_path)
     f, marker = next(_tag(run).glob("ema_rank*.pt")), tmp_path / "PWNED"
     plant(f, marker)
-    _refused(run_cli(_ft(cifar_small, run, *FT_MODEL, "train.max_steps=2"), check=False), f, marker)
+    _refused(run_cli(_ft(cifar_small, run, *FT_MODEL, "train.max_steps=2", "train.allow_schedule_change=true"), check=False), f, marker)
 
 
 def test_other_files(runs, tmp_path, capsys):

@@ -204,6 +204,29 @@ def test_dry_run_prints_the_chain_and_leaves_nothing(cifar_small, tmp_path):
     assert not root.exists()  # nothing written, nothing created
 
 
+def test_dry_run_of_the_shipped_chain_without_its_data_or_weights(tmp_path):
+    """``submit --dry-run vitl14_merged`` on a machine without /datasets and /weights: the four scripts, and a
+    warning per missing input, not an error; the chain's node counts are those of the shipped sbatch scripts and
+    slurm/README.md."""
+    import re
+
+    p = _submit(["--dry-run", "vitl14_merged"], subprocess_env(), check=False)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.stdout.count("#!/bin/bash") == 4
+    warn = [ln for ln in p.stderr.splitlines() if ln.startswith("megadigpt submit: warning:")]
+    assert any("/weights/open_clip_vit_h14.bin" in w for w in warn), p.stderr
+    assert any("/datasets/merged/train.jsonl" in w for w in warn), p.stderr
+    assert any("/datasets/imagenet/val" in w for w in warn), p.stderr
+    stages, _ = slurm.load_chain(slurm.resolve_chain_path("vitl14_merged"), None)
+    readme = (REPO / "slurm" / "README.md").read_text()
+    scripts = {"pretrain": "pretrain_merged", "in21k": "finetune_in21k", "in1k": "finetune_in1k", "eval": "eval"}
+    for s in stages:
+        sbatch = (REPO / "slurm" / f"{scripts[s.name]}.sbatch").read_text()
+        assert f"#SBATCH --nodes={s.slurm.nodes}\n" in sbatch, s.name
+        row = next(ln for ln in readme.splitlines() if f"`{scripts[s.name]}.sbatch`" in ln)
+        assert re.search(rf"\| {s.slurm.nodes} (nodes )?x 8", row), (s.name, row)
+
+
 def test_submit_refuses_bad_input_before_queueing(cifar_small, tmp_path):
     data = cifar_small / "train.jsonl"
     env = subprocess_env(PATH=str(Path(sys.executable).parent))  # no sbatch on this PATH: checks come first
@@ -212,7 +235,7 @@ def test_submit_refuses_bad_input_before_queueing(cifar_small, tmp_path):
         "not divisible by train.micro_batch 2 x world size 6": ["--nodes", 3, "--ntasks-per-node", 2,
                                                                "--gpus-per-node", 0] + pre,
         "model.nope": ["--dry-run"] + pre + ["model.nope=1"],
-        "not found": ["--dry-run", "pretrain", "--data", tmp_path / "missing"] + PRETRAIN,
+        "not found": ["pretrain", "--data", tmp_path / "missing"] + PRETRAIN,  # a real submit: an error
         "one task per GPU": ["--dry-run", "--ntasks-per-node", 2, "--gpus-per-node", 4] + pre,
         "give --out": ["--dry-run", "eval", tmp_path],
         "unrecognized arguments: --bogus": ["--dry-run"] + pre + ["--bogus"],

@@ -100,7 +100,8 @@ def _args(cifar_dir, run_dir, weights, steps):
     tiny = [a for a in TINY if not a.startswith("target.")]
     return ["pretrain", "--data", str(cifar_dir / "train-000000.tar"), "--run-dir", str(run_dir), *tiny,
             "target.kind=timm", f"target.model={TIMM}", f"target.weights={weights}", "train.global_batch=4",
-            "train.micro_batch=4", f"train.max_steps={steps}", "train.zero_stage=1"]
+            "train.micro_batch=4", f"train.max_steps={steps}", "train.zero_stage=1",
+            "train.allow_schedule_change=true"]  # the resumes below extend the run by a step
 
 
 def test_runs_record_their_teacher_and_resume_only_with_it(cifar_dir, timm_weights, tmp_path):

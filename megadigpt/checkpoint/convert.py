@@ -1,11 +1,46 @@
 """``megadigpt convert``: take a run anywhere.
 
-- ``--to timm``: the encoder as a timm ``VisionTransformer`` in safetensors + ``config.json`` (timm's hub layout:
-  architecture, model_args, pretrained_cfg). Choices: CLS is first (timm's order; the pretraining appended it
-  last, which changes nothing for full attention); ``pos_embed`` is the fixed sin-cos table, CLS slot zero,
-  exported as timm's learnable parameter; timm's final LayerNorm is exported at its initial (1, 0) values
-  (pretraining has no final norm), so ``timm.create_model(name, pretrained=True,
-  pretrained_cfg_overlay=dict(file=...))`` matches every key; pass ``final_norm=False`` for the raw trunk.
+- ``--to timm``: the encoder as a timm ``VisionTransformer`` in timm's hub layout: ``model.safetensors``,
+  ``config.json`` (architecture, model_args, pretrained_cfg) and a model card ``README.md``. The primary route is
+  ``timm.create_model("local-dir:<folder>", pretrained=True)``: timm reads the folder's own ``config.json``
+  (``timm/models/_hub.py: load_model_config_from_path``), so ``timm.data.resolve_data_config({}, model=model)``
+  gives the preprocessing the encoder was trained with. :func:`load_timm` is the by-name route
+  (``create_model(architecture, pretrained=True, pretrained_cfg=<the export's>, **model_args)``), with the same
+  ``pretrained_cfg``. Never use ``pretrained_cfg_overlay=dict(file=...)`` on a timm name: it keeps timm's stock
+  config for that name (mean/std 0.5, crop 0.9 for the standard ViTs). Layout choices: CLS is first (timm's order;
+  the pretraining appended it last, which changes nothing for full attention); ``pos_embed`` is the fixed sin-cos
+  table, CLS slot zero, exported as timm's learnable parameter; timm's final LayerNorm is exported at its initial
+  (1, 0) values (pretraining has no final norm), so timm matches every key; pass ``final_norm=False`` for the raw
+  trunk.
+
+  ``pretrained_cfg`` holds what the weights were trained with: ``input_size`` (the weights' own grid x patch),
+  ``mean``/``std``/``interpolation`` from the run's ``config.yaml`` (``data.*``; megadigpt's defaults, said so in
+  the card, when the input carries no config), ``crop_pct`` (pretraining has no evaluation crop: the fine-tuning /
+  k-NN default, ``FinetuneDataConfig.crop_pct``; fine-tuning exports: the run's ``data.crop_pct``). Only
+  :class:`timm.models.PretrainedCfg` fields go there (timm builds that dataclass from it and refuses others);
+  megadigpt's own record (model name, step, configs, metrics) is the top-level ``megadigpt`` key, which timm
+  ignores.
+
+  Names. timm's ``local-dir:`` needs ``architecture`` to be a registered entry point (``_factory.py``:
+  ``is_model``), and timm's own re-export (``save_config_for_hf``, used by ``push_to_hf_hub``) writes
+  ``pretrained_cfg["architecture"]`` back as that entry point, so neither may hold a made-up name. So:
+  ``architecture`` is timm's standard name only where timm's entry point, with its own defaults, builds exactly
+  this network (checked by building both on the meta device: every parameter shape and the head count); any other
+  geometry uses :data:`GENERIC_BUILDER` purely as a constructor, with every size in ``model_args`` (timm merges
+  them over the entry point's defaults). The model's name is ``megadigpt_vit_d<depth>_w<width>_h<heads>_p<patch>
+  _s<image>`` (``_m<mlp ratio>`` when not 4, ``_cls<N>`` for a classifier): top-level ``model_name``,
+  ``pretrained_cfg["tag"]`` (timm's field for what the weights are), ``description``, and the card's title, which
+  says what ``architecture`` means when it is only the builder. Every export is checked when written: timm's
+  builder, given ``config.json`` alone, makes a model whose parameter names and shapes are the file's.
+
+  The model card (:func:`model_card`, plain string formatting: nothing in it is evaluated) gives the architecture
+  and parameter count, the preprocessing, the pretraining (config.yaml, checkpoint step, teacher, data source with
+  URL credentials and query strings removed: :func:`_public`), the metrics at that step, and how to load it.
+  Fine-tuning exports (:func:`megadigpt.train.finetune.export_classifier`) are the same kind of folder.
+
+  Files follow the umask (0644 under 022), as ``open()`` would make them: safetensors >= 0.8 writes through a
+  temporary file that is always 0600 (safetensors/safetensors#782), so every file an export writes is chmod-ed to
+  ``0o666 & ~umask`` (``--to fp32`` and ``--to reference`` too).
 - ``--to reference``: the authors' D-iGPT layout, ``{'model': state_dict}`` with their key names, mapped by what
   each module does in their ``forward`` (their ``ar_enc_norm``/``ar_enc2dec`` feed the discriminative decoder,
   ``kd_*`` the generative one: see ``_MEMORY``), so the export is our network inside their code and ``--from
@@ -36,19 +71,63 @@ def _is_ds_dir(p: Path) -> bool:
     return p.is_dir() and (any(p.glob("*model_states.pt")) or (p / "checkpoints").is_dir() or (p / "latest").is_file())
 
 
-def load_deepspeed(path, tag: Optional[str] = None) -> Dict[str, torch.Tensor]:
-    """fp32 state dict of the whole student from a DeepSpeed checkpoint (ZeRO 0-3, any world size)."""
+def _resolve_tag(p: Path, tag: Optional[str]):
+    """``(checkpoints folder, tag)`` of a run directory, one tag's folder or a checkpoints folder."""
     from . import ds_checkpoint as dc
 
-    p = Path(path)
     if (p / "checkpoints").is_dir():  # a run directory
-        ckdir = p / "checkpoints"
-        tag = tag or dc.latest_tag(p)
-    elif any(p.glob("*model_states.pt")):  # one tag's folder
-        ckdir, tag = p.parent, p.name
-    else:  # a checkpoints folder
-        ckdir = p
-        tag = tag or dc.latest_tag(p.parent)
+        return p / "checkpoints", tag or dc.latest_tag(p)
+    if any(p.glob("*model_states.pt")):  # one tag's folder
+        return p.parent, p.name
+    return p, tag or dc.latest_tag(p.parent)  # a checkpoints folder
+
+
+def checkpoint_step(src, tag: Optional[str] = None) -> Optional[int]:
+    """The optimizer step of the checkpoint :func:`load_any` reads from ``src`` (its marker's, else its tag's
+    name); None for a file."""
+    from . import ds_checkpoint as dc
+
+    p = Path(src)
+    if not _is_ds_dir(p):
+        return None
+    ckdir, tag = _resolve_tag(p, tag)
+    if not tag:
+        return None
+    marker = dc.read_marker(ckdir.parent, tag) or {}
+    if isinstance(marker.get("step"), int):
+        return marker["step"]
+    m = dc.TAG_RE.match(tag)
+    return int(m.group(1)) if m else None
+
+
+def _run_metrics(src, step: Optional[int]) -> dict:
+    """The run's last k-NN monitor result and losses at or before ``step`` from its ``metrics.jsonl`` (a damaged
+    line is skipped: the card is informative, the weights are what matters)."""
+    found = {}
+    for d in (Path(src), *list(Path(src).resolve().parents)[:3]):
+        f = d / "metrics.jsonl"
+        if not f.is_file():
+            continue
+        for line in f.read_text(errors="replace").splitlines():
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
+            if not isinstance(rec, dict) or not isinstance(rec.get("step"), int):
+                continue
+            if step is not None and rec["step"] > step:
+                continue
+            for k in ("gen_loss", "dis_loss", "knn_top1", "knn_top5"):
+                if isinstance(rec.get(k), (int, float)):
+                    found[k] = rec[k]
+                    found[f"{k}_step"] = rec["step"]
+        break
+    return found
+
+
+def load_deepspeed(path, tag: Optional[str] = None) -> Dict[str, torch.Tensor]:
+    """fp32 state dict of the whole student from a DeepSpeed checkpoint (ZeRO 0-3, any world size)."""
+    ckdir, tag = _resolve_tag(Path(path), tag)
     if not tag or not (ckdir / tag).is_dir():
         raise ConfigError(f"no complete checkpoint found in {path}")
     tagdir = ckdir / tag
@@ -138,10 +217,14 @@ def encoder_geometry(enc: Dict[str, torch.Tensor]) -> dict:
             "mlp_ratio": hidden / embed}
 
 
-def timm_export(sd: Dict[str, torch.Tensor], num_heads: int, out_dir, final_norm: bool = True) -> Path:
-    """Write ``model.safetensors`` + ``config.json``; returns the folder."""
-    from safetensors.torch import save_file
+def timm_export(sd: Dict[str, torch.Tensor], num_heads: int, out_dir, final_norm: bool = True,
+                run_config: Optional[dict] = None, step: Optional[int] = None, metrics: Optional[dict] = None,
+                source: Optional[str] = None) -> Path:
+    """Write ``model.safetensors`` + ``config.json`` + ``README.md`` (the model card); returns the folder.
 
+    ``run_config``: the pretraining run's resolved ``config.yaml`` (plain dict): preprocessing, objective, teacher,
+    data for ``pretrained_cfg`` and the card (None: megadigpt's defaults, and the card says they were not recorded).
+    ``step``: the checkpoint's optimizer step; ``metrics``: e.g. the run's last k-NN top-1 at that step."""
     enc = encoder_state(sd)
     g = encoder_geometry(enc)
     if g["embed_dim"] % num_heads:
@@ -150,45 +233,347 @@ def timm_export(sd: Dict[str, torch.Tensor], num_heads: int, out_dir, final_norm
     if final_norm:
         state["norm.weight"] = torch.ones(g["embed_dim"])
         state["norm.bias"] = torch.zeros(g["embed_dim"])
-    name = timm_architecture(g["embed_dim"], g["patch_size"], g["img_size"])
     model_args = {"img_size": g["img_size"], "patch_size": g["patch_size"], "embed_dim": g["embed_dim"],
                   "depth": g["depth"], "num_heads": num_heads, "mlp_ratio": g["mlp_ratio"], "qkv_bias": True,
                   "class_token": True, "global_pool": "token", "final_norm": final_norm, "num_classes": 0}
+    pre, recorded = pretraining_preprocessing(run_config, g["img_size"])
+    record = {"kind": "encoder", "step": step, "metrics": metrics or {}, "source": _public(source),
+              "preprocessing_from": "the run's config.yaml" if recorded else "megadigpt's defaults (not recorded)",
+              "pretraining": _pretraining_summary(run_config, step)}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    save_file(state, str(out / "model.safetensors"))
-    cfg = {"architecture": name, "num_classes": 0, "num_features": g["embed_dim"], "model_args": model_args,
-           "pretrained_cfg": {"input_size": [3, g["img_size"], g["img_size"]], "interpolation": "bicubic",
-                              "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "crop_pct": 0.875,
-                              "num_classes": 0, "first_conv": "patch_embed.proj", "classifier": "head",
-                              "license": "see the training data's terms", "tag": "megadigpt"}}
-    (out / "config.json").write_text(json.dumps(cfg, indent=1))
+    write_timm_folder(out, state, model_args, pre, record)
     return out
 
 
-def timm_architecture(embed_dim: int, patch_size: int, img_size: int) -> str:
-    """timm's entry-point name for an export's config.json: the standard one where timm has it, else any plain ViT
-    entry point (the exported model_args set every size)."""
+# Used only as a constructor for geometries no timm entry point has: its defaults (patch 16, width 768, depth 12,
+# heads 12) are all replaced by the export's model_args, which set every size.
+GENERIC_BUILDER = "vit_base_patch16_224"
+_SIZE_ARGS = ("img_size", "patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio")
+
+
+def model_name(model_args: dict) -> str:
+    """The export's own name, e.g. ``megadigpt_vit_d6_w192_h3_p4_s32``: no timm entry point is named like this."""
+    a = model_args
+    name = f"megadigpt_vit_d{a['depth']}_w{a['embed_dim']}_h{a['num_heads']}_p{a['patch_size']}_s{a['img_size']}"
+    if abs(float(a.get("mlp_ratio", 4.0)) - 4.0) > 1e-9:
+        name += f"_m{float(a['mlp_ratio']):.4g}".replace(".", "p")
+    if a.get("num_classes"):
+        name += f"_cls{a['num_classes']}"
+    return name
+
+
+def _param_shapes(model) -> dict:
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def timm_builder(model_args: dict):
+    """``(architecture, standard)``: timm's own name where its entry point, with its own defaults, builds exactly
+    this network (every parameter shape and the head count; built on the meta device, no memory), else
+    :data:`GENERIC_BUILDER` (``standard`` False), which ``model_args`` fully override."""
     import timm
 
-    size = {768: "vit_base", 192: "vit_tiny", 384: "vit_small", 1024: "vit_large", 1280: "vit_huge",
-            1408: "vit_giant", 1664: "vit_gigantic"}.get(embed_dim, "vit_base")
-    name = f"{size}_patch{patch_size}_{img_size}"
-    return name if timm.is_model(name) else "vit_base_patch16_224"
+    from ..model.vit import VIT_SIZES
+
+    a = model_args
+    size = next((n for n, s in VIT_SIZES.items() if (s.embed_dim, s.depth, s.num_heads) ==
+                 (a["embed_dim"], a["depth"], a["num_heads"]) and abs(s.mlp_ratio - a["mlp_ratio"]) < 1e-6), None)
+    name = f"{size}_patch{a['patch_size']}_{a['img_size']}" if size else None
+    if not name or not timm.is_model(name):
+        return GENERIC_BUILDER, False
+    rest = {k: v for k, v in a.items() if k not in _SIZE_ARGS}
+    with torch.device("meta"):
+        theirs, ours = timm.create_model(name, **rest), timm.create_model(name, **a)
+    same = (_param_shapes(theirs) == _param_shapes(ours)
+            and theirs.blocks[0].attn.num_heads == ours.blocks[0].attn.num_heads)
+    return (name, True) if same else (GENERIC_BUILDER, False)
+
+
+def pretraining_preprocessing(run_config: Optional[dict], img_size: int):
+    """``(preprocessing, recorded)`` of a pretrained encoder: the run's ``data.mean/std/interpolation`` (the
+    student's normalisation and resize), ``input_size`` from the weights, and the evaluation crop megadigpt's
+    fine-tuning and k-NN use by default (pretraining has none). ``recorded`` False: no config came with the
+    weights, the values are megadigpt's defaults."""
+    from ..config import DataConfig, FinetuneDataConfig
+
+    data = (run_config or {}).get("data") or {}
+    dflt = DataConfig()
+    pre = {"input_size": [3, img_size, img_size], "interpolation": str(data.get("interpolation", dflt.interpolation)),
+           "mean": [float(v) for v in data.get("mean", dflt.mean)],
+           "std": [float(v) for v in data.get("std", dflt.std)],
+           "crop_pct": float(FinetuneDataConfig().crop_pct), "crop_mode": "center"}
+    return pre, run_config is not None
+
+
+def write_timm_folder(out: Path, state: Dict[str, torch.Tensor], model_args: dict, preprocessing: dict,
+                      record: dict, label_names=None) -> dict:
+    """``model.safetensors``, ``config.json`` and ``README.md`` into the (existing) folder ``out``, every file with
+    the umask's mode; returns the config. Raises if timm, from the config alone, would not build this state."""
+    from safetensors.torch import save_file
+
+    arch, standard = timm_builder(model_args)
+    name = model_name(model_args)
+    n = int(model_args.get("num_classes") or 0)
+    what = f"{n}-class classifier" if n else "encoder (no classifier head)"
+    desc = (f"megadigpt D-iGPT ViT {what}: depth {model_args['depth']}, width {model_args['embed_dim']}, "
+            f"{model_args['num_heads']} heads, patch {model_args['patch_size']}, {model_args['img_size']} px" +
+            ("" if standard else f"; not a standard timm model: {arch} is only the builder, every size is set "
+                                 f"by model_args"))
+    pretrained_cfg = {**preprocessing, "fixed_input_size": True, "num_classes": n, "first_conv": "patch_embed.proj",
+                      "classifier": "head", "tag": name, "description": desc,
+                      "license": "see the training data's terms"}
+    cfg = {"architecture": arch, "model_name": name, "num_classes": n, "num_features": model_args["embed_dim"],
+           "global_pool": model_args.get("global_pool", "token"), "model_args": model_args,
+           "pretrained_cfg": pretrained_cfg}
+    if label_names is not None:
+        cfg["label_names"] = list(label_names)
+    n_params = sum(v.numel() for v in state.values())
+    cfg["megadigpt"] = {"model_name": name, "standard_timm_name": standard, "parameters": n_params, **record}
+    _check_builds(arch, model_args, state)
+    save_file(state, str(out / "model.safetensors"))
+    (out / "config.json").write_text(json.dumps(cfg, indent=1))
+    (out / "README.md").write_text(model_card(cfg))
+    follow_umask(out / "model.safetensors", out / "config.json", out / "README.md")
+    return cfg
+
+
+def _check_builds(arch: str, model_args: dict, state: Dict[str, torch.Tensor]) -> None:
+    import timm
+
+    with torch.device("meta"):
+        built = _param_shapes(timm.create_model(arch, **model_args))
+    mine = {k: tuple(v.shape) for k, v in state.items()}
+    if built != mine:
+        diff = sorted(set(built.items()) ^ set(mine.items()))[:4]
+        raise RuntimeError(f"timm's {arch} with this export's model_args does not build its weights: {diff}")
+
+
+def _umask() -> int:
+    """The process umask, read without changing it where Linux says it (``/proc/self/status``); elsewhere the
+    usual set-and-restore, through a restrictive value so no file made meanwhile is more open than intended."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    import os
+
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return mask
+
+
+def follow_umask(*paths) -> None:
+    """Give each file the mode ``open()`` would have: ``0o666 & ~umask`` (safetensors' writer makes 0600)."""
+    import os
+
+    mode = 0o666 & ~_umask()
+    for p in paths:
+        os.chmod(p, mode)
+
+
+def _public(text):
+    """A source for a card or config that may be published: URLs lose their credentials and query strings
+    (``https://user:token@host/x?sig=...`` -> ``https://host/x``), ``pipe:`` commands all but their program."""
+    if text is None:
+        return None
+    if isinstance(text, (list, tuple)):
+        return [_public(t) for t in text]
+    from urllib.parse import urlsplit, urlunsplit
+
+    s = str(text)
+    if s.startswith("pipe:"):  # a shell command may carry a token (curl -H ...): only its program is kept
+        return "pipe:" + (s[5:].split() or ["?"])[0] + " ..."
+    if "://" not in s:
+        return s
+    u = urlsplit(s)
+    return urlunsplit((u.scheme, u.hostname + (f":{u.port}" if u.port else "") if u.hostname else u.netloc, u.path,
+                       "", ""))
+
+
+def _pretraining_summary(run_config: Optional[dict], step: Optional[int]) -> Optional[dict]:
+    """What a card needs from a pretraining run's config: objective, teacher, data, schedule."""
+    if not run_config:
+        return None
+    model, target = run_config.get("model") or {}, run_config.get("target") or {}
+    data, train, optim = run_config.get("data") or {}, run_config.get("train") or {}, run_config.get("optim") or {}
+    gb = train.get("global_batch")
+    return {"objective": model.get("objective"), "arch": model.get("arch"),
+            "target": {k: target.get(k) for k in ("kind", "model", "layer", "image_size", "tokenizer")
+                       if target.get(k) is not None},
+            "data_source": _public(data.get("source")), "data_mode": data.get("mode"),
+            "steps": step, "max_steps": train.get("max_steps"), "epochs": train.get("epochs"), "global_batch": gb,
+            "images_seen": step * gb if step is not None and gb else None, "lr": optim.get("lr"),
+            "blr": optim.get("blr"), "weight_decay": optim.get("weight_decay"), "precision": train.get("precision"),
+            "segment_grid": model.get("segment_grid"), "decoder_dim": model.get("decoder_dim"),
+            "decoder_depth": model.get("decoder_depth"), "seed": train.get("seed")}
+
+
+def read_run_config(run_dir) -> Optional[dict]:
+    """A run directory's resolved ``config.yaml`` as plain (safe) YAML, or None."""
+    import yaml
+
+    try:
+        cfg = yaml.safe_load((Path(run_dir) / "config.yaml").read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return None
+    return cfg if isinstance(cfg, dict) else None
+
+
+def pretraining_record(src) -> Optional[dict]:
+    """What a fine-tune started from, cheaply (no weights read): a megadigpt timm export's own record, or a
+    pretraining run's config and checkpoint step. None for anything else (a file, a reference .pth)."""
+    if not src:
+        return None
+    p = Path(src)
+    try:
+        if (p / "config.json").is_file():
+            meta = _read_json(p / "config.json").get("megadigpt") or {}
+            if meta.get("kind") == "encoder":
+                return {"model_name": meta.get("model_name"), **(meta.get("pretraining") or {})}
+            return meta.get("pretraining")
+        if _is_ds_dir(p):
+            cfg = _run_yaml(p)
+            if cfg and "target" in cfg:
+                return _pretraining_summary(cfg, checkpoint_step(p))
+    except (ConfigError, OSError, AttributeError):
+        return None
+    return None
+
+
+def finetune_record(run_config: Optional[dict], metrics: Optional[dict]) -> dict:
+    """The ``megadigpt`` record of a fine-tuning export: its metrics, recipe, and the pretraining it started from."""
+    rc = run_config or {}
+    model, data, train = rc.get("model") or {}, rc.get("data") or {}, rc.get("train") or {}
+    optim, ft = rc.get("optim") or {}, rc.get("finetune") or {}
+    m = metrics or {}
+    recipe = {"init_from": _public(train.get("init_from")), "train_data": _public(data.get("train")),
+              "val_data": _public(data.get("val")), "steps": m.get("step"), "epoch": m.get("epoch"),
+              "planned_epochs": train.get("epochs"), "global_batch": train.get("global_batch"),
+              "lr": optim.get("lr"), "blr": optim.get("blr"), "layer_decay": optim.get("layer_decay"),
+              "weight_decay": optim.get("weight_decay"), "drop_path": model.get("drop_path"),
+              "mixup": ft.get("mixup"), "cutmix": ft.get("cutmix"), "label_smoothing": ft.get("smoothing"),
+              "random_erasing": ft.get("reprob"), "auto_augment": data.get("auto_augment"),
+              "ema_decay": ft.get("ema_decay"), "precision": train.get("precision"), "seed": train.get("seed")}
+    return {"kind": "classifier", "step": m.get("step"), "metrics": dict(m),
+            "preprocessing_from": "the fine-tuning run's config" if run_config else "the export's arguments",
+            "finetuning": {k: v for k, v in recipe.items() if v is not None} if run_config else None,
+            "pretraining": pretraining_record(train.get("init_from"))}
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.6g}"
+    if isinstance(v, (list, tuple)):
+        return ", ".join(_fmt(x) for x in v)
+    return str(v)
+
+
+_METRIC_LABELS = {"top1": "val top-1 (%)", "top5": "val top-5 (%)", "best_top1": "best val top-1 (%)",
+                  "knn_top1": "k-NN top-1 (%)", "knn_top5": "k-NN top-5 (%)", "gen_loss": "Gen loss",
+                  "dis_loss": "Dis loss"}
+
+
+def model_card(cfg: dict) -> str:
+    """The folder's ``README.md``, in the layout of timm's Hugging Face cards: details, training, metrics, usage.
+    Plain string formatting of the config's values (no template engine: nothing in a card is evaluated)."""
+    meta, args, pcfg = cfg.get("megadigpt", {}), cfg["model_args"], cfg["pretrained_cfg"]
+    name, arch, n = cfg["model_name"], cfg["architecture"], int(cfg.get("num_classes") or 0)
+    folder = "path/to/" + name
+    task = "image-classification" if n else "image-feature-extraction"
+    lines = ["---", "library_name: timm", "tags:", f"- {task}", "- timm", "- megadigpt", "- d-igpt", "---", "",
+             f"# {name}", "",
+             (f"A {n}-class image classifier fine-tuned with megadigpt from a D-iGPT-pretrained ViT." if n else
+              "A ViT encoder pretrained with megadigpt's D-iGPT recipe (an image feature backbone: no classifier "
+              "head)."), "", "## Model details", "",
+             f"- **Model type:** {'image classification' if n else 'image feature backbone'}",
+             f"- **Parameters:** {meta.get('parameters', 0) / 1e6:.2f} M ({meta.get('parameters', 0):,})",
+             f"- **Depth:** {args['depth']} blocks", f"- **Width:** {args['embed_dim']}",
+             f"- **Heads:** {args['num_heads']}", f"- **MLP ratio:** {_fmt(float(args['mlp_ratio']))}",
+             f"- **Patch size:** {args['patch_size']}",
+             f"- **Image size:** {args['img_size']} x {args['img_size']} "
+             f"({(args['img_size'] // args['patch_size']) ** 2} patches + CLS)",
+             f"- **Pooling:** {args.get('global_pool', 'token')}"
+             f"{'' if args.get('final_norm', True) else ' (no final LayerNorm: the raw trunk)'}",
+             f"- **Classes:** {n}" if n else "- **Classes:** none (features: `num_classes=0`)"]
+    if meta.get("standard_timm_name"):
+        lines.append(f"- **timm architecture:** `{arch}` (timm's standard model of this geometry)")
+    else:
+        lines.append(f"- **timm architecture:** not a standard timm model. `config.json` names `{arch}` only as "
+                     f"the builder timm requires; `model_args` set every size above")
+    lines += [f"- **Preprocessing** ({meta.get('preprocessing_from', 'the run config')}): input "
+              f"{_fmt(pcfg['input_size'])}, mean ({_fmt(pcfg['mean'])}), std ({_fmt(pcfg['std'])}), "
+              f"{pcfg['interpolation']} interpolation, crop_pct {_fmt(pcfg['crop_pct'])}"]
+    if meta.get("source"):
+        lines.append(f"- **Exported from:** `{_fmt(meta['source'])}`")
+    pre = meta.get("pretraining")
+    lines += ["", "## Pretraining", ""]
+    if pre:
+        t = pre.get("target") or {}
+        teacher = t.get("kind", "?") + (f" ({t['model']})" if t.get("model") else "") + \
+            (f", layer {t['layer']}" if t.get("layer") else "") + (f", tokenizer {t['tokenizer']}"
+                                                                 if t.get("tokenizer") else "")
+        rows = [("Pretrained encoder", pre.get("model_name")), ("Objective", pre.get("objective")),
+                ("Teacher / target", teacher),
+                ("Data source", pre.get("data_source")), ("Steps", pre.get("steps")),
+                ("Global batch", pre.get("global_batch")), ("Images seen", pre.get("images_seen")),
+                ("Planned", f"max_steps {pre['max_steps']}" if pre.get("max_steps") else
+                 (f"{_fmt(pre['epochs'])} epochs" if pre.get("epochs") is not None else None)),
+                ("Learning rate", pre.get("lr") if pre.get("lr") is not None else
+                 (f"blr {_fmt(pre['blr'])} per 256 images" if pre.get("blr") is not None else None)),
+                ("Weight decay", pre.get("weight_decay")), ("Precision", pre.get("precision")),
+                ("Decoders", f"width {pre['decoder_dim']}, depth {pre['decoder_depth']}"
+                 if pre.get("decoder_dim") else None), ("Segment grid", pre.get("segment_grid")),
+                ("Seed", pre.get("seed"))]
+        lines += [f"- **{k}:** {_fmt(v)}" for k, v in rows if v is not None]
+    else:
+        lines.append("Not recorded with these weights (no pretraining run config came with them).")
+    ft = meta.get("finetuning")
+    if ft:
+        lines += ["", "## Fine-tuning", ""]
+        lines += [f"- **{k.replace('_', ' ')}:** {_fmt(v)}" for k, v in ft.items() if v is not None]
+    mets = {k: v for k, v in (meta.get("metrics") or {}).items() if v is not None}
+    if mets:
+        lines += ["", "## Metrics", "", "| metric | value |", "|---|---|"]
+        lines += [f"| {_METRIC_LABELS.get(k, k)} | {_fmt(v)} |" for k, v in mets.items()]
+    lines += ["", "## How to use", "", "```python", "import timm", "import torch", "from PIL import Image", "",
+              f'model = timm.create_model("local-dir:{folder}", pretrained=True).eval()',
+              "cfg = timm.data.resolve_data_config({}, model=model)  # this card's preprocessing",
+              "transform = timm.data.create_transform(**cfg)",
+              'x = transform(Image.open("image.jpg").convert("RGB")).unsqueeze(0)', "with torch.no_grad():"]
+    lines += (["    probs = model(x).softmax(-1)  # (1, %d)" % n] if n else
+              ["    features = model.forward_features(x)  # (1, tokens, %d)" % args["embed_dim"],
+               "    pooled = model(x)  # (1, %d)" % args["embed_dim"]])
+    lines += ["```", "",
+              "`pretrained=True` loads `model.safetensors` from this folder; without it timm builds random weights. "
+              + ("For a new task pass `num_classes=N` (a fresh head). " if n else
+                 "To fine-tune, pass `num_classes=N` (a fresh head). ")
+              + "By name, with the same preprocessing:", "", "```python", "import json",
+              f'cfg = json.load(open("{folder}/config.json"))',
+              'model = timm.create_model(cfg["architecture"], pretrained=True, **cfg["model_args"],',
+              f'                          pretrained_cfg=dict(cfg["pretrained_cfg"],',
+              f'                                              file="{folder}/model.safetensors"))',
+              "```", "", "## Files", "", "- `model.safetensors`: the weights (timm's parameter names)",
+              "- `config.json`: timm's hub config (`architecture`, `model_args`, `pretrained_cfg`) and megadigpt's "
+              "record (`megadigpt`)", "- `README.md`: this card", ""]
+    return "\n".join(lines)
 
 
 def load_timm(folder, **kwargs):
-    """``timm.create_model`` on an export folder, with every key matched (strict)."""
+    """The by-name route: ``timm.create_model(architecture, pretrained=True, pretrained_cfg=<the export's>,
+    **model_args)``, every key matched (strict) and ``model.pretrained_cfg`` the export's own, as
+    ``timm.create_model("local-dir:<folder>", pretrained=True)`` gives."""
     import timm
 
     folder = Path(folder)
     cfg = _read_json(folder / "config.json")
-    args = {**cfg["model_args"], **kwargs}
-    return timm.create_model(cfg["architecture"], pretrained=True,
-                             pretrained_cfg_overlay=dict(file=str(folder / "model.safetensors"),
-                                                         **{k: v for k, v in cfg["pretrained_cfg"].items()
-                                                            if k in ("mean", "std", "input_size", "crop_pct")}),
-                             **args)
+    pcfg = dict(cfg["pretrained_cfg"], file=str(folder / "model.safetensors"))
+    pcfg["input_size"] = tuple(pcfg["input_size"])  # as local-dir: gives (timm's _hub._parse_model_cfg)
+    if cfg.get("label_names") is not None:
+        pcfg["label_names"] = cfg["label_names"]
+    return timm.create_model(cfg["architecture"], pretrained=True, pretrained_cfg=pcfg,
+                             **{**cfg["model_args"], **kwargs})
 
 
 # ------------------------------------------------------------------------------------------- any encoder, timm layout
@@ -344,6 +729,7 @@ def save_state(sd: Dict[str, torch.Tensor], path) -> None:
     for k, v in tqdm(sd.items(), desc="convert", unit="tensor", disable=len(sd) < 200):
         state[k] = v.contiguous()
     save_file(state, str(path))
+    follow_umask(path)
 
 
 def default_heads(embed_dim: int) -> Optional[int]:
@@ -360,10 +746,16 @@ def convert(src, to: str, out, tag: Optional[str] = None, num_heads: Optional[in
         heads = num_heads or _heads_from_run(src) or default_heads(embed)
         if heads is None:
             raise ConfigError(f"width {embed} is not a standard ViT size: give --num-heads")
-        return timm_export(sd, heads, out, final_norm=final_norm)
+        run_cfg = _run_yaml(src)
+        if run_cfg is not None and "target" not in run_cfg:
+            run_cfg = None  # not a pretraining run's config
+        step = checkpoint_step(src, tag)
+        return timm_export(sd, heads, out, final_norm=final_norm, run_config=run_cfg, step=step,
+                           metrics=_run_metrics(src, step) if step is not None else {}, source=str(src))
     if to == "reference":
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         torch.save(to_reference(sd, segment_grid), out)
+        follow_umask(out)
         return Path(out)
     if to in ("fp32", "megadigpt"):
         Path(out).parent.mkdir(parents=True, exist_ok=True)

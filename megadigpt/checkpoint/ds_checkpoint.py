@@ -457,6 +457,51 @@ def check_resumable(run_dir, train_cfg, tokenizer: Optional[str] = None):
                           f"the same target.tokenizer or a new train.run_dir")
 
 
+SCHEDULE_KEYS = ("total_steps", "warmup_steps", "peak_lr", "min_lr")
+
+
+def check_schedule(run_dir, schedule: dict, allow: bool = False) -> list:
+    """Refuse (ConfigError) to resume a run whose learning-rate schedule would change: ``schedule`` holds this
+    start's resolved ``total_steps``, ``warmup_steps``, ``peak_lr`` and ``min_lr``; the latest checkpoint's
+    marker holds the ones it was trained with. A new ``train.max_steps`` or ``train.epochs``, a new lr or warm-up,
+    and a data source of another size (``epochs`` are counted in images) all change them, and a changed schedule
+    reshapes the lr curve from the resumed step on (a finished 20-step run extended to 30 jumps from its final lr
+    back up the cosine). With ``allow`` (``--allow-schedule-change``) the changes are returned, for the run's log,
+    instead. Checkpoints written before the marker held a schedule are not checked."""
+    from ..config import ConfigError
+
+    tag = latest_tag(run_dir)
+    marker = read_marker(run_dir, tag) if tag else None
+    old = (marker or {}).get("schedule")
+    if not isinstance(old, dict):
+        return []
+    changes = []
+    for k in SCHEDULE_KEYS:
+        a, b = old.get(k), schedule.get(k)
+        if a is None or b is None:
+            continue
+        same = a == b if k.endswith("steps") else abs(float(a) - float(b)) <= 1e-9 * max(abs(float(a)), 1e-30)
+        if not same:
+            changes.append(f"{k} {a} -> {b}")
+    if changes and not allow:
+        raise ConfigError(f"{run_dir} was trained with another lr schedule ({'; '.join(changes)}): resuming would "
+                          f"reshape it from step {marker.get('step')} on; pass --allow-schedule-change to continue "
+                          f"with the new one (it is recorded in metrics.jsonl), or use a new train.run_dir")
+    return changes
+
+
+def finished_step(run_dir, total_steps: int) -> Optional[int]:
+    """The step of the latest checkpoint if it has reached ``total_steps`` and is whole (the run is finished:
+    rerunning the command has nothing to do), else None. Answered before any engine or teacher exists; a final
+    checkpoint that fails its checksums is not a finished run (the resume falls back to the last good one)."""
+    tag = latest_tag(run_dir)
+    marker = read_marker(run_dir, tag) if tag else None
+    step = (marker or {}).get("step")
+    if not (isinstance(step, int) and step >= total_steps):
+        return None
+    return step if verify(run_dir, tag, checksums=True) is None else None
+
+
 def resume_point(run_dir, train_cfg, world_size: int, rank0: bool, tokenizer: Optional[str] = None):
     """What a (re)started run resumes from, decided before the engine exists: ``(tag, marker, universal)``.
     Refuses what :func:`check_resumable` refuses. When the world size changed (ZeRO > 0), the checkpoint is

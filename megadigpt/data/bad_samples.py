@@ -6,6 +6,9 @@ for what the loaders found, ``step`` (the optimizer step the sample was drawn fo
 - ``"kind": "index"``: found while listing the source (a damaged shard, ``key`` empty; a sample without an image
   member; an unparsable label). Written by rank 0 at the start of the run.
 - ``"kind": "decode"``: a sample the loader could not decode, each time it is drawn (once per epoch).
+- Stream mode (:mod:`megadigpt.data.streaming`) has no listing: ``"kind": "decode"`` records name the shard URL
+  and the key (``offset`` and ``size`` are -1), and ``"kind": "shard"`` records a shard skipped after its retries
+  or found damaged (``path`` the URL, ``key`` empty), once each time a reader meets it.
 
 Under several ranks each rank finds its own samples (ranks read disjoint slices, DataLoader workers hand their
 findings to the rank's main process inside the batch); :meth:`BadSampleLog.flush` gathers them to rank 0, the
@@ -47,7 +50,8 @@ class BadSampleLog:
                     rec = json.loads(line)
                 except ValueError:  # a line torn by a kill
                     continue
-                if isinstance(rec, dict) and rec.get("kind") == "decode" and int(rec.get("step", 0)) <= start_step:
+                if isinstance(rec, dict) and rec.get("kind") in ("decode", "shard") and \
+                        int(rec.get("step", 0)) <= start_step:
                     kept.append(rec)
         recs = [{"kind": "index", "path": p.path, "key": p.key, "reason": p.reason} for p in problems] + kept
         tmp = self.path.with_suffix(".jsonl.tmp")
@@ -67,6 +71,12 @@ class BadSampleLog:
             self.pending.append({"kind": "decode", "path": s.path, "key": s.key, "offset": s.offset,
                                  "size": s.size, "reason": reason, "step": int(step), "epoch": int(epoch),
                                  "rank": self.rank})
+        for url, key, epoch, reason in batch.get("bad_stream", ()):  # stream mode: the shard URL and the key
+            self.pending.append({"kind": "decode", "path": url, "key": key, "offset": -1, "size": -1,
+                                 "reason": reason, "step": int(step), "epoch": int(epoch), "rank": self.rank})
+        for url, reason, epoch in batch.get("shard_problems", ()):
+            self.pending.append({"kind": "shard", "path": url, "key": "", "offset": -1, "size": -1,
+                                 "reason": reason, "step": int(step), "epoch": int(epoch), "rank": self.rank})
 
     def flush(self) -> None:
         """Write what every rank has noted (rank 0 writes). A collective under a process group."""

@@ -18,6 +18,14 @@ raw pixels (PPM, lossless), so they keep their crop and train as on the torch pa
 batch, each sample of it is decoded alone to find the ones it refuses; those go the Pillow way from then on and
 the batch is redone. A failure no sample explains is not bad data: that batch comes from the torch path, and
 five such failures in a row are an error.
+
+Stream mode (:class:`DaliStreamLoader`): the torch DataLoader over :class:`megadigpt.data.streaming.StreamDataset`
+reads the shards and, in its workers, runs the same header check and draws the same boxes, flips and segment
+orders as the stream's torch path (``encoded=True``: bytes and boxes, nothing decoded). Its batches feed the same
+DALI graph through a batch external source. DALI asks its source ahead of the batch it returns, so the read
+cursors are noted when a batch is handed to the trainer, not when DALI takes it. If DALI fails on a batch, every
+batch it had taken and not returned is decoded by Pillow with its boxes (the torch path's output) and the
+pipeline is rebuilt; five failures in a row are an error.
 """
 
 import io
@@ -372,3 +380,124 @@ class DaliPretrainLoader:
                 # mpirun job for over a minute (measured)
                 pipe._shutdown()
                 del pipe
+
+
+class _StreamFeed:
+    """Batch external source over a :class:`~megadigpt.data.streaming.StreamLoader`'s raw batches; every batch it
+    hands DALI is also queued in ``pending`` (for its metadata, its cursor, and a Pillow fallback)."""
+
+    def __init__(self, batches, pending: list):
+        self.batches, self.pending, self.last = batches, pending, None
+        self.error = None  # what the stream itself raised (not DALI's failure): re-raised by the loader
+
+    def __call__(self, iteration: int):
+        try:
+            b = next(self.batches, None)
+        except Exception as e:  # noqa: BLE001 - kept, to reach the trainer as itself and not as a DALI error
+            self.error = e
+            raise
+        if b is None:  # DALI prefetches past the end: repeat the last batch (never handed on)
+            b = self.last
+        else:
+            self.pending.append(b)
+        self.last = b
+        n = len(b["encoded"])
+        rs = [(r or "-").encode() for r in b["reasons"]]
+        return [[np.frombuffer(e, dtype=np.uint8) for e in b["encoded"]],
+                [np.array(x[:2], dtype=np.int32) for x in b["box"]],
+                [np.array(x[2:4], dtype=np.int32) for x in b["box"]],
+                [np.array(bool(x[4]), dtype=np.int32) for x in b["box"]],
+                [b["order"][i].numpy() for i in range(n)],
+                [np.array(bool(b["valid"][i]), dtype=np.int32) for i in range(n)],
+                [np.array(int(b["label"][i]), dtype=np.int64) for i in range(n)],
+                [np.array(-1, dtype=np.int64)] * n,
+                [np.array(int(b["epoch"][i]), dtype=np.int64) for i in range(n)],
+                [np.frombuffer(r, dtype=np.uint8) for r in rs]]
+
+
+class DaliStreamLoader:
+    """Stream mode through DALI: the same batches (samples, boxes, flips, orders) as the stream's torch path,
+    decoded and resized by DALI. Iterates like :class:`~megadigpt.data.streaming.StreamLoader` (whose cursors it
+    updates as batches are handed on)."""
+
+    def __init__(self, stream_loader, device: torch.device, num_threads: int = 2):
+        self.inner = stream_loader
+        self.sizes = stream_loader.dataset.sizes
+        self.interp_name = stream_loader.dataset.interp_name
+        self.device = device
+        self.device_id = device.index if device.type == "cuda" else None
+        self.num_threads = num_threads
+        self.failed_batches = 0  # batches DALI failed on, decoded by Pillow instead
+        self.max_consecutive_failures = 5
+
+    def __len__(self):
+        return len(self.inner)
+
+    def _finish(self, b: dict, views) -> dict:
+        self.inner.note(b)
+        out = {k: v for k, v in b.items() if k not in ("encoded", "raw", "box", "reasons")}
+        out["views"] = views
+        return out
+
+    def _pillow(self, b: dict):
+        """The batch's views decoded by Pillow with its boxes, as the stream's torch path makes them."""
+        ds = self.inner.dataset
+        per_size = [[] for _ in self.sizes]
+        for raw, (top, left, h, w, flip), valid in zip(b["raw"], b["box"], b["valid"].tolist()):
+            try:
+                if not valid:
+                    raise ValueError("bad sample")
+                img = decode_rgb(raw).crop((left, top, left + w, top + h))
+                for k, s in enumerate(self.sizes):
+                    v = img.resize((s, s), ds.interp)
+                    if flip:
+                        v = v.transpose(Image.FLIP_LEFT_RIGHT)
+                    per_size[k].append(torch.from_numpy(np.asarray(v, dtype=np.uint8).copy()).permute(2, 0, 1))
+            except Exception:  # noqa: BLE001 - a sample even Pillow cannot decode: zeros, as on the torch path
+                for k, s in enumerate(self.sizes):
+                    per_size[k].append(torch.zeros(3, s, s, dtype=torch.uint8))
+        return [torch.stack(v).to(self.device) for v in per_size]
+
+    def __iter__(self):
+        n = len(self.inner)
+        if not n:
+            return
+        batches = self.inner.raw()
+        pending: list = []
+        done, consecutive = 0, 0
+        nviews = len(self.sizes)
+        while done < n:
+            pipe = None
+            feed = _StreamFeed(batches, pending)
+            try:
+                pipe = _pipeline_graph(feed, self.sizes, self.inner.micro, self.device_id,
+                                       self.num_threads, self.interp_name)
+                pipe.build()
+                while done < n:
+                    out = pipe.run()
+                    views = [_view_to_torch(out[k], self.device) for k in range(nviews)]
+                    b = pending.pop(0)
+                    yield self._finish(b, views)
+                    done += 1
+                    consecutive = 0
+            except StopIteration:
+                return
+            except Exception as e:  # noqa: BLE001 - a DALI failure: what it held goes the Pillow way
+                if feed.error is not None:
+                    raise feed.error from None
+                consecutive += 1
+                if consecutive >= self.max_consecutive_failures:
+                    raise RuntimeError(f"the DALI pipeline failed {consecutive} times in a row on stream batches "
+                                       f"(set data.loader=torch to continue without DALI): {e}") from e
+                first_line = str(e).splitlines()[0] if str(e) else type(e).__name__
+                log.warning("DALI failed on a stream batch (%s); decoding the %d batches it held with Pillow",
+                            first_line, len(pending))
+                while pending and done < n:
+                    b = pending.pop(0)
+                    self.failed_batches += 1
+                    yield self._finish(b, self._pillow(b))
+                    done += 1
+            finally:
+                if pipe is not None:
+                    pipe._shutdown()
+                    del pipe

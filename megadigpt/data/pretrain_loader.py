@@ -84,7 +84,8 @@ class PretrainStream(torch.utils.data.Dataset):
 
     def __init__(self, samples: Sequence[Sample], sizes: Sequence[int], num_segments: int, seed: int,
                  scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3), interpolation="bicubic", hflip=True):
-        self.samples = list(samples)
+        # a SampleIndex stays one (memory-mapped, pickled by reference); never materialised as a list
+        self.samples = samples if hasattr(samples, "__getitem__") and hasattr(samples, "__len__") else list(samples)
         self.sizes = sorted(set(sizes))
         self.num_segments, self.seed = num_segments, seed
         self.scale, self.ratio, self.hflip = tuple(scale), tuple(ratio), hflip
@@ -108,6 +109,8 @@ class PretrainStream(torch.utils.data.Dataset):
         perm = self._perm_cache.get(epoch)
         if perm is None:
             perm = np.random.default_rng([self.seed, epoch]).permutation(n)
+            if n <= np.iinfo(np.uint32).max:  # the same order in half the memory (36M samples: 144 MiB, not 288)
+                perm = perm.astype(np.uint32)
             self._perm_cache = {epoch: perm}  # one epoch at a time
         return epoch, int(perm[position % n])
 

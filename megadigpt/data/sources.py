@@ -1,7 +1,22 @@
 """Where images come from: webdataset shards (the layout img2dataset writes, local or at http(s)/s3/gs/pipe: URLs
 through :mod:`megadigpt.data.remote`), image folders, the demo photos.
 
-A source is resolved into a flat, ordered list of :class:`Sample` records; decoding happens in the loader.
+A source is resolved into a :class:`~megadigpt.data.index.SampleIndex`: flat numpy columns (memory-mapped from an
+index folder where one is fresh, built in memory otherwise) that hand out :class:`Sample` records on lookup;
+decoding happens in the loader.
+
+Where an index is used (see :mod:`megadigpt.data.index`):
+- an index folder (holding ``index.json``: what ``data index`` / ``data build`` / ``data merge`` write) given as
+  the source; a stale one (a tar shard changed since) is refused in one line;
+- a folder of tar shards with a fresh ``index/`` inside (``data build --out X`` writes ``X/index``; ``data index
+  <shards> --out <folder>/index`` for shards written elsewhere), and a shard list or pattern all of whose shards
+  lie in one folder with such an index: used automatically; a stale one is ignored (with a warning) and the
+  shards are scanned as without one.
+Without a fresh index, tar headers are scanned shard by shard straight into numpy columns.
+
+Remote shards in indexed mode: a shard that cannot be read after the retries (:class:`RemoteError`) is skipped and
+reported as a :class:`Problem` (key ""), like a damaged local shard; only a source of which no shard can be read
+is an error.
 """
 
 import functools
@@ -16,7 +31,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
-from ..config import ConfigError
+import numpy as np
+
+from ..config import ConfigError, missing_path
 from .remote import RemoteError, cache_shard, expand_urls, is_remote
 
 log = logging.getLogger(__name__)
@@ -66,8 +83,12 @@ def demo_dir() -> Path:
     return Path(skimage.__file__).parent / "data"
 
 
-def _resolve_paths(source: Union[str, Sequence[str]]):
-    """-> ('demo', [files]) | ('tar', [shards]) | ('folder', root)"""
+def _resolve_paths(source: Union[str, Sequence[str]], problems: Optional[List[Problem]] = None):
+    """-> ('demo', [files]) | ('tar', [shards]) | ('folder', root) | ('list', file) | ('index', folder).
+    Remote shards that cannot be read are skipped and added to ``problems`` (a ConfigError only when no shard at
+    all is readable; without ``problems`` they are still skipped, e.g. for the early check)."""
+    problems = [] if problems is None else problems
+    remote_failed: List[Problem] = []
     items = [source] if isinstance(source, str) else list(source)
     if items == ["demo"]:
         d = demo_dir()
@@ -75,7 +96,7 @@ def _resolve_paths(source: Union[str, Sequence[str]]):
         if not files:
             raise ConfigError(f"no demo photos found in {d}")
         return "demo", files
-    shards, folders = [], []
+    shards, folders, missing = [], [], []
     for item in items:
         item = os.path.expanduser(str(item))
         expanded = expand_urls(item)  # {000..009} ranges and {train,val} comma sets (braceexpand)
@@ -84,17 +105,24 @@ def _resolve_paths(source: Union[str, Sequence[str]]):
                 try:
                     shards.append(cache_shard(e))
                 except RemoteError as err:
-                    raise ConfigError(str(err)) from None
+                    log.warning("skipping a remote shard: %s", err)
+                    remote_failed.append(Problem(e, "", str(err)))
                 continue
             if any(ch in e for ch in "*?["):
                 matches = sorted(glob.glob(e))
                 if not matches:
-                    raise ConfigError(f"data source pattern matches no file: {e}")
+                    missing.append(missing_path(f"data source pattern matches no file: {e}"))  # raises unless previewing
+                    continue
                 shards += [m for m in matches if m.endswith(".tar")]
                 continue
             p = Path(e)
             if not p.exists():
-                raise ConfigError(f"data source not found: {e}")
+                missing.append(missing_path(f"data source not found: {e}"))  # raises unless previewing
+                continue
+            if p.is_dir() and (p / "index.json").is_file() or p.name == "index.json" and p.is_file():
+                if len(items) != 1 or len(expanded) != 1:
+                    raise ConfigError("an index folder must be the only data source")
+                return "index", str(p if p.is_dir() else p.parent)
             if p.is_dir():
                 tars = sorted(str(q) for q in p.glob("*.tar"))
                 if tars:
@@ -116,13 +144,25 @@ def _resolve_paths(source: Union[str, Sequence[str]]):
             raise ConfigError("give one image folder (or shards)")
         return "folder", folders[0]
     if not shards:
+        if missing:  # previewing (submit --dry-run): the source is not on this machine, and that was noted
+            return "missing", []
+        if remote_failed:
+            more = f" (and {len(remote_failed) - 1} more shards)" if len(remote_failed) > 1 else ""
+            raise ConfigError(f"no shard of {source!r} is readable: {remote_failed[0].reason}{more}")
         raise ConfigError(f"data source {source!r} contains no .tar shards or images")
+    problems += remote_failed
     return "tar", shards
 
 
 def check_source(source) -> str:
-    """Cheap existence check for early validation; returns the source kind."""
-    kind, _ = _resolve_paths(source)
+    """Cheap existence check for early validation; returns the source kind. An index folder is opened (its files
+    checked) and its shards checked for freshness; a partly readable remote source passes (its unreadable shards
+    are skipped later, and reported)."""
+    kind, where = _resolve_paths(source)
+    if kind == "index":
+        from .index import open_index
+
+        open_index(where)
     return kind
 
 
@@ -196,11 +236,12 @@ def _members_text(parts) -> str:
     return ", ".join(sorted(parts)) or "none"
 
 
-def _samples_from_members(shard: str, members: Dict[str, Dict[str, Tuple[int, int]]], f, file_size: int,
-                          problems: List[Problem]) -> List[Sample]:
-    """members: key -> {ext: (data offset, size)}. A sample needs an image member and, if it has a ``.cls``, a
-    parsable one; members that run past the end of the file are truncated."""
-    out = []
+def _rows_from_members(shard: str, members: Dict[str, Dict[str, Tuple[int, int]]], f, file_size: int,
+                       problems: List[Problem]):
+    """members: key -> {ext: (data offset, size)} -> (keys, offsets, sizes, labels) of the usable samples. A
+    sample needs an image member and, if it has a ``.cls``, a parsable one; members that run past the end of the
+    file are truncated."""
+    keys, offs, sizes, labels = [], [], [], []
     for key, parts in members.items():
         cut = sorted(e for e, (off, size) in parts.items() if off + size > file_size)
         if cut:
@@ -219,8 +260,11 @@ def _samples_from_members(shard: str, members: Dict[str, Dict[str, Tuple[int, in
             if why:
                 problems.append(Problem(shard, key, why))
                 continue
-        out.append(Sample(shard, img[0], img[1], key, label))
-    return out
+        keys.append(key)
+        offs.append(img[0])
+        sizes.append(img[1])
+        labels.append(label)
+    return keys, offs, sizes, labels
 
 
 def _scan_tar(shard: str, f, file_size: int, problems: List[Problem]) -> Dict[str, Dict[str, Tuple[int, int]]]:
@@ -274,14 +318,17 @@ def _scan_tar(shard: str, f, file_size: int, problems: List[Problem]) -> Dict[st
     return members
 
 
-def _tar_samples(shard: str, problems: List[Problem]) -> List[Sample]:
+def scan_shard(shard: str, problems: List[Problem]):
+    """One local tar shard -> (file size, mtime_ns, keys, offsets, sizes, labels) of its usable samples; what is
+    wrong with it goes to ``problems``. Reads the DALI ``.idx`` beside it where there is one, else the headers."""
     try:
         f = open(shard, "rb")
     except OSError as e:
         problems.append(Problem(shard, "", f"unreadable shard: {e.strerror}"))
-        return []
+        return -1, -1, [], [], [], []
     with f:
-        file_size = os.fstat(f.fileno()).st_size
+        st = os.fstat(f.fileno())
+        file_size = st.st_size
         indexed = _read_dali_index(shard)
         if indexed is not None:
             members = {}
@@ -294,7 +341,7 @@ def _tar_samples(shard: str, problems: List[Problem]) -> List[Sample]:
             if expected is not None and expected > len(members):  # what a cut shard lost, where it is known
                 problems.append(Problem(shard, "", f"{expected - len(members)} of {expected} samples missing "
                                                    f"(manifest.json counts {expected})"))
-        return _samples_from_members(shard, members, f, file_size, problems)
+        return (file_size, st.st_mtime_ns) + _rows_from_members(shard, members, f, file_size, problems)
 
 
 @functools.lru_cache(maxsize=8)
@@ -316,19 +363,73 @@ def _manifest_count(shard: str) -> Optional[int]:
     return _manifest_counts(str(path), mtime).get(Path(shard).name)
 
 
-def scan_source(source) -> Tuple[List[Sample], List[Problem]]:
-    """The samples of a source, and the problems found while listing them (damaged shards, samples without an
-    image member, unparsable labels): each a :class:`Problem` naming the shard and key. Decoding problems are
-    found later, by the loaders (or ``data validate``)."""
-    kind, where = _resolve_paths(source)
+def _fresh_index_for(shards: List[str]):
+    """(SampleIndex, problems) from the fresh ``index/`` of the one folder all ``shards`` lie in, covering every one
+    of them; None where there is none (or it is stale: then the shards are scanned)."""
+    from .index import SampleIndex, _open_store, read_problems
+
+    parents = {os.path.dirname(os.path.abspath(s)) for s in shards}
+    if len(parents) != 1:
+        return None
+    folder = os.path.join(parents.pop(), "index")
+    if not os.path.isfile(os.path.join(folder, "index.json")):
+        return None
+    st = _open_store(folder)  # damaged or tampered: one line, not a silent rescan
+    pos: Dict[str, List[int]] = {}
+    for j in range(st.m):
+        pos.setdefault(st.path_of_shard(j), []).append(j)
+    want = [os.path.abspath(s) for s in shards]
+    missing = [s for s in want if s not in pos]
+    if missing:
+        log.info("the index in %s does not list %s; scanning the shards", folder, missing[0])
+        return None
+    ids = [j for s in want for j in pos[s]]
+    why = st.stale(ids)
+    if why:
+        log.warning("ignoring the stale sample index %s (%s); scanning the shards (megadigpt data index rebuilds "
+                    "it)", folder, why)
+        return None
+    if ids == list(range(st.m)):
+        idx = SampleIndex(st)
+    else:
+        rows = [np.arange(st.first[j], st.first[j + 1], dtype=np.int64) for j in ids]
+        idx = SampleIndex(st, np.concatenate(rows) if rows else np.zeros(0, dtype=np.int64))
+    wanted = set(want)
+    return idx, [p for p in read_problems(folder) if p.path in wanted]
+
+
+def _scan_shards(shards: List[str], problems: List[Problem]):
+    from .index import ColumnBuilder
+
+    b = ColumnBuilder()
+    for shard in shards:
+        size, mtime, keys, offs, sizes, labels = scan_shard(shard, problems)
+        b.add_shard(shard, size, mtime, offs, sizes, labels, keys)
+    return b.build()
+
+
+def scan_source(source):
+    """The samples of a source as a :class:`~megadigpt.data.index.SampleIndex`, and the problems found while
+    listing them (damaged shards, unreadable remote shards, samples without an image member, unparsable labels):
+    each a :class:`Problem` naming the shard and key. Decoding problems are found later, by the loaders (or
+    ``data validate``)."""
+    from .index import open_index, read_problems
+
     problems: List[Problem] = []
+    kind, where = _resolve_paths(source, problems)
     if kind == "tar":
-        out = []
-        for shard in where:
-            out += _tar_samples(shard, problems)
+        found = _fresh_index_for(where)
+        if found is not None:
+            out, found_problems = found
+            problems += found_problems
+        else:
+            out = _scan_shards(where, problems)
+    elif kind == "index":
+        out = open_index(where)
+        problems += read_problems(where)
     else:
         out = _plain_samples(kind, where)
-    if not out:
+    if not len(out):
         extra = f" ({len(problems)} problems, e.g. {problems[0].path}: {problems[0].reason})" if problems else ""
         raise ConfigError(f"data source {source!r} holds no images{extra}")
     if problems:
@@ -337,29 +438,66 @@ def scan_source(source) -> Tuple[List[Sample], List[Problem]]:
     return out, problems
 
 
-def _plain_samples(kind, where) -> List[Sample]:
-    if kind == "demo":
-        return [Sample(f, key=Path(f).stem) for f in where]
+def _plain_samples(kind, where):
+    from .index import ColumnBuilder, from_samples
+
     if kind == "list":
-        return read_sample_list(where)
+        return from_samples(read_sample_list(where))
+    b = ColumnBuilder()
+    if kind == "demo":
+        b.add_plain(where, [Path(f).stem for f in where], [-1] * len(where))
+        return b.build()
     root = Path(where)
     files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTS and p.is_file())
-    classes = sorted({p.relative_to(root).parts[0] for p in files if len(p.relative_to(root).parts) > 1})
+    rel = [p.relative_to(root) for p in files]
+    classes = sorted({r.parts[0] for r in rel if len(r.parts) > 1})
     cidx = {c: i for i, c in enumerate(classes)}
-    return [Sample(str(p), key=str(p.relative_to(root)),
-                   label=cidx.get(p.relative_to(root).parts[0], -1) if len(p.relative_to(root).parts) > 1 else -1)
-            for p in files]
+    b.add_plain([str(p) for p in files], [str(r) for r in rel],
+                [cidx.get(r.parts[0], -1) if len(r.parts) > 1 else -1 for r in rel])
+    return b.build()
 
 
-def find_samples(source) -> List[Sample]:
-    """The usable samples of a source (see :func:`scan_source` for the problems found on the way)."""
+def find_samples(source):
+    """The usable samples of a source, a :class:`~megadigpt.data.index.SampleIndex` (see :func:`scan_source` for
+    the problems found on the way)."""
     return scan_source(source)[0]
+
+
+def _remote_classes(url: str) -> Optional[List[str]]:
+    """``classes.txt`` beside a remote shard (the URL's last path element replaced), one try; None if absent."""
+    if url.startswith("pipe:"):
+        return None
+    base, sep, _ = url.split("?", 1)[0].rpartition("/")
+    if not sep or base.endswith(":/"):
+        return None
+    try:
+        path = cache_shard(base + "/classes.txt", retries=0)
+        text = Path(path).read_text()
+    except (RemoteError, OSError, UnicodeDecodeError):
+        return None
+    return [line.strip() for line in text.splitlines() if line.strip()] or None
 
 
 def label_names(source) -> Optional[List[str]]:
     """Class names in label order, where the source says: class folders (sorted, e.g. ImageNet synsets), or a
-    ``classes.txt`` (one name per line) beside tar shards or a sample list. None where unknown."""
+    ``classes.txt`` (one name per line) beside tar shards (local or remote), a sample list, or in an index folder.
+    None where unknown. A remote source is asked once (no retries), before any shard is downloaded."""
+    items = [source] if isinstance(source, str) else list(source)
+    if items and items != ["demo"]:
+        first_item = expand_urls(os.path.expanduser(str(items[0])))[:1]
+        if first_item and is_remote(first_item[0]):
+            return _remote_classes(first_item[0])
     kind, where = _resolve_paths(source)
+    if kind == "index":
+        from .index import open_index
+
+        idx = open_index(where, check_fresh=False)
+        cands = [Path(where) / "classes.txt"] + ([Path(idx.shard_path(0)).parent / "classes.txt"] if idx.num_shards
+                                                 else [])
+        for f in cands:
+            if f.is_file():
+                return [line.strip() for line in f.read_text().splitlines() if line.strip()]
+        return None
     if kind == "folder":
         root = Path(where)
         return sorted(p.name for p in root.iterdir() if p.is_dir()) or None

@@ -1,8 +1,11 @@
-"""Offline dataset tooling behind ``megadigpt data ...``: validate, build shards, merge sources, ImageNet-21K labels.
+"""Offline dataset tooling behind ``megadigpt data ...``: validate, build shards, index shards, merge sources,
+ImageNet-21K labels.
 
 Shards are webdataset tars (``<key>.jpg`` + ``<key>.cls``) with a DALI index (``.idx``, the wds2idx format) beside
-each and a ``manifest.json`` (counts, classes, sources, sha256 per shard). Sample lists (``.jsonl``, one sample
-per line, pointing into shards or files) are what ``validate`` and ``merge`` write; they are a data source too.
+each, a ``manifest.json`` (counts, classes, sources, sha256 per shard) and a sample index folder ``index/``
+(:mod:`megadigpt.data.index`: what the trainer memory-maps). ``data index`` writes such an index folder for shards
+written elsewhere (img2dataset's). ``data merge`` writes an index folder, or a sample list (``.jsonl``, one sample
+per line, pointing into shards or files; also what ``validate`` writes) for small merges; all are data sources.
 """
 
 import hashlib
@@ -133,6 +136,7 @@ def build(source, out_dir, shard_size: int = 10000, prefix: str = "shard", progr
     if shard_size < 1:
         raise ConfigError("--shard-size must be >= 1")
     samples = resolve_build_input(source)
+    labels_all = _labels_of(samples)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     done_file = out / ".build_progress.json"
@@ -156,12 +160,85 @@ def build(source, out_dir, shard_size: int = 10000, prefix: str = "shard", progr
         os.replace(tmp, done_file)
         bar.update(len(chunk))
     bar.close()
-    labels = sorted({s.label for s in samples if s.label >= 0})
+    labels = np.unique(labels_all[labels_all >= 0])
     manifest = {"created": time.strftime("%Y-%m-%dT%H:%M:%S"), "source": str(source), "count": len(samples),
-                "classes": len(labels), "labelled": sum(s.label >= 0 for s in samples), "shard_size": shard_size,
+                "classes": len(labels), "labelled": int((labels_all >= 0).sum()), "shard_size": shard_size,
                 "shards": [{"name": n, **shards[n]} for n in sorted(shards)]}
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    # the sample index beside the shards (used automatically when the folder is the source); written last, so
+    # its sizes and mtimes are those of the finished shards
+    index_shards([str(out / n) for n in sorted(shards)], out / "index", workers=1, progress=False)
     return manifest
+
+
+def _labels_of(samples) -> np.ndarray:
+    lab = getattr(samples, "labels", None)
+    return np.asarray(lab if lab is not None else [s.label for s in samples], dtype=np.int64)
+
+
+# ============================================================================ index shards
+
+def _scan_one(shard: str):
+    """One shard's columns (in a worker process): sizes, keys as offsets + blob, and its problems."""
+    from .sources import scan_shard
+
+    problems = []
+    size, mtime, keys, offs, sizes, labels = scan_shard(shard, problems)
+    enc = [k.encode() for k in keys]
+    key_off = np.zeros(len(enc) + 1, dtype=np.int64)
+    np.cumsum([len(b) for b in enc], out=key_off[1:])
+    return (shard, size, mtime, np.array(offs, dtype=np.int64), np.array(sizes, dtype=np.int64),
+            np.array(labels, dtype=np.int64), key_off, np.frombuffer(b"".join(enc), dtype=np.uint8), problems)
+
+
+def index_shards(source, out_dir, workers: int = 2, progress: bool = True) -> dict:
+    """Scan tar shards (any source of shards: a folder, a pattern such as img2dataset's ``{00000..01023}.tar``, a
+    list, URLs through the shard cache) in ``workers`` processes and write a sample index folder (atomically: a
+    temporary folder renamed into place; a rerun replaces an old index) with ``problems.jsonl``."""
+    from .index import IndexWriter
+    from .sources import _resolve_paths
+
+    problems = []
+    if isinstance(source, (list, tuple)) and source and all(str(s).endswith(".tar") and Path(s).is_file()
+                                                              for s in source):
+        shards = [str(s) for s in source]
+    else:
+        kind, shards = _resolve_paths(source, problems)
+        if kind != "tar":
+            raise ConfigError(f"data index needs tar shards; {source!r} is a{'n' if kind[0] in 'aeio' else ''} "
+                              f"{kind} source")
+    w = IndexWriter(out_dir)
+    bar = _progress(len(shards), "index", progress)
+    bar.unit = "shard"
+    n = 0
+    try:
+        w.add_problems(problems)
+        chunk = max(1, min(64, len(shards) // (4 * max(1, workers)) or 1))
+        if workers > 1 and len(shards) > 1:
+            pool = ProcessPoolExecutor(max_workers=workers)
+            results = pool.map(_scan_one, shards, chunksize=chunk)
+        else:
+            pool, results = None, map(_scan_one, shards)
+        try:
+            for shard, size, mtime, offs, sizes, labels, key_off, key_blob, probs in results:  # in shard order
+                w.add(shard, size, mtime, offs, sizes, labels, key_off, key_blob)
+                w.add_problems(probs)
+                problems += probs
+                n += len(offs)
+                bar.update(1)
+        finally:
+            if pool is not None:
+                pool.shutdown(cancel_futures=True)
+        out = w.close()
+    except BaseException:
+        w.abort()
+        raise
+    finally:
+        bar.close()
+    if n == 0:
+        raise ConfigError(f"no usable sample in {source!r} ({len(problems)} problems; see {out}/problems.jsonl)")
+    return {"index": str(out), "samples": n, "shards": len(shards), "problems": len(problems),
+            "damaged_shards": len({p.path for p in problems if not p.key})}
 
 
 # ============================================================================ merge
@@ -169,15 +246,28 @@ def build(source, out_dir, shard_size: int = 10000, prefix: str = "shard", progr
 MERGE_KEYS = {"name", "source", "weight", "expected_count"}
 
 
-def _sha256(sample: Sample) -> str:
-    return hashlib.sha256(sample.read()).hexdigest()
+def _sha256(sample: Sample, handles=None) -> str:
+    return hashlib.sha256(sample.read(handles)).hexdigest()
 
 
-def merge(spec_path, out_path, seed: int = 0, progress: bool = True) -> dict:
-    """The merged public dataset from a YAML of sources (see README): per-source weights are the fraction of the
+def _hashes(samples, bar, handles):
+    for s in samples:
+        yield _sha256(s, handles)
+        bar.update(1)
+
+
+def merge(spec_path, out_path, seed: int = 0, progress: bool = True, chunk: int = 1 << 20) -> dict:
+    """The merged public dataset from a YAML of sources (see docs/data.md, "Tooling"): per-source weights are the fraction of the
     merged epoch drawn from that source; sources are checked for completeness; exact duplicates (by content hash)
-    of an evaluation set are dropped. Writes a sample list and ``<out>.manifest.json``."""
+    of an evaluation set are dropped.
+
+    Writes a sample index folder (``out_path``; ``manifest.json`` inside) in bounded memory: the sources' columns
+    are copied chunk by chunk, no per-sample Python objects (36M entries: see the docs for time and memory), or,
+    where ``out_path`` ends with ``.jsonl``, a sample list and ``<out>.manifest.json`` (small merges). Samples stay
+    grouped by source and shard, not shuffled (the trainer draws a permutation per epoch); a source drawn more
+    often than it has images contributes whole repeats (repeated rows) and then a random subset, kept in order."""
     from ..config import read_yaml
+    from .index import IndexWriter
 
     spec = read_yaml(spec_path, "merge spec")  # binary, empty, duplicate keys, a folder: one line
     if not isinstance(spec, dict):
@@ -186,11 +276,11 @@ def merge(spec_path, out_path, seed: int = 0, progress: bool = True) -> dict:
     if unknown:
         raise ConfigError(f"{spec_path}: unknown keys {sorted(unknown)}")
     sources = spec.get("sources") or []
-    if not sources:
+    if not sources or not isinstance(sources, list):
         raise ConfigError(f"{spec_path}: no sources")
     per_source, names = [], []
     for i, src in enumerate(sources):
-        bad = set(src) - MERGE_KEYS
+        bad = set(src) - MERGE_KEYS if isinstance(src, dict) else {"?"}
         if bad or "source" not in src or "name" not in src:
             raise ConfigError(f"{spec_path}: source {i} needs name and source (allowed keys {sorted(MERGE_KEYS)})")
         samples = find_samples(src["source"])
@@ -200,41 +290,76 @@ def merge(spec_path, out_path, seed: int = 0, progress: bool = True) -> dict:
         if float(src.get("weight", 1.0)) <= 0:
             raise ConfigError(f"source {src['name']}: weight must be > 0")
         per_source.append(samples)
-        names.append(src["name"])
+        names.append(str(src["name"]))
+    # kept[i]: the positions of source i that stay (None: all of them, nothing materialised)
+    kept: List[Optional[np.ndarray]] = [None] * len(sources)
     dropped = [0] * len(sources)
     if spec.get("exclude_duplicates_of"):
         eval_samples = find_samples(spec["exclude_duplicates_of"])
-        eval_hashes = {_sha256(s) for s in eval_samples}
-        bar = _progress(sum(map(len, per_source)), "dedup", progress)
-        for i, samples in enumerate(per_source):
-            keep = []
-            for s in samples:
-                if _sha256(s) in eval_hashes:
-                    dropped[i] += 1
-                else:
-                    keep.append(s)
-                bar.update(1)
-            per_source[i] = keep
-        bar.close()
+        handles: dict = {}
+        bar = _progress(len(eval_samples) + sum(map(len, per_source)), "dedup", progress)
+        try:
+            eval_hashes = set(_hashes(eval_samples, bar, handles))
+            for i, samples in enumerate(per_source):
+                dup = np.fromiter((h in eval_hashes for h in _hashes(samples, bar, handles)), dtype=bool,
+                                  count=len(samples))
+                dropped[i] = int(dup.sum())
+                kept[i] = np.flatnonzero(~dup)
+        finally:
+            bar.close()
+            for f in handles.values():
+                f.close()
+    lengths = [len(p) if k is None else len(k) for p, k in zip(per_source, kept)]
     weights = np.array([float(s.get("weight", 1.0)) for s in sources])
-    total = int(spec.get("total") or sum(map(len, per_source)))
+    total = int(spec.get("total") or sum(lengths))
     counts = np.floor(total * weights / weights.sum()).astype(int)
     counts[: total - counts.sum()] += 1  # distribute the remainder
     rng = np.random.default_rng(seed)
-    merged, extra = [], []
-    for i, (samples, c) in enumerate(zip(per_source, counts)):
-        if not samples:
+    plans = []  # per source: (whole repeats, the sorted positions of the partial one)
+    for i, c in enumerate(counts):
+        if lengths[i] == 0:
             raise ConfigError(f"source {names[i]} has no images left")
-        reps, rest = divmod(int(c), len(samples))  # up-sample by whole repeats, then a random subset
-        idx = np.concatenate([np.tile(np.arange(len(samples)), reps), rng.permutation(len(samples))[:rest]])
-        merged += [samples[j] for j in idx]
-        extra += [{"source": names[i]}] * len(idx)
-    order = rng.permutation(len(merged))
-    write_sample_list(out_path, [merged[j] for j in order], [extra[j] for j in order])
-    manifest = {"spec": str(spec_path), "total": len(merged), "seed": seed,
-                "sources": [{"name": n, "images": len(p) + d, "dropped_eval_duplicates": d, "drawn": int(c),
+        reps, rest = divmod(int(c), lengths[i])  # up-sample by whole repeats, then a random subset
+        plans.append((reps, np.sort(rng.choice(lengths[i], rest, replace=False)) if rest else None))
+
+    def chunks(i):
+        """Source i's merged rows, as (SampleIndex, positions) chunks, in order."""
+        idx, k = per_source[i], kept[i]
+        reps, part = plans[i]
+        for _ in range(reps):
+            for a in range(0, lengths[i], chunk):
+                pos = np.arange(a, min(a + chunk, lengths[i]), dtype=np.int64)
+                yield idx, pos if k is None else k[pos]
+        if part is not None:
+            for a in range(0, len(part), chunk):
+                pos = part[a:a + chunk]
+                yield idx, pos if k is None else k[pos]
+
+    manifest = {"spec": str(spec_path), "total": int(counts.sum()), "seed": seed,
+                "sources": [{"name": n, "images": len(p), "dropped_eval_duplicates": d, "drawn": int(c),
                              "weight": float(w)} for n, p, d, c, w in zip(names, per_source, dropped, counts, weights)]}
-    Path(str(out_path) + ".manifest.json").write_text(json.dumps(manifest, indent=1))
+    out = Path(out_path)
+    if str(out).endswith(".jsonl"):
+        merged, extra = [], []
+        for i in range(len(sources)):
+            for idx, pos in chunks(i):
+                sub = idx.subset(pos)
+                merged += list(sub)
+                extra += [{"source": names[i]}] * len(sub)
+        write_sample_list(out, merged, extra)
+        Path(str(out_path) + ".manifest.json").write_text(json.dumps(manifest, indent=1))
+        return manifest
+    w = IndexWriter(out, names)
+    try:
+        for i in range(len(sources)):
+            for idx, pos in chunks(i):
+                w.add_store(idx._store, idx.store_rows(pos), source=i)
+            per_source[i].release()
+        w.close()
+    except BaseException:
+        w.abort()
+        raise
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
     return manifest
 
 

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 
-from ..config import ConfigError, _suggest
+from ..config import ConfigError, _suggest, missing_path, preview_paths
 
 COMMANDS = ("pretrain", "finetune", "probe", "eval")
 _PKG = Path(__file__).resolve().parent.parent
@@ -238,13 +238,13 @@ def validate_stage(stage: Stage) -> dict:
         summary.update(workers=cfg.data.num_workers)
     else:  # eval
         if not pending(ns.model) and not Path(ns.model).exists():
-            raise ConfigError(f"stage {stage.name}: the model to evaluate is not found: {ns.model}")
+            missing_path(f"stage {stage.name}: the model to evaluate is not found: {ns.model}")
         sets = [k for k in ("imagenet", "real", "v2", "a", "r", "sketch", "c") if getattr(ns, k)]
         if not sets:
             raise ConfigError(f"stage {stage.name}: eval needs at least one set (--imagenet, --v2, ...)")
         for k in sets:
             if not Path(getattr(ns, k)).is_dir():
-                raise ConfigError(f"stage {stage.name}: --{k}: folder not found: {getattr(ns, k)}")
+                missing_path(f"stage {stage.name}: --{k}: folder not found: {getattr(ns, k)}")
         summary.update(workers=ns.workers)
     return summary
 
@@ -517,13 +517,21 @@ def submit(stages: List[Stage], root: Path, dry_run: bool = False, after: Option
 
     root = Path(root).resolve()
     created = [d for d in {_new_dirs(Path(s.run_dir)) for s in stages} | {_new_dirs(root)} if d]
+    warnings: List[str] = []
     try:
-        summaries = [validate_stage(s) for s in stages]
+        if dry_run:  # a preview: inputs missing on this machine are warnings (the cluster mounts them), the rest errors
+            with preview_paths() as warnings:
+                summaries = [validate_stage(s) for s in stages]
+        else:
+            summaries = [validate_stage(s) for s in stages]
     finally:
         if dry_run:  # the checks may create run directories; a dry run leaves nothing behind
             for d in created:
                 if d.is_dir() and not any(p.is_file() for p in d.rglob("*")):
                     shutil.rmtree(d)
+    for w in warnings:
+        print(f"megadigpt submit: warning: {w} (not on this machine; the job needs it where it runs)",
+              file=sys.stderr)
     for s, summ in zip(stages, summaries):
         need = (summ.get("workers") or 0) + 1
         if s.slurm.cpus_per_task and s.slurm.cpus_per_task < need:

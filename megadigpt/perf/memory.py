@@ -334,7 +334,7 @@ def model_states(P: int, largest: int, world: int, stage: int, precision: str, o
                  buffers: ZeroBuffers = ZeroBuffers()) -> Dict[str, int]:
     """Per-rank bytes of the student's model states under DeepSpeed ZeRO (AdamW), on the device and on the host,
     as DeepSpeed 0.19's optimizers allocate them (runtime/bf16_optimizer.py, zero/stage_1_and_2.py,
-    zero/stage3.py), checked against real engines by ``megadigpt bench`` (README, "Planning memory").
+    zero/stage3.py), checked against real engines by ``megadigpt bench`` (docs/benchmarks.md, "megadigpt plan").
 
     h = 2 (bf16/fp16) or 4 (fp32) bytes per weight; a = gradient accumulation bytes: 4 for 16-bit runs
     (``build_ds_config`` sets ``data_types.grad_accum_dtype=fp32`` for ZeRO 1-3), else h; c = the bytes of

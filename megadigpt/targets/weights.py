@@ -68,7 +68,10 @@ def probe_file(path: str, what: str) -> None:
     """Open a weights file safely, once per process (memoised by path, size and mtime)."""
     p = Path(path)
     if not p.is_file():
-        raise ConfigError(f"{what} weights file not found: {path}")
+        from ..config import missing_path
+
+        missing_path(f"{what} weights file not found: {path}")
+        return
     st = p.stat()
     key = (str(p.resolve()), st.st_size, st.st_mtime_ns)
     if key in _PROBED:

@@ -38,6 +38,9 @@ def plan_fit(cfg: Config, k: Optional[int], images: int, tokens_per_image: int, 
     if images * per_image < k:
         raise ConfigError(f"{images} images x {per_image} tokens = {images * per_image} vectors: fewer than "
                           f"k={k}; sample more")
+    from ..data import remote
+
+    remote.configure(cfg.data.cache_dir, cfg.data.io_timeout_s, cfg.data.io_retries)
     check_source(cfg.data.source)
     return spec, k, Path(out), per_image
 

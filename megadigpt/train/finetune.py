@@ -47,13 +47,19 @@ def plan_finetune(cfg: FinetuneRunConfig, world_size: Optional[int] = None, need
         raise ConfigError("model.arch=auto takes the geometry from train.init_from; set one of them "
                           "(model.arch=vit_base for a randomly initialised model)")
     if t.init_from and not init_from_pending and not Path(t.init_from).exists():
-        raise ConfigError(f"train.init_from not found: {t.init_from}")
+        from ..config import missing_path
+
+        missing_path(f"train.init_from not found: {t.init_from}")  # raises, unless previewing (submit --dry-run)
+        init_from_pending = True
     if t.init_from and not init_from_pending:
         from ..config import check_weights_file
 
         check_weights_file(t.init_from, "train.init_from")
     if m.patch_size and m.img_size % m.patch_size:
         raise ConfigError(f"model.img_size {m.img_size} is not divisible by model.patch_size {m.patch_size}")
+    from ..data import remote
+
+    remote.configure(d.cache_dir, d.io_timeout_s, d.io_retries)  # before any source is read
     if need_train:
         if not d.train:
             raise ConfigError("data.train is not set (labelled training images: shards with .cls, class folders)")
@@ -200,29 +206,33 @@ def build_and_load(build, weights, head_init_std: float, ds_config: Optional[dic
 
 
 def export_classifier(state, model_args: dict, out_dir: Path, label_names=None, metrics=None, mean=None, std=None,
-                      crop_pct=0.875) -> Path:
-    """A timm folder (``model.safetensors`` + ``config.json``) written beside ``out_dir`` and renamed into place, so
-    a kill never leaves a half-written ``best/``."""
-    from safetensors.torch import save_file
-
-    from ..checkpoint.convert import timm_architecture
+                      crop_pct=None, interpolation=None, run_config=None) -> Path:
+    """A timm folder (``model.safetensors`` + ``config.json`` + the ``README.md`` card) written beside ``out_dir``
+    and renamed into place, so a kill never leaves a half-written ``best/``. Loads with
+    ``timm.create_model("local-dir:<out_dir>", pretrained=True)``; its ``pretrained_cfg`` is what the run trained
+    and evaluated with: ``mean``/``std``/``crop_pct`` (arguments, else the run's ``config.yaml`` - by default the
+    one in ``out_dir``'s parent, the run directory -, else the defaults), the input size, and the fine-tuning
+    loaders' interpolation (bicubic, :mod:`megadigpt.data.classification`). The card also records the fine-tuning
+    recipe and the pretraining it started from (see :mod:`megadigpt.checkpoint.convert`)."""
+    from ..checkpoint.convert import finetune_record, read_run_config, write_timm_folder
+    from ..config import FinetuneDataConfig
 
     out_dir = Path(out_dir)
+    if run_config is None:
+        run_config = read_run_config(out_dir.parent)
+    data, dflt = (run_config or {}).get("data") or {}, FinetuneDataConfig()
+    size = model_args["img_size"]
+    pre = {"input_size": [3, size, size],
+           "interpolation": str(interpolation or data.get("interpolation", "bicubic")),
+           "mean": [float(v) for v in (mean or data.get("mean") or dflt.mean)],
+           "std": [float(v) for v in (std or data.get("std") or dflt.std)],
+           "crop_pct": float(crop_pct or data.get("crop_pct") or dflt.crop_pct), "crop_mode": "center"}
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / "model.safetensors"))
     args = {k: v for k, v in model_args.items() if k != "drop_path_rate"}
-    name = timm_architecture(args["embed_dim"], args["patch_size"], args["img_size"])
-    size = args["img_size"]
-    cfg = {"architecture": name, "num_classes": args["num_classes"], "num_features": args["embed_dim"],
-           "global_pool": args["global_pool"], "model_args": args, "label_names": label_names,
-           "pretrained_cfg": {"input_size": [3, size, size], "interpolation": "bicubic",
-                              "mean": list(mean or (0.485, 0.456, 0.406)), "std": list(std or (0.229, 0.224, 0.225)),
-                              "crop_pct": crop_pct, "num_classes": args["num_classes"],
-                              "first_conv": "patch_embed.proj", "classifier": "head", "tag": "megadigpt"},
-           "megadigpt": {"metrics": metrics or {}}}
-    (tmp / "config.json").write_text(json.dumps(cfg, indent=1))
+    write_timm_folder(tmp, {k: v.contiguous() for k, v in state.items()}, args, pre,
+                      finetune_record(run_config, metrics), label_names)
     old = out_dir.with_name(out_dir.name + ".old")
     shutil.rmtree(old, ignore_errors=True)
     if out_dir.exists():
@@ -278,13 +288,21 @@ def eval_batches(n_items: int, world: int, micro_batch: int) -> int:
 
 
 def check_labels(samples, what: str, num_classes: Optional[int] = None) -> int:
-    """Every sample labelled, every label below ``num_classes``; returns ``num_classes`` or 1 + the largest label."""
-    labels = [s.label for s in samples]
-    bad = sum(lab < 0 for lab in labels)
+    """Every sample labelled, every label below ``num_classes``; returns ``num_classes`` or 1 + the largest label.
+    Vectorised over a SampleIndex's label column (no per-sample objects); a plain sequence of Samples works too."""
+    import numpy as np
+
+    labels = getattr(samples, "labels", None)
+    labels = np.asarray(labels) if labels is not None else np.array([s.label for s in samples], dtype=np.int64)
+    if len(labels) == 0:
+        raise ConfigError(f"{what}: no images")
+    bad, top = int((labels < 0).sum()), int(labels.max())
+    release = getattr(samples, "release", None)
+    if release is not None:
+        release()  # the pages of the label column just read do not stay resident in this rank
     if bad:
         raise ConfigError(f"{what}: {bad} of {len(labels)} images have no label (shards need .cls members, folders "
                           f"class subfolders)")
-    top = max(labels)
     if num_classes is not None and top >= num_classes:
         raise ConfigError(f"{what}: label {top} does not fit model.num_classes={num_classes}")
     return num_classes or top + 1
@@ -337,7 +355,7 @@ def finetune(cfg: FinetuneRunConfig) -> dict:
     from ..model.classifier import build_classifier, param_groups_lrd
     from ..testing import active as fault_active
     from ..testing import fault
-    from .metrics import MetricsSink
+    from .metrics import MetricsSink, wandb_settings
     from .optim import build_optimizer, lr_at
     from .pretrain import Checkpointed, SignalFlag, TrainingDiverged, _dtype, repair_universal_load
 
@@ -351,6 +369,15 @@ def finetune(cfg: FinetuneRunConfig) -> dict:
     total_steps = t.max_steps if t.max_steps is not None else max(1, int(round(t.epochs * steps_per_epoch)))
     warmup = o.warmup_steps if o.warmup_steps is not None else o.warmup_epochs * steps_per_epoch
     warmup = min(warmup, total_steps)
+    schedule = {"total_steps": total_steps, "warmup_steps": round(float(warmup), 6), "peak_lr": plan.lr,
+                "min_lr": o.min_lr}
+    schedule_changes = ckpt.check_schedule(run_dir, schedule, t.allow_schedule_change)  # before anything heavy
+    done = ckpt.finished_step(run_dir, total_steps)
+    if done is not None and env.rank == 0:
+        print(f"megadigpt: {run_dir} is already finished: step {done} of {total_steps} (its exports are in "
+              f"{run_dir / 'last'}); nothing to do", flush=True)
+    if done is not None:
+        return {"steps": done, "history": [], "run_dir": str(run_dir), "best": {}, "finished": True}
 
     # ---------------------------------------------------------------- processes, model
     device = ds_engine.start_processes(env, plan.device_type)
@@ -422,7 +449,10 @@ def finetune(cfg: FinetuneRunConfig) -> dict:
              if f.mixup > 0 or f.cutmix > 0 else None)
     erase = RandomErasing(f.reprob, mode=f.remode, max_count=1, device=str(device)) if f.reprob > 0 else None
 
-    sink = MetricsSink(run_dir, rank0, t.tensorboard, t.progress, total_steps, start_step)
+    sink = MetricsSink(run_dir, rank0, t.tensorboard, t.progress, total_steps, start_step,
+                       wandb=wandb_settings(cfg) if t.wandb else None)
+    if schedule_changes and tag:
+        sink.event(event="schedule_change", step=start_step, changes=schedule_changes, schedule=schedule)
     from ..data.bad_samples import BadSampleLog
 
     bad_log = BadSampleLog(run_dir, train_samples, env.rank, start_step, train_problems + val_problems, device)
@@ -452,6 +482,7 @@ def finetune(cfg: FinetuneRunConfig) -> dict:
             ema_file(tag_name).parent.mkdir(parents=True, exist_ok=True)
             ema.save(ema_file(tag_name))
         client["best"] = best  # the best-so-far record lives in the marker: a resumed run keeps tracking it
+        client["schedule"] = schedule  # what a resume compares its own schedule with (check_schedule)
         client["nonfinite_steps"] = skipped
         ckpt.save(engine, run_dir, step, client, keep=t.ckpt_keep, is_rank0=rank0,
                   extra_files=[ema_file(tag_name)] if ema is not None else ())

@@ -1,4 +1,5 @@
-"""Throughput, FLOPs and MFU, and the metric sinks: metrics.jsonl, TensorBoard, a progress bar.
+"""Throughput, FLOPs and MFU, and the metric sinks: metrics.jsonl, TensorBoard, Weights & Biases, a progress bar
+(or, without a terminal, one line per log step with the time, step/total and ETA: what a SLURM log shows).
 
 FLOPs are counted, not estimated: ``torch.utils.flop_counter`` over one image through the student and through the
 teacher, both built on the meta device (nothing is computed). On the meta device ``F.scaled_dot_product_attention``
@@ -17,6 +18,7 @@ fp32 matmul rate (labelled as measured).
 """
 
 import json
+import secrets
 import sys
 import time
 from pathlib import Path
@@ -105,12 +107,17 @@ def peak_tflops(device: torch.device, override: Optional[float]):
 
 
 class MetricsSink:
-    """Rank 0 writes; other ranks hold a no-op sink."""
+    """Rank 0 writes; other ranks hold a no-op sink.
+
+    ``wandb``: None, or the W&B run's settings (``project``, ``mode`` online|offline, ``name``, ``config``). The run
+    id is kept in ``<run_dir>/wandb_id.txt``, so a resumed run continues the same W&B run (``resume="allow"``)."""
 
     def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool, progress: str, total_steps: int,
-                 start_step: int):
+                 start_step: int, wandb: Optional[dict] = None):
         self.enabled = enabled
-        self.jsonl = self.tb = self.bar = None
+        self.jsonl = self.tb = self.bar = self.wb = None
+        self.total, self.start_step = total_steps, start_step
+        self.t0 = time.monotonic()
         if not enabled:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -119,6 +126,8 @@ class MetricsSink:
             from torch.utils.tensorboard import SummaryWriter
 
             self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+        if wandb is not None:
+            self.wb = start_wandb(run_dir, **wandb)
         if progress == "on" or (progress == "auto" and sys.stderr.isatty()):
             from tqdm import tqdm
 
@@ -128,14 +137,24 @@ class MetricsSink:
         if self.enabled:
             self.jsonl.write(json.dumps({"time": time.time(), **kw}) + "\n")
 
+    def eta(self, step: int) -> str:
+        """Time left at the rate of the steps this process ran (``?`` before the first)."""
+        done = step - self.start_step
+        if done <= 0:
+            return "?"
+        left = (time.monotonic() - self.t0) / done * max(0, self.total - step)
+        return format_duration(left)
+
     def log(self, step: int, metrics: dict):
         if not self.enabled:
             return
-        self.jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
+        self.jsonl.write(json.dumps({"step": step, "time": round(time.time(), 3), **metrics}) + "\n")
+        numbers = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         if self.tb is not None:
-            for k, v in metrics.items():
-                if isinstance(v, (int, float)) and v is not None:
-                    self.tb.add_scalar(f"train/{k}", v, step)
+            for k, v in numbers.items():
+                self.tb.add_scalar(f"train/{k}", v, step)
+        if self.wb is not None:
+            self.wb.log(numbers, step=step)
         if self.bar is not None:
             self.bar.set_postfix({k: f"{metrics[m]:.4g}" for k, m in (("gen", "gen_loss"), ("dis", "dis_loss"),
                                                                        ("ips", "images_per_s"))
@@ -143,8 +162,10 @@ class MetricsSink:
         else:
             keys = ("gen_loss", "dis_loss", "train_loss", "lr", "grad_norm", "images_per_s", "mfu_total", "knn_top1",
                     "val_top1", "val_top5", "val_ema_top1")
-            print(f"step {step}: " + " ".join(f"{k}={metrics[k]:.4g}" for k in keys if metrics.get(k) is not None),
-                  flush=True)
+            stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+            pct = f" ({100 * step / self.total:.0f}%)" if self.total else ""
+            print(f"{stamp} step {step}/{self.total}{pct} eta {self.eta(step)} " +
+                  " ".join(f"{k}={metrics[k]:.4g}" for k in keys if metrics.get(k) is not None), flush=True)
 
     def advance(self, n: int = 1):
         if self.bar is not None:
@@ -157,7 +178,42 @@ class MetricsSink:
             self.bar.close()
         if self.tb is not None:
             self.tb.close()
+        if self.wb is not None:
+            self.wb.finish()
         self.jsonl.close()
+
+
+def format_duration(seconds: float) -> str:
+    s = int(round(seconds))
+    d, s = divmod(s, 86400)
+    h, s = divmod(s, 3600)
+    m, s = divmod(s, 60)
+    return (f"{d}d" if d else "") + f"{h}:{m:02d}:{s:02d}"
+
+
+def wandb_settings(cfg) -> dict:
+    """The W&B run of a config: ``train.wandb_project``, ``train.wandb_mode``, the resolved config as its config."""
+    return {"project": cfg.train.wandb_project, "mode": cfg.train.wandb_mode, "config": cfg.to_dict()}
+
+
+def start_wandb(run_dir: Path, project: str = "megadigpt", mode: str = "online", name: Optional[str] = None,
+                config: Optional[dict] = None, entity: Optional[str] = None):
+    """A W&B run for this run directory (the real library; ``mode="offline"`` writes under ``<run_dir>/wandb``
+    for ``wandb sync`` later). The id is kept in the run directory: a resume continues the same W&B run."""
+    try:
+        import wandb
+    except ImportError:
+        from ..config import ConfigError
+
+        raise ConfigError("train.wandb needs the wandb package (pip install wandb, or megadigpt[wandb])") from None
+    id_file = Path(run_dir) / "wandb_id.txt"
+    run_id = id_file.read_text().strip() if id_file.is_file() else None
+    if not run_id:
+        run_id = secrets.token_hex(4)  # W&B ids: 8 lowercase letters or digits
+        id_file.write_text(run_id + "\n")
+    return wandb.init(project=project, entity=entity, name=name or Path(run_dir).resolve().name, id=run_id,
+                      resume="allow", dir=str(run_dir), mode=mode, config=config or {},
+                      settings=wandb.Settings(silent=True, console="off"))
 
 
 def read_metrics(path) -> dict:

@@ -29,6 +29,9 @@ class Plan:
     target: object  # TargetSpec
     lr: float
     loader: str  # dali | torch
+    mode: str = "indexed"  # indexed (random access, exact resume) | stream (sequential shard reads)
+    urls: tuple = ()  # stream mode: the shard list
+    epoch_size: Optional[int] = None  # stream mode: samples per epoch (manifest.json or data.epoch_size)
 
 
 def _device_type(requested: str) -> str:
@@ -104,10 +107,21 @@ def plan_run(cfg: Config, world_size: Optional[int] = None, device_type: Optiona
         raise ConfigError(f"the teacher's {spec.grid}x{spec.grid} token grid (target image {spec.image_size}) cannot "
                           f"be cut into {m.segment_grid}x{m.segment_grid} segments like the student's {grid}x{grid}")
 
-    check_source(cfg.data.source)
+    from ..data import remote, streaming
+
+    remote.configure(cfg.data.cache_dir, cfg.data.io_timeout_s, cfg.data.io_retries)  # before any source is read
+    world = world_size if world_size is not None else dist_env.discover().world_size
+    mode = streaming.resolve_mode(cfg.data.mode, cfg.data.source)
+    urls, n_epoch = (), None
+    if mode == "stream":  # nothing is downloaded: the shard count, the epoch size and one shard that opens
+        urls = tuple(streaming.stream_urls(cfg.data.source))
+        streaming.check_slots(len(urls), world, cfg.data.num_workers)
+        n_epoch = streaming.epoch_size(urls, cfg.data.epoch_size)
+        streaming.probe_shards(urls)
+    else:
+        check_source(cfg.data.source)
     loader = resolve_loader(cfg.data.loader)
 
-    world = world_size if world_size is not None else dist_env.discover().world_size
     if t.global_batch % (t.micro_batch * world):
         raise ConfigError(f"train.global_batch {t.global_batch} is not divisible by train.micro_batch "
                           f"{t.micro_batch} x world size {world}")
@@ -129,7 +143,10 @@ def plan_run(cfg: Config, world_size: Optional[int] = None, device_type: Optiona
         check_source(t.probe_train)
         check_source(t.probe_val)
     if t.init_from and not init_from_pending and not Path(t.init_from).exists():
-        raise ConfigError(f"train.init_from not found: {t.init_from}")
+        from ..config import missing_path
+
+        missing_path(f"train.init_from not found: {t.init_from}")  # raises, unless previewing (submit --dry-run)
+        init_from_pending = True
     if t.init_from and not init_from_pending:
         from ..config import check_weights_file
 
@@ -140,7 +157,7 @@ def plan_run(cfg: Config, world_size: Optional[int] = None, device_type: Optiona
         raise ConfigError(f"cannot create train.run_dir {t.run_dir}: {e.strerror}")
     lr = cfg.optim.lr if cfg.optim.lr is not None else cfg.optim.blr * t.global_batch / 256
     return Plan(world, t.global_batch // (t.micro_batch * world), device_type, precision, teacher_dtype, spec, lr,
-                loader)
+                loader, mode, urls, n_epoch)
 
 
 # ============================================================================ the run
@@ -253,19 +270,27 @@ def pretrain(cfg: Config) -> dict:
     from ..testing import fault
     from ..data import PretrainStream, build_pretrain_loader, find_samples
     from ..data.bad_samples import BadSampleLog
+    from ..data import streaming
     from ..data.sources import scan_source
+    from ..testing import record_trained
     from ..distributed import engine as ds_engine
     from ..distributed.parallelize import apply_activation_checkpointing, apply_compile
     from ..distributed.partitioned import build_partitioned, host_peak_bytes, reset_host_peak
     from ..model import build_model
     from ..targets import build_target, example_targets, student_targets
-    from .metrics import MetricsSink, count_flops, peak_tflops, teacher_flops
+    from .metrics import MetricsSink, count_flops, peak_tflops, teacher_flops, wandb_settings
     from .optim import build_optimizer, lr_at
     from .runtime import hold_run_dir, release
 
     t, m = cfg.train, cfg.model
     run_dir = Path(t.run_dir)
-    samples, index_problems = scan_source(cfg.data.source)  # I/O only (tar headers): still before the heavy part
+    stream_mode = plan.mode == "stream"
+    if stream_mode:  # read as it trains: no listing
+        samples, index_problems = [], []
+        stream_id = streaming.run_identity(plan.urls, env.world_size, cfg.data.num_workers, t.seed,
+                                           cfg.data.shuffle_buffer)
+    else:
+        samples, index_problems = scan_source(cfg.data.source)  # I/O only (tar headers): still before the heavy part
     tokenizer = None
     if cfg.target.tokenizer:  # discrete targets: a resumed run must keep its codebook
         from ..tokenizer import load_codebook
@@ -274,17 +299,32 @@ def pretrain(cfg: Config) -> dict:
     ckpt.check_resumable(run_dir, t, tokenizer)
     if ckpt.latest_tag(run_dir):  # a checkpoint of another network: one line now, not DeepSpeed's traceback later
         check_resume_config(run_dir, cfg)
+        saved_stream = (ckpt.read_marker(run_dir, ckpt.latest_tag(run_dir)) or {}).get("stream")
+        if stream_mode:  # the read positions fit only the same readers over the same shards
+            streaming.check_resume_state(saved_stream, stream_id)
+        elif saved_stream is not None:
+            raise ConfigError("the latest checkpoint was written in data.mode=stream; resuming it in indexed mode "
+                              "would change the data order: use data.mode=stream or a new train.run_dir")
     if t.probe_every > 0:
         from .finetune import check_labels
 
         probe_sets = (find_samples(t.probe_train), find_samples(t.probe_val))
         probe_classes = check_labels(probe_sets[0], "train.probe_train")
         check_labels(probe_sets[1], "train.probe_val", probe_classes)
-    n = len(samples)
+    n = plan.epoch_size if stream_mode else len(samples)
     steps_per_epoch = n / t.global_batch
     total_steps = t.max_steps if t.max_steps is not None else max(1, int(t.epochs * n // t.global_batch))
     warmup = cfg.optim.warmup_steps if cfg.optim.warmup_steps is not None else cfg.optim.warmup_epochs * steps_per_epoch
     warmup = min(warmup, total_steps)
+    schedule = {"total_steps": total_steps, "warmup_steps": round(float(warmup), 6), "peak_lr": plan.lr,
+                "min_lr": cfg.optim.min_lr}
+    schedule_changes = ckpt.check_schedule(run_dir, schedule, t.allow_schedule_change)  # before anything heavy
+    done = ckpt.finished_step(run_dir, total_steps)
+    if done is not None:  # rerunning a finished run: say so now, not after the engine and the teacher are built
+        if env.rank == 0:
+            print(f"megadigpt: {run_dir} is already finished: step {done} of {total_steps}; nothing to do "
+                  f"(export it with `megadigpt convert {run_dir} --to timm --out <dir>`)", flush=True)
+        return {"steps": done, "history": [], "run_dir": str(run_dir), "finished": True}
 
     # ---------------------------------------------------------------- processes and devices
     device = ds_engine.start_processes(env, plan.device_type)
@@ -339,17 +379,39 @@ def pretrain(cfg: Config) -> dict:
     start_step = int(marker["step"]) if tag else 0
 
     # ---------------------------------------------------------------- data
-    stream = PretrainStream(samples, [m.img_size, spec.image_size], m.segment_grid ** 2, t.seed,
-                            cfg.data.crop_scale, cfg.data.crop_ratio, cfg.data.interpolation, cfg.data.hflip)
-    loader = build_pretrain_loader(stream, t.global_batch, t.micro_batch, env.rank, env.world_size, start_step,
-                                   total_steps, cfg.data.num_workers, plan.loader, device)
-    sizes = stream.sizes
+    stream_loader = None
+    if stream_mode:
+        state = streaming.read_state(ckpt.checkpoint_dir(run_dir) / tag, env.rank) if tag else None
+        if tag and state is None:
+            raise ConfigError(f"checkpoint {tag} holds no stream read positions for rank {env.rank} "
+                              f"({streaming.STATE_FILE.format(rank=env.rank)})")
+        dataset = streaming.StreamDataset(plan.urls, [m.img_size, spec.image_size], m.segment_grid ** 2, t.seed,
+                                          env.rank, env.world_size, cfg.data.num_workers, cfg.data.shuffle_buffer,
+                                          cfg.data.crop_scale, cfg.data.crop_ratio, cfg.data.interpolation,
+                                          cfg.data.hflip, start=streaming.start_cursors(state),
+                                          encoded=plan.loader == "dali")
+        loader = stream_loader = streaming.StreamLoader(dataset, t.micro_batch, (total_steps - start_step) * plan.accum,
+                                                        cfg.data.num_workers)
+        if plan.loader == "dali":
+            from ..data.dali_loader import DaliStreamLoader
+
+            loader = DaliStreamLoader(stream_loader, device, num_threads=max(1, cfg.data.num_workers))
+        sizes = dataset.sizes
+    else:
+        stream = PretrainStream(samples, [m.img_size, spec.image_size], m.segment_grid ** 2, t.seed,
+                                cfg.data.crop_scale, cfg.data.crop_ratio, cfg.data.interpolation, cfg.data.hflip)
+        loader = build_pretrain_loader(stream, t.global_batch, t.micro_batch, env.rank, env.world_size, start_step,
+                                       total_steps, cfg.data.num_workers, plan.loader, device)
+        sizes = stream.sizes
 
     peak, peak_src = peak_tflops(device, t.peak_tflops)
-    sink = MetricsSink(run_dir, rank0, t.tensorboard, t.progress, total_steps, start_step)
+    sink = MetricsSink(run_dir, rank0, t.tensorboard, t.progress, total_steps, start_step,
+                       wandb=wandb_settings(cfg) if t.wandb else None)
+    if schedule_changes and tag:
+        sink.event(event="schedule_change", step=start_step, changes=schedule_changes, schedule=schedule)
     bad_log = BadSampleLog(run_dir, samples, env.rank, start_step, index_problems, device)  # bad_samples.jsonl
     sink.event(event="resume" if tag else "start", step=start_step, world_size=env.world_size, **ds_engine.where(),
-               images=n,
+               images=n, data_mode=plan.mode,
                total_steps=total_steps, accum=plan.accum, precision=plan.precision, device=str(device),
                loader=plan.loader,
                flops_student_fwd=student_fwd, flops_teacher_fwd=teacher_fwd, peak_tflops=peak,
@@ -359,11 +421,12 @@ def pretrain(cfg: Config) -> dict:
 
     # ---------------------------------------------------------------- loop
     step, micro = start_step, 0
-    acc = torch.zeros(4, dtype=torch.float64, device=device)  # gen sum, dis sum, valid count, bad count
+    acc = torch.zeros(5, dtype=torch.float64, device=device)  # gen sum, dis sum, valid count, bad count, bad shards
     step_acc = torch.zeros(3, dtype=torch.float64, device=device)  # this step's: counted if it is applied
     nonfinite = torch.zeros(1, device=device)  # this step's non-finite losses, agreed on at its end
     bad_total = int((marker or {}).get("bad_samples", 0))
     skipped_total = int((marker or {}).get("nonfinite_steps", 0))
+    shards_total = int((marker or {}).get("skipped_shards", 0))  # stream mode: shards skipped after their retries
     streak_start, step_failed, last_save = None, False, time.monotonic()
     t_last, steps_since = time.perf_counter(), 0
     history = []
@@ -372,11 +435,15 @@ def pretrain(cfg: Config) -> dict:
     def checkpoint_now():
         nonlocal last_save
         bad_log.flush()  # before the checkpoint: the records of the steps it covers are on disk
-        ckpt.save(engine, run_dir, step, {"step": step, "global_batch": t.global_batch, "seed": t.seed,
-                                          "world_size": env.world_size, "bad_samples": bad_total,
-                                          "nonfinite_steps": skipped_total, "tokenizer": tokenizer,
-                                          "teacher": teacher_id},
-                  keep=t.ckpt_keep, is_rank0=rank0)
+        state = {"step": step, "global_batch": t.global_batch, "seed": t.seed, "world_size": env.world_size,
+                 "bad_samples": bad_total, "nonfinite_steps": skipped_total, "tokenizer": tokenizer,
+                 "teacher": teacher_id, "schedule": schedule}
+        extra = ()
+        if stream_loader is not None:  # each rank's read positions, as of the batches this checkpoint covers
+            state["stream"], state["skipped_shards"] = stream_id, shards_total
+            extra = [streaming.write_state(ckpt.checkpoint_dir(run_dir) / ckpt.ds_checkpoint.tag_for(step),
+                                           stream_loader)]
+        ckpt.save(engine, run_dir, step, state, keep=t.ckpt_keep, is_rank0=rank0, extra_files=extra)
         last_save = time.monotonic()
         sink.event(event="checkpoint", step=step)
 
@@ -397,6 +464,7 @@ def pretrain(cfg: Config) -> dict:
         tokens, cls = student_targets(tokens, cls, compute_dtype)
         valid = ds_engine.to_device(batch["valid"], device).float()
         bad_log.add(batch, step + 1)
+        record_trained(batch, step + 1, env.rank)
         gen_per_sample, dis_per_sample = engine(student_in, tokens, cls, ds_engine.to_device(batch["order"], device))
         n_valid = valid.sum().clamp(min=1.0)
         gen = (gen_per_sample * valid).sum() / n_valid
@@ -406,6 +474,8 @@ def pretrain(cfg: Config) -> dict:
         step_acc += torch.stack([gen.detach().double() * valid.sum(), dis.detach().double() * valid.sum(),
                                  valid.sum().double()])
         acc[3] += (1 - valid).sum().double()
+        if batch.get("shard_problems"):
+            acc[4] += len(batch["shard_problems"])
         # every rank runs every backward; whether the step's update is applied is agreed once, at its end
         applied = ds_engine.micro_step(engine, gen + dis, nonfinite, last=micro + 1 == plan.accum)
         micro += 1
@@ -446,12 +516,15 @@ def pretrain(cfg: Config) -> dict:
             else:  # every step since the last line was skipped (non-finite) or every sample was bad
                 gen_l = dis_l = None
             bad_total += int(acc[3].item())
+            shards_total += int(acc[4].item())
             elapsed = time.perf_counter() - t_last
             ips = steps_since * t.global_batch / elapsed
             rec = {"gen_loss": gen_l, "dis_loss": dis_l, "loss": None if gen_l is None else gen_l + dis_l, "lr": lr,
                    "grad_norm": ds_engine.grad_norm(engine), "images_per_s": ips, "bad_samples": bad_total,
                    "nonfinite_steps": skipped_total, "epoch": step / steps_per_epoch,
                    "step_time_s": elapsed / steps_since}
+            if stream_mode:
+                rec["skipped_shards"] = shards_total
             if hasattr(loader, "failed_batches"):
                 rec["dali_fallback_batches"] = loader.failed_batches
             if student_fwd and peak:

@@ -1,0 +1,202 @@
+"""Per-device memory of a segmentation step (``megadigpt segment``), without a GPU: the planner's method
+(:mod:`megadigpt.perf.memory`) applied to the Segmentor (ViT encoder + neck + UperNet + auxiliary FCN head) at its
+crop (512 px for ADE20K).
+
+    model states   the Segmentor's trainable parameters counted on the meta device, in ZeRO's bytes per parameter
+                   (``memory.model_states``: the same DeepSpeed arithmetic as pretraining's plan)
+    activations    the live-tensor peak of one real training micro-step (forward at the crop, both heads' losses
+                   at the label's size, backward) traced on the meta device with ``memory.LiveBytes``; SDPA is
+                   modelled as a fused kernel (``memory.fused_attention_memory``), as on GPUs
+
+No teacher (the teacher column is 0). ``python -m megadigpt.perf.segment_memory --config segment_ade20k_vitb16
+--gpus 8 --gpu-mem 80`` prints the table ``megadigpt plan`` prints.
+"""
+
+import argparse
+import contextlib
+from dataclasses import replace
+from typing import Dict, List, Optional, Sequence
+
+import torch
+
+from .memory import (GiB, RESERVE_GIB, LiveBytes, PlanRow, _ds_buffers, build_host_bytes, fused_attention_memory,
+                     markdown, model_states)
+
+_TRACES: Dict[tuple, int] = {}
+
+
+def _geometry(cfg, arch: Optional[str] = None, patch: Optional[int] = None):
+    from ..model.classifier import EncoderGeometry
+    from ..model.vit import VIT_SIZES
+
+    m = cfg.model
+    base = VIT_SIZES[arch or (m.arch if m.arch != "auto" else "vit_base")]
+    return EncoderGeometry(m.embed_dim or base.embed_dim, m.depth or base.depth, m.num_heads or base.num_heads,
+                           m.mlp_ratio or base.mlp_ratio, patch or m.patch_size or 16)
+
+
+def _meta_segmentor(cfg, geom, dtype=torch.float32, checkpointing: bool = False):
+    from ..train.segment import build_segmentor, segmentor_args
+
+    with torch.device("meta"):
+        model = build_segmentor(segmentor_args(cfg, geom), cfg, checkpointing=checkpointing)
+    return model.to(dtype)
+
+
+def segment_params(cfg, geom) -> tuple:
+    """(trainable parameters, largest module's parameters) of the Segmentor."""
+    model = _meta_segmentor(cfg, geom)
+    P = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    largest = max(sum(p.numel() for p in b.parameters()) for b in list(model.backbone.blocks) +
+                  [model.neck, model.decode_head])
+    return P, largest
+
+
+def trace_segment_step(cfg, geom, batch: int, precision: str = "bf16", checkpointing: bool = False) -> int:
+    """Peak bytes of the tensors of one training micro-step at the crop (parameters excluded)."""
+    key = (repr(cfg), geom, batch, precision, checkpointing)
+    if key in _TRACES:
+        return _TRACES[key]
+    from ..model.segmentation import segmentation_loss
+
+    dt = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    model = _meta_segmentor(cfg, geom, dt, checkpointing).train()
+    for p in model.parameters():
+        p.register_post_accumulate_grad_hook(lambda p: setattr(p, "grad", None))
+    c = cfg.model.crop_size
+    x = torch.empty(batch, 3, c, c, device="meta", dtype=dt)
+    y = torch.empty(batch, c, c, device="meta", dtype=torch.long)
+    tracker = LiveBytes()
+    with fused_attention_memory(), tracker:
+        out, aux = model(x)
+        loss = segmentation_loss(out, aux, y, cfg.model.aux_weight)[0]
+        loss.backward()
+    _TRACES[key] = tracker.peak
+    return tracker.peak
+
+
+def plan_one(cfg, world: int, gpu_gib: float, stage: int, ckpt: bool, offload: bool, micro_batch: int,
+             precision: str = "bf16", reserve_gib: float = RESERVE_GIB, arch: Optional[str] = None,
+             patch: Optional[int] = None) -> PlanRow:
+    geom = _geometry(cfg, arch, patch)
+    P, largest = segment_params(cfg, geom)
+    st = model_states(P, largest, world, stage, precision, offload, _ds_buffers(cfg, stage, P))
+    # traced at 2 and 3 images (BatchNorm refuses 1 image in training outside SyncBatchNorm), linear in between
+    a2 = trace_segment_step(cfg, geom, 2, precision, ckpt)
+    a3 = trace_segment_step(cfg, geom, 3, precision, ckpt)
+    per_image, fixed = a3 - a2, 3 * a2 - 2 * a3
+    states = st["params"] + st["gathered_params"] + st["grads"] + st["optimizer"] + st["buckets"]
+
+    def total(b):
+        return states + max(fixed + per_image * b, st["fp32_grads"])
+
+    budget = (gpu_gib - reserve_gib) * GiB
+    per_rank = cfg.train.global_batch // world if cfg.train.global_batch % world == 0 else 0
+    best = max(0, int((budget - states - fixed) // per_image)) if per_image > 0 else 0
+    while best > 0 and total(best) > budget:
+        best -= 1
+    best = min(best, 1 << 16)
+    rec = max([b for b in range(1, min(best, per_rank) + 1) if per_rank % b == 0] or [0])
+    tb = total(micro_batch)
+    name = arch or cfg.model.arch
+    return PlanRow(arch=f"seg:{name}", patch=geom.patch_size, stage=stage, checkpointing=ckpt, offload=offload,
+                   micro_batch=micro_batch, params_gib=(st["params"] + st["gathered_params"]) / GiB,
+                   grads_gib=st["grads"] / GiB, optimizer_gib=st["optimizer"] / GiB, buffers_gib=st["buckets"] / GiB,
+                   fp32_grads_gib=st["fp32_grads"] / GiB, activations_gib=(fixed + per_image * micro_batch) / GiB,
+                   teacher_gib=0.0, total_gib=tb / GiB, fits=tb <= budget, max_micro_batch=best,
+                   recommended_micro_batch=rec, host_gib=st["host"] / GiB,
+                   build_host_gib=build_host_bytes(P, largest, world, 0) / GiB)  # built whole (see train.segment)
+
+
+def plan(cfg, world: int, gpu_gib: float, models: Sequence[tuple], stages=(1, 2, 3), ckpts=(False, True),
+         offloads=(False,), micro_batch: Optional[int] = None, precision: str = "bf16",
+         reserve_gib: float = RESERVE_GIB) -> List[PlanRow]:
+    """``models``: (arch, patch) pairs; the config's own encoder where arch is None."""
+    rows = []
+    for arch, patch in models:
+        for stage in stages:
+            for ck in ckpts:
+                for off in offloads:
+                    rows.append(plan_one(cfg, world, gpu_gib, stage, ck, off, micro_batch or cfg.train.micro_batch,
+                                         precision, reserve_gib, arch, patch))
+    return rows
+
+
+def is_segment_config(name_or_path: Optional[str]) -> bool:
+    """Whether a config (a built-in name or a file) is a ``megadigpt segment`` config (it has a ``segment:``
+    section): what ``megadigpt plan`` asks before choosing this planner."""
+    from ..config import ConfigError, read_yaml, resolve_config_path
+
+    if not name_or_path:
+        return False
+    try:
+        raw = read_yaml(resolve_config_path(name_or_path))
+    except ConfigError:
+        return False  # the pretraining planner reports it
+    return isinstance(raw, dict) and "segment" in raw
+
+
+def cmd_plan_segment(args) -> int:
+    """``megadigpt plan --config <segmentation config>``: ``args`` is ``megadigpt plan``'s namespace (config,
+    models, gpus, gpu_mem, zero, ckpt, offload, micro_batch, precision, reserve, json, overrides)."""
+    import json
+    from dataclasses import asdict
+    from pathlib import Path
+
+    from ..cli import _csv, _models, _onoff
+    from ..config import ConfigError
+    from ..model.vit import VIT_SIZES
+    from ..segment_config import load_segment_config
+
+    cfg = load_segment_config(args.config, args.overrides)
+    models = _models(args.models) if args.models else [
+        (cfg.model.arch if cfg.model.arch != "auto" else "vit_base", cfg.model.patch_size or 16)]
+    for arch, _ in models:
+        if arch not in VIT_SIZES:
+            raise ConfigError(f"unknown model {arch!r}; choose from {', '.join(VIT_SIZES)}")
+    stages = _csv(args.zero, int, "--zero")
+    if not stages or any(z not in (1, 2, 3) for z in stages):
+        raise ConfigError(f"--zero takes stages 1, 2, 3, got {args.zero}")
+    rows = plan(cfg, args.gpus, args.gpu_mem, models, stages, [_onoff(v) for v in _csv(args.ckpt)],
+                [_onoff(v) for v in _csv(args.offload)], args.micro_batch, args.precision, args.reserve)
+    print(f"# per-GPU memory of a segmentation step: {args.gpus} GPUs of {args.gpu_mem:g} GiB ({args.reserve:g} GiB "
+          f"reserved), crop {cfg.model.crop_size}, {args.precision}, global batch {cfg.train.global_batch}; GiB per GPU")
+    print(markdown(rows, args.gpus, args.gpu_mem))
+    if getattr(args, "json", None):
+        Path(args.json).write_text(json.dumps([asdict(r) for r in rows], indent=1))
+    return 0
+
+
+def main(argv=None) -> int:
+    from ..config import ConfigError
+    from ..segment_config import load_segment_config
+
+    p = argparse.ArgumentParser(description="per-GPU memory of a megadigpt segment step")
+    p.add_argument("--config", default="segment_ade20k_vitb16")
+    p.add_argument("--models", default=None, help="e.g. vit_base/16,vit_large/14 (default: the config's encoder)")
+    p.add_argument("--gpus", type=int, default=8)
+    p.add_argument("--gpu-mem", type=float, default=80.0)
+    p.add_argument("--zero", default="1,3")
+    p.add_argument("--ckpt", default="off,on")
+    p.add_argument("--micro-batch", type=int, default=None)
+    p.add_argument("--precision", default="bf16")
+    p.add_argument("--reserve", type=float, default=RESERVE_GIB)
+    p.add_argument("overrides", nargs="*")
+    a = p.parse_args(argv)
+    try:
+        cfg = load_segment_config(a.config, a.overrides)
+        models = [(m.split("/")[0], int(m.split("/")[1]) if "/" in m else None) for m in a.models.split(",")] \
+            if a.models else [(None if cfg.model.arch == "auto" else cfg.model.arch, cfg.model.patch_size)]
+        rows = plan(cfg, a.gpus, a.gpu_mem, models, [int(z) for z in a.zero.split(",")],
+                    [v == "on" for v in a.ckpt.split(",")], (False,), a.micro_batch, a.precision, a.reserve)
+    except ConfigError as e:
+        print(f"megadigpt: error: {e}")
+        return 2
+    print(f"# per-GPU memory of a segmentation step: {a.gpus} GPUs of {a.gpu_mem:g} GiB, crop "
+          f"{cfg.model.crop_size}, {a.precision}, global batch {cfg.train.global_batch}; GiB per GPU")
+    print(markdown(rows, a.gpus, a.gpu_mem))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
