@@ -273,11 +273,13 @@ def test_resume_of_another_classifier_is_one_line(bad, capsys):
 
 # ---------------------------------------------------------------------------- the rule table itself
 _CANDIDATES = [0, -1, 2 ** 40, -0.5, 0.0, 1.0, 1.5, 1e12, "nope", [0], [0.9, 0.2], [-1.0, -1.0], [-1.0, 0.5, 0.5],
-               [1.5, 0.5]]
+               [1.5, 0.5], [-1, 512]]
 
 
 def _sections():
-    for root in (Config, FinetuneRunConfig):
+    from megadigpt.segment_config import SegmentRunConfig  # (its import adds its sections' rules to RULES)
+
+    for root in (Config, FinetuneRunConfig, SegmentRunConfig):
         for f in __import__("dataclasses").fields(root):
             yield root, f.name, f.default_factory
 
