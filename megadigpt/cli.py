@@ -147,6 +147,9 @@ def cmd_eval(args) -> int:
         from .config import check_weights_file
 
         check_weights_file(model, "model")
+    from .data import remote
+
+    remote.configure(args.cache_dir, args.io_timeout, args.io_retries)  # before any source is read
     evaluate_sets(args.model, folders, args.out, which=args.which, batch=args.batch, limit=args.limit,
                   loader=args.loader, num_workers=args.workers, real_labels_path=args.real_labels)
     return 0
@@ -342,10 +345,24 @@ def cmd_config_reference(args) -> int:
     return 0
 
 
+def _remote_args(p) -> None:
+    """--cache-dir / --io-timeout / --io-retries: how a command without a config reads remote shards (what
+    ``data.cache_dir``, ``data.io_timeout_s`` and ``data.io_retries`` are for training)."""
+    p.add_argument("--cache-dir", default=None, help="local copies of remote shards (default: $MEGADIGPT_CACHE or "
+                                                     "~/.cache/megadigpt/shards)")
+    # the defaults of megadigpt.data.remote (TIMEOUT_S, RETRIES; not imported here: the package imports torch)
+    p.add_argument("--io-timeout", type=POS_FLOAT, default=60.0,
+                   help="seconds without progress before a remote read is retried")
+    p.add_argument("--io-retries", type=NONNEG_INT, default=3, help="retries of a remote shard")
+
+
 def cmd_data(args) -> int:
     import json
 
-    from .data import tools
+    from .data import remote, tools
+
+    if hasattr(args, "io_retries"):
+        remote.configure(args.cache_dir, args.io_timeout, args.io_retries)  # before any source is read
 
     file_out = args.data_command == "in21k-labels" or (args.data_command == "merge" and str(args.out).endswith(".jsonl"))
     check_output(args.out, "file" if file_out else "dir", "--out")
@@ -431,17 +448,22 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", help="ImageNet val, ReaL, V2, A, R, Sketch, C (mCE) for a fine-tuned classifier")
     ev.add_argument("model", help="a fine-tuning run directory (its best/) or an exported classifier folder")
     ev.add_argument("--which", default="best", help="in a run directory: best | last | best_ema | last_ema")
-    for name, what in (("imagenet", "ImageNet-1K val: <synset>/ folders"), ("real", "ReaL: the ImageNet val "
-                       "folder (original file names)"), ("v2", "ImageNet-V2: folders 0..999"), ("a", "ImageNet-A: "
-                       "<synset>/ folders (200)"), ("r", "ImageNet-R: <synset>/ folders (200)"), ("sketch",
-                       "ImageNet-Sketch: <synset>/ folders"), ("c", "ImageNet-C: <corruption>/<severity>/<synset>/")):
-        ev.add_argument(f"--{name}", default=None, help=what)
+    src = "a source: class folders, shards, an index folder, a sample list, or URLs (https://, s3://, pipe:)"
+    for name, what in (("imagenet", "ImageNet-1K val, 1000 synset classes"),
+                       ("real", "ReaL: the ImageNet val images (original file names or shard keys)"),
+                       ("v2", "ImageNet-V2: classes named 0..999"), ("a", "ImageNet-A: 200 synset classes"),
+                       ("r", "ImageNet-R: 200 synset classes"), ("sketch", "ImageNet-Sketch: 1000 synset classes")):
+        ev.add_argument(f"--{name}", default=None, help=f"{what}; {src}")
+    ev.add_argument("--c", default=None, help="ImageNet-C: a <corruption>/<severity>/ tree of sources, or a template "
+                                              "with {corruption} and {severity} (e.g. https://host/c/{corruption}/"
+                                              "{severity}/{000000..000009}.tar)")
     ev.add_argument("--real-labels", default=None, help="real.json (default: timm's bundled copy)")
     ev.add_argument("--out", default=None, help="folder for eval.json / eval.md")
     ev.add_argument("--batch", type=POS_INT, default=64)
     ev.add_argument("--limit", type=POS_INT, default=None, help="at most this many images per set (a quick look)")
     ev.add_argument("--loader", default="auto", choices=["auto", "dali", "torch"])
     ev.add_argument("--workers", type=NONNEG_INT, default=4)
+    _remote_args(ev)
     ev.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     ev.set_defaults(fn=cmd_eval)
 
@@ -469,6 +491,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--workers", type=POS_INT, default=os.cpu_count() or 1)
     v.add_argument("--shards", default=None, help="also write clean shards to this folder")
     v.add_argument("--shard-size", type=POS_INT, default=10000)
+    _remote_args(v)
     v.set_defaults(fn=cmd_data)
     b = dsub.add_parser("build", help="write webdataset shards + DALI indexes + manifest.json + the sample index "
                                       "<out>/index (restartable)")
@@ -476,12 +499,14 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out", required=True)
     b.add_argument("--shard-size", type=POS_INT, default=10000)
     b.add_argument("--prefix", default="shard")
+    _remote_args(b)
     b.set_defaults(fn=cmd_data)
     ix = dsub.add_parser("index", help="scan tar shards written elsewhere (e.g. img2dataset's) into a sample index "
                                        "folder, in parallel; <shards>/index is used automatically")
     ix.add_argument("source", nargs="+", help="shards: a folder, a pattern such as 'dir/{00000..01023}.tar', or URLs")
     ix.add_argument("--out", required=True, help="the index folder (written atomically; an old index is replaced)")
     ix.add_argument("--workers", type=POS_INT, default=os.cpu_count() or 1, help="scanning processes")
+    _remote_args(ix)
     ix.set_defaults(fn=cmd_data)
     mg = dsub.add_parser("merge", help="merge sources by weight into a sample index folder, or a sample list "
                                        "(.jsonl) for small merges (see docs/data.md)")
@@ -489,6 +514,7 @@ def build_parser() -> argparse.ArgumentParser:
                                  "exclude_duplicates_of")
     mg.add_argument("--out", required=True, help="the merged index folder (or a .jsonl sample list)")
     mg.add_argument("--seed", type=NONNEG_INT, default=0)
+    _remote_args(mg)
     mg.set_defaults(fn=cmd_data)
     lab = dsub.add_parser("in21k-labels", help="ImageNet-21K class indices from the synset folders present")
     lab.add_argument("root", help="folder of nXXXXXXXX synset folders")
@@ -522,7 +548,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="one more sbatch option, verbatim (repeatable): --sbatch=--mail-type=END")
     sm.add_argument("--env", action="append", default=None, metavar="KEY=VALUE",
                     help="exported before srun (repeatable): --env NCCL_SOCKET_IFNAME=ib0")
-    sm.add_argument("what", help="pretrain | finetune | probe | eval, or a chain YAML / built-in chain name")
+    sm.add_argument("what", help="pretrain | finetune | segment | probe | eval, or a chain YAML / built-in chain name")
     sm.add_argument("rest", nargs=argparse.REMAINDER, help="the command's arguments")
     sm.set_defaults(fn=cmd_submit)
 
@@ -551,9 +577,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     be = sub.add_parser("bench", help="images/s, step-time breakdown, peak memory and MFU over a grid of "
                                       "configurations, beside a reference-style baseline")
-    be.add_argument("--config", default=None, help="base config (decoder, data settings; default: built-in)")
+    be.add_argument("--config", default=None, help="base config (decoder, data settings; default: built-in); a "
+                                                   "segmentation config (segment_ade20k_vitb16) measures that step")
     be.add_argument("--models", default="vit_base/16", help="comma-separated arch/patch")
-    be.add_argument("--img-size", dest="img_size", type=POS_INT, default=224)
+    be.add_argument("--img-size", dest="img_size", type=POS_INT, default=None,
+                    help="default 224; with a segmentation --config: the crop, default its model.crop_size")
     be.add_argument("--teacher", default="efficientnet_lite0",
                     help="efficientnet_lite0 | pixels | open_clip:<arch> | timm:<name> (random weights), comma list")
     be.add_argument("--zero", default="1")

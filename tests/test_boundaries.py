@@ -3,7 +3,10 @@ recorded), a finished run says so at once, --version, --help with defaults, W&B 
 ``megadigpt report`` on a real run directory."""
 
 import json
+import shutil
 import time
+
+import pytest
 
 from .conftest import TINY, run_cli
 
@@ -14,10 +17,22 @@ def _events(run_dir):
     return [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines() if '"event"' in ln]
 
 
-def test_schedule_change_on_resume_is_refused_then_allowed_and_recorded(tmp_path):
-    run = tmp_path / "run"
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """A finished 4-step run; each test works on its own copy."""
+    run = tmp_path_factory.mktemp("boundaries") / "run"
+    run_cli(["pretrain", "--data", "demo", "--run-dir", str(run)] + BASE + ["train.max_steps=4"])
+    return run
+
+
+def _copy(run, tmp_path):
+    shutil.copytree(run, tmp_path / "run")
+    return tmp_path / "run"
+
+
+def test_schedule_change_on_resume_is_refused_then_allowed_and_recorded(finished_run, tmp_path):
+    run = _copy(finished_run, tmp_path)
     common = ["pretrain", "--data", "demo", "--run-dir", str(run)] + BASE
-    run_cli(common + ["train.max_steps=4"])
     p = run_cli(common + ["train.max_steps=6"], check=False)
     assert p.returncode == 2, p.stderr[-2000:]
     err = [ln for ln in p.stderr.splitlines() if ln.startswith("megadigpt: error:")]
@@ -31,15 +46,14 @@ def test_schedule_change_on_resume_is_refused_then_allowed_and_recorded(tmp_path
     assert ev[-1]["event"] == "done" and ev[-1]["step"] == 6
 
 
-def test_a_finished_run_says_so_at_once(tmp_path):
-    run = tmp_path / "run"
-    common = ["pretrain", "--data", "demo", "--run-dir", str(run)] + BASE + ["train.max_steps=2"]
-    run_cli(common)
+def test_a_finished_run_says_so_at_once(finished_run, tmp_path):
+    run = _copy(finished_run, tmp_path)
+    common = ["pretrain", "--data", "demo", "--run-dir", str(run)] + BASE + ["train.max_steps=4"]
     t0 = time.monotonic()
     p = run_cli(common)
     took = time.monotonic() - t0
     assert p.returncode == 0
-    assert "already finished: step 2 of 2" in p.stdout + p.stderr, (p.stdout, p.stderr)
+    assert "already finished: step 4 of 4" in p.stdout + p.stderr, (p.stdout, p.stderr)
     assert took < 8, took  # no engine, no teacher: only the interpreter's and the imports' start-up
 
 

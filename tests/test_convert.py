@@ -38,43 +38,57 @@ from megadigpt.checkpoint.convert import load_any
 from megadigpt.config import load_config
 from megadigpt.model import build_model
 from megadigpt.train.optim import build_optimizer
-stage, out = int(sys.argv[1]), sys.argv[2]
-cfg = load_config(sys.argv[3])
+out = sys.argv[1]
+cfg = load_config(sys.argv[2])
 deepspeed.init_distributed("gloo", auto_mpi_discovery=False)
-torch.manual_seed(0)
-model = build_model(cfg.model, 48, 8)
-engine, *_ = deepspeed.initialize(model=model, optimizer=build_optimizer(model, cfg.optim, 1e-3, "cpu"), config={
-    "train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": stage}, "zero_allow_untested_optimizer": True})
-for _ in range(2):
-    g, d = engine(torch.randn(2, 3, 32, 32), torch.randn(2, 64, 48), torch.randn(2, 48))
-    engine.backward(g.mean() + d.mean())
-    engine.step()
-engine.save_checkpoint(out, tag="t")
-with deepspeed.zero.GatheredParameters(list(engine.module.parameters()), enabled=stage == 3):
-    live = {k: v.detach().clone() for k, v in engine.module.state_dict().items()}
-got = load_any(out + "/t")
-assert set(got) == set(live), set(got) ^ set(live)
-bad = [k for k in live if not torch.equal(got[k], live[k].float())]
-print("EXACT" if not bad else f"DIFFER {bad[:3]}")
+for stage in map(int, sys.argv[3].split(",")):  # one process pair for every stage: one import, one process group
+    torch.manual_seed(0)
+    model = build_model(cfg.model, 48, 8)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=build_optimizer(model, cfg.optim, 1e-3, "cpu"),
+                                      config={"train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": stage},
+                                              "zero_allow_untested_optimizer": True})
+    for _ in range(2):
+        g, d = engine(torch.randn(2, 3, 32, 32), torch.randn(2, 64, 48), torch.randn(2, 48))
+        engine.backward(g.mean() + d.mean())
+        engine.step()
+    engine.save_checkpoint(f"{out}/z{stage}", tag="t")
+    with deepspeed.zero.GatheredParameters(list(engine.module.parameters()), enabled=stage == 3):
+        live = {k: v.detach().clone() for k, v in engine.module.state_dict().items()}
+    got = load_any(f"{out}/z{stage}/t")
+    if set(got) != set(live):
+        print(f"stage {stage}: KEYS {sorted(set(got) ^ set(live))[:3]}", flush=True)
+    else:
+        bad = [k for k in live if not torch.equal(got[k], live[k].float())]
+        print(f"stage {stage}: " + ("EXACT" if not bad else f"DIFFER {bad[:3]}"), flush=True)
+    engine.destroy()
 """
 
+STAGES = (0, 1, 2, 3)
 
-@pytest.mark.parametrize("stage", [0, 1, 2, 3])
-def test_consolidation_equals_the_live_weights(runs, tmp_path, stage):
-    """Every ZeRO stage, on 2 ranks: the consolidated fp32 state is bit-for-bit the engine's own parameters."""
+
+@pytest.fixture(scope="module")
+def consolidated(runs, tmp_path_factory):
+    """Every ZeRO stage trained, saved and consolidated by one 2-rank torchrun (the stages one after another)."""
     import subprocess
     import sys
 
     from .conftest import REPO, free_port, subprocess_env
 
-    script = tmp_path / "consolidate.py"
+    base = tmp_path_factory.mktemp("consolidate")
+    script = base / "consolidate.py"
     script.write_text(CONSOLIDATE)
-    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                        str(free_port()), str(script), str(stage), str(tmp_path / "ck"), str(runs / "z3" /
-                                                                                             "config.yaml")],
-                       capture_output=True, text=True, env=subprocess_env(), cwd=str(REPO), timeout=600)
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                           str(free_port()), str(script), str(base / "ck"), str(runs / "z3" / "config.yaml"),
+                           ",".join(map(str, STAGES))],
+                          capture_output=True, text=True, env=subprocess_env(), cwd=str(REPO), timeout=600)
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_consolidation_equals_the_live_weights(consolidated, stage):
+    """Every ZeRO stage, on 2 ranks: the consolidated fp32 state is bit-for-bit the engine's own parameters."""
+    p = consolidated
+    assert p.stdout.count(f"stage {stage}: EXACT") == 2, p.stdout[-2000:] + p.stderr[-3000:]
     assert p.returncode == 0, p.stderr[-3000:]
-    assert p.stdout.count("EXACT") == 2, p.stdout[-2000:]
 
 
 @pytest.mark.parametrize("final_norm", [True, False])
@@ -106,11 +120,17 @@ def test_timm_loads_strictly_with_identical_features(runs, tmp_path, final_norm)
         torch.testing.assert_close(tm.forward_features(x), mine, rtol=1e-5, atol=1e-5)
 
 
-def test_reference_layout_round_trips_exactly(runs, tmp_path):
-    sd = load_any(runs / "z3")
-    path = tmp_path / "ref.pth"
+@pytest.fixture(scope="module")
+def ref_pth(runs):
+    """``megadigpt convert --to reference`` of the ZeRO-3 run, once for the tests that read it."""
+    path = runs / "ref.pth"
     run_cli(["convert", str(runs / "z3"), "--to", "reference", "--out", str(path)])
-    ref = load_reference_file(path)  # weights_only loading
+    return path
+
+
+def test_reference_layout_round_trips_exactly(runs, ref_pth):
+    sd = load_any(runs / "z3")
+    ref = load_reference_file(ref_pth)  # weights_only loading
     for k in ("ar_token", "kd_token", "ar_enc2dec.weight", "kd_pred.bias", "ar_blocks.0.attn2.kv.weight",
               "ar_blocks.0.norm2_1.weight", "ar_enc_norm.3.weight", "blocks.0.attn.qkv.weight", "mask",
               "decoder_pos_embed"):
@@ -123,16 +143,17 @@ def test_reference_layout_round_trips_exactly(runs, tmp_path):
     assert set(to_reference(back)["model"]) == set(ref)
 
 
-def test_reference_checkpoint_continues_pretraining(runs, cifar_dir, tmp_path):
+def test_reference_checkpoint_continues_pretraining(runs, ref_pth, cifar_dir, tmp_path):
     """init_from a reference-layout .pth and from the fp32 export: the same weights, the same loss curve."""
-    run_cli(["convert", str(runs / "z3"), "--to", "reference", "--out", str(tmp_path / "ref.pth")])
     run_cli(["convert", str(runs / "z3"), "--to", "fp32", "--out", str(tmp_path / "full.safetensors")])
-    a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
-    run_cli(_args(cifar_dir, a, "train.zero_stage=1", f"train.init_from={tmp_path / 'ref.pth'}"))
+    a, b = tmp_path / "a", tmp_path / "b"
+    run_cli(_args(cifar_dir, a, "train.zero_stage=1", f"train.init_from={ref_pth}"))
     run_cli(_args(cifar_dir, b, "train.zero_stage=1", f"train.init_from={tmp_path / 'full.safetensors'}"))
-    run_cli(_args(cifar_dir, c, "train.zero_stage=1"))
     assert losses(a) == losses(b)
-    assert losses(a)[1] != losses(c)[1]  # it really started from the converted weights
+    # it really started from the converted weights: not from the seed's initialisation, whose first loss is the
+    # ZeRO-3 run's own (same seed, data and batch; 1 vs 2 ranks agree to ~1e-6, tests/test_deepspeed.py)
+    scratch = losses(runs / "z3")[1]
+    assert all(abs(x - y) > 1e-4 for x, y in zip(losses(a)[1], scratch)), (losses(a)[1], scratch)
 
 
 def test_bad_inputs_are_refused(runs, tmp_path):

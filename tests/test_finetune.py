@@ -120,66 +120,7 @@ def test_knn_against_a_direct_computation():
 
 # ----------------------------------------------------------------------------------------- robustness sets
 
-def test_imagenet_a_r_subset_mapping(tmp_path):
-    """A 200-class folder maps to the model's indices of those synsets; logits outside the subset are ignored."""
-    from megadigpt.train.evaluate import imagenet_synsets, synset_samples, topk_scorer
-
-    classes = imagenet_synsets()
-    assert len(classes) == 1000 and classes[0] == "n01440764" and classes == sorted(classes)
-    import timm
-
-    info = Path(timm.__file__).parent / "data" / "_info"
-    a_synsets = (info / "imagenet_a_synsets.txt").read_text().split()
-    a_indices = [int(v) for v in (info / "imagenet_a_indices.txt").read_text().split()]
-    assert len(a_synsets) == 200 and [classes.index(s) for s in a_synsets] == a_indices
-    root = tmp_path / "a"
-    for s in (a_synsets[0], a_synsets[57]):
-        (root / s).mkdir(parents=True)
-        (root / s / "x.jpg").write_bytes(b"")
-    samples, present = synset_samples(root, classes, subset=True)
-    assert present == sorted([a_synsets[0], a_synsets[57]])
-    subset = [classes.index(s) for s in present]
-    logits = torch.full((2, 1000), -5.0)
-    logits[:, 999 if 999 not in subset else 998] = 10.0  # the global arg-max lies outside the subset
-    logits[0, subset[0]] = 1.0
-    logits[1, subset[0]] = 2.0
-    logits[1, subset[1]] = 3.0
-    y = torch.tensor([0, 1])  # positions in the subset
-    counts = topk_scorer(subset)(logits, [0, 1], y, torch.ones(2, dtype=torch.bool))
-    assert counts[0].item() == 2 and counts[2].item() == 2
-    assert topk_scorer(None)(logits, [0, 1], torch.tensor(subset), torch.ones(2, dtype=torch.bool))[0].item() == 0
-    with pytest.raises(ConfigError, match="not classes of the model"):
-        (root / "cats").mkdir()
-        synset_samples(root, classes, subset=True)
-
-
-def test_v2_folders_are_class_indices(tmp_path):
-    from megadigpt.train.evaluate import v2_samples
-
-    for c in ("0", "2", "10", "999"):
-        (tmp_path / c).mkdir()
-        (tmp_path / c / "a.jpeg").write_bytes(b"")
-    assert sorted(s.label for s in v2_samples(tmp_path, 1000)) == [0, 2, 10, 999]  # not sorted-string order
-
-
-def test_mce_and_real():
-    from megadigpt.train.evaluate import ALEXNET_ERR, mce, real_labels, real_scorer
-    from megadigpt.data.sources import Sample
-
-    errors = {c: {s: ALEXNET_ERR[c] / 2 for s in range(1, 6)} for c in ALEXNET_ERR}
-    assert mce(errors)["mCE"] == pytest.approx(50.0) and not mce(errors)["missing_corruptions"]
-    errors["fog"] = {1: 0.0, 2: 2 * ALEXNET_ERR["fog"]}  # severities are averaged before the ratio
-    assert mce(errors)["CE"]["fog"] == pytest.approx(100.0)
-    labels = real_labels()
-    assert len(labels) == 50000 and any(len(v) == 0 for v in labels) and any(len(v) > 1 for v in labels)
-    i_multi = next(i for i, v in enumerate(labels) if len(v) > 1)
-    i_empty = next(i for i, v in enumerate(labels) if not v)
-    samples = [Sample(f"/v/n0/ILSVRC2012_val_{i + 1:08d}.JPEG") for i in (i_multi, i_empty)]
-    logits = torch.zeros(2, 1000)
-    logits[0, labels[i_multi][1]] = 1.0  # the second of several right answers
-    out = real_scorer(samples, labels)(logits, [0, 1], torch.tensor([labels[i_multi][0], 0]),
-                                       torch.ones(2, dtype=torch.bool))
-    assert out[0].item() == 1 and out[1].item() == 1  # the unlabelled image is not scored
+# (the sets' class maps: tests/test_eval_sources.py)
 
 
 # ----------------------------------------------------------------------------------------- config checks

@@ -95,8 +95,11 @@ def test_mpirun(cifar_dir, torchrun_losses, tmp_path):
     env.pop("MASTER_PORT")
     exports = [a for k in ("DS_ACCELERATOR", "OMP_NUM_THREADS", "GLOO_SOCKET_IFNAME", "PATH",
                            "PYTHONUNBUFFERED") for a in ("-x", k)]
-    cmd = [mpirun, "--allow-run-as-root", "--oversubscribe", "-np", "2", *exports, sys.executable, "-m",
-           "megadigpt", *_args(cifar_dir, tmp_path / "mpi")]
+    # --noprefix: mpirun called by its absolute path acts as --prefix /usr and puts /usr/bin first on the ranks'
+    # PATH, so torch's JIT build of DeepSpeed's CPU shm op ran the system ninja instead of the environment's: the
+    # other version's build log hashes differ, and the op was rebuilt (here, and again by the next run), 1-2 min each
+    cmd = [mpirun, "--allow-run-as-root", "--oversubscribe", "--noprefix", "-np", "2", *exports, sys.executable,
+           "-m", "megadigpt", *_args(cifar_dir, tmp_path / "mpi")]
     # no stdin: Open MPI forwards stdin to rank 0 and polls it, which slowed this run from ~10 s to ~90 s
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=str(REPO),
                        stdin=subprocess.DEVNULL)

@@ -1,7 +1,9 @@
 """Semantic segmentation transfer: the model's pyramid and heads at the real 512 px / patch 14 and 16 geometry,
 mmseg's metric arithmetic on planted cases, sliding-window inference, and the whole loop (real DeepSpeed engines
 on gloo, real checkpoints, SIGTERM and resume, 2 ranks) on a real composite set: Fashion-MNIST items on CIFAR-10
-photos (skipped where the Debian package dataset-fashion-mnist or the shared CIFAR-10 shards are absent)."""
+photos (skipped where the Debian package dataset-fashion-mnist or the shared CIFAR-10 shards are absent). Also the
+segmentation stage of `megadigpt submit` (dry runs: the scripts, the chain's dependency and init-from) and the
+segmentation step in `megadigpt bench` (real engines, 2 gloo ranks)."""
 
 import json
 import subprocess
@@ -151,7 +153,9 @@ def composite(cifar_dir, tmp_path_factory):
     if not (composite_seg.FASHION_DIR / "train-images-idx3-ubyte.gz").is_file():
         pytest.skip("Fashion-MNIST absent (apt-get install dataset-fashion-mnist)")
     root = tmp_path_factory.mktemp("composite")
-    return composite_seg.build(root, cifar_dir, n_train=32, n_val=5, size=32)
+    # 24 training images: 3 steps an epoch on 1 rank (batch 8 = 4 x 2 accumulated) and on 2; a run of 4 steps
+    # stopped at step 2 resumes inside its first epoch and goes on into the second
+    return composite_seg.build(root, cifar_dir, n_train=24, n_val=5, size=32)
 
 
 SEG = ["--config", "segment_composite", "model.arch=vit_tiny", "model.embed_dim=16", "model.depth=2",
@@ -161,15 +165,39 @@ SEG = ["--config", "segment_composite", "model.arch=vit_tiny", "model.embed_dim=
 
 
 def _segment(args, nproc=1, check=True, **env):
-    cmd = [sys.executable, "-m", "megadigpt.train.segment"]
-    if nproc > 1:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
-               str(free_port()), "-m", "megadigpt.train.segment"]
-    proc = subprocess.run(cmd + list(args), capture_output=True, text=True, timeout=600, env=subprocess_env(**env),
-                          cwd=str(REPO))
-    if check and proc.returncode != 0:
-        raise AssertionError(f"segment failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
-    return proc
+    """``python -m megadigpt.train.segment ARGS`` as ``nproc`` ranks, each process given its rank, world size and
+    rendezvous in the environment (as torchrun or srun give them, without a launcher process of its own).
+    -> (exit code, rank 0's stderr): the first non-zero exit code of the ranks."""
+    import tempfile
+
+    cmd = [sys.executable, "-m", "megadigpt.train.segment"] + list(args)
+    port = str(free_port())
+    procs = []
+    for r in range(nproc):
+        e = subprocess_env(**env)
+        if nproc > 1:
+            e.update(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(nproc), LOCAL_WORLD_SIZE=str(nproc),
+                     MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+        err = tempfile.TemporaryFile("w+")  # (files, not pipes: a rank blocked on a full pipe would stall the rest)
+        procs.append((subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, text=True, env=e,
+                                       cwd=str(REPO)), err))
+    codes = []
+    for proc, _ in procs:
+        try:
+            codes.append(proc.wait(timeout=600))
+        except subprocess.TimeoutExpired:
+            for q, _ in procs:
+                q.kill()
+            raise
+    errs = []
+    for _, err in procs:
+        err.seek(0)
+        errs.append(err.read())
+        err.close()
+    code = next((c for c in codes if c), 0)
+    if check and code != 0:
+        raise AssertionError(f"segment failed ({codes}):\n{errs[0][-4000:]}")
+    return code, errs[0]
 
 
 def _losses(run_dir):
@@ -194,8 +222,8 @@ def test_train_evaluate_and_resume_after_sigterm(composite, tmp_path):
     assert res["images"] == 5 and res["pixels"] == 5 * 32 * 32 and 0 <= res["mIoU"] <= 100
     cfg = json.loads((tmp_path / "a" / "last" / "config.json").read_text())
     assert cfg["megadigpt"]["metrics"]["mIoU"] == pytest.approx(res["mIoU"])
-    proc = _segment(["--run-dir", str(tmp_path / "b")] + common, check=False, MEGADIGPT_FAULTS="term=2")
-    assert proc.returncode == 75, proc.stderr[-2000:]
+    code, err = _segment(["--run-dir", str(tmp_path / "b")] + common, check=False, MEGADIGPT_FAULTS="term=2")
+    assert code == 75, err[-2000:]
     assert not (tmp_path / "b" / "last").exists()
     _segment(["--run-dir", str(tmp_path / "b")] + common)
     la, lb = _losses(tmp_path / "a"), _losses(tmp_path / "b")
@@ -249,21 +277,20 @@ def test_memory_plan_of_the_segmentation_step(capsys):
     from megadigpt.perf import segment_memory
     from megadigpt.segment_config import load_segment_config
 
-    cfg = load_segment_config("segment_ade20k_vitb16", ["model.embed_dim=64", "model.depth=4", "model.num_heads=2",
-                                                        "model.crop_size=128", "model.channels=32"])
+    over = ["model.embed_dim=64", "model.depth=2", "model.num_heads=2", "model.crop_size=128", "model.channels=32"]
+    cfg = load_segment_config("segment_ade20k_vitb16", over)
     rows = segment_memory.plan(cfg, 8, 80.0, [("vit_base", 16)], stages=(1,), ckpts=(False, True), micro_batch=2)
     off, on = rows
     assert off.teacher_gib == 0 and off.params_gib > 0 and off.fits and off.max_micro_batch > 2
     assert on.activations_gib < off.activations_gib
     geom = segment_memory._geometry(cfg, "vit_base", 16)
     P, _ = segment_memory.segment_params(cfg, geom)
-    model = Segmentor(SegmentorArgs(64, 4, 2, 4.0, 16, 128, 150, (0, 1, 2, 3), channels=32))
+    model = Segmentor(SegmentorArgs(64, 2, 2, 4.0, 16, 128, 150, tuple(default_feature_blocks(2)), channels=32))
     assert P == sum(p.numel() for p in model.parameters())
-    a2, a4 = (segment_memory.trace_segment_step(cfg, geom, b, "bf16") for b in (2, 4))
-    assert a4 > a2 > 0
+    a2, a3 = (segment_memory.trace_segment_step(cfg, geom, b, "bf16") for b in (2, 3))  # (traced by plan above)
+    assert a3 > a2 > 0
     import argparse
 
-    over = ["model.embed_dim=64", "model.depth=4", "model.num_heads=2", "model.crop_size=128", "model.channels=32"]
     assert segment_memory.is_segment_config("segment_ade20k_vitb16") and not segment_memory.is_segment_config("demo")
     ns = argparse.Namespace(config="segment_ade20k_vitb16", overrides=over, models="vit_base/16", gpus=8,
                             gpu_mem=80.0, zero="1", ckpt="off,on", offload="off", micro_batch=2, precision="bf16",
@@ -271,3 +298,143 @@ def test_memory_plan_of_the_segmentation_step(capsys):
     assert segment_memory.cmd_plan_segment(ns) == 0
     out = capsys.readouterr().out
     assert "crop 128" in out and out.count("| seg:vit_base/16 | 1 |") == 2
+
+
+# ----------------------------------------------------------------------------------------- SLURM stage
+
+def _ade_root(tmp_path):
+    """An ADE20K-shaped folder: what a dry run checks of segmentation data (the layout, nothing decoded)."""
+    root = tmp_path / "ADEChallengeData2016"
+    for split in ("training", "validation"):
+        (root / "images" / split).mkdir(parents=True)
+        (root / "annotations" / split).mkdir(parents=True)
+    return root
+
+
+def _submit(args, capfd):
+    """``megadigpt submit ARGS`` in this process -> (exit code, stdout, stderr lines)."""
+    from megadigpt.cli import main
+
+    capfd.readouterr()
+    code = main(["submit"] + [str(a) for a in args])
+    out, err = capfd.readouterr()
+    return code, out, err.strip().splitlines()
+
+
+def test_submit_chains_pretrain_to_segment(tmp_path, capfd):
+    """A chain pretrain -> segment: the segmentation stage waits on the pretraining job (afterok, cancelled if it
+    fails), starts from its run directory (which does not exist yet: a pending input, not an error), writes to
+    its own, and is planned for the job's ranks and device (CPU tasks here: BatchNorm needs 2 images per rank;
+    GPUs: SyncBatchNorm counts the whole batch). A bad segmentation override is one line, exit 2, nothing
+    written."""
+    import yaml
+
+    from .conftest import TINY
+
+    ade, root = _ade_root(tmp_path), tmp_path / "runs"
+    seg_args = ["--train", str(ade), "--val", str(ade), "train.global_batch=4", "train.micro_batch=2"]
+
+    def chain(seg_extra=(), seg_slurm=None):
+        path = tmp_path / "chain.yaml"
+        path.write_text(yaml.safe_dump({"run_root": str(root), "slurm": {"gpus_per_node": 0, "time": "00:10:00",
+                                                                          "signal_seconds": 60},
+            "stages": [{"name": "pretrain", "command": "pretrain", "args": ["--data", str(tmp_path / "train.jsonl")]
+                        + TINY + ["train.global_batch=8", "train.micro_batch=4", "train.max_steps=6"]},
+                       {"name": "ade", "command": "segment", "config": "segment_ade20k_vitb16",
+                        "init_from": "{pretrain}", "args": seg_args + list(seg_extra),
+                        "slurm": seg_slurm or {"ntasks_per_node": 2}}]}))
+        return path
+
+    code, out, err = _submit(["--dry-run", "--partition", "cpu", chain()], capfd)
+    assert code == 0, err
+    assert out.count("#!/bin/bash") == 2 and out.count("#SBATCH --partition=cpu") == 2
+    seg = out.split("# ---- stage ade: ")[1]
+    assert seg.startswith(f"sbatch --dependency=afterok:<job of pretrain> --kill-on-invalid-dep=yes "
+                          f"{root / 'ade' / 'slurm' / 'job.sbatch'}")
+    assert "# megadigpt segment (ade)" in seg and "#SBATCH --ntasks-per-node=2" in seg
+    assert (f"segment --init-from {root / 'pretrain'} --run-dir {root / 'ade'} --config segment_ade20k_vitb16 "
+            f"--train {ade} --val {ade} train.global_batch=4 train.micro_batch=2") in seg
+    assert "srun --kill-on-bad-exit=1" in seg and "#SBATCH --signal=USR1@60" in seg and "#SBATCH --requeue" in seg
+    assert not any("init_from" in ln for ln in err), err  # the pretraining run is pending, not missing
+    assert not root.exists()
+
+    # planned for the job's device: 1 image per rank on CPU tasks is refused, on GPUs (SyncBatchNorm) it is not
+    one = ["train.global_batch=2", "train.micro_batch=1"]
+    code, _, err = _submit(["--dry-run", chain(one)], capfd)
+    assert code == 2 and len(err) == 1 and "needs >= 2 images per rank" in err[0], err
+    code, _, err = _submit(["--dry-run", chain(one, {"gpus_per_node": 2})], capfd)
+    assert code == 0, err
+    # a bad override of the segmentation stage: one line, exit 2, before anything is written
+    code, out, err = _submit(["--dry-run", chain(["segment.eval_mode=tiles"])], capfd)
+    assert code == 2 and len(err) == 1 and err[0].startswith("megadigpt: error: segment.eval_mode must be one of")
+    assert "#!/bin/bash" not in out and not root.exists()
+
+
+def test_submit_a_single_segment_stage(tmp_path, capfd):
+    """``megadigpt submit segment ...``: the config's run directory unless --run-dir, made absolute; weights not
+    on this machine are a warning in a dry run (the cluster has them); a bad value is one line, exit 2."""
+    from megadigpt.launch import slurm
+
+    ade = _ade_root(tmp_path)
+    base = ["--dry-run", "--gpus-per-node", 0, "--ntasks-per-node", 2, "segment", "--train", ade, "--val", ade,
+            "train.global_batch=4", "train.micro_batch=2"]
+    code, out, err = _submit(base + ["--init-from", tmp_path / "elsewhere" / "run", "--run-dir", tmp_path / "seg"],
+                             capfd)
+    assert code == 0, err
+    assert out.count("#!/bin/bash") == 1 and "--dependency" not in out
+    assert f"segment --run-dir {tmp_path / 'seg'} --train {ade}" in out
+    assert any(ln.startswith("megadigpt submit: warning: train.init_from not found") for ln in err), err
+    # data not on this machine (the cluster mounts it): a warning in a dry run, an error in a real submission
+    gone = tmp_path / "not_here"
+    code, out, err = _submit(base + ["--val", gone, "model.arch=vit_tiny"], capfd)
+    assert code == 0 and out.count("#!/bin/bash") == 1, err
+    assert any(ln.startswith(f"megadigpt submit: warning: data source not found: {gone}") for ln in err), err
+    code, out, err = _submit(base[1:] + ["--val", gone, "model.arch=vit_tiny"], capfd)
+    assert code == 2 and len(err) == 1 and f"data source not found: {gone}" in err[0], err
+    stage = slurm.single_stage("segment", ["--config", "segment_ade20k_vitl14", "model.arch=vit_tiny"], {})
+    assert stage.run_dir == str(Path("runs/segment_ade20k_vitl14").resolve())
+    code, out, err = _submit(base + ["model.arch=vit_tiny", "model.crop_size=0"], capfd)
+    assert code == 2 and len(err) == 1 and err[0].startswith("megadigpt: error: model.crop_size"), err
+    assert "#!/bin/bash" not in out
+    # the shipped script of the stage (slurm.TEMPLATES): one node of 8 GPUs x micro-batch 2 = the recipe's 16
+    script = slurm.render_template("segment_ade20k")
+    assert "megadigpt segment --config segment_ade20k_vitl14" in script and "#SBATCH --nodes=1\n" in script
+    assert '"$@"' in script and "--init-from RUN" in script
+    subprocess.run(["bash", "-n"], input=script, text=True, check=True)
+
+
+# ----------------------------------------------------------------------------------------- bench
+
+TINY_SEG = ["model.embed_dim=16", "model.depth=2", "model.num_heads=2", "model.crop_size=32", "model.channels=16",
+            "model.aux_channels=8"]
+
+
+def test_bench_measures_the_segmentation_step(tmp_path, capfd):
+    """``megadigpt bench --config segment_ade20k_vitb16``: the Segmentor's training step on 2 gloo ranks (real
+    engines), its images/s, step-time breakdown, peak memory beside the segmentation planner's, and MFU, in the
+    bench table; the crop is the config's. Bad input fails before any work."""
+    from megadigpt.cli import main
+
+    out = tmp_path / "bench"
+    args = ["bench", "--config", "segment_ade20k_vitb16", "--models", "vit_tiny/4", "--micro-batch", "2",
+            "--ranks", "2", "--steps", "2", "--warmup", "1", "--rounds", "1", "--no-baseline", "--out", str(out)]
+    assert main(args[:-2] + ["--data", "torch", "--out", str(tmp_path / "x")] + TINY_SEG) == 2
+    assert main(args[:-2] + ["--micro-batch", "1", "--out", str(tmp_path / "x")] + TINY_SEG) == 2
+    err = capfd.readouterr().err.strip().splitlines()
+    assert "synthetic inputs only" in err[0] and "needs >= 2 images per rank" in err[1], err
+    assert not (tmp_path / "x").exists()
+    assert main(args + TINY_SEG) == 0
+    printed = capfd.readouterr().out
+    rep = json.loads((out / "bench.json").read_text())
+    [row] = rep["rows"]
+    c, x = row["case"], row["result"]
+    assert c["task"] == "segment" and c["img_size"] == 32 and c["teacher"] == "none", c
+    assert x["status"] == "ok", x
+    assert x["world_size"] == 2 and x["images_per_s"] == pytest.approx(2 * 2 / x["step_s"])
+    assert sum(x["phases_s"].values()) == pytest.approx(x["synced_step_s"], rel=0.1)
+    assert x["phases_s"]["teacher"] < 0.01 * x["synced_step_s"] and x["flops_teacher_fwd"] == 0
+    assert x["comm_s"] > 0 and x["student_params"] > 0 and np.isfinite(x["loss"])
+    assert 0 < x["mfu_student"] < 1 and x["flops_student_fwd"] > 0
+    assert x["peak_gib"] > 0 and x["planned_gib"] > 0 and 0.5 <= x["measured_over_planned"] <= 1.5, x
+    md = (out / "bench.md").read_text()
+    assert "| seg:vit_tiny/4@32 | none | z1 sdpa |" in md and md in printed

@@ -252,7 +252,10 @@ def test_palette_pretraining_zero_stages_and_ranks_agree_and_resume_keeps_the_to
     marker = json.loads(next((tmp_path / "r2" / "checkpoints").glob("step_*/*.json")).read_text())
     assert marker["tokenizer"] == out["fingerprint"]
 
-    run_cli(fit + ["--out", str(tmp_path / "tok2.pt"), "--seed", "1"])
+    # another tokenizer for the same target (the fit CLI ran above; here only its centroids differ)
+    book = load_codebook(tmp_path / "tok.pt")
+    Codebook(book.centroids.roll(1, 0), book.sizes.roll(1, 0), book.provenance).save(tmp_path / "tok2.pt")
+    assert load_codebook(tmp_path / "tok2.pt").fingerprint() != out["fingerprint"]
     p = run_cli(["pretrain", "--data", data, "--run-dir", str(tmp_path / "r2"), *TINY, *palette,
                  f"target.tokenizer={tmp_path / 'tok2.pt'}", "train.global_batch=8", "train.micro_batch=8",
                  "train.max_steps=6"],

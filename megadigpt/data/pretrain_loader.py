@@ -16,7 +16,7 @@ import io
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -118,28 +118,41 @@ class PretrainStream(torch.utils.data.Dataset):
         epoch, index = self.locate(position)
         sample = self.samples[index]
         rng = sample_rng(self.seed, epoch, index)
-        top, left, h, w = 0, 0, 0, 0
-        flip = False
-        valid, reason, data = True, None, None
+        data, why = None, None
         try:
             data = sample.read(self._handles)
-            img = decode_rgb(data)
-            top, left, h, w = random_resized_crop_box(rng, img.height, img.width, self.scale, self.ratio)
-            flip = bool(self.hflip and rng.random() < 0.5)
-            crop = img.crop((left, top, left + w, top + h))
-            views = []
-            for s in self.sizes:
-                v = crop.resize((s, s), self.interp)
-                if flip:
-                    v = v.transpose(Image.FLIP_LEFT_RIGHT)
-                views.append(torch.from_numpy(np.asarray(v, dtype=np.uint8).copy()).permute(2, 0, 1))
-        except Exception as e:  # noqa: BLE001 - any undecodable input is a bad sample, not a dead run
-            valid, reason = False, decode_problem(data, e)
-            views = [torch.zeros(3, s, s, dtype=torch.uint8) for s in self.sizes]
+        except Exception as e:  # noqa: BLE001 - an unreadable member is a bad sample too
+            why = decode_problem(None, e)
+        views, box, reason = render_views(data, why, rng, self.sizes, self.scale, self.ratio, self.hflip,
+                                          self.interp)
         # the segment order has its own stream, so it does not depend on whether the image decoded
         order = torch.from_numpy(np.random.default_rng([self.seed, epoch, index, 1]).permutation(self.num_segments))
-        return {"views": views, "order": order, "valid": valid, "label": sample.label, "index": index,
-                "epoch": epoch, "box": (top, left, h, w, flip), "reason": reason}
+        return {"views": views, "order": order, "valid": reason is None, "label": sample.label, "index": index,
+                "epoch": epoch, "box": box, "reason": reason}
+
+
+def render_views(data: Optional[bytes], why: Optional[str], rng: np.random.Generator, sizes: Sequence[int], scale,
+                 ratio, hflip: bool, interp) -> Tuple[List[torch.Tensor], tuple, Optional[str]]:
+    """One sample's views (the torch path of both access modes): decode, draw the crop box and the flip from
+    ``rng`` (in that order), resize the crop to every size. Returns (uint8 CHW views, (top, left, h, w, flip), None)
+    or, for an image that does not decode (or ``why`` given: known bad), zero views, a zero box and the reason."""
+    try:
+        if why:
+            raise ValueError(why)
+        img = decode_rgb(data)
+        top, left, h, w = random_resized_crop_box(rng, img.height, img.width, scale, ratio)
+        flip = bool(hflip and rng.random() < 0.5)
+        crop = img.crop((left, top, left + w, top + h))
+        views = []
+        for s in sizes:
+            v = crop.resize((s, s), interp)
+            if flip:
+                v = v.transpose(Image.FLIP_LEFT_RIGHT)
+            views.append(torch.from_numpy(np.asarray(v, dtype=np.uint8).copy()).permute(2, 0, 1))
+        return views, (top, left, h, w, flip), None
+    except Exception as e:  # noqa: BLE001 - any undecodable input is a bad sample, not a dead run
+        return ([torch.zeros(3, s, s, dtype=torch.uint8) for s in sizes], (0, 0, 0, 0, False),
+                why or decode_problem(data, e))
 
 
 def collate(items: List[dict]) -> dict:

@@ -141,6 +141,8 @@ def check_pairs_source(source, split: Optional[str] = None) -> None:
     from .sources import _resolve_paths
 
     kind, where = _resolve_paths(source)
+    if kind == "missing":  # previewing (submit --dry-run): the source is not on this machine, and that was noted
+        return
     if kind == "folder":
         root = Path(where)
         if not ((split and (root / "images" / split).is_dir()) or (root / "images").is_dir()):

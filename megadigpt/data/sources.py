@@ -450,7 +450,9 @@ def _plain_samples(kind, where):
     root = Path(where)
     files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTS and p.is_file())
     rel = [p.relative_to(root) for p in files]
-    classes = sorted({r.parts[0] for r in rel if len(r.parts) > 1})
+    # every class folder, the list label_names() gives (an empty one included: a class without images), so that
+    # labels and names agree
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir())
     cidx = {c: i for i, c in enumerate(classes)}
     b.add_plain([str(p) for p in files], [str(r) for r in rel],
                 [cidx.get(r.parts[0], -1) if len(r.parts) > 1 else -1 for r in rel])

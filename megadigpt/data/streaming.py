@@ -50,10 +50,9 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-from PIL import Image
 
 from ..config import ConfigError
-from .pretrain_loader import _INTERP, collate, decode_problem, decode_rgb, random_resized_crop_box
+from .pretrain_loader import _INTERP, collate, random_resized_crop_box, render_views
 from .remote import RemoteError, expand_urls, is_remote, open_url
 from .sources import IMAGE_EXTS
 
@@ -358,25 +357,8 @@ class StreamDataset(torch.utils.data.IterableDataset):
                 "problems": list(problems)}
         if self.encoded:
             return {**base, **self._encoded(data, why, rng)}
-        top, left, h, w, flip = 0, 0, 0, 0, False
-        valid, reason = True, why
-        try:
-            if why:
-                raise ValueError(why)
-            img = decode_rgb(data)
-            top, left, h, w = random_resized_crop_box(rng, img.height, img.width, self.scale, self.ratio)
-            flip = bool(self.hflip and rng.random() < 0.5)
-            crop = img.crop((left, top, left + w, top + h))
-            views = []
-            for s in self.sizes:
-                v = crop.resize((s, s), self.interp)
-                if flip:
-                    v = v.transpose(Image.FLIP_LEFT_RIGHT)
-                views.append(torch.from_numpy(np.asarray(v, dtype=np.uint8).copy()).permute(2, 0, 1))
-        except Exception as e:  # noqa: BLE001 - any undecodable input is a bad sample, not a dead run
-            valid, reason = False, why or decode_problem(data, e)
-            views = [torch.zeros(3, s, s, dtype=torch.uint8) for s in self.sizes]
-        return {**base, "views": views, "valid": valid, "box": (top, left, h, w, flip), "reason": reason}
+        views, box, reason = render_views(data, why, rng, self.sizes, self.scale, self.ratio, self.hflip, self.interp)
+        return {**base, "views": views, "valid": reason is None, "box": box, "reason": reason}
 
     def _encoded(self, data, why, rng) -> dict:
         from .dali_loader import _PLACEHOLDER, prepare

@@ -30,7 +30,7 @@ from typing import Dict, List, Optional
 
 from ..config import ConfigError, _suggest, missing_path, preview_paths
 
-COMMANDS = ("pretrain", "finetune", "probe", "eval")
+COMMANDS = ("pretrain", "finetune", "segment", "probe", "eval")
 _PKG = Path(__file__).resolve().parent.parent
 # setup.py installs the top-level slurm/ as megadigpt/slurm; a source checkout has it beside the package
 SLURM_DIR = next((d for d in (_PKG / "slurm", _PKG.parent / "slurm") if d.is_dir()), _PKG.parent / "slurm")
@@ -137,7 +137,7 @@ def slurm_options(values: Optional[dict], base: Optional[SlurmOptions] = None, w
 @dataclass
 class Stage:
     name: str
-    command: str  # pretrain | finetune | probe | eval
+    command: str  # pretrain | finetune | segment | probe | eval
     args: List[str]  # the command's own arguments, as `megadigpt <command>` takes them
     run_dir: str  # where the stage writes (its --run-dir, or --out for probe / eval): absolute
     slurm: SlurmOptions
@@ -183,7 +183,8 @@ def _with_option(args: List[str], option: str, value: str) -> List[str]:
 
 
 def stage_outputs(command: str, ns) -> Optional[str]:
-    """Where the stage writes: --run-dir (pretrain, finetune: else the config's train.run_dir) or --out."""
+    """Where the stage writes: --run-dir (pretrain, finetune, segment: else the config's train.run_dir) or
+    --out."""
     if command in ("probe", "eval"):
         return ns.out
     if ns.run_dir:
@@ -224,6 +225,13 @@ def validate_stage(stage: Stage) -> dict:
         plan = plan_finetune(cfg, o.world_size, device_type=device(cfg),
                              init_from_pending=pending(cfg.train.init_from))
         summary.update(accum=plan.accum, workers=cfg.data.num_workers)
+    elif stage.command == "segment":
+        from ..segment_config import load_segment_config
+        from ..train.segment import overrides_of, plan_segment
+
+        cfg = load_segment_config(ns.config, overrides_of(ns))
+        plan = plan_segment(cfg, o.world_size, device_type=device(cfg), init_from_pending=pending(cfg.train.init_from))
+        summary.update(accum=plan.accum, workers=cfg.data.num_workers)
     elif stage.command == "probe":
         from ..train.finetune import plan_finetune
 
@@ -242,9 +250,13 @@ def validate_stage(stage: Stage) -> dict:
         sets = [k for k in ("imagenet", "real", "v2", "a", "r", "sketch", "c") if getattr(ns, k)]
         if not sets:
             raise ConfigError(f"stage {stage.name}: eval needs at least one set (--imagenet, --v2, ...)")
-        for k in sets:
-            if not Path(getattr(ns, k)).is_dir():
-                missing_path(f"stage {stage.name}: --{k}: folder not found: {getattr(ns, k)}")
+        from ..data.remote import expand_urls, is_remote
+
+        for k in sets:  # a local source must be there; remote ones and ImageNet-C templates are read by the job
+            src = getattr(ns, k)
+            first = (expand_urls(src) or [src])[0]
+            if not is_remote(first) and "{corruption}" not in src and not Path(first).exists():
+                missing_path(f"stage {stage.name}: --{k}: source not found: {src}")
         summary.update(workers=ns.workers)
     return summary
 
@@ -324,6 +336,9 @@ TEMPLATES = {
               dict(nodes=1, cpus_per_task=10, time="08:00:00", signal_seconds=0, requeue=False)),
     "eval": ("ImageNet val, ReaL, V2, A, R, Sketch, C", "eval", [],
              dict(nodes=1, cpus_per_task=10, time="04:00:00", signal_seconds=0, requeue=False)),
+    # 8 GPUs x micro-batch 2 = the recipe's batch 16 (SyncBatchNorm across the GPUs)
+    "segment_ade20k": ("ADE20K semantic segmentation, UperNet, 160k iterations at batch 16", "segment",
+                       ["--config", "segment_ade20k_vitl14"], dict(nodes=1, cpus_per_task=10, time="48:00:00")),
 }
 
 _TEMPLATE_USE = {
@@ -331,6 +346,7 @@ _TEMPLATE_USE = {
     "finetune": "sbatch [--nodes N] {path} --init-from RUN --train /data/train --val /data/val",
     "probe": "sbatch {path} WEIGHTS --train /data/train --val /data/val --out DIR",
     "eval": "sbatch {path} runs/finetune_vitl14_in1k_448 --which best_ema --imagenet /data/imagenet/val --out DIR",
+    "segment": "sbatch {path} --init-from RUN --train /data/ADEChallengeData2016 --val /data/ADEChallengeData2016",
 }
 
 
@@ -415,18 +431,19 @@ def load_chain(path, run_root: Optional[str] = None, cli_slurm: Optional[dict] =
             raise ConfigError(f"{where}: args is a list")
         if st.get("config"):
             args = _with_option(args, "--config", expand(st["config"], "config"))
-        if command in ("pretrain", "finetune"):
+        if command in ("pretrain", "finetune", "segment"):
             args = _with_option(args, "--run-dir", run_dir)
             if st.get("init_from"):
                 val = expand(st["init_from"], "init_from")
-                args = (_with_option(args, "--init-from", val) if command == "finetune"
+                args = (_with_option(args, "--init-from", val) if command in ("finetune", "segment")
                         else args + [f"train.init_from={val}"])
         else:
             args = _with_option(args, "--out", run_dir)
             first = st.get("weights") if command == "probe" else st.get("model")
             if first:
                 args = [expand(first, "weights" if command == "probe" else "model")] + args
-        for k, ok in (("init_from", ("pretrain", "finetune")), ("weights", ("probe",)), ("model", ("eval",))):
+        for k, ok in (("init_from", ("pretrain", "finetune", "segment")), ("weights", ("probe",)),
+                      ("model", ("eval",))):
             if st.get(k) and command not in ok:
                 raise ConfigError(f"{where}: {k} is for {' / '.join(ok)} stages")
         opts = slurm_options(st.get("slurm"), defaults, where=f"{where}.slurm")
@@ -438,8 +455,8 @@ def load_chain(path, run_root: Optional[str] = None, cli_slurm: Optional[dict] =
 
 
 def single_stage(command: str, args: List[str], cli_slurm: dict) -> Stage:
-    """``megadigpt submit <command> <args>``: the stage writes to its --run-dir / --out (pretrain and finetune:
-    else the config's train.run_dir), made absolute."""
+    """``megadigpt submit <command> <args>``: the stage writes to its --run-dir / --out (pretrain, finetune and
+    segment: else the config's train.run_dir), made absolute."""
     from ..cli import finetune_overrides, pretrain_overrides
     from ..config import FinetuneRunConfig, load_config
 
@@ -449,6 +466,11 @@ def single_stage(command: str, args: List[str], cli_slurm: dict) -> Stage:
         out = load_config(ns.config, pretrain_overrides(ns)).train.run_dir
     elif out is None and command == "finetune":
         out = load_config(ns.config, finetune_overrides(ns), root=FinetuneRunConfig).train.run_dir
+    elif out is None and command == "segment":
+        from ..segment_config import load_segment_config
+        from ..train.segment import overrides_of
+
+        out = load_segment_config(ns.config, overrides_of(ns)).train.run_dir
     if out is None:
         raise ConfigError(f"megadigpt submit {command}: give --out (the job's results, logs and code snapshot go "
                           f"there)")
@@ -508,13 +530,14 @@ def _new_dirs(path: Path) -> Optional[Path]:
 
 
 def submit(stages: List[Stage], root: Path, dry_run: bool = False, after: Optional[str] = None,
-           chain: Optional[Path] = None, out=sys.stdout) -> List[dict]:
+           chain: Optional[Path] = None, out=None) -> List[dict]:
     """Validate every stage, snapshot the code into ``root/code``, write each stage's script to
     ``<run_dir>/slurm/job.sbatch`` and submit them in order, each ``afterok`` on the one before (the first on
     ``after``, a job id, if given); a chain's YAML is kept as ``root/chain.yaml``. Nothing is queued unless every stage validates; if a later sbatch fails, the
     stages already queued are cancelled."""
     from .snapshot import snapshot
 
+    out = out or sys.stdout  # (looked up now, not when the module was imported: a redirected stdout counts)
     root = Path(root).resolve()
     created = [d for d in {_new_dirs(Path(s.run_dir)) for s in stages} | {_new_dirs(root)} if d]
     warnings: List[str] = []

@@ -28,6 +28,15 @@ The baseline is the reference implementation's way of training: eager attention 
 AdamW without fused or multi-tensor kernels, no ZeRO sharding (stage 0, data parallel), fp16 with loss scaling on
 GPUs (DeepSpeed refuses fp16 on CPU, where the baseline is fp32); ``vs baseline`` is a case's images/s over the
 baseline's for the same model, teacher, micro-batch and data path.
+
+Segmentation: with a ``megadigpt segment`` config as ``--config`` (one with a ``segment:`` section, e.g.
+``segment_ade20k_vitb16``) a case is the segmentation step instead (``_segment_job``): the Segmentor (ViT encoder
++ neck + UperNet + auxiliary FCN, ``train.segment``'s builder and parameter groups) in the engine at the crop
+(``--img-size``, default the config's ``model.crop_size``), a fixed synthetic batch of crops and masks on the
+device, decode + auxiliary cross-entropy, BatchNorm statistics averaged over the ranks where there is no
+SyncBatchNorm, as ``megadigpt segment`` does; no teacher (its phase is 0), the planned memory is
+``perf.segment_memory``'s. Its baseline: eager attention (timm's unfused path), torch's AdamW loop, ZeRO 0,
+fp16 on GPUs / fp32 on CPU.
 """
 
 import itertools
@@ -64,6 +73,7 @@ class Case:
     data: str = "synthetic"  # synthetic (uint8 on the device) | torch | dali (loaders on --data-source)
     baseline: bool = False
     offload: bool = False
+    task: str = "pretrain"  # pretrain | segment (``megadigpt segment``'s step; a segmentation --config)
 
     @property
     def label(self) -> str:
@@ -74,7 +84,7 @@ class Case:
 
     def group(self):
         """Cases compared with the same baseline."""
-        return (self.arch, self.patch, self.img_size, self.teacher, self.micro_batch, self.data)
+        return (self.arch, self.patch, self.img_size, self.teacher, self.micro_batch, self.data, self.task)
 
 
 def as_baseline(c: Case, device_type: str) -> Case:
@@ -171,29 +181,50 @@ class MemoryProbe:
 # ============================================================================ one case (every rank)
 
 
-def run_case(case: Case, base: Optional[str], overrides: List[str], steps: int, warmup: int,
-             data_source: Optional[str], comm_steps: int = 2) -> dict:
+class _Job:
+    """What one case's timing loop needs from the model it measures (``_pretrain_job``, ``_segment_job``): the
+    device, the memory probe (started before the model was built), ``step(times)`` (one optimizer step, phases
+    timed into ``times`` when given), the FLOP and parameter counts (``perf.memory.ModelSizes``), the planner's
+    row for the case (or None), the precision and the teacher's dtype."""
+
+    def __init__(self, cfg, device, mem, step, sizes, planned, precision, teacher_dtype):
+        self.cfg, self.device, self.mem, self.step, self.sizes = cfg, device, mem, step, sizes
+        self.planned, self.precision, self.teacher_dtype = planned, precision, teacher_dtype
+
+
+def _timer(device, times):
+    """``mark(name, t0)``: with ``times``, synchronise, add the time since ``t0`` to ``times[name]``, return now."""
     import torch
-    import torch.distributed as dist
+
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    def mark(name, t0):
+        if times is not None:
+            sync()
+            t1 = time.perf_counter()
+            times[name] += t1 - t0
+            return t1
+        return t0
+    return mark
+
+
+def _pretrain_job(case: Case, base, overrides, env, run_dir, data_source, total_steps: int) -> _Job:
+    """The pretraining step, as ``megadigpt pretrain`` runs it: teacher outside the engine, student in it."""
+    import torch
 
     from ..distributed import engine as ds_engine
-    from ..distributed import env as dist_env
     from ..distributed.parallelize import apply_activation_checkpointing
     from ..model import build_model
     from ..targets import build_target, student_targets
-    from ..train.metrics import peak_tflops
     from ..train.optim import build_optimizer, param_groups
     from ..train.pretrain import _dtype, _normalizer, plan_run
     from . import memory
 
-    env = dist_env.discover()
-    run_dir = tempfile.mkdtemp(prefix="megadigpt-bench-")
     cfg = case_config(case, base, overrides, env.world_size, run_dir, data_source)
     plan = plan_run(cfg, env.world_size)
     if case.offload and plan.device_type != "cuda":
         raise ConfigError("CPU offload is measured on GPUs only")
     device = ds_engine.start_processes(env, plan.device_type)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     mem = MemoryProbe(device)
     m = cfg.model
 
@@ -237,8 +268,7 @@ def run_case(case: Case, base: Optional[str], overrides: List[str], steps: int, 
 
         stream = PretrainStream(find_samples(cfg.data.source), [m.img_size, spec.image_size], S, 0,
                                 cfg.data.crop_scale, cfg.data.crop_ratio, cfg.data.interpolation, cfg.data.hflip)
-        total = warmup + 2 * steps + comm_steps + 1
-        loader = build_pretrain_loader(stream, B * env.world_size, B, env.rank, env.world_size, 0, total,
+        loader = build_pretrain_loader(stream, B * env.world_size, B, env.rank, env.world_size, 0, total_steps,
                                        cfg.data.num_workers, plan.loader, device)
 
         def batches():
@@ -247,14 +277,7 @@ def run_case(case: Case, base: Optional[str], overrides: List[str], steps: int, 
     engine.train()
 
     def step(times=None):
-        def mark(name, t0):
-            if times is not None:
-                sync()
-                t1 = time.perf_counter()
-                times[name] += t1 - t0
-                return t1
-            return t0
-
+        mark = _timer(device, times)
         t = time.perf_counter()
         b = next(it)
         views = [v.to(device, non_blocking=True) for v in b["views"]]
@@ -273,6 +296,134 @@ def run_case(case: Case, base: Optional[str], overrides: List[str], steps: int, 
         engine.step()
         mark("optimizer", t)
         return loss
+
+    planned = memory.plan_one(cfg, env.world_size, 1e9, case.zero, case.ckpt, case.offload, B, plan.precision,
+                              plan.teacher_dtype, reserve_gib=0.0) if case.zero in (1, 2, 3) else None
+    return _Job(cfg, device, mem, step, sizes, planned, plan.precision, plan.teacher_dtype)
+
+
+def segment_case_config(case: Case, base: Optional[str], overrides: List[str], world: int, run_dir: str):
+    """The ``megadigpt segment`` config of a segmentation case: the crop is the case's image size."""
+    from ..segment_config import load_segment_config
+
+    return load_segment_config(base, list(overrides) + [
+        f"model.arch={case.arch}", f"model.patch_size={case.patch}", f"model.crop_size={case.img_size}",
+        f"train.zero_stage={case.zero}", f"train.activation_checkpointing={str(case.ckpt).lower()}",
+        f"train.micro_batch={case.micro_batch}", f"train.global_batch={case.micro_batch * world}",
+        f"train.precision={case.precision}", f"train.run_dir={run_dir}", "train.tensorboard=false",
+        "train.progress=off", "segment.eval_mode=whole"])  # (no evaluation is measured: no window check)
+
+
+def check_segment_case(case: Case, base, overrides, world: int, run_dir: str, device_type: Optional[str] = None):
+    """``plan_segment``'s checks of a segmentation case (synthetic inputs: no data folders) and the grid's
+    dimensions that do not apply to it. -> (config, plan)."""
+    from ..train.segment import plan_segment
+
+    if case.data != "synthetic":
+        raise ConfigError(f"the segmentation step is measured on synthetic inputs only (--data {case.data})")
+    if case.compile or case.attention not in ("sdpa", "eager"):
+        raise ConfigError("the segmentation step is measured with timm's attention (sdpa, or eager for the "
+                          "baseline) and without torch.compile")
+    if case.offload and (device_type or "cuda") != "cuda":
+        raise ConfigError("CPU offload is measured on GPUs only")
+    cfg = segment_case_config(case, base, overrides, world, run_dir)
+    return cfg, plan_segment(cfg, world, device_type=device_type, need_data=False)
+
+
+def _segment_job(case: Case, base, overrides, env, run_dir) -> _Job:
+    """The segmentation step, as ``megadigpt segment`` runs it: the Segmentor (ViT + neck + UperNet + auxiliary
+    FCN) in the engine, decode + aux cross-entropy at the label size, BatchNorm statistics averaged over the ranks
+    where there is no SyncBatchNorm. Inputs: a fixed synthetic batch of crops and masks on the device."""
+    import torch
+
+    from ..distributed import engine as ds_engine
+    from ..model.segmentation import (average_bn_buffers, segment_param_groups, segmentation_loss,
+                                      sync_batchnorm)
+    from ..train.finetune import resolve_model
+    from ..train.metrics import count_flops
+    from ..train.optim import build_optimizer
+    from ..train.pretrain import _dtype, _normalizer
+    from ..train.segment import build_segmentor, segmentor_args
+    from . import memory, segment_memory
+
+    cfg, plan = check_segment_case(case, base, overrides, env.world_size, run_dir)
+    device = ds_engine.start_processes(env, plan.device_type)
+    mem = MemoryProbe(device)
+    m, o = cfg.model, cfg.optim
+    geom, _ = resolve_model(cfg)
+    args = segmentor_args(cfg, geom)
+    with torch.device("meta"):  # per-image training-forward FLOPs (both heads), on the meta device (attention
+        meta = build_segmentor(args, cfg).train()  # counted), over 2 images: BatchNorm's 1x1 pool refuses 1
+        fwd = count_flops(meta, torch.empty(2, 3, m.crop_size, m.crop_size))
+        fwd = fwd / 2 if fwd is not None else None
+    n_meta = sum(p.numel() for p in meta.parameters() if p.requires_grad)
+    sizes = memory.ModelSizes(n_meta, 0, 0, fwd, 0.0)
+    mem.start()
+    torch.manual_seed(0)
+    model = build_segmentor(args, cfg, checkpointing=case.ckpt)
+    if case.attention == "eager":  # the baseline: timm's attention without the fused kernel
+        for blk in model.backbone.blocks:
+            blk.attn.fused_attn = False
+    model = sync_batchnorm(model, plan.device_type, env.world_size)
+    ds_config = ds_engine.build_ds_config(cfg, env.world_size, plan.precision, params=n_meta)
+    if case.offload:
+        ds_config["zero_optimization"]["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+    groups = segment_param_groups(model, o.weight_decay, o.layer_decay)
+    if case.baseline and not case.offload:  # the reference: torch's per-parameter loop
+        optimizer = torch.optim.AdamW(groups, lr=1e-4, betas=tuple(o.betas), foreach=False)
+    else:  # what segmentation builds
+        optimizer = build_optimizer(model, o, 1e-4, device.type, groups, ds_config=ds_config)
+    engine = ds_engine.initialize(model, optimizer, ds_config)
+    average_bn = env.world_size > 1 and not plan.sync_bn
+
+    B, c = case.micro_batch, m.crop_size
+    g = torch.Generator().manual_seed(env.rank)
+    images = torch.randint(0, 256, (B, 3, c, c), dtype=torch.uint8, generator=g).to(device)
+    masks = torch.randint(0, m.num_classes, (B, c, c), dtype=torch.uint8, generator=g).to(device)
+    masks[:, : c // 8] = 255  # some ignored pixels, as real masks have
+    norm = _normalizer(cfg.data.mean, cfg.data.std, _dtype(plan.precision), device)
+    engine.train()
+
+    def step(times=None):
+        mark = _timer(device, times)
+        t = time.perf_counter()
+        x, y = norm(images), masks.long()
+        t = mark("data", t)
+        t = mark("teacher", t)  # (none)
+        out, aux = engine(x)
+        loss = segmentation_loss(out, aux, y, m.aux_weight)[0]
+        t = mark("forward", t)
+        engine.backward(loss)
+        t = mark("backward", t)
+        engine.step()
+        if average_bn:
+            average_bn_buffers(engine.module)
+        mark("optimizer", t)
+        return loss
+
+    planned = segment_memory.plan_one(cfg, env.world_size, 1e9, case.zero, case.ckpt, case.offload, B,
+                                      plan.precision, reserve_gib=0.0) if case.zero in (1, 2, 3) else None
+    return _Job(cfg, device, mem, step, sizes, planned, plan.precision, None)
+
+
+def run_case(case: Case, base: Optional[str], overrides: List[str], steps: int, warmup: int,
+             data_source: Optional[str], comm_steps: int = 2) -> dict:
+    import torch
+    import torch.distributed as dist
+
+    from ..distributed import env as dist_env
+    from ..train.metrics import peak_tflops
+    from . import memory
+
+    env = dist_env.discover()
+    run_dir = tempfile.mkdtemp(prefix="megadigpt-bench-")
+    if case.task == "segment":
+        job = _segment_job(case, base, overrides, env, run_dir)
+    else:
+        job = _pretrain_job(case, base, overrides, env, run_dir, data_source, warmup + 2 * steps + comm_steps + 1)
+    device, mem, step, sizes, cfg = job.device, job.mem, job.step, job.sizes, job.cfg
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    B = case.micro_batch
 
     for _ in range(max(1, warmup)):
         step()
@@ -329,12 +480,10 @@ def run_case(case: Case, base: Optional[str], overrides: List[str], steps: int, 
         mfu["mfu_student"] = per_dev * 3 * sizes.student_fwd_flops / (peak_tf * 1e12)
         if sizes.teacher_fwd_flops is not None:
             mfu["mfu_total"] = per_dev * (3 * sizes.student_fwd_flops + sizes.teacher_fwd_flops) / (peak_tf * 1e12)
-    planned = memory.plan_one(cfg, env.world_size, 1e9, case.zero, case.ckpt, case.offload, B, plan.precision,
-                              plan.teacher_dtype, reserve_gib=0.0) \
-        if case.zero in (1, 2, 3) else None
+    planned = job.planned
     res = {
         "status": "ok", "world_size": env.world_size, "device": _device_name(device),
-        "precision": plan.precision, "teacher_dtype": plan.teacher_dtype, "loader": case.data,
+        "precision": job.precision, "teacher_dtype": job.teacher_dtype, "loader": case.data,
         "images_per_s": ips, "step_s": step_s, "synced_step_s": synced_s,
         "phases_s": {k: v / steps for k, v in times.items()}, "comm_s": sum(comm.values()), "comm_ops_s": comm,
         "peak_gib": max(p[0] for p in peaks) / memory.GiB, "states_gib": max(p[1] for p in peaks) / memory.GiB,
@@ -461,7 +610,7 @@ def with_baselines(cases: List[Case], device_type: str) -> List[Case]:
     return out
 
 
-_GROUP = ("arch", "patch", "img_size", "teacher", "micro_batch", "data")
+_GROUP = ("arch", "patch", "img_size", "teacher", "micro_batch", "data", "task")
 
 
 def aggregate(case: Case, results: List[dict]) -> dict:
@@ -507,7 +656,9 @@ def markdown(rows: List[dict]) -> str:
     out = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         c, x = r["case"], r["result"]
-        name = f"{c['arch']}/{c['patch']}" + (f"@{c['img_size']}" if c["img_size"] != 224 else "")
+        seg = c.get("task") == "segment"
+        name = (("seg:" if seg else "") + f"{c['arch']}/{c['patch']}" +
+                (f"@{c['img_size']}" if c["img_size"] != 224 or seg else ""))
         label = Case(**c).label
         if x["status"] != "ok":
             out.append(f"| {name} | {c['teacher']} | {label} | {c['precision']} | {c['data']} | {c['micro_batch']} | "
@@ -564,6 +715,20 @@ def plot(rows: List[dict], path: Path) -> bool:
     return True
 
 
+def as_task(cases: List[Case], base: Optional[str], overrides=()) -> List[Case]:
+    """The cases for ``base``'s task: a segmentation config (``megadigpt segment``'s, it has a ``segment:``
+    section) measures the segmentation step (no teacher; the image size, default the config's crop, is the crop);
+    any other the pretraining step (default image size 224)."""
+    from .segment_memory import is_segment_config
+
+    if not is_segment_config(base):
+        return [replace(c, img_size=c.img_size or 224) for c in cases]
+    from ..segment_config import load_segment_config
+
+    crop = load_segment_config(base, list(overrides)).model.crop_size
+    return [replace(c, task="segment", teacher="none", img_size=c.img_size or crop) for c in cases]
+
+
 def run_bench(cases: List[Case], ranks: int, out: Path, base=None, overrides=(), steps=5, warmup=2,
               data_source=None, timeout=1800.0, baseline=True, comm_steps=2, echo=print, rounds: int = 3,
               deadline: Optional[float] = None) -> dict:
@@ -574,13 +739,15 @@ def run_bench(cases: List[Case], ranks: int, out: Path, base=None, overrides=(),
     not reached in the first round are recorded as skipped."""
     import torch
 
-    from ..train.pretrain import _device_type
-
-    from ..train.pretrain import plan_run
+    from ..train.pretrain import _device_type, plan_run
 
     device_type = _device_type("auto")
+    cases = as_task(cases, base, overrides)
     with tempfile.TemporaryDirectory() as tmp:  # every case is checked before the first one runs
         for c in cases:
+            if c.task == "segment":
+                check_segment_case(c, base, list(overrides), ranks, tmp, device_type)
+                continue
             if c.offload and device_type != "cuda":
                 raise ConfigError("CPU offload is measured on GPUs only")
             plan_run(case_config(c, base, list(overrides), ranks, tmp, data_source), ranks)

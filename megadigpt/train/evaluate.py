@@ -1,16 +1,26 @@
-"""``megadigpt eval``: ImageNet-1K val and the robustness sets of the paper's Table 2, from folders you provide.
+"""``megadigpt eval``: ImageNet-1K val and the robustness sets of the paper's Table 2, from any source megadigpt
+reads.
 
-Each set's class map (what its folder names mean), as the sets are distributed:
+Each set is a data source like any other (:mod:`megadigpt.data.sources`): a class-folder tree, local tar shards, an
+index folder, a sample list, or remote shards (``https://.../val-{000000..000063}.tar``, ``s3://...``, ``pipe:...``,
+read through the shard cache with ``--cache-dir``, ``--io-timeout``, ``--io-retries``). A source's class names are
+its sorted class folders, or the ``classes.txt`` beside its shards (in its index folder, its sample list); a
+source without names has labels that are taken as the model's class indices (said in the results).
 
-- ``imagenet`` (val), ``sketch``: one folder per WordNet synset (n01440764 ...), all 1000 classes.
-- ``v2`` (ImageNet-V2, any of its three variants): folders ``0`` ... ``999`` = the class index (not sorted names).
-- ``real`` (ReaL labels): the ImageNet val folder again, scored against ReaL's label sets by the file name's val
-  index (``ILSVRC2012_val_00000001.JPEG`` -> 0); images whose set is empty are left out (as in the ReaL paper).
-  Labels: timm's bundled copy of ``real.json`` unless ``--real-labels`` is given.
-- ``a`` / ``r`` (ImageNet-A / -R): synset folders of a 200-class subset; the logits are restricted to those 200
-  classes before the arg-max (the sets' own protocol).
-- ``c`` (ImageNet-C): ``<corruption>/<severity 1-5>/<synset>/``; top-1 error per corruption and severity, and the
-  mean corruption error (mCE): per corruption, the sum over severities of the error divided by AlexNet's, averaged
+Each set's class map (what its class names mean), as the sets are distributed:
+
+- ``imagenet`` (val), ``sketch``: one class per WordNet synset (n01440764 ...), all 1000 classes.
+- ``v2`` (ImageNet-V2, any of its three variants): classes ``0`` ... ``999`` = the class index (not sorted names).
+- ``real`` (ReaL labels): the ImageNet val set again, scored against ReaL's label sets by the file name's (or the
+  shard key's) val index (``ILSVRC2012_val_00000001.JPEG`` -> 0); images whose set is empty are left out (as in
+  the ReaL paper). Labels: timm's bundled copy of ``real.json`` unless ``--real-labels`` is given.
+- ``a`` / ``r`` (ImageNet-A / -R): the synsets of a 200-class subset; the logits are restricted to those classes
+  (the source's class names; without names, the labels present) before the arg-max (the sets' own protocol).
+- ``c`` (ImageNet-C): a folder ``<corruption>/<severity 1-5>/`` each holding a source (synset folders, shards, an
+  index), or a URL template with ``{corruption}`` and ``{severity}`` (e.g.
+  ``https://host/imagenet-c/{corruption}/{severity}/{000000..000009}.tar``: the 15 corruptions x 5 severities are
+  tried, the unreadable ones left out and listed); top-1 error per corruption and severity, and the mean
+  corruption error (mCE): per corruption, the sum over severities of the error divided by AlexNet's, averaged
   over the 15 corruptions (Hendrycks & Dietterich 2019), in percent.
 
 The model's classes are its ``label_names`` (written by ``megadigpt finetune`` from ImageNet's synset folders); a
@@ -18,10 +28,13 @@ The model's classes are its ``label_names`` (written by ``megadigpt finetune`` f
 """
 
 import json
+import logging
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional
 
+import numpy as np
 import torch
 
 from ..config import ConfigError
@@ -33,8 +46,8 @@ ALEXNET_ERR = {
     "fog": 0.819324, "brightness": 0.564592, "contrast": 0.853204, "elastic_transform": 0.646056,
     "pixelate": 0.717840, "jpeg_compression": 0.606500,
 }
+log = logging.getLogger(__name__)
 SETS = ("imagenet", "real", "v2", "a", "r", "sketch", "c")
-_IMG = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".jpe")
 
 
 def imagenet_synsets() -> List[str]:
@@ -44,46 +57,77 @@ def imagenet_synsets() -> List[str]:
     return list(ImageNetInfo().label_names())
 
 
-def _images(root: Path):
-    return sorted(p for p in root.rglob("*") if p.suffix.lower() in _IMG and p.is_file())
+@dataclass
+class EvalSet:
+    """One evaluation set: its samples (labels as the source has them), the map of those labels to what the
+    scorer compares with (a model class index, or a position in ``subset``), the classes the logits are restricted
+    to (ImageNet-A/-R), and what was assumed."""
+
+    samples: object  # a SampleIndex
+    label_map: np.ndarray
+    subset: Optional[List[int]] = None
+    note: Optional[str] = None
 
 
-def synset_samples(root, classes: List[str], subset: bool = False):
-    """Images under ``root/<synset>/``; label = the synset's index in ``classes``. Returns (samples, synsets present)."""
-    from ..data.sources import Sample
+def _source_label(name: str) -> str:
+    return "--c" if name.startswith("c/") else f"--{name}"
 
-    root = Path(root)
-    folders = sorted(p.name for p in root.iterdir() if p.is_dir())
-    index = {s: i for i, s in enumerate(classes)}
-    unknown = [f for f in folders if f not in index]
+
+def load_set(name: str, source, classes: List[str], num_classes: int) -> EvalSet:
+    """The samples of ``source`` (any source :func:`megadigpt.data.sources.find_samples` reads) and their class
+    map for set ``name`` (``imagenet``, ``sketch``, ``v2``, ``a``, ``r``, or ``c/<corruption>/<severity>``, which
+    reads as ``imagenet``). See the module docstring for what each set's class names mean."""
+    from ..data.sources import label_names, scan_source
+
+    kind = "imagenet" if name.startswith("c/") else name
+    what = _source_label(name)
+    samples, problems = scan_source(source)
+    lost = [q for q in problems if not q.key]  # whole shards: a 404, a download that failed, a damaged tar
+    if lost:
+        more = f" (and {len(lost) - 1} more)" if len(lost) > 1 else ""
+        raise ConfigError(f"{what}: shard {lost[0].path} could not be read: {lost[0].reason}{more}; an evaluation "
+                          f"scores every image of its set: fix the source or name only the shards you mean")
+    names = label_names(source)
+    labels = np.asarray(samples.labels)
+    if len(labels) and labels.min() < 0:
+        i = int(np.argmax(labels < 0))
+        raise ConfigError(f"{what} {source}: {samples[i].key or samples[i].path} has no class (images belong in "
+                          f"class folders, shards need a cls member)")
+    present = sorted(set(np.unique(labels).tolist()))
+    note = None
+    if names is None:
+        note = f"{what}: the source names no classes: its labels were taken as the model's class indices"
+        if present and present[-1] >= num_classes:
+            raise ConfigError(f"{what} {source}: label {present[-1]} does not fit a {num_classes}-class model")
+        if kind in ("a", "r"):
+            subset = present
+            lmap = np.full(num_classes, -1, dtype=np.int64)
+            lmap[subset] = np.arange(len(subset))
+            return EvalSet(samples, lmap, subset, note)
+        return EvalSet(samples, np.arange(num_classes, dtype=np.int64), None, note)
+    if present and present[-1] >= len(names):
+        raise ConfigError(f"{what} {source}: label {present[-1]} but only {len(names)} class names")
+    if kind == "v2":
+        bad = [n for n in names if not n.isdigit()]
+        if bad:
+            raise ConfigError(f"{what} {source}: ImageNet-V2 names its classes by index (folders 0 .. 999); found "
+                              f"{bad[0]!r}")
+        lmap = np.array([int(n) for n in names], dtype=np.int64)
+        if lmap.max() >= num_classes:
+            raise ConfigError(f"{what} {source}: class {int(lmap.max())} does not fit a {num_classes}-class model")
+        return EvalSet(samples, lmap)
+    index = {c: i for i, c in enumerate(classes)}
+    unknown = [n for n in names if n not in index]
     if unknown:
-        raise ConfigError(f"{root}: folders {unknown[:3]} are not classes of the model (expected WordNet synsets "
-                          f"like n01440764)")
-    if not subset and len(folders) != len(classes):
-        raise ConfigError(f"{root}: {len(folders)} class folders, the model has {len(classes)} classes")
-    samples = [Sample(str(p), key=p.name, label=index[p.parent.name]) for p in _images(root)
-               if p.parent.parent == root]
-    if not samples:
-        raise ConfigError(f"{root}: no images in <synset>/ folders")
-    return samples, folders
-
-
-def v2_samples(root, num_classes: int):
-    from ..data.sources import Sample
-
-    root = Path(root)
-    out = []
-    for p in _images(root):
-        if p.parent.parent != root or not p.parent.name.isdigit():
-            raise ConfigError(f"{root}: ImageNet-V2 keeps images in folders named by class index (0 .. 999); "
-                              f"found {p.relative_to(root)}")
-        label = int(p.parent.name)
-        if label >= num_classes:
-            raise ConfigError(f"{root}: class folder {label} does not fit a {num_classes}-class model")
-        out.append(Sample(str(p), key=p.name, label=label))
-    if not out:
-        raise ConfigError(f"{root}: no images")
-    return out
+        raise ConfigError(f"{what} {source}: classes {unknown[:3]} are not classes of the model (expected WordNet "
+                          f"synsets like n01440764)")
+    if kind in ("a", "r"):
+        subset = [index[n] for n in names]
+        return EvalSet(samples, np.arange(len(names), dtype=np.int64), subset)
+    if len(names) != len(classes):
+        raise ConfigError(f"{what} {source}: {len(names)} classes, the model has {len(classes)} (this set covers "
+                          f"all of them)")
+    return EvalSet(samples, np.array([index[n] for n in names], dtype=np.int64))
 
 
 _VAL_INDEX = re.compile(r"ILSVRC2012_val_(\d{8})")
@@ -103,13 +147,29 @@ def real_labels(path: Optional[str] = None) -> List[List[int]]:
     return labels
 
 
-def c_folders(root) -> Dict[str, Dict[int, Path]]:
-    root = Path(root)
+CORRUPTIONS = tuple(ALEXNET_ERR)
+_UNREADABLE = ("no shard of", "data source not found", "data source pattern matches no file")
+
+
+def c_sources(spec) -> Dict[str, Dict[int, str]]:
+    """ImageNet-C's sources: corruption -> severity -> source. ``spec``: a local ``<corruption>/<severity>/`` tree
+    (each severity folder a source), or a template with ``{corruption}`` and ``{severity}``, filled in for the 15
+    corruptions and severities 1-5 (which ones are readable is found when they are read)."""
+    spec = str(spec)
+    if "{corruption}" in spec or "{severity}" in spec:
+        if "{corruption}" not in spec or "{severity}" not in spec:
+            raise ConfigError(f"--c {spec}: a template needs both {{corruption}} and {{severity}}")
+        return {c: {s: spec.replace("{corruption}", c).replace("{severity}", str(s)) for s in range(1, 6)}
+                for c in CORRUPTIONS}
+    root = Path(spec)
+    if not root.is_dir():
+        raise ConfigError(f"--c: not a folder: {spec} (ImageNet-C is a <corruption>/<severity>/ tree, or a URL "
+                          f"template with {{corruption}} and {{severity}})")
     out = {}
     for cdir in sorted(p for p in root.iterdir() if p.is_dir()):
-        sev = {int(s.name): s for s in cdir.iterdir() if s.is_dir() and s.name.isdigit()}
+        sev = {int(s.name): str(s) for s in cdir.iterdir() if s.is_dir() and s.name.isdigit()}
         if sev:
-            out[cdir.name] = sev
+            out[cdir.name] = dict(sorted(sev.items()))
     if not out:
         raise ConfigError(f"{root}: expected ImageNet-C's <corruption>/<severity>/<synset>/ layout")
     return out
@@ -156,9 +216,10 @@ def load_classifier(path, which: str = "best"):
 
 @torch.no_grad()
 def run_set(model, samples, scorer, size: int, batch: int, device, dtype, kind: str, num_workers: int, mean, std,
-            crop_pct: float, limit: Optional[int] = None) -> torch.Tensor:
-    """Score every sample once across ranks: ``scorer(logits, sample_ids, labels, valid) -> (k,) counts``;
-    returns the counts summed over ranks."""
+            crop_pct: float, limit: Optional[int] = None, label_map: Optional[np.ndarray] = None):
+    """Score every sample once across ranks: ``scorer(logits, sample_ids, labels, valid) -> (k,) counts``, the
+    labels mapped through ``label_map`` (source label -> what the scorer compares with) where given; returns the
+    counts summed over ranks, and the samples scored."""
     import torch.distributed as dist
 
     from ..data.classification import build_classification_loader, shard_indices
@@ -172,6 +233,7 @@ def run_set(model, samples, scorer, size: int, batch: int, device, dtype, kind: 
     ids = shard_indices(len(samples), rank, world, 0, 0, train=False)
     loader = build_classification_loader(samples, False, size, batch, rank, world, kind=kind, device=device,
                                          num_workers=num_workers, mean=mean, std=std, crop_pct=crop_pct)
+    lmap = None if label_map is None else torch.as_tensor(np.asarray(label_map), dtype=torch.long, device=device)
     total = torch.zeros(3, dtype=torch.float64, device=device)
     it = iter(loader)
     for b in range(eval_batches(len(samples), world, batch)):
@@ -180,7 +242,10 @@ def run_set(model, samples, scorer, size: int, batch: int, device, dtype, kind: 
             break
         logits = model(data["image"].to(device).to(dtype)).float()
         sid = ids[b * batch:b * batch + len(data["label"])]
-        counts = scorer(logits, sid, data["label"].to(device), data["valid"].to(device))
+        y = data["label"].to(device).long()
+        if lmap is not None:
+            y = lmap[y.clamp(min=0)]  # padding rows (valid = False) carry a placeholder label
+        counts = scorer(logits, sid, y, data["valid"].to(device))
         total += counts
     if hasattr(loader, "close"):
         loader.close()
@@ -213,10 +278,11 @@ def real_scorer(samples, labels: List[List[int]]):
         for j, i in enumerate(sid):
             if not bool(valid[j]):
                 continue
-            m = _VAL_INDEX.search(Path(samples[i].path).name)
+            smp = samples[i]
+            m = _VAL_INDEX.search(Path(smp.key).name) or _VAL_INDEX.search(Path(smp.path).name)
             if not m:
-                raise ConfigError(f"ReaL needs the original val file names (ILSVRC2012_val_XXXXXXXX.JPEG); got "
-                                  f"{samples[i].path}")
+                raise ConfigError(f"ReaL needs the original val file names or shard keys (ILSVRC2012_val_XXXXXXXX);"
+                                  f" got {smp.key or smp.path}")
             real = labels[int(m.group(1)) - 1]
             if real:
                 out[0] += float(pred[j] in real)
@@ -230,7 +296,9 @@ def real_scorer(samples, labels: List[List[int]]):
 def evaluate_sets(model_path: str, folders: Dict[str, str], out_dir: Optional[str] = None, which: str = "best",
                   batch: int = 64, limit: Optional[int] = None, loader: str = "auto", num_workers: int = 4,
                   real_labels_path: Optional[str] = None, device: str = "auto", precision: str = "auto") -> dict:
-    """``megadigpt eval``. ``folders``: set name -> its root (see the module doc). Returns and writes the table."""
+    """``megadigpt eval``. ``folders``: set name -> its source (see the module doc). Returns and writes the table.
+    Remote reads follow :func:`megadigpt.data.remote.configure` (the CLI sets it from ``--cache-dir`` ...)."""
+    from ..data.sources import check_source
     from ..distributed import env as dist_env
     from .pretrain import _device_type, _dtype, auto_precision, resolve_loader
 
@@ -241,22 +309,28 @@ def evaluate_sets(model_path: str, folders: Dict[str, str], out_dir: Optional[st
         raise ConfigError("give at least one evaluation set (--imagenet, --v2, --a, --r, --sketch, --c)")
     if "real" in folders and "imagenet" not in folders:
         folders["imagenet"] = folders["real"]
-    for name, root in folders.items():
-        if not Path(root).is_dir():
-            raise ConfigError(f"--{name}: folder not found: {root}")
+    if "real" in folders and folders["real"] != folders["imagenet"]:
+        raise ConfigError("--real scores the --imagenet images: give one of them, or the same source to both")
+    c_plan = c_sources(folders["c"]) if "c" in folders else None
+    for name, src in folders.items():  # every source found (remote shards fetched) before the model is loaded
+        if name not in ("c", "real"):
+            check_source(src)
     kind = resolve_loader(loader)
     dev_type = _device_type(device)
     model, meta = load_classifier(model_path, which)
     num_classes = meta["num_classes"]
     classes = meta.get("label_names")
-    note = None
+    notes = []
     if not classes:
         if num_classes != 1000:
             raise ConfigError(f"the model has {num_classes} unnamed classes: the ImageNet sets need a 1000-class "
                               f"ImageNet model (fine-tuned on synset folders)")
         classes = imagenet_synsets()
-        note = "the model has no label names: the standard sorted-synset order was assumed"
+        notes.append("the model has no label names: the standard sorted-synset order was assumed")
     labels_real = real_labels(real_labels_path) if "real" in folders else None
+    sets = {name: load_set(name, folders[name], classes, num_classes)
+            for name in SETS if name in folders and name not in ("real", "c")}
+    notes += [e.note for e in sets.values() if e.note]
 
     env = dist_env.discover()
     dist_env.export(env)
@@ -274,39 +348,36 @@ def evaluate_sets(model_path: str, folders: Dict[str, str], out_dir: Optional[st
     common = dict(size=size, batch=batch, device=device, dtype=dtype, kind=kind, num_workers=num_workers,
                   mean=cfg.get("mean", (0.485, 0.456, 0.406)), std=cfg.get("std", (0.229, 0.224, 0.225)),
                   crop_pct=cfg.get("crop_pct", 0.875), limit=limit)
-    results = {"model": str(model_path), "note": note, "img_size": size, "limit": limit, "sets": {}}
-    for name in [s for s in SETS if s in folders and s != "real"]:
-        root = folders[name]
-        if name in ("imagenet", "sketch"):
-            samples, _ = synset_samples(root, classes)
-            c, used = run_set(model, samples, topk_scorer(), **common)
-            if name == "imagenet" and "real" in folders:
-                r, _ = run_set(model, samples, real_scorer(samples, labels_real), **common)
-                results["sets"]["real"] = {"top1": 100 * r[0].item() / max(r[1].item(), 1),
-                                           "images": int(r[1].item())}
-        elif name == "v2":
-            samples = v2_samples(root, num_classes)
-            c, used = run_set(model, samples, topk_scorer(), **common)
-        elif name in ("a", "r"):
-            full, present = synset_samples(root, classes, subset=True)
-            subset = [classes.index(s) for s in present]
-            pos = {ci: j for j, ci in enumerate(subset)}  # labels become positions in the subset
-            samples = [type(s)(s.path, key=s.key, label=pos[s.label]) for s in full]
-            c, used = run_set(model, samples, topk_scorer(subset), **common)
-            results["sets"][name] = {"classes": len(subset)}
-        elif name == "c":
-            errors = {}
-            for corr, sevs in c_folders(root).items():
-                errors[corr] = {}
-                for s, sroot in sorted(sevs.items()):
-                    samples, _ = synset_samples(sroot, classes)
-                    cc, _ = run_set(model, samples, topk_scorer(), **common)
-                    errors[corr][s] = 1 - cc[0].item() / max(cc[2].item(), 1)
-            results["sets"]["c"] = {**mce(errors), "errors": errors}
-            continue
-        results["sets"].setdefault(name, {}).update(
-            {"top1": 100 * c[0].item() / max(c[2].item(), 1), "top5": 100 * c[1].item() / max(c[2].item(), 1),
-             "images": int(c[2].item())})
+    results = {"model": str(model_path), "note": None, "img_size": size, "limit": limit,
+               "sources": {k: str(v) for k, v in folders.items()}, "sets": {}}
+    for name, es in sets.items():
+        c, used = run_set(model, es.samples, topk_scorer(es.subset), label_map=es.label_map, **common)
+        if name == "imagenet" and "real" in folders:
+            r, _ = run_set(model, es.samples, real_scorer(used, labels_real), label_map=es.label_map, **common)
+            results["sets"]["real"] = {"top1": 100 * r[0].item() / max(r[1].item(), 1), "images": int(r[1].item())}
+        entry = results["sets"].setdefault(name, {})
+        if es.subset is not None:
+            entry["classes"] = len(es.subset)
+        entry.update({"top1": 100 * c[0].item() / max(c[2].item(), 1), "top5": 100 * c[1].item() / max(c[2].item(), 1),
+                      "images": int(c[2].item())})
+    if c_plan is not None:
+        errors, unreadable = {}, []
+        for corr, sevs in c_plan.items():
+            for sev, src in sevs.items():
+                try:
+                    es = load_set(f"c/{corr}/{sev}", src, classes, num_classes)
+                except ConfigError as e:
+                    if "{corruption}" not in str(folders["c"]) or not str(e).startswith(_UNREADABLE):
+                        raise
+                    unreadable.append(f"{corr}/{sev}")  # a template names every combination; not all need exist
+                    log.warning("ImageNet-C %s/%s left out: %s", corr, sev, e)
+                    continue
+                cc, _ = run_set(model, es.samples, topk_scorer(), label_map=es.label_map, **common)
+                errors.setdefault(corr, {})[sev] = 1 - cc[0].item() / max(cc[2].item(), 1)
+        if not errors:
+            raise ConfigError(f"--c {folders['c']}: no corruption and severity could be read")
+        results["sets"]["c"] = {**mce(errors), "errors": errors, "unreadable": unreadable}
+    results["note"] = "; ".join(dict.fromkeys(notes)) or None
     if env.rank == 0:
         text = table(results)
         print(text)
@@ -334,4 +405,10 @@ def table(results: dict) -> str:
                          f"| {names[k]} | mCE | - | - |")
         else:
             lines.append(f"| {names[k]} | top-1 | {r['top1']:.2f} | {r.get('images', '-')} |")
+    c = results["sets"].get("c") or {}
+    if c.get("unreadable"):
+        lines.append(f"\nImageNet-C: {len(c['unreadable'])} corruption/severity sources could not be read "
+                     f"(left out): {', '.join(c['unreadable'][:5])}{' ...' if len(c['unreadable']) > 5 else ''}")
+    if results.get("note"):
+        lines.append(f"\nNote: {results['note']}")
     return "\n".join(lines)

@@ -18,7 +18,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 from ..config import ConfigError, FinetuneRunConfig, dump_config
 from ..distributed import env as dist_env
@@ -34,18 +34,34 @@ class FinetunePlan:
     loader: str
 
 
-def plan_finetune(cfg: FinetuneRunConfig, world_size: Optional[int] = None, need_train: bool = True,
-                  device_type: Optional[str] = None, init_from_pending: bool = False) -> FinetunePlan:
-    """Every check that needs no weights, no decoding and no process group (``device_type`` and
-    ``init_from_pending``: as in ``plan_run``)."""
-    from ..data import check_source
-    from ..distributed.engine import template_path
-    from .pretrain import _device_type, auto_precision, resolve_loader
+@dataclass
+class TransferChecks:
+    """What :func:`check_transfer` found: the run's world size, gradient accumulation, device, precision, lr."""
 
-    m, d, t, f, o = cfg.model, cfg.data, cfg.train, cfg.finetune, cfg.optim
+    world_size: int
+    accum: int
+    device_type: str
+    precision: str
+    lr: float
+
+
+def check_transfer(cfg, world_size: Optional[int], device_type: Optional[str], init_from_pending: bool,
+                   need_train: bool, check_data: Optional[Callable], train_what: str, val_what: str, fresh: str = "model",
+                   per_rank: Optional[Callable] = None) -> TransferChecks:
+    """The checks every transfer run makes before it reads weights or starts a process group (fine-tuning's
+    ``plan_finetune``, segmentation's ``train.segment.plan_segment``): the encoder's source (``train.init_from``,
+    or an ``arch`` for a fresh ``fresh``), the data (``check_data(source, "train" | "val")``; ``train_what`` /
+    ``val_what`` say what is expected), the batch over the world size, then ``per_rank(device_type, world)`` (the
+    task's own checks of the per-rank batch), the DeepSpeed template, the length, the precision, the run
+    directory. ``device_type`` and ``init_from_pending``: as in ``plan_run``."""
+    from ..data import remote
+    from ..distributed.engine import template_path
+    from .pretrain import _device_type, auto_precision
+
+    m, d, t, o = cfg.model, cfg.data, cfg.train, cfg.optim
     if m.arch == "auto" and not t.init_from:
-        raise ConfigError("model.arch=auto takes the geometry from train.init_from; set one of them "
-                          "(model.arch=vit_base for a randomly initialised model)")
+        raise ConfigError(f"model.arch=auto takes the geometry from train.init_from; set one of them "
+                          f"(model.arch=vit_base for a randomly initialised {fresh})")
     if t.init_from and not init_from_pending and not Path(t.init_from).exists():
         from ..config import missing_path
 
@@ -55,27 +71,22 @@ def plan_finetune(cfg: FinetuneRunConfig, world_size: Optional[int] = None, need
         from ..config import check_weights_file
 
         check_weights_file(t.init_from, "train.init_from")
-    if m.patch_size and m.img_size % m.patch_size:
-        raise ConfigError(f"model.img_size {m.img_size} is not divisible by model.patch_size {m.patch_size}")
-    from ..data import remote
-
     remote.configure(d.cache_dir, d.io_timeout_s, d.io_retries)  # before any source is read
-    if need_train:
-        if not d.train:
-            raise ConfigError("data.train is not set (labelled training images: shards with .cls, class folders)")
-        check_source(d.train)
-    if not d.val:
-        raise ConfigError("data.val is not set (labelled evaluation images)")
-    check_source(d.val)
-    loader = resolve_loader(d.loader)
+    if check_data is not None:  # (None: a benchmark's synthetic inputs)
+        if need_train:
+            if not d.train:
+                raise ConfigError(f"data.train is not set ({train_what})")
+            check_data(d.train, "train")
+        if not d.val:
+            raise ConfigError(f"data.val is not set ({val_what})")
+        check_data(d.val, "val")
     device_type = device_type or _device_type(t.device)
     world = world_size if world_size is not None else dist_env.discover().world_size
     if t.global_batch % (t.micro_batch * world):  # (ranges: checked by load_config)
         raise ConfigError(f"train.global_batch {t.global_batch} is not divisible by train.micro_batch "
                           f"{t.micro_batch} x world size {world}")
-    if (f.mixup > 0 or f.cutmix > 0) and t.micro_batch % 2:
-        raise ConfigError(f"mixup/cutmix pair each batch with its reverse: train.micro_batch {t.micro_batch} must be "
-                          f"even (or set finetune.mixup=0 finetune.cutmix=0)")
+    if per_rank is not None:
+        per_rank(device_type, world)
     template_path(t.zero_stage, t.ds_config)
     if t.max_steps is None and t.epochs <= 0:
         raise ConfigError("set train.epochs > 0 or train.max_steps")
@@ -87,7 +98,30 @@ def plan_finetune(cfg: FinetuneRunConfig, world_size: Optional[int] = None, need
     except OSError as e:
         raise ConfigError(f"cannot create train.run_dir {t.run_dir}: {e.strerror}")
     lr = o.lr if o.lr is not None else o.blr * t.global_batch / 256
-    return FinetunePlan(world, t.global_batch // (t.micro_batch * world), device_type, precision, lr, loader)
+    return TransferChecks(world, t.global_batch // (t.micro_batch * world), device_type, precision, lr)
+
+
+def plan_finetune(cfg: FinetuneRunConfig, world_size: Optional[int] = None, need_train: bool = True,
+                  device_type: Optional[str] = None, init_from_pending: bool = False) -> FinetunePlan:
+    """Every check that needs no weights, no decoding and no process group (``device_type`` and
+    ``init_from_pending``: as in ``plan_run``)."""
+    from ..data import check_source
+    from .pretrain import resolve_loader
+
+    m, d, t, f = cfg.model, cfg.data, cfg.train, cfg.finetune
+    if m.patch_size and m.img_size % m.patch_size:
+        raise ConfigError(f"model.img_size {m.img_size} is not divisible by model.patch_size {m.patch_size}")
+    loader = resolve_loader(d.loader)
+
+    def per_rank(device_type, world):
+        if (f.mixup > 0 or f.cutmix > 0) and t.micro_batch % 2:
+            raise ConfigError(f"mixup/cutmix pair each batch with its reverse: train.micro_batch {t.micro_batch} "
+                              f"must be even (or set finetune.mixup=0 finetune.cutmix=0)")
+
+    c = check_transfer(cfg, world_size, device_type, init_from_pending, need_train, lambda src, _: check_source(src),
+                       "labelled training images: shards with .cls, class folders", "labelled evaluation images",
+                       per_rank=per_rank)
+    return FinetunePlan(c.world_size, c.accum, c.device_type, c.precision, c.lr, loader)
 
 
 # ============================================================================ model and weights

@@ -68,23 +68,15 @@ def _sync_bn_possible(device_type: str, world: int) -> bool:
 
 
 def plan_segment(cfg: SegmentRunConfig, world_size: Optional[int] = None, need_train: bool = True,
-                 device_type: Optional[str] = None, init_from_pending: bool = False) -> SegmentPlan:
-    """Every check that needs no weights, no decoding and no process group (as ``plan_finetune``)."""
-    from ..data import remote
+                 device_type: Optional[str] = None, init_from_pending: bool = False,
+                 need_data: bool = True) -> SegmentPlan:
+    """Every check that needs no weights, no decoding and no process group: fine-tuning's
+    (``finetune.check_transfer``) with the segmentation's own geometry, data layout and per-rank batch.
+    ``need_data=False``: no data sources (``megadigpt bench``'s synthetic batches)."""
     from ..data.segmentation import check_pairs_source
-    from ..distributed.engine import template_path
-    from .pretrain import _device_type, auto_precision
+    from .finetune import check_transfer
 
-    m, d, t, o, s = cfg.model, cfg.data, cfg.train, cfg.optim, cfg.segment
-    if m.arch == "auto" and not t.init_from:
-        raise ConfigError("model.arch=auto takes the geometry from train.init_from; set one of them "
-                          "(model.arch=vit_base for a randomly initialised encoder)")
-    if t.init_from and not init_from_pending and not Path(t.init_from).exists():
-        raise ConfigError(f"train.init_from not found: {t.init_from}")
-    if t.init_from and not init_from_pending:
-        from ..config import check_weights_file
-
-        check_weights_file(t.init_from, "train.init_from")
+    m, d, t, s = cfg.model, cfg.data, cfg.train, cfg.segment
     if m.patch_size and m.crop_size < m.patch_size:
         raise ConfigError(f"model.crop_size {m.crop_size} is smaller than model.patch_size {m.patch_size}")
     if len(d.scale) != 2:
@@ -92,35 +84,24 @@ def plan_segment(cfg: SegmentRunConfig, world_size: Optional[int] = None, need_t
     if s.eval_mode == "slide" and s.eval_stride > m.crop_size:
         raise ConfigError(f"segment.eval_stride {s.eval_stride} is larger than model.crop_size {m.crop_size}: "
                           f"windows would leave gaps")
-    remote.configure(d.cache_dir, d.io_timeout_s, d.io_retries)
-    if need_train:
-        if not d.train:
-            raise ConfigError("data.train is not set (image+mask pairs: an ADE20K root, images/+masks/, or shards)")
-        check_pairs_source(d.train, d.train_split)
-    if not d.val:
-        raise ConfigError("data.val is not set (image+mask pairs for evaluation)")
-    check_pairs_source(d.val, d.val_split)
-    device_type = device_type or _device_type(t.device)
-    world = world_size if world_size is not None else dist_env.discover().world_size
-    if t.global_batch % (t.micro_batch * world):
-        raise ConfigError(f"train.global_batch {t.global_batch} is not divisible by train.micro_batch "
-                          f"{t.micro_batch} x world size {world}")
-    sync_bn = _sync_bn_possible(device_type, world)
-    if t.micro_batch < 2 and not sync_bn and need_train:
-        raise ConfigError(f"train.micro_batch {t.micro_batch}: BatchNorm on UperNet's 1x1 pooled level needs >= 2 "
-                          f"images per rank (SyncBatchNorm, CUDA with several ranks, counts the whole batch)")
-    template_path(t.zero_stage, t.ds_config)
-    if t.max_steps is None and t.epochs <= 0:
-        raise ConfigError("set train.max_steps (iterations) or train.epochs > 0")
-    precision = t.precision if t.precision != "auto" else auto_precision(device_type)
-    if precision == "fp16" and device_type == "cpu":
-        raise ConfigError("train.precision=fp16 is refused by DeepSpeed on CPU; use fp32 or bf16")
-    try:
-        Path(t.run_dir).mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ConfigError(f"cannot create train.run_dir {t.run_dir}: {e.strerror}")
-    lr = o.lr if o.lr is not None else o.blr * t.global_batch / 256
-    return SegmentPlan(world, t.global_batch // (t.micro_batch * world), device_type, precision, lr, sync_bn)
+
+    def per_rank(device_type, world):
+        if t.micro_batch < 2 and not _sync_bn_possible(device_type, world) and need_train:
+            raise ConfigError(f"train.micro_batch {t.micro_batch}: BatchNorm on UperNet's 1x1 pooled level needs >= "
+                              f"2 images per rank (SyncBatchNorm, CUDA with several ranks, counts the whole batch)")
+
+    def check_data(source, which):
+        from ..data.sources import _resolve_paths
+
+        # a source not on this machine raises, or, previewing (submit --dry-run), is noted as a warning: "missing"
+        if _resolve_paths(source)[0] != "missing":
+            check_pairs_source(source, d.train_split if which == "train" else d.val_split)
+
+    c = check_transfer(cfg, world_size, device_type, init_from_pending, need_train, check_data if need_data else None,
+                       "image+mask pairs: an ADE20K root, images/+masks/, or shards", "image+mask pairs for evaluation",
+                       fresh="encoder", per_rank=per_rank)
+    return SegmentPlan(c.world_size, c.accum, c.device_type, c.precision, c.lr,
+                       _sync_bn_possible(c.device_type, c.world_size))
 
 
 def segmentor_args(cfg: SegmentRunConfig, geom) -> "SegmentorArgs":  # noqa: F821
