@@ -2,12 +2,14 @@
 initialisation, the same UperNet recipe and budget, on the composite set of ``megadigpt.data.composite_seg``
 (Fashion-MNIST items on CIFAR-10 photos, exact masks, 10 classes + background).
 
-    python benchmarks/seg_composite.py --out runs/seg_evidence [--pretrained RUN] [--steps 1500] ...
+    python benchmarks/seg_composite.py --out runs/seg_evidence [--pretrained RUN] [--train 5000] [--steps 1500] ...
 
 1. builds the composite set (``--train`` / ``--val`` images of ``--size`` px) unless it exists;
-2. pretrains the encoder unless ``--pretrained`` names a run: ``megadigpt pretrain --config cifar10_pretrain`` on the
-   CIFAR-10 training shards (its recipe: EfficientNet-Lite0 teacher, 250 steps x 64), plus ``--pretrain-overrides``
-   (default: only the torch loader with 1 worker and denser logging);
+2. pretrains the encoder unless ``--pretrained`` names a run: ``megadigpt pretrain --config cifar10_pretrain``
+   (EfficientNet-Lite0 teacher; ``--pretrain-steps`` x 64 images, ``--pretrain-threads`` torch threads, plus
+   ``--pretrain-overrides``), by default (``--pretrain-on composite``) on ``--unlabeled`` composites built from the
+   training splits with another seed than the labeled set (images only: no mask or label is read), or
+   (``--pretrain-on cifar``) on the CIFAR-10 training shards;
 3. trains ``segment_composite`` twice, from the pretrained encoder and from a random one of the same geometry,
    ``--steps`` iterations each, evaluated every ``--eval-every`` steps on the validation composites (sliding
    windows). The two arms run at the same time (on a shared machine they see the same load), each with
@@ -41,7 +43,14 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="runs/seg_evidence")
     p.add_argument("--cifar", default=str(REPO.parent / "shared" / "data" / "cifar10"))
     p.add_argument("--pretrained", default=None, help="a megadigpt pretraining run (default: pretrain one here)")
-    p.add_argument("--pretrain-overrides", default="data.loader=torch data.num_workers=1 train.log_every=10")
+    p.add_argument("--pretrain-on", choices=["composite", "cifar"], default="composite",
+                   help="pretraining images: unlabeled composites from the training splits (--unlabeled of them, "
+                        "another seed than the labeled set), or the CIFAR-10 training shards")
+    p.add_argument("--unlabeled", type=int, default=20000)
+    p.add_argument("--pretrain-steps", type=int, default=1200)
+    p.add_argument("--pretrain-threads", type=int, default=2, help="OMP_NUM_THREADS of the pretraining (it runs alone)")
+    p.add_argument("--pretrain-overrides", default="data.loader=torch data.num_workers=1 train.log_every=50 "
+                                                   "optim.warmup_steps=60 train.ckpt_every=300")
     p.add_argument("--train", type=int, default=5000)
     p.add_argument("--val", type=int, default=500)
     p.add_argument("--size", type=int, default=32)
@@ -63,9 +72,22 @@ def main(argv=None) -> int:
         timings["build_s"] = time.time() - t0
     pre = Path(a.pretrained) if a.pretrained else out / "pretrain"
     if not a.pretrained and not (pre / "checkpoints" / "latest").is_file():
+        if a.pretrain_on == "composite":
+            source = out / "unlabeled"
+            if not (source / "classes.txt").is_file():
+                from megadigpt.data.composite_seg import build
+
+                t0 = time.time()
+                build(source, a.cifar, a.unlabeled, 0, a.size, seed=1)
+                timings["build_unlabeled_s"] = time.time() - t0
+            source = str(source / "images" / "training")  # images only: no masks, no labels
+        else:
+            source = f"{a.cifar}/train-{{000000..000009}}.tar"
+        penv = dict(env, OMP_NUM_THREADS=str(a.pretrain_threads), MKL_NUM_THREADS=str(a.pretrain_threads))
         timings["pretrain_s"] = run([sys.executable, "-m", "megadigpt", "pretrain", "--config", "cifar10_pretrain",
-                                     "--data", f"{a.cifar}/train-{{000000..000009}}.tar", "--run-dir", str(pre),
-                                     "train.progress=off"] + a.pretrain_overrides.split(), out / "pretrain.log", env)
+                                     "--data", source, "--run-dir", str(pre), "train.progress=off",
+                                     f"train.max_steps={a.pretrain_steps}"] + a.pretrain_overrides.split(),
+                                    out / "pretrain.log", penv)
     common = ["--config", "segment_composite", "--train", str(data), "--val", str(data), f"model.crop_size={a.size}",
               f"data.scale=[{4 * a.size},{a.size}]", f"train.max_steps={a.steps}", f"segment.eval_every={a.eval_every}",
               f"segment.eval_stride={max(1, round(a.size * 2 / 3))}"] + a.seg_overrides.split()
@@ -92,7 +114,9 @@ def main(argv=None) -> int:
     record = {"date": time.strftime("%Y-%m-%d"), "machine": "2 CPU cores (shared), no GPU", "steps": a.steps,
               "load_avg_end": os.getloadavg(), "threads": a.threads,
               "train_images": a.train, "val_images": a.val, "size": a.size, "timings": timings, "results": results,
-              "pretrain": str(pre), "pretrain_overrides": None if a.pretrained else a.pretrain_overrides}
+              "pretrain": str(pre), "pretrain_on": None if a.pretrained else a.pretrain_on,
+              "pretrain_steps": None if a.pretrained else a.pretrain_steps,
+              "pretrain_overrides": None if a.pretrained else a.pretrain_overrides}
     (out / "results.json").write_text(json.dumps(record, indent=1))
     print("| encoder init | mIoU | mAcc | aAcc | train s | per-class IoU |\n|---|---|---|---|---|---|")
     for name, r in results.items():

@@ -11,7 +11,6 @@ Plain ``http.server`` (standard library) with a Range-aware handler: nothing her
 TCP to a real server.
 """
 
-import os
 import socket
 import threading
 import time

@@ -111,7 +111,7 @@ def test_resume_on_a_different_world_size_keeps_optimizer_state(baseline, cifar_
     """ZeRO-3 on 2 ranks, then the job comes back on 1 rank: the checkpoint becomes a DeepSpeed universal
     checkpoint by itself, and the loss curve continues as if nothing happened (optimizer state kept: with
     DeepSpeed's own ZeRO-3 universal loader alone, two defects put this at 3.6e-3 by step 5; see
-    megadigpt.train.pretrain.repair_universal_load). 1 vs 2 ranks differ only in reduction order (~1e-7)."""
+    megadigpt.checkpoint.ds_checkpoint.repair_universal_load). 1 vs 2 ranks differ only in reduction order (~1e-7)."""
     _, base = baseline
     run_dir = tmp_path / "ws"
     two = _args(cifar_dir, run_dir, "train.ckpt_every=3")

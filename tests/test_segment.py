@@ -321,7 +321,7 @@ def _submit(args, capfd):
     return code, out, err.strip().splitlines()
 
 
-def test_submit_chains_pretrain_to_segment(tmp_path, capfd):
+def test_submit_chains_pretrain_to_segment(tmp_path, capfd, monkeypatch):
     """A chain pretrain -> segment: the segmentation stage waits on the pretraining job (afterok, cancelled if it
     fails), starts from its run directory (which does not exist yet: a pending input, not an error), writes to
     its own, and is planned for the job's ranks and device (CPU tasks here: BatchNorm needs 2 images per rank;
@@ -368,6 +368,19 @@ def test_submit_chains_pretrain_to_segment(tmp_path, capfd):
     code, out, err = _submit(["--dry-run", chain(["segment.eval_mode=tiles"])], capfd)
     assert code == 2 and len(err) == 1 and err[0].startswith("megadigpt: error: segment.eval_mode must be one of")
     assert "#!/bin/bash" not in out and not root.exists()
+
+    # the shipped chain (slurm/chains/vitl14_ade20k.yaml): the paper's L, pretraining -> ADE20K, one afterok
+    from megadigpt.launch.slurm import SLURM_DIR
+
+    monkeypatch.chdir(tmp_path)
+    code, out, err = _submit(["--dry-run", Path(SLURM_DIR) / "chains" / "vitl14_ade20k.yaml"], capfd)
+    assert code == 0, err
+    shipped = tmp_path / "runs" / "vitl14_merged"
+    ade = out.split("# ---- stage ade20k: ")[1]
+    assert ade.startswith("sbatch --dependency=afterok:<job of pretrain> --kill-on-invalid-dep=yes")
+    assert f"segment --init-from {shipped / 'pretrain'} --run-dir {shipped / 'ade20k'} --config " \
+           "segment_ade20k_vitl14" in ade and "#SBATCH --nodes=1" in ade and "#SBATCH --gpus-per-node=8" in ade
+    assert not (tmp_path / "runs").exists()
 
 
 def test_submit_a_single_segment_stage(tmp_path, capfd):

@@ -19,6 +19,10 @@ Checks
                       (random weights: the speed does not depend on them), bf16, each attention backend, compile
                       off/on, and the reference-style baseline, interleaved; images/s, MFU (student and total),
                       peak memory against `megadigpt plan`, device memory in use
+    segment_step      `megadigpt bench --config segment_ade20k_vitb16`: the segmentation training step (ViT + neck +
+                      UperNet + aux FCN) of B/16 and L/14 at ADE20K's 512 px crop, micro-batch 2 (the recipe's
+                      8 x 2), bf16, ZeRO-1, L/14 also with activation checkpointing; images/s and peak memory
+                      against the segmentation planner (perf.segment_memory)
     targets           on an H100/H200: >= 45% total MFU for D-iGPT-L/14 with the H/14 teacher, >= 2x the baseline
 
 ``--dry-run`` (CPU): every check's CPU-runnable part at toy sizes, so that this script cannot rot
@@ -251,6 +255,35 @@ def check_throughput(a, budget: Budget):
             "table": (work / "bench.md").read_text(), "rows": rows}
 
 
+def check_segment_step(a, budget: Budget):
+    """The segmentation step at 512 px (1 rank, no baseline: only its speed and memory are owed). Capped at
+    ~90 s of the budget, so the throughput sweep after it keeps most of the run."""
+    from megadigpt.perf.bench import Case, as_task, run_bench
+
+    base = "segment_ade20k_vitb16"
+    if a.dry_run:
+        shapes, mb, prec = [("vit_tiny", 4, False)], 2, "fp32"
+        overrides = ["model.embed_dim=16", "model.depth=2", "model.num_heads=2", "model.crop_size=32",
+                     "model.channels=16", "model.aux_channels=8", "data.num_workers=0"]
+        steps, warmup = 1, 1
+    else:
+        shapes, mb, prec, overrides = [("vit_base", 16, False), ("vit_large", 14, False), ("vit_large", 14, True)], \
+            2, "bf16", []
+        steps, warmup = 5, 2
+    cases = as_task([Case(arch, patch, 0, "none", 1, ckpt, "sdpa", mb, prec) for arch, patch, ckpt in shapes],
+                    base, overrides)
+    work = Path(a.work) / "segment"
+    rep = run_bench(cases, 1, work, base, overrides, steps, warmup, None, timeout=max(60.0, budget.left()),
+                    baseline=False, comm_steps=0, rounds=1,
+                    deadline=min(budget.deadline(reserve=30.0), time.monotonic() + 90.0))
+    for f in ("bench.json", "bench.md"):
+        (Path(a.out) / f"segment_{f}").write_text((work / f).read_text())
+    rows = rep["rows"]
+    ok_rows = [r for r in rows if r["result"]["status"] == "ok"]
+    return {"status": "ok" if ok_rows else "fail", "cases": len(rows), "ok": len(ok_rows),
+            "table": (work / "bench.md").read_text(), "rows": rows}
+
+
 def check_targets(a, throughput):
     """D-iGPT-L/14 with the H/14 teacher: best total MFU and best ratio to the baseline over the cases that ran."""
     rows = [r for r in (throughput or {}).get("rows", []) if r["result"]["status"] == "ok"
@@ -278,7 +311,8 @@ def markdown(results: dict) -> str:
              f"{env.get('open_clip')}; DALI: {env.get('dali')}; {results['seconds']:.0f} s in all"
              f"{' (DRY RUN on CPU: toy sizes, no GPU numbers)' if results['dry_run'] else ''}", "",
              "| check | status | seconds | summary |", "|---|---|---|---|"]
-    for name in ("environment", "attention", "cpu_gpu_loss", "engine_bf16", "optimizer", "throughput", "targets"):
+    for name in ("environment", "attention", "cpu_gpu_loss", "engine_bf16", "optimizer", "segment_step", "throughput",
+                 "targets"):
         r = results.get(name, {"status": "not run"})
         summary = ""
         if name == "attention" and "backends" in r:
@@ -291,8 +325,8 @@ def markdown(results: dict) -> str:
                                 for k, v in r.items() if isinstance(v, dict) and "exit" in v)
         elif name == "optimizer" and "median_ms" in r:
             summary = ", ".join(f"{k} {v:.2f} ms" for k, v in r["median_ms"].items()) + f"; fastest {r['fastest']}"
-        elif name == "throughput" and "cases" in r:
-            summary = f"{r['ok']}/{r['cases']} cases, {r['rounds_done']} round(s)"
+        elif name in ("throughput", "segment_step") and "cases" in r:
+            summary = f"{r['ok']}/{r['cases']} cases" + (f", {r['rounds_done']} round(s)" if "rounds_done" in r else "")
         elif name == "targets" and "best_mfu_total" in r:
             summary = (f"best total MFU {_pct(r['best_mfu_total'])} (target 45%), best vs baseline "
                        f"{_x(r['best_vs_baseline'])} (target 2x)")
@@ -301,6 +335,9 @@ def markdown(results: dict) -> str:
         lines.append(f"| {name} | {r.get('status')} | {r.get('seconds', '')} | {summary} |")
     if "attention" in results and results["attention"].get("speed_table"):
         lines += ["", "## Attention backends", "", results["attention"]["speed_table"].strip()]
+    if "segment_step" in results and results["segment_step"].get("table"):
+        lines += ["", "## Segmentation step at 512 px (megadigpt bench --config segment_ade20k_vitb16)", "",
+                  results["segment_step"]["table"].strip()]
     if "throughput" in results and results["throughput"].get("table"):
         lines += ["", "## Throughput (megadigpt bench, interleaved rounds)", "", results["throughput"]["table"].strip()]
     return "\n".join(lines) + "\n"
@@ -335,6 +372,7 @@ def main(argv=None) -> int:
     results = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "dry_run": a.dry_run}
     checks = [("environment", check_environment), ("attention", check_attention),
               ("cpu_gpu_loss", check_cpu_gpu_loss), ("engine_bf16", check_engine_bf16), ("optimizer", check_optimizer),
+              ("segment_step", lambda a: check_segment_step(a, budget)),
               ("throughput", lambda a: check_throughput(a, budget)),
               ("targets", lambda a: check_targets(a, results.get("throughput")))]
     for name, fn in checks:

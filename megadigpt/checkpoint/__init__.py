@@ -1,7 +1,9 @@
 """Checkpoints in a run directory: atomic, complete-or-ignored, pruned, resumable on any world size."""
 
-from .ds_checkpoint import (check_resumable, check_schedule, finished_step, checkpoint_dir, complete_tags, latest_tag, load, make_universal, read_marker, resume_point,
-                            save, set_latest)
+from .ds_checkpoint import (check_resumable, check_schedule, checkpoint_dir, complete_tags, finished_step, latest_tag,
+                            load, make_universal, read_marker, repair_universal_load, resume_point, save, set_latest,
+                            start_engine)
 
-__all__ = ["check_resumable", "check_schedule", "finished_step", "checkpoint_dir", "complete_tags", "latest_tag", "load", "make_universal", "read_marker", "resume_point", "save",
-           "set_latest"]
+__all__ = ["check_resumable", "check_schedule", "checkpoint_dir", "complete_tags", "finished_step", "latest_tag",
+           "load", "make_universal", "read_marker", "repair_universal_load", "resume_point", "save", "set_latest",
+           "start_engine"]

@@ -552,7 +552,7 @@ def model_card(cfg: dict) -> str:
               + "By name, with the same preprocessing:", "", "```python", "import json",
               f'cfg = json.load(open("{folder}/config.json"))',
               'model = timm.create_model(cfg["architecture"], pretrained=True, **cfg["model_args"],',
-              f'                          pretrained_cfg=dict(cfg["pretrained_cfg"],',
+              '                          pretrained_cfg=dict(cfg["pretrained_cfg"],',
               f'                                              file="{folder}/model.safetensors"))',
               "```", "", "## Files", "", "- `model.safetensors`: the weights (timm's parameter names)",
               "- `config.json`: timm's hub config (`architecture`, `model_args`, `pretrained_cfg`) and megadigpt's "

@@ -502,6 +502,43 @@ def finished_step(run_dir, total_steps: int) -> Optional[int]:
     return step if verify(run_dir, tag, checksums=True) is None else None
 
 
+def start_engine(model, optimizer, ds_config: dict, run_dir, train_cfg, world_size: int, rank0: bool,
+                 tokenizer: Optional[str] = None):
+    """The run's DeepSpeed engine, resumed from the newest complete checkpoint if there is one (see
+    :func:`resume_point`) -> ``(engine, tag, marker, universal)``; ``tag`` None: a fresh start. A checkpoint
+    written by another number of ranks is loaded through DeepSpeed's universal checkpoint (the optimizer state
+    kept), then :func:`repair_universal_load`. The one sequence that pretraining, fine-tuning and segmentation
+    share."""
+    from ..distributed import engine as ds_engine
+
+    tag, marker, universal = resume_point(run_dir, train_cfg, world_size, rank0, tokenizer)
+    if universal:
+        ds_config["checkpoint"] = {"load_universal": True}
+    engine = ds_engine.initialize(model, optimizer, ds_config)
+    own = [{k: v for k, v in g.items() if k in ("weight_decay", "betas", "eps", "lr_scale")}
+           for g in engine.optimizer.param_groups]
+    if tag:
+        load(engine, run_dir, tag, universal)
+        if universal:
+            repair_universal_load(engine, own)
+    return engine, tag, marker, universal
+
+
+def repair_universal_load(engine, groups):
+    """Two defects of DeepSpeed's ZeRO-3 universal-checkpoint loader (deepspeed 0.19), measured here:
+    it copies param group 0's hyperparameters into every group (taking weight decay off our decay group, as
+    group 0 is the no-decay one), and it gives every group's Adam state the same ``step`` tensor object, which
+    torch's AdamW then increments once per group per step (wrong bias correction from the first update on)."""
+    import torch
+
+    for g, own in zip(engine.optimizer.param_groups, groups):
+        g.update(own)
+    inner = getattr(engine.optimizer, "optimizer", None)
+    for state in (inner.state.values() if inner is not None else []):
+        if torch.is_tensor(state.get("step")):
+            state["step"] = state["step"].clone()
+
+
 def resume_point(run_dir, train_cfg, world_size: int, rank0: bool, tokenizer: Optional[str] = None):
     """What a (re)started run resumes from, decided before the engine exists: ``(tag, marker, universal)``.
     Refuses what :func:`check_resumable` refuses. When the world size changed (ZeRO > 0), the checkpoint is

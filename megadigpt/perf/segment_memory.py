@@ -13,8 +13,6 @@ No teacher (the teacher column is 0). ``python -m megadigpt.perf.segment_memory 
 """
 
 import argparse
-import contextlib
-from dataclasses import replace
 from typing import Dict, List, Optional, Sequence
 
 import torch

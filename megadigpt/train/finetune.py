@@ -391,7 +391,7 @@ def finetune(cfg: FinetuneRunConfig) -> dict:
     from ..testing import fault
     from .metrics import MetricsSink, wandb_settings
     from .optim import build_optimizer, lr_at
-    from .pretrain import Checkpointed, SignalFlag, TrainingDiverged, _dtype, repair_universal_load
+    from .pretrain import Checkpointed, SignalFlag, TrainingDiverged, _dtype
 
     world = env.world_size
     per_rank = len(train_samples) // world
@@ -449,16 +449,7 @@ def finetune(cfg: FinetuneRunConfig) -> dict:
     groups = param_groups_lrd(model, o.weight_decay, o.layer_decay, geom.depth)
     optimizer = build_optimizer(model, o, plan.lr, plan.device_type, groups, ds_config=ds_config)
 
-    tag, marker, universal = ckpt.resume_point(run_dir, t, world, rank0)
-    if universal:
-        ds_config["checkpoint"] = {"load_universal": True}
-    engine = ds_engine.initialize(model, optimizer, ds_config)
-    own_groups = [{k: v for k, v in g.items() if k in ("weight_decay", "betas", "eps", "lr_scale")}
-                  for g in engine.optimizer.param_groups]
-    if tag:
-        ckpt.load(engine, run_dir, tag, universal)
-        if universal:
-            repair_universal_load(engine, own_groups)
+    engine, tag, marker, universal = ckpt.start_engine(model, optimizer, ds_config, run_dir, t, world, rank0)
     module = engine.module
     ema = LocalEMA(module, f.ema_decay) if f.ema_decay > 0 else None
 

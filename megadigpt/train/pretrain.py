@@ -163,21 +163,6 @@ def plan_run(cfg: Config, world_size: Optional[int] = None, device_type: Optiona
 # ============================================================================ the run
 
 
-def repair_universal_load(engine, groups):
-    """Two defects of DeepSpeed's ZeRO-3 universal-checkpoint loader (deepspeed 0.19), measured here:
-    it copies param group 0's hyperparameters into every group (taking weight decay off our decay group, as
-    group 0 is the no-decay one), and it gives every group's Adam state the same ``step`` tensor object, which
-    torch's AdamW then increments once per group per step (wrong bias correction from the first update on)."""
-    import torch
-
-    for g, own in zip(engine.optimizer.param_groups, groups):
-        g.update(own)
-    inner = getattr(engine.optimizer, "optimizer", None)
-    for state in (inner.state.values() if inner is not None else []):
-        if torch.is_tensor(state.get("step")):
-            state["step"] = state["step"].clone()
-
-
 def init_weights(model, path, partitioned: bool = False):
     """Load weights (strict) from a megadigpt file, a DeepSpeed checkpoint or a reference D-iGPT checkpoint. A
     partitioned (ZeRO-3) model: read on rank 0 only and copied in module by module."""
@@ -365,17 +350,10 @@ def pretrain(cfg: Config) -> dict:
     optimizer = build_optimizer(model, cfg.optim, plan.lr, plan.device_type, ds_config=ds_config)
 
     # ---------------------------------------------------------------- what to resume from (before the engine)
-    tag, marker, universal = ckpt.resume_point(run_dir, t, env.world_size, rank0, tokenizer)
-    if universal:  # a different number of ranks: DeepSpeed's universal checkpoint keeps the optimizer state
-        ds_config["checkpoint"] = {"load_universal": True}
-    engine = ds_engine.initialize(model, optimizer, ds_config)
+    # (a different number of ranks: DeepSpeed's universal checkpoint keeps the optimizer state)
+    engine, tag, marker, universal = ckpt.start_engine(model, optimizer, ds_config, run_dir, t, env.world_size,
+                                                       rank0, tokenizer)
     compute_dtype = _dtype(plan.precision)
-    groups = [{k: v for k, v in g.items() if k in ("weight_decay", "betas", "eps")}
-              for g in engine.optimizer.param_groups]
-    if tag:
-        ckpt.load(engine, run_dir, tag, universal)
-    if universal:
-        repair_universal_load(engine, groups)
     start_step = int(marker["step"]) if tag else 0
 
     # ---------------------------------------------------------------- data

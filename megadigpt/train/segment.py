@@ -32,11 +32,14 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional
+from typing import TYPE_CHECKING, List, Optional
 
 from ..config import ConfigError, dump_config
 from ..distributed import env as dist_env
 from ..segment_config import SegmentRunConfig, load_segment_config
+
+if TYPE_CHECKING:  # the model module imports torch; the planner does not need it
+    from ..model.segmentation import SegmentorArgs
 
 
 @dataclass
@@ -104,7 +107,7 @@ def plan_segment(cfg: SegmentRunConfig, world_size: Optional[int] = None, need_t
                        _sync_bn_possible(c.device_type, c.world_size))
 
 
-def segmentor_args(cfg: SegmentRunConfig, geom) -> "SegmentorArgs":  # noqa: F821
+def segmentor_args(cfg: SegmentRunConfig, geom) -> "SegmentorArgs":
     from ..model.segmentation import SegmentorArgs, default_feature_blocks
 
     m = cfg.model
@@ -198,7 +201,7 @@ def evaluate(module, pairs, cfg: SegmentRunConfig, args, device, dtype, rank: in
     import torch.distributed as dist
     import torch.nn.functional as F
 
-    from ..data.segmentation import eval_indices, eval_loader, eval_size, num_windows
+    from ..data.segmentation import eval_indices, eval_loader, num_windows
     from .seg_metrics import all_reduce_confusion, confusion, metrics_from_confusion
 
     d, s = cfg.data, cfg.segment
@@ -342,7 +345,7 @@ def segment(cfg: SegmentRunConfig) -> dict:
     from ..testing import fault
     from .metrics import MetricsSink, wandb_settings
     from .optim import build_optimizer
-    from .pretrain import Checkpointed, SignalFlag, TrainingDiverged, _dtype, repair_universal_load
+    from .pretrain import Checkpointed, SignalFlag, TrainingDiverged, _dtype
 
     world = env.world_size
     steps_per_epoch = (len(train_pairs) // world) // t.micro_batch // plan.accum
@@ -387,16 +390,7 @@ def segment(cfg: SegmentRunConfig) -> dict:
     groups = segment_param_groups(model, o.weight_decay, o.layer_decay)
     optimizer = build_optimizer(model, o, plan.lr, plan.device_type, groups, ds_config=ds_config)
 
-    tag, marker, universal = ckpt.resume_point(run_dir, t, world, rank0)
-    if universal:
-        ds_config["checkpoint"] = {"load_universal": True}
-    engine = ds_engine.initialize(model, optimizer, ds_config)
-    own_groups = [{k: v for k, v in g.items() if k in ("weight_decay", "betas", "eps", "lr_scale")}
-                  for g in engine.optimizer.param_groups]
-    if tag:
-        ckpt.load(engine, run_dir, tag, universal)
-        if universal:
-            repair_universal_load(engine, own_groups)
+    engine, tag, marker, universal = ckpt.start_engine(model, optimizer, ds_config, run_dir, t, world, rank0)
     module = engine.module
     ema = LocalEMA(module, s.ema_decay) if s.ema_decay > 0 else None
 
