@@ -59,6 +59,10 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of each process (pretraining, each arm)")
     p.add_argument("--seg-overrides", default="")
     a = p.parse_args(argv)
+    for name in ("unlabeled", "pretrain_steps", "pretrain_threads", "train", "val", "size", "steps", "eval_every",
+                 "threads"):
+        if getattr(a, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(a, name)}")
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     data = out / "composite"
@@ -111,7 +115,7 @@ def main(argv=None) -> int:
         curve = {json.loads(e.read_text())["step"]: json.loads(e.read_text())["result"]["mIoU"] for e in evals}
         results[name] = {"mIoU": res["mIoU"], "mAcc": res["mAcc"], "aAcc": res["aAcc"], "IoU": res["IoU"],
                          "images": res["images"], "train_s": secs, "mIoU_by_step": curve}
-    record = {"date": time.strftime("%Y-%m-%d"), "machine": "2 CPU cores (shared), no GPU", "steps": a.steps,
+    record = {"date": time.strftime("%Y-%m-%d"), "machine": f"{os.cpu_count()} CPU cores, no GPU", "steps": a.steps,
               "load_avg_end": os.getloadavg(), "threads": a.threads,
               "train_images": a.train, "val_images": a.val, "size": a.size, "timings": timings, "results": results,
               "pretrain": str(pre), "pretrain_on": None if a.pretrained else a.pretrain_on,
