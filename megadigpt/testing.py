@@ -1,8 +1,9 @@
 """Fault injection for the test suite: ``MEGADIGPT_FAULTS="kill_in_save=4,nan=6:1,nan=7"`` makes the process die
 during the save of step 4, and makes the loss non-finite at step 6 on rank 1 and at step 7 on every rank
 (``nan=6:1:0``: only micro-batch 0 of step 6, on rank 1);
-``sleep=3`` makes step 3 take 3 s longer (a window for a test's signal); ``term=5`` makes the process send itself
-SIGTERM after step 5 (a preemption at a known step); ``crash=2`` raises an error in step 2 (a failing job); ``enospc_in_save=4`` makes every checkpoint
+``sleep=3`` makes step 3 take 3 s longer, before its end (a window for a test's signal, which the ranks agree on at
+the step's end); ``term=5`` makes the process send itself SIGTERM just before the end of step 5 (a preemption at a
+known step: step 5 is checkpointed); ``crash=2`` raises an error in step 2 (a failing job); ``enospc_in_save=4`` makes every checkpoint
 write of step 4 fail with ENOSPC (a full disk, where a test may not mount a small tmpfs; checked in
 ``megadigpt.checkpoint.ds_checkpoint``).
 Never set outside tests; the names are the ones above."""

@@ -63,12 +63,12 @@ def test_sigusr1_checkpoints_exits_75_and_resumes(baseline, cifar_dir, tmp_path)
     _, base = baseline
     run_dir = tmp_path / "sig"
     args = _args(cifar_dir, run_dir, "train.ckpt_every=100")
-    # step 3 lingers 3 s (a fault hook), so the signal surely lands mid-run
+    # step 3 lingers 3 s before its end (a fault hook), so the signal surely lands in it, once step 2 is logged
     proc = subprocess.Popen(megadigpt_cmd(2) + args, env=subprocess_env(MEGADIGPT_FAULTS="sleep=3"), cwd=str(REPO),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     metrics = run_dir / "metrics.jsonl"
     deadline = time.time() + 300
-    while time.time() < deadline and not (metrics.is_file() and '"step": 3,' in metrics.read_text()):
+    while time.time() < deadline and not (metrics.is_file() and '"step": 2,' in metrics.read_text()):
         assert proc.poll() is None, "finished before the signal"
         time.sleep(0.05)
     for child in psutil.Process(proc.pid).children(recursive=True):  # SLURM signals every task

@@ -73,3 +73,65 @@ def test_offloaded_optimizer_gets_deepspeeds_cpu_adam():
     assert choose_optimizer(params_only, "cuda") == "fused"
     assert choose_optimizer(json.loads((DS_CONFIG_DIR / "zero3.json").read_text()), "cpu") == "fused"
     assert choose_optimizer(None, "mps") == "torch"
+
+
+def test_one_visible_gpu_per_task_reaches_deepspeed_as_device_0(monkeypatch):
+    """A simulated SLURM step of 4 tasks on a node with ``--gpus-per-task=1``: each task sees one GPU (index 0) while
+    its SLURM_LOCALID is 0..3. DeepSpeed takes its device from LOCAL_RANK (process group ``device_id``, the
+    engine's ``set_device``, ``zero.Init``): it must read 0 on every task, or local ranks 1+ get "invalid device
+    ordinal". Under Open MPI, DeepSpeed asserts LOCAL_RANK == OMPI_COMM_WORLD_LOCAL_RANK: that one follows."""
+    from deepspeed.comm.utils import get_local_rank_from_launcher as deepspeed_local_rank
+
+    from megadigpt.distributed import env as dist_env
+
+    def fresh_task():  # what each task's process starts with: no torch-style variables yet
+        for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "OMPI_COMM_WORLD_RANK",
+                    "OMPI_COMM_WORLD_LOCAL_RANK", "PMI_RANK", "PMIX_RANK"):
+            monkeypatch.delenv(var, raising=False)
+
+    for task in range(4):
+        fresh_task()
+        monkeypatch.setenv("SLURM_PROCID", str(4 + task))  # node 2 of 2
+        monkeypatch.setenv("SLURM_LOCALID", str(task))
+        monkeypatch.setenv("SLURM_STEP_ID", "0")
+        monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "8")
+        monkeypatch.setenv("SLURM_STEP_NODELIST", "gpu[01-02]")
+        monkeypatch.setenv("SLURM_JOB_ID", "1234")
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", str(task))  # what --gpus-per-task=1 leaves each task
+        env = dist_env.discover()
+        assert (env.rank, env.local_rank, env.world_size, env.launcher) == (4 + task, task, 8, "slurm")
+        dev = device_index(env.local_rank, 1)  # the one device this task sees
+        dist_env.export(env, dev)
+        assert deepspeed_local_rank() == 0 and os.environ["RANK"] == str(4 + task)
+    # every GPU visible (one task per GPU, no binding): the local rank is the device index, as before
+    fresh_task()
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2,3")
+    env = dist_env.discover()
+    dist_env.export(env, device_index(env.local_rank, 4))
+    assert deepspeed_local_rank() == 3
+    # mpirun with one GPU per rank: Open MPI's local rank follows, so DeepSpeed's engine assertion holds
+    assert dist_env.rank_variables(env, 0, {"OMPI_COMM_WORLD_LOCAL_RANK": "3"})["OMPI_COMM_WORLD_LOCAL_RANK"] == "0"
+    assert "OMPI_COMM_WORLD_LOCAL_RANK" not in dist_env.rank_variables(env, 0, {})
+
+
+def test_cuda_devices_always_carry_their_index():
+    """A CUDA device named without an index resolves to the current one (DALI builds a CPU pipeline for
+    ``device_id=None`` and ``feed_ndarray`` then writes host output into a CUDA pointer); and no index-less CUDA
+    device is left in the package: every ``torch.device("cuda")`` goes through ``resolve_device``."""
+    import re
+
+    import torch
+
+    from megadigpt.distributed.engine import resolve_device
+
+    assert resolve_device("cpu") == torch.device("cpu") and resolve_device(torch.device("cpu")).index is None
+    assert resolve_device(torch.device("cuda", 3)) == torch.device("cuda", 3)  # no CUDA call needed
+    assert resolve_device("cuda", current_index=lambda: 2) == torch.device("cuda", 2)
+    assert resolve_device(torch.device("cuda"), current_index=lambda: 5).index == 5
+    # code, not prose: a call or keyword argument (docstrings quote the names between double backticks)
+    indexless = re.compile(r"""(?<!`)torch\.device\(\s*["']cuda["']\s*\)|\.to\(\s*["']cuda["']\s*\)"""
+                           r"""|\bdevice=["']cuda["']|(?<!`)\.cuda\(\s*\)""")
+    found = [f"{p.relative_to(REPO)}:{i}" for p in sorted((REPO / "megadigpt").rglob("*.py"))
+             for i, line in enumerate(p.read_text().splitlines(), 1)
+             if indexless.search(line.split("#")[0])]
+    assert not found, f"index-less CUDA devices: {found}"

@@ -210,6 +210,17 @@ def test_pretrain_finetune_eval_on_cifar(cifar_small, tmp_path):
     res = json.loads((out / "eval.json").read_text())["sets"]["imagenet"]
     assert res["images"] == 64
     assert res["top1"] == pytest.approx(val[16], abs=1e-9)  # same images, transform and weights, another process
+    assert res["loss"] == pytest.approx(_records(ft, "val_loss")[16], rel=1e-5)
+
+    # the run's EMA validation is an evaluation of its own EMA export: under ZeRO-3 the small parameters (every one
+    # at this size, below stage3_param_persistence_threshold) stay gathered, and evaluating with the EMA must use
+    # the EMA's values of those too, not the live biases and norms
+    run_cli(["eval", str(ft), "--which", "last_ema", "--imagenet", str(cifar_small / "val_folders"), "--out",
+             str(tmp_path / "eval_ema"), "--loader", "torch", "--workers", "0"])
+    res_ema = json.loads((tmp_path / "eval_ema" / "eval.json").read_text())["sets"]["imagenet"]
+    assert res_ema["top1"] == pytest.approx(_records(ft, "val_ema_top1")[16], abs=1e-9)
+    assert res_ema["loss"] == pytest.approx(_records(ft, "val_ema_loss")[16], rel=1e-5)
+    assert res_ema["loss"] != pytest.approx(res["loss"], rel=1e-5)
 
 
 def test_finetune_resume_after_preemption_matches(cifar_small, tmp_path):

@@ -10,8 +10,11 @@ import torch
 
 from .conftest import TINY, free_port, run_cli
 
-ACCUM, STEPS, NAN_STEP, NAN_RANK = 2, 3, 2, 1
-CASES = [(0, "fp32"), (1, "fp32"), (2, "fp32"), (3, "fp32"), (0, "bf16"), (1, "bf16"), (3, "bf16")]
+ACCUM, STEPS, NAN_STEP, NAN_RANK, ZERO_STEP = 2, 4, 2, 1, 4  # ZERO_STEP: every rank's gradients are all zero
+# (ZeRO stage, precision, optimizer): torch's fused AdamW (what megadigpt builds) is told the verdict on the device
+# (``found_inf``) and the step is queued before the host knows it; the unfused one takes the verdict on the host first
+CASES = [(0, "fp32", "fused"), (1, "fp32", "fused"), (2, "fp32", "fused"), (3, "fp32", "fused"), (0, "bf16", "fused"),
+         (1, "bf16", "fused"), (3, "bf16", "fused"), (0, "fp32", "loop"), (1, "bf16", "loop"), (3, "bf16", "loop")]
 
 
 def _flat(engine, zero_stage):
@@ -37,14 +40,15 @@ def _rank(rank, world, port, out):
     import deepspeed
     import torch.distributed as dist
 
-    from megadigpt.distributed.engine import micro_step
+    from megadigpt.distributed.engine import grad_norm, micro_step
 
     deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False, rank=rank, world_size=world)
     report = {}
-    for zero_stage, precision in CASES:
+    for zero_stage, precision, kind in CASES:
         torch.manual_seed(0)
         model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 4))
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.05)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.05,
+                                **({"fused": True} if kind == "fused" else {"foreach": False}))
         cfg = {"train_batch_size": 2 * ACCUM * world, "train_micro_batch_size_per_gpu": 2,
                "gradient_accumulation_steps": ACCUM, "gradient_clipping": 1.0, "steps_per_print": 10 ** 9,
                "zero_optimization": _zero_section(zero_stage), "bf16": {"enabled": precision == "bf16"}}
@@ -54,21 +58,24 @@ def _rank(rank, world, port, out):
         dtype = torch.bfloat16 if precision == "bf16" else torch.float32
         gen = torch.Generator().manual_seed(100 + rank)  # each rank its own data: unreduced gradients differ
         nonfinite = torch.zeros(1)
-        snaps, applied = [_flat(engine, zero_stage)], []
+        snaps, applied, norms = [_flat(engine, zero_stage)], [], []
         for step in range(1, STEPS + 1):
             for micro in range(ACCUM):
                 x = torch.randn(2, 8, generator=gen).to(dtype)
                 loss = engine(x).float().pow(2).mean()
                 if (step, rank, micro) == (NAN_STEP, NAN_RANK, ACCUM - 1):  # the last micro-batch, one rank
                     loss = loss * float("nan")
+                if step == ZERO_STEP:  # finite, with zero gradients: a real step whose norm is 0, not a skip
+                    loss = loss * 0.0
                 r = micro_step(engine, loss, nonfinite, last=micro == ACCUM - 1)
-            applied.append(r)
+            applied.append(r.applied)
+            norms.append(grad_norm(engine))
             snaps.append(_flat(engine, zero_stage))
         mine = torch.stack(snaps)
         everyone = [torch.zeros_like(mine) for _ in range(world)]
         dist.all_gather(everyone, mine)
-        report[f"{zero_stage}-{precision}"] = {
-            "applied": applied, "global_steps": engine.global_steps, "skipped_steps": engine.skipped_steps,
+        report[f"{zero_stage}-{precision}-{kind}"] = {
+            "applied": applied, "grad_norms": norms, "global_steps": engine.global_steps, "skipped_steps": engine.skipped_steps,
             "micro_steps": engine.micro_steps,
             "replicas_differ": max((e - mine).abs().max().item() for e in everyone),
             "skipped_step_change": (snaps[NAN_STEP] - snaps[NAN_STEP - 1]).abs().max().item(),
@@ -88,12 +95,18 @@ def test_nonfinite_step_is_skipped_identically_on_every_rank_under_every_zero_st
     out = tmp_path / "report.json"
     mp.spawn(_rank, args=(2, free_port(), str(out)), nprocs=2, join=True)
     report = json.loads(out.read_text())
-    assert sorted(report) == sorted(f"{s}-{p}" for s, p in CASES)
+    assert sorted(report) == sorted(f"{s}-{p}-{k}" for s, p, k in CASES)
     for case, r in report.items():
         assert r["applied"] == [s != NAN_STEP for s in range(1, STEPS + 1)], (case, r)
         assert r["replicas_differ"] == 0.0, (case, r)  # bit-identical replicas on both ranks, every step
         assert r["skipped_step_change"] == 0.0, (case, r)  # the skipped step changed no weight
         assert r["other_steps_change"] > 0, (case, r)  # the others did train
+        # the skipped step has no norm (DeepSpeed's -1 mask is not logged as a norm), the zero-gradient step has 0
+        assert r["grad_norms"][NAN_STEP - 1] is None, (case, r)
+        if case.startswith("0-fp32"):  # DeepSpeed's ZeRO-0 fp32 engine around a torch optimizer reports no norm
+            continue
+        assert r["grad_norms"][ZERO_STEP - 1] == 0.0, (case, r)
+        assert all(n > 0 for s, n in enumerate(r["grad_norms"], 1) if s not in (NAN_STEP, ZERO_STEP)), (case, r)
         # DeepSpeed's counters as after any skipped (fp16-overflow) step: the boundaries stay where they were
         assert (r["global_steps"], r["skipped_steps"], r["micro_steps"]) == (STEPS, 1, STEPS * ACCUM), (case, r)
 

@@ -52,6 +52,26 @@ try:
     raise SystemExit("accepted an unreadable file")
 except ConfigError as e:
     assert "damaged" in str(e)
+# bf16 (the shipped ZeRO-3 configs' precision): zero.Init casts what torch's factories make to bf16, so anything
+# computed from them (the sin-cos tables, the decoders' non-persistent decoder_pos_embed above all, which no
+# checkpoint or export holds) must still equal the plain build's; the engine casts parameters to bf16 and keeps
+# buffers in fp32 in both builds. Grids of patch 14 and 16.
+for patch, img in ((14, 56), (16, 64)):
+    mb = ModelConfig(arch="vit_tiny", embed_dim=64, depth=2, num_heads=2, img_size=img, patch_size=patch,
+                     decoder_dim=32, decoder_depth=1, decoder_heads=2)
+    build_b = lambda **kw: build_model(mb, 48, 8, **kw)
+    torch.manual_seed(0)
+    plain = build_b()
+    torch.manual_seed(0)
+    part = build_partitioned(build_b, {**ds, "bf16": {"enabled": True}})
+    got = gathered(part)
+    bad = [k for k, v in plain.named_parameters() if not torch.equal(got[k], v.detach().bfloat16())]
+    assert not bad, f"bf16 patch {patch}: parameters differ: {bad[:4]}"
+    pb, persistent = dict(part.named_buffers()), set(part.state_dict())
+    assert any(k not in persistent for k in pb), "no non-persistent buffer checked"
+    bad = [(k, v.dtype, pb[k].dtype) for k, v in plain.named_buffers() if v.dtype != pb[k].dtype or
+           not torch.equal(v, pb[k].to(v.device))]
+    assert not bad, f"bf16 patch {patch}: buffers differ: {bad}"
 print(f"rank {rank} OK", flush=True)
 torch.distributed.destroy_process_group()
 os._exit(0)  # without an engine, zero.Init's gloo work threads can abort the interpreter's exit ("terminate called")

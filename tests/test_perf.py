@@ -184,6 +184,7 @@ def test_bench_two_ranks_with_baseline(tmp_path):
         assert x["images_per_s"] == pytest.approx(8 / x["step_s"])
         assert sum(x["phases_s"].values()) == pytest.approx(x["synced_step_s"], rel=0.1)
         assert x["comm_s"] > 0 and x["comm_ops_s"]  # gloo collectives, timed by DeepSpeed's logger
+        assert x["skipped_warmup_steps"] == x["skipped_timed_steps"] == 0  # fp32: no loss scale, nothing skipped
         assert 0 < x["mfu_student"] < 1 and x["flops_teacher_fwd"] == 0  # pixels: no teacher FLOPs
         assert x["mfu_total"] == pytest.approx(x["mfu_student"])
         assert len(x["rounds_images_per_s"]) == 2 and x["images_per_s"] in x["rounds_images_per_s"]
@@ -230,3 +231,50 @@ def test_bench_table_shows_device_used_when_recorded():
     cells = [c.strip() for c in row.split("|")]
     assert cells[[c.strip() for c in head.split("|")].index("device used GiB")] == "5.50"
     assert head.count("|") == row.count("|")
+
+
+WARMUP_SCRIPT = r"""
+import json, os, torch, deepspeed
+from megadigpt.distributed.engine import micro_step
+from megadigpt.perf.bench import warm_up
+deepspeed.init_distributed("gloo", auto_mpi_discovery=False)
+torch.manual_seed(0)
+model = torch.nn.Linear(4, 2)
+ds = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1, "zero_optimization": {"stage": 1},
+      "steps_per_print": 10 ** 9}
+engine = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(model.parameters()), config=ds)[0]
+nonfinite, calls = torch.zeros(1), []
+
+def step(bad):  # the first `bad` steps overflow: DeepSpeed skips their update, as for an fp16 overflow
+    loss = engine(torch.randn(2, 4)).pow(2).mean()
+    calls.append(micro_step(engine, loss * (float("inf") if len(calls) < bad else 1.0), nonfinite, last=True).applied)
+
+out = {"skipped": warm_up(lambda: step(3), engine.was_step_applied, 2), "calls": list(calls),
+       "ds_skipped": engine.skipped_steps, "global_steps": engine.global_steps}
+try:
+    warm_up(lambda: step(10 ** 6), engine.was_step_applied, 2, max_skipped=4)
+except RuntimeError as e:
+    out["never"] = str(e)
+open(os.environ["OUT"], "w").write(json.dumps(out))
+"""
+
+
+def test_bench_warmup_counts_applied_steps_only(tmp_path):
+    """fp16 (refused by DeepSpeed on CPU) starts its loss scale at 2^16: the first steps overflow and DeepSpeed
+    skips them. The warm-up goes on until ``--warmup`` steps were applied (DeepSpeed's ``was_step_applied``, here
+    on a real engine whose first 3 steps are skipped by megadigpt's non-finite path, which sets the same flag)
+    and returns the skipped ones for the row; a scale that never settles stops it."""
+    import subprocess
+    import sys
+
+    from .conftest import REPO, subprocess_env
+
+    out, script = tmp_path / "warmup.json", tmp_path / "warmup.py"
+    script.write_text(WARMUP_SCRIPT)
+    proc = subprocess.run([sys.executable, str(script)], cwd=str(REPO), capture_output=True, text=True, timeout=300,
+                          env=subprocess_env(RANK=0, WORLD_SIZE=1, LOCAL_RANK=0, MASTER_ADDR="127.0.0.1", OUT=out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads(out.read_text())
+    assert r["calls"] == [False, False, False, True, True] and r["skipped"] == 3
+    assert r["ds_skipped"] == 3 and r["global_steps"] == 5
+    assert "4 optimizer steps skipped in the warm-up" in r["never"] and "did not settle" in r["never"]

@@ -78,3 +78,92 @@ def test_target_errors():
         describe_target(TargetConfig(kind="open_clip", model="ViT-B-16-SigLIP"), ModelConfig())
     with pytest.raises(ConfigError, match="divisible by 16"):
         describe_target(TargetConfig(kind="efficientnet_lite0", image_size=100), ModelConfig())
+
+
+def _whole_model_teacher(name, weights, size):
+    """The teacher as it was built before issue 27: the whole CLIP model (text tower too) in fp32 on the CPU."""
+    import open_clip
+
+    v = open_clip.create_model(name, pretrained=weights, force_image_size=size).visual.eval()
+
+    def forward(x):
+        with torch.no_grad():
+            out = v.ln_post(v.transformer(v._embeds(x))) @ v.proj
+        return out[:, 1:], out[:, 0]
+
+    return forward
+
+
+@pytest.mark.parametrize("fmt", ["pt", "safetensors"])
+def test_open_clip_image_tower_alone_equals_the_whole_model(tmp_path, fmt):
+    """Only the image tower is built (on meta, then the file's visual.* tensors assigned): its tokens and CLS equal
+    the whole-model build's bit for bit, weights saved at 224 px and resized to the target's 64 px grid as open_clip
+    resizes them; the text tower is neither built nor needed in the file."""
+    import open_clip
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    sd = open_clip.create_model("ViT-S-16", pretrained=None).state_dict()  # at its own 224 px
+    path = tmp_path / f"clip.{fmt}"
+    torch.save(sd, path) if fmt == "pt" else save_file(sd, str(path))
+    tcfg = TargetConfig(kind="open_clip", model="ViT-S-16", weights=str(path), image_size=64)
+    t = build_target(tcfg, ModelConfig())
+    assert all(k.startswith("visual.") for k in t.state_dict())  # no text tower
+    old = _whole_model_teacher("ViT-S-16", str(path), 64)
+    x = torch.randn(2, 3, 64, 64)
+    tokens, cls = t(x)
+    ref_tokens, ref_cls = old(x)
+    assert torch.equal(tokens, ref_tokens) and torch.equal(cls, ref_cls)
+    # a file with the image tower alone loads too; one without it is a one-line error
+    visual_only = tmp_path / "visual.pt"
+    torch.save({k: v for k, v in sd.items() if k.startswith("visual.")}, visual_only)
+    t2 = build_target(TargetConfig(kind="open_clip", model="ViT-S-16", weights=str(visual_only), image_size=64),
+                      ModelConfig())
+    assert torch.equal(t2(x)[0], tokens)
+    text_only = tmp_path / "text.pt"
+    torch.save({k: v for k, v in sd.items() if not k.startswith("visual.")}, text_only)
+    with pytest.raises(ConfigError, match="could not be loaded into open_clip ViT-S-16: the file holds no image-tower"):
+        build_target(TargetConfig(kind="open_clip", model="ViT-S-16", weights=str(text_only), image_size=64),
+                     ModelConfig())
+
+
+def test_open_clip_random_teacher_is_built_in_its_dtype():
+    """A random teacher (benchmarks, tests) is built directly in the teacher's dtype; in fp32 its weights equal the
+    whole model's image tower for the same seed (open_clip builds the image tower first)."""
+    import open_clip
+
+    tcfg = TargetConfig(kind="open_clip", model="ViT-S-16", random_weights=True, image_size=64)
+    torch.manual_seed(3)
+    ref = open_clip.create_model("ViT-S-16", pretrained=None, force_image_size=64).visual.state_dict()
+    torch.manual_seed(3)
+    t = build_target(tcfg, ModelConfig())
+    got = {k[len("visual."):]: v for k, v in t.state_dict().items()}
+    assert got.keys() == ref.keys() and all(torch.equal(got[k], ref[k]) for k in ref)
+    t16 = build_target(tcfg, ModelConfig(), dtype=torch.bfloat16)
+    assert {p.dtype for p in t16.parameters()} == {torch.bfloat16}
+    tokens, cls = t16(torch.randn(1, 3, 64, 64, dtype=torch.bfloat16))
+    assert tokens.shape == (1, 16, t16.spec.dim) and tokens.dtype == torch.bfloat16 and torch.isfinite(cls).all()
+
+
+def test_plan_counts_the_teacher_build_on_the_host(tmp_path):
+    """``megadigpt plan``'s teacher build host column: the image tower's bytes in the weights file (its header or
+    mapped sizes: nothing read), fp32 by default for a tag or a file not here, none for a random teacher (built on
+    the device); never the text tower."""
+    from dataclasses import replace
+
+    import open_clip
+    from safetensors.torch import save_file
+
+    from megadigpt.perf.memory import teacher_host_bytes
+
+    sd = open_clip.create_model("ViT-S-16", pretrained=None).half().state_dict()
+    visual = sum(v.nbytes for k, v in sd.items() if k.startswith("visual."))
+    pt, st = tmp_path / "clip.pt", tmp_path / "clip.safetensors"
+    torch.save(sd, pt)
+    save_file(sd, str(st))
+    tcfg = TargetConfig(kind="open_clip", model="ViT-S-16", weights=str(pt), image_size=64)
+    P = 1000
+    assert teacher_host_bytes(tcfg, P) == teacher_host_bytes(replace(tcfg, weights=str(st)), P) == visual
+    assert teacher_host_bytes(replace(tcfg, weights="laion2b_s34b_b88k"), P) == 4 * P
+    assert teacher_host_bytes(replace(tcfg, weights=None, random_weights=True), P) == 0
+    assert teacher_host_bytes(TargetConfig(kind="pixels"), P) == 0

@@ -117,6 +117,7 @@ def test_runs_record_their_teacher_and_resume_only_with_it(cifar_dir, timm_weigh
     start = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()][0]
     assert start["event"] == "start" and start["teacher"]["sha256"] == sha
     assert start["teacher"]["bytes"] == a.stat().st_size and start["teacher"]["weights"] == str(a)
+    assert start["teacher_host_peak_gib"] >= 0 and start["teacher_param_bytes"] > 0  # the teacher build's cost
     marker = json.loads((run / "checkpoints" / "step_00000002" / "megadigpt.json").read_text())
     assert marker["teacher"]["sha256"] == sha
 

@@ -56,6 +56,7 @@ included: :mod:`megadigpt.checkpoint.safe_load`).
 """
 
 import json
+import math
 import re
 from pathlib import Path
 from typing import Dict, Optional
@@ -134,17 +135,67 @@ def load_deepspeed(path, tag: Optional[str] = None) -> Dict[str, torch.Tensor]:
     from . import safe_load
 
     safe_load.check_folder(tagdir)  # a run directory may come from anyone: nothing in it may run
-    if any(tagdir.glob("*optim_states.pt")):
+    # ZeRO-0/1/2 keep "mp_rank_00_model_states.pt" (ZeRO-3: one per rank); bf16 there may be BF16_Optimizer's
+    sd = _bf16_optimizer_masters(tagdir) if (tagdir / "mp_rank_00_model_states.pt").is_file() else None
+    if sd is None and any(tagdir.glob("*optim_states.pt")):
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         with safe_load.deepspeed_loads():  # zero_to_fp32 asks for weights_only=False; it gets True
             sd = get_fp32_state_dict_from_zero_checkpoint(str(ckdir), tag=tag)
-    else:  # ZeRO-0: the full module is in the model states file
+    elif sd is None:  # ZeRO-0: the full module is in the model states file
         states = safe_load.load(next(tagdir.glob("*model_states.pt")))
         sd = states.get("module") if isinstance(states, dict) else None
         if not isinstance(sd, dict):
             raise ConfigError(f"{next(tagdir.glob('*model_states.pt'))}: not a DeepSpeed model states file")
     return {k: v.detach().float().contiguous() for k, v in sd.items()}
+
+
+def _bf16_optimizer_masters(tagdir: Path) -> Optional[Dict[str, torch.Tensor]]:
+    """The fp32 masters of a checkpoint of DeepSpeed's ``BF16_Optimizer`` (bf16 under ZeRO-0/1 with fp32 gradient
+    accumulation: the shipped ``digpt_vitb16_in1k``, ``cifar10_*``, ``segment_*``), which ``zero_to_fp32`` refuses
+    ("is not a zero checkpoint"). Each rank's file holds its contiguous slice of every group's flat fp32 buffer
+    and, per parameter, the fragment of it that slice holds (``param_slice_mappings``); a parameter is its
+    fragments in rank order, shaped by the model states' ``param_shapes``. Persistent buffers come from the
+    model states (the module's own copy). None where the files are not BF16_Optimizer's (ZeRO-1/2's own
+    optimizer, bf16 or not, names its files the same way and records its stage)."""
+    from . import safe_load
+
+    def rank_of(f: Path) -> int:
+        return int(f.name.split("_rank_")[1].split("_")[0])
+
+    files = sorted(tagdir.glob("bf16_zero_pp_rank_*_mp_rank_00_optim_states.pt"), key=rank_of)
+    if not files:
+        return None
+    first = (safe_load.load(files[0]) or {}).get("optimizer_state_dict", {})
+    if "zero_stage" in first:  # ZeRO-1/2's own optimizer (bf16 too): zero_to_fp32 reads it
+        return None
+    if [rank_of(f) for f in files] != list(range(len(files))):
+        raise ConfigError(f"{tagdir}: the optimizer files of ranks {[rank_of(f) for f in files]} are not 0..n-1")
+    states = safe_load.load(next(tagdir.glob("mp_rank_00_model_states.pt")))
+    shapes = {}
+    for group in (states.get("param_shapes") if isinstance(states, dict) else None) or []:
+        shapes.update(group)
+    pieces: Dict[str, list] = {}
+    for i, f in enumerate(files):
+        osd = first if i == 0 else (safe_load.load(f) or {}).get("optimizer_state_dict", {})
+        flats, maps = osd.get("single_partition_of_fp32_groups"), osd.get("param_slice_mappings")
+        if not (isinstance(flats, list) and isinstance(maps, list) and len(flats) == len(maps)):
+            raise ConfigError(f"{f}: not a DeepSpeed bf16 optimizer file (no fp32 partitions and their mappings)")
+        for flat, mapping in zip(flats, maps):
+            for name, frag in mapping.items():
+                pieces.setdefault(name, []).append(flat.narrow(0, frag.start, frag.numel))
+    sd = {}
+    for name, shape in shapes.items():
+        flat = torch.cat(pieces.get(name, [])) if name in pieces else torch.zeros(0)
+        if flat.numel() != math.prod(shape):
+            raise ConfigError(f"{tagdir}: parameter {name} has {flat.numel()} fp32 values in the optimizer files, "
+                              f"its shape {tuple(shape)} needs {math.prod(shape)}")
+        sd[name] = flat.view(tuple(shape)).clone()
+    module = states.get("module") or {}
+    for name in states.get("buffer_names") or []:
+        if name in module:
+            sd[name] = module[name]
+    return sd
 
 
 def load_any(path, tag: Optional[str] = None) -> Dict[str, torch.Tensor]:

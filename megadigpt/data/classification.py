@@ -20,7 +20,9 @@ from typing import List, Sequence
 import numpy as np
 import torch
 
-from .dali_loader import _PLACEHOLDER, _meta_to_torch, _view_to_torch, explain_failure, prepare, py_start_method
+from ..distributed.engine import resolve_device
+from .dali_loader import (_PLACEHOLDER, _meta_to_torch, _view_to_torch, explain_failure, prepare, py_start_method,
+                          run_pipeline)
 from .pretrain_loader import decode_problem, decode_rgb, random_resized_crop_box
 from .sources import Sample
 
@@ -310,8 +312,8 @@ class DaliClassificationLoader:
                                       seed=seed, epoch=epoch, scale=scale,
                                       num_ops=len(rand_augment_suite()) if train else 1)
         self.n_items, self.epoch = len(indices), epoch
-        self.train, self.bs, self.device = train, batch_size, device
-        self.device_id = device.index if device.type == "cuda" else None
+        self.train, self.bs, self.device = train, batch_size, resolve_device(device)  # the index DALI needs
+        self.device_id = self.device.index if self.device.type == "cuda" else None
         self.scale = scale
         # arguments, not a closure over self: a reference cycle would leave the loader to the cyclic collector,
         # which may run it in a forked DataLoader worker, where stopping DALI's (absent) threads hangs
@@ -352,7 +354,7 @@ class DaliClassificationLoader:
         b, rebuilds = 0, 0
         while b < self.source.num_batches:
             try:
-                img, label, valid, reasons = self.pipe.run()
+                img, label, valid, reasons = run_pipeline(self.pipe, self.device)
             except Exception as e:  # noqa: BLE001 - find the samples DALI fails on; Pillow decodes them
                 culprits = self._probe(b)
                 self.close()

@@ -36,6 +36,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..distributed.engine import resolve_device
 from .pretrain_loader import PretrainStream, collate, decode_problem, decode_rgb, random_resized_crop_box, sample_rng
 
 log = logging.getLogger(__name__)
@@ -212,6 +213,16 @@ def _pipeline_graph(source, sizes, batch_size, device_id, num_threads, interpola
     return pipe()
 
 
+def run_pipeline(pipe, device: torch.device):
+    """One batch. On a GPU its outputs are bound to torch's current stream (``run(cuda_stream)``, which needs the
+    dynamic executor every pipeline here is built with): the copies into torch tensors queue behind DALI's work on
+    that stream instead of the host waiting for DALI first (``run()`` alone is host-synchronous: a stall per
+    batch). CPU pipelines: ``run()``."""
+    if device.type == "cuda":
+        return pipe.run(torch.cuda.current_stream(device))
+    return pipe.run()
+
+
 def _view_to_torch(tl, device, dtype=torch.uint8) -> torch.Tensor:
     """An image batch: GPU outputs are copied device-to-device, CPU outputs wrapped without a copy."""
     t = tl.as_tensor()
@@ -298,8 +309,8 @@ class DaliPretrainLoader:
                  py_workers: int = 0):
         self.stream, self.sampler = stream, batch_sampler
         self.batches = batch_sampler  # indexable: micro-batch i -> its stream positions
-        self.device = device
-        self.device_id = device.index if device.type == "cuda" else None
+        self.device = resolve_device(device)  # "cuda" without an index: the current device, not a CPU pipeline
+        self.device_id = self.device.index if self.device.type == "cuda" else None
         self.num_threads = num_threads
         self.py_workers = py_workers  # DALI source worker processes (0: the source runs in this thread)
         self.failed_batches = 0  # batches no sample explained, produced by the torch path
@@ -343,7 +354,7 @@ class DaliPretrainLoader:
             pipe = self._pipeline(i)
             try:
                 while i < n:
-                    out = pipe.run()
+                    out = run_pipeline(pipe, self.device)
                     views = [_view_to_torch(out[k], self.device) for k in range(nviews)]
                     order, valid, label, index, epoch = [_meta_to_torch(out[k]) for k in range(nviews, len(out) - 1)]
                     valid, index, epoch = valid.bool().reshape(-1), index.reshape(-1), epoch.reshape(-1)
@@ -424,8 +435,8 @@ class DaliStreamLoader:
         self.inner = stream_loader
         self.sizes = stream_loader.dataset.sizes
         self.interp_name = stream_loader.dataset.interp_name
-        self.device = device
-        self.device_id = device.index if device.type == "cuda" else None
+        self.device = resolve_device(device)  # "cuda" without an index: the current device, not a CPU pipeline
+        self.device_id = self.device.index if self.device.type == "cuda" else None
         self.num_threads = num_threads
         self.failed_batches = 0  # batches DALI failed on, decoded by Pillow instead
         self.max_consecutive_failures = 5
@@ -474,7 +485,7 @@ class DaliStreamLoader:
                                        self.num_threads, self.interp_name)
                 pipe.build()
                 while done < n:
-                    out = pipe.run()
+                    out = run_pipeline(pipe, self.device)
                     views = [_view_to_torch(out[k], self.device) for k in range(nviews)]
                     b = pending.pop(0)
                     yield self._finish(b, views)

@@ -52,6 +52,7 @@ import numpy as np
 import torch
 
 from ..config import ConfigError
+from ..distributed.engine import resolve_device
 from .pretrain_loader import _INTERP, collate, random_resized_crop_box, render_views
 from .remote import RemoteError, expand_urls, is_remote, open_url
 from .sources import IMAGE_EXTS
@@ -497,7 +498,7 @@ def measure_stream_throughput(urls: Sequence[str], batches: int = 50, kind: str 
     if kind == "dali":
         from .dali_loader import DaliStreamLoader
 
-        dev = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+        dev = resolve_device("cuda" if torch.cuda.is_available() else "cpu")  # DALI needs the index
         loader = DaliStreamLoader(loader, dev, num_threads=max(1, num_workers))
     n, t0 = 0, None
     for i, b in enumerate(loader):

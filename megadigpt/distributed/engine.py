@@ -6,7 +6,7 @@ import math
 import os
 import warnings
 from pathlib import Path
-from typing import Optional
+from typing import NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
@@ -150,10 +150,10 @@ def start_processes(env, device_type: str):
     from . import env as dist_env
 
     dist_env.follow_launcher(env)  # before the rendezvous, which can wait for ever on a launcher that is gone
-    dist_env.export(env)
     # DeepSpeed's ZeRO calls torch's older collective names, one warning per rank and step
     warnings.filterwarnings("ignore", category=FutureWarning, message=r"`torch\.distributed\.\w+` is deprecated")
     device = pick_device(env, device_type)
+    dist_env.export(env, device.index if device.type == "cuda" else None)  # LOCAL_RANK: the device DeepSpeed uses
     init_distributed(env, device_type)
     return device
 
@@ -166,6 +166,17 @@ def pick_device(env, device_type: str) -> torch.device:
         return torch.device("cpu")
     device = torch.device("cuda", device_index(env.local_rank, torch.cuda.device_count()))
     torch.cuda.set_device(device)
+    return device
+
+
+def resolve_device(device, current_index=None) -> torch.device:
+    """``device`` with its index. A CUDA device named without one (``"cuda"``, ``torch.device("cuda")``) is the
+    current device (the rank's, set by :func:`pick_device`). Everything that takes a device id rather than a
+    device needs the index: DALI builds a CPU pipeline for ``device_id=None`` and ``feed_ndarray`` then copies its
+    host output into a CUDA pointer. ``current_index``: the current device's index (default: torch's)."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", (current_index or torch.cuda.current_device)())
     return device
 
 
@@ -198,7 +209,13 @@ def initialize(model, optimizer, ds_config: dict):
     return engine
 
 
-def micro_step(engine, loss, nonfinite, last: bool) -> Optional[bool]:
+class StepEnd(NamedTuple):
+    """What the ranks agreed on at a step's end: whether its update was applied, and the loop's own flags."""
+    applied: bool
+    flags: Tuple[float, ...]
+
+
+def micro_step(engine, loss, nonfinite, last: bool, flags: Sequence[float] = ()) -> Optional[StepEnd]:
     """One micro-batch's backward and, on the last micro-batch of a step (``last``), the optimizer step, applied
     only if every rank's loss was finite on every micro-batch of the step.
 
@@ -206,11 +223,18 @@ def micro_step(engine, loss, nonfinite, last: bool) -> Optional[bool]:
     boundary, ZeRO-2/3's reduce-scatter) and its micro-step counters stay in lockstep on all ranks (skipping a
     backward skipped the boundary's all-reduce: each rank then stepped with its own gradients). ``nonfinite`` (a
     float tensor on the device) collects the step's non-finite losses without a host synchronisation; the ranks
-    agree on it once per step, by one all-reduce, before the optimizer step, and it is zeroed for the next step.
-    A skipped step still goes through DeepSpeed's whole ``step()`` (which clears the accumulated gradients in every
-    ZeRO buffer and advances global_steps) with the inner optimizer's update suppressed: no weight and no moment
-    changes, identically on every rank, as DeepSpeed does for an fp16 overflow (counted in ``skipped_steps``).
-    Returns None inside a step, else whether the update was applied."""
+    agree on it by one all-reduce (MAX) at the boundary, together with the loop's own per-step ``flags`` (host
+    values: a signal's code, a clock's verdict), and it is zeroed for the next step.
+
+    One device-to-host wait per step, after the optimizer step is queued: where the inner optimizer is one of
+    torch's fused kernels, the agreed verdict goes to it on the device as ``found_inf`` (the mechanism of torch's
+    GradScaler: the kernel leaves weights, moments and step counts unchanged when it is 1), so the step is queued
+    without the host knowing the verdict, and the host reads verdict and flags once afterwards. Other optimizers
+    (DeepSpeed's CPU Adam under offload) need the verdict first: the wait comes before the step, which then goes
+    through DeepSpeed's whole ``step()`` with the inner optimizer's update suppressed. Either way a skipped step
+    clears the accumulated gradients in every ZeRO buffer and advances global_steps, with no weight and no moment
+    changed, identically on every rank, as DeepSpeed does for an fp16 overflow (counted in ``skipped_steps``).
+    Returns None inside a step, else :class:`StepEnd`."""
     import torch.distributed as dist
 
     if engine.is_gradient_accumulation_boundary() != last:
@@ -220,18 +244,39 @@ def micro_step(engine, loss, nonfinite, last: bool) -> Optional[bool]:
     if not last:
         engine.step()  # counts the micro-step; no update inside a step
         return None
-    dist.all_reduce(nonfinite, op=dist.ReduceOp.MAX)
-    applied = nonfinite.max().item() == 0  # the step's one host synchronisation for finiteness
+    agreed = nonfinite
+    if flags:
+        host = torch.tensor([float(f) for f in flags], dtype=nonfinite.dtype,
+                            pin_memory=nonfinite.device.type == "cuda")
+        agreed = torch.cat([nonfinite.reshape(1), host.to(nonfinite.device, non_blocking=True)])
+    dist.all_reduce(agreed, op=dist.ReduceOp.MAX)
+    opt = engine.basic_optimizer
+    if _masks_on_device(opt):
+        opt.found_inf = (agreed[0] > 0).float()  # 0-d, 1.0: the fused kernel skips the whole update
+        try:
+            engine.step()
+        finally:
+            del opt.found_inf
+        values = agreed.tolist()  # the step's one host synchronisation, behind the queued step
+        applied = values[0] == 0
+    else:
+        values = agreed.tolist()  # the verdict is needed before the step
+        applied = values[0] == 0
+        if applied:
+            engine.step()
+        else:
+            with _update_suppressed(engine):
+                engine.step()
     nonfinite.zero_()
-    if applied:
-        engine.step()
-        return True
-    with _update_suppressed(engine):
-        engine.step()
-    if engine.was_step_applied():  # DeepSpeed did not skip it by itself (its fp16 overflow check does)
+    if not applied and engine.was_step_applied():  # DeepSpeed did not skip it by itself (its fp16 check does)
         engine._step_applied = False
         engine.skipped_steps += 1
-    return False
+    return StepEnd(applied, tuple(values[1:]))
+
+
+def _masks_on_device(opt) -> bool:
+    """torch's fused Adam / AdamW / SGD read ``found_inf`` (a device tensor) and skip their update when it is 1."""
+    return type(opt) in (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD) and opt.defaults.get("fused") is True
 
 
 @contextlib.contextmanager
@@ -264,6 +309,11 @@ def set_lr(engine, lr: float):
 
 
 def grad_norm(engine) -> Optional[float]:
+    """The last step's global gradient norm, or None for a step that was skipped (no update: no norm to report).
+    DeepSpeed marks a non-finite norm as -1 (ZeRO-1/2, its clipping utilities) or inf/NaN elsewhere; a real norm
+    is never negative, and metrics.jsonl must stay strict JSON (no NaN), so all of them are None."""
+    if not engine.was_step_applied():
+        return None
     try:
         g = engine.get_global_grad_norm()
     except Exception:  # noqa: BLE001 - not every stage exposes it
@@ -271,4 +321,4 @@ def grad_norm(engine) -> Optional[float]:
     if g is None:
         return None
     g = float(g.item() if torch.is_tensor(g) else g)
-    return g if math.isfinite(g) else None  # a skipped step's norm: no NaN in metrics.jsonl (not strict JSON)
+    return g if math.isfinite(g) and g >= 0 else None

@@ -140,6 +140,21 @@ def follow_launcher(env: DistEnv) -> None:
         set_parent_death_signal(signal.SIGHUP)
 
 
-def export(env: DistEnv) -> None:
-    os.environ.update(RANK=str(env.rank), WORLD_SIZE=str(env.world_size), LOCAL_RANK=str(env.local_rank),
-                      MASTER_ADDR=env.master_addr, MASTER_PORT=str(env.master_port))
+def rank_variables(env: DistEnv, device_index=None, environ=None) -> dict:
+    """The torch-style variables for this rank. ``LOCAL_RANK`` is what DeepSpeed takes as this rank's device index
+    (the process group's ``device_id``, the engine's ``set_device``, ``zero.Init``'s local device), so on a GPU it
+    is the index of this rank's device among those the process sees (``device_index``), not its rank on the node:
+    under ``--gpus-per-task=1`` or ``--gpu-bind`` each task sees one device, index 0, and local ranks 1+ would get
+    "invalid device ordinal". DeepSpeed asserts ``LOCAL_RANK == OMPI_COMM_WORLD_LOCAL_RANK`` under Open MPI, so
+    that one follows. megadigpt's own code keeps the node rank in :class:`DistEnv` and never reads ``LOCAL_RANK``."""
+    environ = os.environ if environ is None else environ
+    local = str(env.local_rank if device_index is None else device_index)
+    out = dict(RANK=str(env.rank), WORLD_SIZE=str(env.world_size), LOCAL_RANK=local, MASTER_ADDR=env.master_addr,
+               MASTER_PORT=str(env.master_port))
+    if "OMPI_COMM_WORLD_LOCAL_RANK" in environ:
+        out["OMPI_COMM_WORLD_LOCAL_RANK"] = local
+    return out
+
+
+def export(env: DistEnv, device_index=None) -> None:
+    os.environ.update(rank_variables(env, device_index))

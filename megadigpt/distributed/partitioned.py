@@ -75,13 +75,14 @@ def build_partitioned(build: Callable[..., torch.nn.Module], ds_config: dict) ->
 
 
 def _init_in_fp32(params, init) -> None:
-    """Run ``init`` on fp32 stand-ins of ``params`` and round the result into them: the random draws and their
-    arithmetic are the plain fp32 build's, whatever the engine's dtype (a bf16 engine casts the plain build the
-    same way)."""
+    """Run ``init`` on fp32 stand-ins of ``params`` on the CPU and round the result into them: the random draws and
+    their arithmetic are the plain fp32 build's, whatever the engine's dtype (a bf16 engine casts the plain build
+    the same way) and whatever the device. The plain build is made on the CPU and draws from the CPU's generator;
+    stand-ins on the GPU would draw from the device's generator, another stream of numbers for the same seed."""
     held = [p.data for p in params]
     try:
         for p, d in zip(params, held):
-            p.data = torch.empty(d.shape, dtype=torch.float32, device=d.device)
+            p.data = torch.empty(d.shape, dtype=torch.float32, device="cpu")
         init()
         for p, d in zip(params, held):
             d.copy_(p.data)

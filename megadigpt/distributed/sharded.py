@@ -90,6 +90,19 @@ def _module_local(p) -> torch.Tensor:
     return p.ds_tensor if hasattr(p, "ds_tensor") else p.data
 
 
+def _held_whole(p) -> bool:
+    """A ZeRO-3 parameter whose whole value is resident between forwards: those under
+    ``stage3_param_persistence_threshold`` (every bias, norm, ``cls_token``; at toy sizes every parameter) are
+    gathered once after each optimizer step and never re-fetched, so the forward reads ``p.data``, not the partition.
+    Decided by size and by the same forwards on every rank, so every rank holds the same ones (the gather of
+    :meth:`LocalEMA.swapped_in` is a collective)."""
+    if not hasattr(p, "ds_id"):
+        return False
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    return p.ds_status == ZeroParamStatus.AVAILABLE and p.data.numel() == p.ds_numel
+
+
 class LocalEMA:
     """``ema = decay * ema + (1 - decay) * master`` in fp32 on each rank's local fp32 master values (see
     :func:`_layout`): no collective to update; evaluating or exporting with it gathers."""
@@ -107,18 +120,26 @@ class LocalEMA:
     @contextlib.contextmanager
     def swapped_in(self):
         """The module computes with the EMA weights inside the block (evaluation); the masters are untouched, so
-        training goes on from them. A collective under ZeRO-1/2 (the fragments are gathered)."""
+        training goes on from them. A collective under ZeRO-1/2 (the fragments are gathered) and under ZeRO-3 where
+        parameters stay gathered (see :func:`_held_whole`)."""
+        held = [p for p in self.params if _held_whole(p)]
         backup = [_module_local(p).detach().clone() for p in self.params]
+        backup_whole = [p.data.detach().clone() for p in held]
+        shadow = {id(p): s for p, s in zip(self.params, self.shadow)}
         with torch.no_grad():
             for p, s in zip(self.params, self.shadow):
                 value = _gather(p, s) if _layout(p) == "frag" else s
                 _module_local(p).copy_(value.view_as(_module_local(p)))
+            for p in held:  # the forward reads these whole copies, never the partition written above
+                p.data.copy_(_gather(p, shadow[id(p)]).view_as(p.data))
         try:
             yield
         finally:
             with torch.no_grad():
                 for p, b in zip(self.params, backup):
                     _module_local(p).copy_(b)
+                for p, b in zip(held, backup_whole):
+                    p.data.copy_(b)
 
     # one file per rank: the slices are this rank's (a different world size starts the EMA afresh, see finetune)
     def save(self, path: Path):

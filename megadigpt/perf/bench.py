@@ -4,7 +4,13 @@ each in fresh processes, next to a reference-style baseline measured in the same
 A case is one point of model x teacher x ZeRO stage x activation checkpointing x attention backend x
 micro-batch (x precision, torch.compile, data path). Each case runs ``--ranks`` processes (gloo on CPU, NCCL on
 GPUs) through the same components as ``megadigpt pretrain`` (teacher outside the engine, the DeepSpeed engine
-from ``ds_configs/``, the same loss), for ``--warmup`` untimed and ``--steps`` timed optimizer steps.
+from ``ds_configs/``, the same loss, ``train.compile``'s ``apply_compile`` of the student's blocks and the
+teacher), for ``--warmup`` untimed and ``--steps`` timed optimizer steps. The warm-up counts applied steps only:
+fp16's dynamic loss scale starts at 2^16 and DeepSpeed skips the update of every step that overflows while it
+lowers the scale, so the warm-up goes on until ``--warmup`` steps were really applied; a row records the skipped
+steps of its warm-up and of its timed passes (``skipped_warmup_steps``, ``skipped_timed_steps``). Every case
+(and round) runs in fresh processes: the teacher, the student and the engine are built once per process, for
+that case alone, so nothing (a teacher, a compiled graph, allocator state) carries over from one case to another.
 
 Timing (rank 0):
     images/s     over the timed steps, without synchronisation between phases (on a GPU: a separate pass);
@@ -184,12 +190,38 @@ class MemoryProbe:
 class _Job:
     """What one case's timing loop needs from the model it measures (``_pretrain_job``, ``_segment_job``): the
     device, the memory probe (started before the model was built), ``step(times)`` (one optimizer step, phases
-    timed into ``times`` when given), the FLOP and parameter counts (``perf.memory.ModelSizes``), the planner's
-    row for the case (or None), the precision and the teacher's dtype."""
+    timed into ``times`` when given), ``applied()`` (whether the last step's update was applied: DeepSpeed's
+    ``was_step_applied``, False for an fp16 overflow it skipped), the FLOP and parameter counts
+    (``perf.memory.ModelSizes``), the planner's row for the case (or None), the precision and the teacher's
+    dtype."""
 
-    def __init__(self, cfg, device, mem, step, sizes, planned, precision, teacher_dtype):
+    def __init__(self, cfg, device, mem, step, sizes, planned, precision, teacher_dtype, applied):
         self.cfg, self.device, self.mem, self.step, self.sizes = cfg, device, mem, step, sizes
-        self.planned, self.precision, self.teacher_dtype = planned, precision, teacher_dtype
+        self.planned, self.precision, self.teacher_dtype, self.applied = planned, precision, teacher_dtype, applied
+
+
+# fp16 from a 2^16 loss scale: DeepSpeed skips every step that overflows and, from the second one on (its
+# hysteresis, 2), halves the scale at each, so the first applied step comes after at most ~17 skipped ones (down
+# to a scale of 1); a hundred means the scale will not settle (non-finite losses, not an fp16 range problem)
+MAX_SKIPPED_WARMUP = 100
+
+
+def warm_up(step, applied, steps: int, max_skipped: int = MAX_SKIPPED_WARMUP) -> int:
+    """Run ``step()`` until ``steps`` (at least one) of them were applied (``applied()`` after each); returns how
+    many were skipped. A skipped step (an fp16 overflow while the loss scale comes down from 2^16) does no
+    optimizer work and is cheaper: counted as warm-up, the timed window could start before the scale settled and
+    time those instead of training steps. Raises RuntimeError after ``max_skipped`` skipped steps."""
+    done = skipped = 0
+    while done < max(1, steps):
+        step()
+        if applied():
+            done += 1
+            continue
+        skipped += 1
+        if skipped >= max_skipped:
+            raise RuntimeError(f"{skipped} optimizer steps skipped in the warm-up (fp16 overflow?) and only {done} "
+                               f"applied: the loss scale did not settle")
+    return skipped
 
 
 def _timer(device, times):
@@ -213,7 +245,7 @@ def _pretrain_job(case: Case, base, overrides, env, run_dir, data_source, total_
     import torch
 
     from ..distributed import engine as ds_engine
-    from ..distributed.parallelize import apply_activation_checkpointing
+    from ..distributed.parallelize import apply_activation_checkpointing, apply_compile
     from ..model import build_model
     from ..targets import build_target, student_targets
     from ..train.optim import build_optimizer, param_groups
@@ -236,11 +268,9 @@ def _pretrain_job(case: Case, base, overrides, env, run_dir, data_source, total_
     model = build_model(m, spec.dim, spec.grid, spec.classes)
     if case.ckpt:
         apply_activation_checkpointing(model)
-    if case.compile:
-        for blk in list(model.encoder.blocks) + [b for d in ("gen_decoder", "dis_decoder") if hasattr(model, d)
-                                                 for b in getattr(model, d).blocks]:
-            blk.compile()
     ds_config = ds_engine.build_ds_config(cfg, env.world_size, plan.precision)
+    if case.compile:  # what train.compile does: the student's blocks and the teacher (ZeRO-3: whole-block graphs)
+        apply_compile(model, teacher, ds_config["zero_optimization"]["stage"])
     if case.offload:
         ds_config["zero_optimization"]["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
     if case.baseline and not case.offload:  # the reference: torch's per-parameter loop
@@ -299,7 +329,7 @@ def _pretrain_job(case: Case, base, overrides, env, run_dir, data_source, total_
 
     planned = memory.plan_one(cfg, env.world_size, 1e9, case.zero, case.ckpt, case.offload, B, plan.precision,
                               plan.teacher_dtype, reserve_gib=0.0) if case.zero in (1, 2, 3) else None
-    return _Job(cfg, device, mem, step, sizes, planned, plan.precision, plan.teacher_dtype)
+    return _Job(cfg, device, mem, step, sizes, planned, plan.precision, plan.teacher_dtype, engine.was_step_applied)
 
 
 def segment_case_config(case: Case, base: Optional[str], overrides: List[str], world: int, run_dir: str):
@@ -403,7 +433,7 @@ def _segment_job(case: Case, base, overrides, env, run_dir) -> _Job:
 
     planned = segment_memory.plan_one(cfg, env.world_size, 1e9, case.zero, case.ckpt, case.offload, B,
                                       plan.precision, reserve_gib=0.0) if case.zero in (1, 2, 3) else None
-    return _Job(cfg, device, mem, step, sizes, planned, plan.precision, None)
+    return _Job(cfg, device, mem, step, sizes, planned, plan.precision, None, engine.was_step_applied)
 
 
 def run_case(case: Case, base: Optional[str], overrides: List[str], steps: int, warmup: int,
@@ -420,13 +450,22 @@ def run_case(case: Case, base: Optional[str], overrides: List[str], steps: int, 
     if case.task == "segment":
         job = _segment_job(case, base, overrides, env, run_dir)
     else:
-        job = _pretrain_job(case, base, overrides, env, run_dir, data_source, warmup + 2 * steps + comm_steps + 1)
-    device, mem, step, sizes, cfg = job.device, job.mem, job.step, job.sizes, job.cfg
+        # the loader's batches: room for the warm-up's skipped steps too (see warm_up)
+        job = _pretrain_job(case, base, overrides, env, run_dir, data_source,
+                            warmup + MAX_SKIPPED_WARMUP + 2 * steps + comm_steps + 1)
+    device, mem, sizes, cfg = job.device, job.mem, job.sizes, job.cfg
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     B = case.micro_batch
 
-    for _ in range(max(1, warmup)):
-        step()
+    # DeepSpeed agrees on an fp16 overflow across the ranks: every rank warms up for the same number of steps
+    skipped_warmup = warm_up(job.step, job.applied, warmup)
+    skipped_timed = 0
+
+    def step(times=None):  # after the warm-up: counts the steps that were skipped all the same
+        nonlocal skipped_timed
+        loss = job.step(times)
+        skipped_timed += not job.applied()
+        return loss
     sync()
     steady_bytes = mem.now()  # model states after a step (Adam's moments exist from the first one)
     for _ in range(1 if device.type == "cpu" else 0):
@@ -491,6 +530,7 @@ def run_case(case: Case, base: Optional[str], overrides: List[str], steps: int, 
         "device_used_gib": device_used, "peak_tflops": peak_tf, "peak_tflops_source": peak_src,
         "flops_student_fwd": sizes.student_fwd_flops, "flops_teacher_fwd": sizes.teacher_fwd_flops,
         "student_params": sizes.student_params, "teacher_params": sizes.teacher_params, "loss": loss_value, **mfu,
+        "skipped_warmup_steps": skipped_warmup, "skipped_timed_steps": skipped_timed,
     }
     if planned is not None:
         # what the measurement sees: everything above the footprint before the student, without the teacher's

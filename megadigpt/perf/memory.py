@@ -149,17 +149,11 @@ def _meta_features(tcfg, mcfg, spec):
         return PixelTarget(spec, tcfg.patch_size or mcfg.patch_size, resolved_layer(tcfg) == "norm")
     with torch.device("meta"):
         if tcfg.kind == "open_clip":
-            import open_clip
-
-            from ..targets.openclip import OpenCLIPTarget
+            from ..targets.openclip import OpenCLIPTarget, vision_tower
 
             t = OpenCLIPTarget.__new__(OpenCLIPTarget)
             torch.nn.Module.__init__(t)
-            from ..targets.openclip import quiet_random_init
-
-            with quiet_random_init():
-                t.visual = open_clip.create_model(tcfg.model, pretrained=None, force_image_size=spec.image_size,
-                                                  device="meta").visual
+            t.visual = vision_tower(tcfg.model, spec.image_size, device="meta")  # the image tower alone, as built
             t.spec = spec
         elif tcfg.kind == "timm":
             from ..targets.timm_target import TimmTarget, _create, block_index
@@ -423,6 +417,7 @@ class PlanRow:
     recommended_micro_batch: int  # the largest that fits and divides train.global_batch / world
     host_gib: float  # per rank, with CPU offload
     build_host_gib: float = 0.0  # host memory per rank while the fp32 student is built (ZeRO-3: partitioned)
+    teacher_host_gib: float = 0.0  # host memory per rank while the teacher is built (teacher_host_bytes)
 
 
 def build_host_bytes(P: int, largest: int, world: int, stage: int) -> int:
@@ -433,6 +428,21 @@ def build_host_bytes(P: int, largest: int, world: int, stage: int) -> int:
     if stage == 3:
         return 4 * (math.ceil(P / world) + largest)
     return 4 * P
+
+
+def teacher_host_bytes(tcfg, teacher_params: int) -> int:
+    """Host memory per rank while the teacher is built for a GPU (before the student; its host memory is gone
+    when the student is built). open_clip: only the image tower, from the weights file's mapped tensors, each
+    copied to the device in the teacher's dtype on its own (``targets.openclip.host_build_bytes``; a random one is
+    built on the device: none). timm and EfficientNet are built whole in fp32 on the host and then read their
+    weights file whole: two fp32 copies (``DTYPE_BYTES["fp32"]`` each). Pixels: nothing."""
+    if tcfg.kind == "open_clip":
+        from ..targets.openclip import host_build_bytes
+
+        return host_build_bytes(tcfg, teacher_params, DTYPE_BYTES["fp32"])
+    if tcfg.kind == "pixels":
+        return 0
+    return 2 * DTYPE_BYTES["fp32"] * teacher_params
 
 
 def _ds_buffers(cfg, stage: int, params: int) -> ZeroBuffers:
@@ -482,7 +492,8 @@ def plan_one(cfg, world: int, gpu_gib: float, stage: int, ckpt: bool, offload: b
                    (st["params"] + st["gathered_params"]) / GiB, st["grads"] / GiB,
                    st["optimizer"] / GiB, st["buckets"] / GiB, st["fp32_grads"] / GiB, act(micro_batch) / GiB,
                    teacher / GiB, tb / GiB, tb <= budget, best, rec, st["host"] / GiB,
-                   build_host_bytes(sizes.student_params, sizes.largest_module_params, world, stage) / GiB)
+                   build_host_bytes(sizes.student_params, sizes.largest_module_params, world, stage) / GiB,
+                   teacher_host_bytes(cfg.target, sizes.teacher_params) / GiB)
 
 
 def plan(cfg, world: int, gpu_gib: float, archs: Sequence[str], stages=(1, 2, 3), ckpts=(False, True),
@@ -504,7 +515,7 @@ def plan(cfg, world: int, gpu_gib: float, archs: Sequence[str], stages=(1, 2, 3)
 def markdown(rows: List[PlanRow], world: int, gpu_gib: float) -> str:
     head = ("| model | ZeRO | act. ckpt | offload | micro-batch | params | grads | optimizer | buckets | "
             "activations | step fp32 grads | teacher | total GiB | fits | max micro-batch | recommended | "
-            "host GiB/GPU | build host GiB/GPU |")
+            "host GiB/GPU | build host GiB/GPU | teacher build host GiB/GPU |")
     out = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         out.append(f"| {r.arch}/{r.patch} | {r.stage} | {'on' if r.checkpointing else 'off'} | "
@@ -512,12 +523,14 @@ def markdown(rows: List[PlanRow], world: int, gpu_gib: float) -> str:
                    f"{r.optimizer_gib:.2f} | {r.buffers_gib:.2f} | {r.activations_gib:.2f} | "
                    f"{r.fp32_grads_gib:.2f} | {r.teacher_gib:.2f} | {r.total_gib:.2f} | {'yes' if r.fits else 'no'} | "
                    f"{r.max_micro_batch} | {r.recommended_micro_batch} | {r.host_gib:.2f} | "
-                   f"{r.build_host_gib:.2f} |")
+                   f"{r.build_host_gib:.2f} | {r.teacher_host_gib:.2f} |")
     out.append("")
     out.append("total = params + grads + optimizer + buckets + teacher + the larger of activations and step fp32 "
                "grads (the optimizer step's fp32 gradient partition, or ZeRO-1 bf16's flattened fp32 gradients for "
                "the all-reduce, exist after the activations are freed); grads include the fp32 accumulation "
                "buffers of 16-bit runs; "
                "host GiB/GPU: optimizer states offloaded to the host; build host GiB/GPU: host memory while the "
-               "fp32 student is built (ZeRO-3 builds it partitioned)")
+               "fp32 student is built (ZeRO-3 builds it partitioned); teacher build host GiB/GPU: host memory "
+               "while the teacher is built, before the student (open_clip: its image tower's tensors read from the "
+               "weights file, none for a random one)")
     return "\n".join(out)

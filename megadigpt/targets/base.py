@@ -119,7 +119,7 @@ def build_target(tcfg, mcfg, device=None, dtype=torch.float32) -> Target:
     indices (the assignment runs in fp32 whatever ``dtype`` is)."""
     spec = describe_features(tcfg, mcfg)
     try:
-        t = _build_features(tcfg, mcfg, spec)
+        t = _build_features(tcfg, mcfg, spec, device, dtype)
     except ConfigError:
         raise
     except (RuntimeError, KeyError, ValueError, OSError) as e:  # e.g. weights of another architecture
@@ -138,7 +138,9 @@ def build_target(tcfg, mcfg, device=None, dtype=torch.float32) -> Target:
     return t
 
 
-def _build_features(tcfg, mcfg, spec) -> Target:
+def _build_features(tcfg, mcfg, spec, device=None, dtype=torch.float32) -> Target:
+    """The feature target; an open_clip teacher is built straight in ``dtype`` on ``device`` (its image tower
+    alone: see targets/openclip.py), the others on the host in fp32 and moved by :func:`build_target`."""
     if tcfg.kind == "pixels":
         from .pixels import PixelTarget
 
@@ -150,7 +152,7 @@ def _build_features(tcfg, mcfg, spec) -> Target:
     if tcfg.kind == "open_clip":
         from .openclip import OpenCLIPTarget
 
-        return OpenCLIPTarget(spec, tcfg)
+        return OpenCLIPTarget(spec, tcfg, device, dtype)
     from .timm_target import TimmTarget
 
     return TimmTarget(spec, tcfg)

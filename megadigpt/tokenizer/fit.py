@@ -55,6 +55,7 @@ def fit_tokenizer(cfg: Config, k: Optional[int] = None, images: int = 10000, tok
 
     from .. import __version__
     from ..data import PretrainStream, build_pretrain_loader, find_samples
+    from ..distributed.engine import resolve_device
     from ..targets import build_target
     from ..train.pretrain import _dtype, _normalizer, auto_precision, resolve_loader
     from .codebook import Codebook, target_identity
@@ -65,7 +66,7 @@ def fit_tokenizer(cfg: Config, k: Optional[int] = None, images: int = 10000, tok
     if device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda: no CUDA device here")
     # with its index: the DALI pipeline takes its device_id from it (an index-less "cuda" built it on the CPU)
-    dev = torch.device("cuda", torch.cuda.current_device()) if device == "cuda" else torch.device("cpu")
+    dev = resolve_device(device)
     tdtype = cfg.target.dtype if cfg.target.dtype != "auto" else auto_precision(dev.type)
     tcfg = dataclasses.replace(cfg.target, tokenizer=None)
     samples = find_samples(cfg.data.source)

@@ -234,7 +234,7 @@ def run_set(model, samples, scorer, size: int, batch: int, device, dtype, kind: 
     loader = build_classification_loader(samples, False, size, batch, rank, world, kind=kind, device=device,
                                          num_workers=num_workers, mean=mean, std=std, crop_pct=crop_pct)
     lmap = None if label_map is None else torch.as_tensor(np.asarray(label_map), dtype=torch.long, device=device)
-    total = torch.zeros(3, dtype=torch.float64, device=device)
+    total = torch.zeros(getattr(scorer, "width", 3), dtype=torch.float64, device=device)
     it = iter(loader)
     for b in range(eval_batches(len(samples), world, batch)):
         data = next(it, None)
@@ -255,17 +255,21 @@ def run_set(model, samples, scorer, size: int, batch: int, device, dtype, kind: 
 
 
 def topk_scorer(subset: Optional[List[int]] = None):
-    """Counts (top-1 hits, top-5 hits, n). ``subset``: class indices the logits are restricted to; labels are then
-    positions in the subset."""
+    """Counts (top-1 hits, top-5 hits, n, summed cross-entropy). ``subset``: class indices the logits are restricted
+    to; labels are then positions in the subset. The loss is fine-tuning's validation loss (``val_loss``), so an
+    export's evaluation can be compared with the run's own to the last digits, not only by its top-1."""
+    import torch.nn.functional as F
 
     def score(logits, sid, y, valid):
         if subset is not None:
             logits = logits[:, subset]
         top = logits.topk(min(5, logits.shape[1]), dim=1).indices
         v = valid.double()
+        ce = F.cross_entropy(logits, y.clamp(0, logits.shape[1] - 1), reduction="none").double()  # padding: masked
         return torch.stack([((top[:, 0] == y).double() * v).sum(), ((top == y[:, None]).any(1).double() * v).sum(),
-                            v.sum()])
+                            v.sum(), (ce * v).sum()])
 
+    score.width = 4
     return score
 
 
@@ -333,12 +337,11 @@ def evaluate_sets(model_path: str, folders: Dict[str, str], out_dir: Optional[st
     notes += [e.note for e in sets.values() if e.note]
 
     env = dist_env.discover()
-    dist_env.export(env)
     from ..distributed.engine import init_distributed, pick_device
 
     device = pick_device(env, dev_type)  # also the current CUDA device, as NCCL needs
+    dist_env.export(env, device.index if device.type == "cuda" else None)  # LOCAL_RANK: the device DeepSpeed uses
     if env.world_size > 1:
-
         init_distributed(env, dev_type)
     prec = precision if precision != "auto" else auto_precision(dev_type)
     dtype = _dtype(prec)
@@ -359,7 +362,7 @@ def evaluate_sets(model_path: str, folders: Dict[str, str], out_dir: Optional[st
         if es.subset is not None:
             entry["classes"] = len(es.subset)
         entry.update({"top1": 100 * c[0].item() / max(c[2].item(), 1), "top5": 100 * c[1].item() / max(c[2].item(), 1),
-                      "images": int(c[2].item())})
+                      "loss": c[3].item() / max(c[2].item(), 1), "images": int(c[2].item())})
     if c_plan is not None:
         errors, unreadable = {}, []
         for corr, sevs in c_plan.items():

@@ -562,14 +562,21 @@ def finetune(cfg: FinetuneRunConfig) -> dict:
                 loss = loss * float("nan")
             step_acc += torch.stack([loss.detach().double() * valid.sum(), valid.sum().double()])
             acc[2] += (1 - valid).sum().double()
-            # every rank runs every backward; whether the step's update is applied is agreed once, at its end
-            applied = ds_engine.micro_step(engine, loss, nonfinite, last=micro + 1 == plan.accum)
+            # every rank runs every backward; whether the step's update is applied, and any rank's signal, are
+            # agreed once, at its end: one all-reduce and one host wait, behind the queued optimizer step
+            last = micro + 1 == plan.accum
+            flags = ()
+            if last:
+                fault("term", step + 1, env.rank)
+                flags = (float(signals.code),)
+            end = ds_engine.micro_step(engine, loss, nonfinite, last=last, flags=flags)
             micro += 1
             if micro < plan.accum:
                 continue
             micro = 0
-            step_failed = not applied
-            if applied:  # a skipped step's micro-batches count in no loss
+            step_failed = not end.applied
+            (signal_code,) = end.flags
+            if end.applied:  # a skipped step's micro-batches count in no loss
                 acc[:2] += step_acc
             step_acc.zero_()
             step += 1
@@ -602,14 +609,11 @@ def finetune(cfg: FinetuneRunConfig) -> dict:
                 history.append((step, rec))
                 acc.zero_()
                 t_last, steps_since = time.perf_counter(), 0
-            fault("term", step, env.rank)
-            flags = torch.tensor([float(signals.code)], device=device)
-            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
             epoch_end = step % steps_per_epoch == 0 or step == total_steps
-            if flags[0] > 0 and not epoch_end:
+            if signal_code > 0 and not epoch_end:
                 checkpoint_now(step)
                 outcome = "signal"
-                agreed = SignalFlag.name_of(flags[0])
+                agreed = SignalFlag.name_of(signal_code)
                 sink.event(event="signal", step=step, signal=agreed)
                 break
             if step % t.ckpt_every == 0 and not epoch_end:
@@ -640,9 +644,9 @@ def finetune(cfg: FinetuneRunConfig) -> dict:
                         export("last_ema", {"top1": res_ema["top1"], "top5": res_ema["top5"], "step": step,
                                             "best_top1": best["best_ema"]["top1"]}, True)
                 checkpoint_now(step)
-                if flags[0] > 0 and step < total_steps:
+                if signal_code > 0 and step < total_steps:
                     outcome = "signal"
-                    agreed = SignalFlag.name_of(flags[0])
+                    agreed = SignalFlag.name_of(signal_code)
                     sink.event(event="signal", step=step, signal=agreed)
                     break
                 if step >= total_steps:

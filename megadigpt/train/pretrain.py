@@ -97,10 +97,15 @@ def plan_run(cfg: Config, world_size: Optional[int] = None, device_type: Optiona
     taps = m.resolved_taps()
     if not taps or not all(1 <= x <= size.depth for x in taps):
         raise ConfigError(f"model.taps {taps} must be blocks in 1..{size.depth}")
+    planning_elsewhere = device_type is not None  # megadigpt submit: the compute nodes' compiler, not ours
     device_type = device_type or _device_type(t.device)
     if m.attention == "flex" and device_type != "cuda":
         raise ConfigError("model.attention=flex trains only on CUDA (FlexAttention has no CPU backward); "
                           "use model.attention=sdpa on CPU")
+    if not planning_elsewhere:
+        from ..distributed.parallelize import check_host_compiler
+
+        check_host_compiler(device_type, t.compile, m.attention)  # Triton's C compiler: one line, not a traceback
 
     spec = describe_target(cfg.target, m)
     if spec.grid % m.segment_grid:
@@ -322,7 +327,10 @@ def pretrain(cfg: Config) -> dict:
 
     # ---------------------------------------------------------------- teacher: frozen, outside the engine
     torch.manual_seed(t.seed)
+    reset_host_peak()  # the teacher build's own host peak, for the start event (plan: teacher build host GiB)
+    teacher_host_before = host_peak_bytes()
     teacher = build_target(cfg.target, m, device=device, dtype=_dtype(plan.teacher_dtype))
+    teacher_host_gib = ((host_peak_bytes() or 0) - (teacher_host_before or 0)) / 2 ** 30
     spec = teacher.spec
 
     # ---------------------------------------------------------------- student
@@ -346,7 +354,7 @@ def pretrain(cfg: Config) -> dict:
     if t.activation_checkpointing:
         apply_activation_checkpointing(model)
     if t.compile:  # after activation checkpointing, before the engine shards (torchtitan's order)
-        apply_compile(model, teacher)
+        apply_compile(model, teacher, ds_config["zero_optimization"]["stage"])  # ZeRO-3: whole-block graphs
     optimizer = build_optimizer(model, cfg.optim, plan.lr, plan.device_type, ds_config=ds_config)
 
     # ---------------------------------------------------------------- what to resume from (before the engine)
@@ -395,7 +403,9 @@ def pretrain(cfg: Config) -> dict:
                flops_student_fwd=student_fwd, flops_teacher_fwd=teacher_fwd, peak_tflops=peak,
                peak_tflops_source=peak_src, grad_accum_dtype=ds_config.get("data_types", {}).get(
                    "grad_accum_dtype", plan.precision), partitioned_build=partitioned,
-               host_build_peak_gib=round(host_build_gib, 4), checkpoint=tag, universal=universal, teacher=teacher_id)
+               host_build_peak_gib=round(host_build_gib, 4), teacher_host_peak_gib=round(teacher_host_gib, 4),
+               teacher_param_bytes=sum(p.nbytes for p in teacher.parameters()), checkpoint=tag, universal=universal,
+               teacher=teacher_id)
 
     # ---------------------------------------------------------------- loop
     step, micro = start_step, 0
@@ -454,14 +464,25 @@ def pretrain(cfg: Config) -> dict:
         acc[3] += (1 - valid).sum().double()
         if batch.get("shard_problems"):
             acc[4] += len(batch["shard_problems"])
-        # every rank runs every backward; whether the step's update is applied is agreed once, at its end
-        applied = ds_engine.micro_step(engine, gen + dis, nonfinite, last=micro + 1 == plan.accum)
+        # every rank runs every backward; whether the step's update is applied, and the signal and clock flags
+        # (any rank's signal and rank 0's clock decide for everyone), are agreed once, at its end: one all-reduce
+        # and one host wait, behind the queued optimizer step
+        last = micro + 1 == plan.accum
+        flags = ()
+        if last:
+            fault("sleep", step + 1, env.rank)
+            fault("term", step + 1, env.rank)
+            fault("crash", step + 1, env.rank)
+            flags = (float(signals.code), float(rank0 and t.ckpt_every_minutes > 0 and
+                                                time.monotonic() - last_save >= 60 * t.ckpt_every_minutes))
+        end = ds_engine.micro_step(engine, gen + dis, nonfinite, last=last, flags=flags)
         micro += 1
         if micro < plan.accum:
             continue
         micro = 0
-        step_failed = not applied
-        if applied:  # a skipped step's micro-batches count in no loss
+        step_failed = not end.applied
+        signal_code, save_due = end.flags
+        if end.applied:  # a skipped step's micro-batches count in no loss
             acc[:3] += step_acc
         step_acc.zero_()
         step += 1
@@ -514,14 +535,7 @@ def pretrain(cfg: Config) -> dict:
             history.append((step, rec))
             acc.zero_()
             t_last, steps_since = time.perf_counter(), 0
-        fault("sleep", step, env.rank)
-        fault("crash", step, env.rank)
-        # rank 0's clock and any rank's signal decide for everyone
-        flags = torch.tensor([float(signals.code), float(rank0 and t.ckpt_every_minutes > 0 and
-                                                           time.monotonic() - last_save >= 60 * t.ckpt_every_minutes)],
-                             device=device)
-        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-        if step % t.ckpt_every == 0 or step == total_steps or flags.any():
+        if step % t.ckpt_every == 0 or step == total_steps or signal_code > 0 or save_due > 0:
             checkpoint_now()
         if t.probe_every > 0 and (step % t.probe_every == 0 or step == total_steps):
             from .probe import knn_monitor
@@ -529,9 +543,9 @@ def pretrain(cfg: Config) -> dict:
             sink.log(step, knn_monitor(engine.module.encoder, *probe_sets, probe_classes, m.img_size, t.micro_batch,
                                        device, compute_dtype, cfg.data.mean, cfg.data.std,
                                        num_workers=cfg.data.num_workers))
-        if flags[0] > 0 and step < total_steps:
+        if signal_code > 0 and step < total_steps:
             outcome = "signal"
-            agreed = SignalFlag.name_of(flags[0])
+            agreed = SignalFlag.name_of(signal_code)
             sink.event(event="signal", step=step, signal=agreed)
             break
     signals.restore()

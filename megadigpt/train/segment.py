@@ -496,11 +496,22 @@ def segment(cfg: SegmentRunConfig) -> dict:
                                      (aux_loss.detach().double() if aux_loss is not None else
                                       torch.zeros((), dtype=torch.float64, device=device)) * nv, nv])
             acc[4] += (1 - valid).sum().double()
-            applied = ds_engine.micro_step(engine, loss, nonfinite, last=micro + 1 == plan.accum)
+            # every rank runs every backward; whether the step's update is applied, any rank's signal and rank 0's
+            # clock are agreed once, at its end: one all-reduce and one host wait, behind the queued step
+            last = micro + 1 == plan.accum
+            flags = ()
+            if last:
+                fault("term", step + 1, env.rank)
+                fault("crash", step + 1, env.rank)
+                due = t.ckpt_every_minutes > 0 and time.monotonic() - t_ckpt > 60 * t.ckpt_every_minutes
+                flags = (float(signals.code), float(rank0 and due))
+            end = ds_engine.micro_step(engine, loss, nonfinite, last=last, flags=flags)
             micro += 1
             if micro < plan.accum:
                 continue
             micro = 0
+            applied = end.applied
+            signal_code, save_due = end.flags
             if applied:
                 acc[:4] += step_acc
             step_acc.zero_()
@@ -537,11 +548,6 @@ def segment(cfg: SegmentRunConfig) -> dict:
                 history.append((step, rec))
                 acc.zero_()
                 t_last, steps_since = time.perf_counter(), 0
-            fault("term", step, env.rank)
-            fault("crash", step, env.rank)
-            due = t.ckpt_every_minutes > 0 and time.monotonic() - t_ckpt > 60 * t.ckpt_every_minutes
-            flags = torch.tensor([float(signals.code), float(due)], device=device)
-            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
             eval_now = step % s.eval_every == 0 or step == total_steps
             if eval_now:
                 rec = {"epoch": step / steps_per_epoch}
@@ -569,12 +575,12 @@ def segment(cfg: SegmentRunConfig) -> dict:
                 if ema is not None:
                     export("last_ema", {**summary(res_ema), "IoU": res_ema["IoU"], "step": step,
                                         "best_mIoU": best["best_ema"]["mIoU"]}, True)
-            if eval_now or step % t.ckpt_every == 0 or flags[0] > 0 or flags[1] > 0:
+            if eval_now or step % t.ckpt_every == 0 or signal_code > 0 or save_due > 0:
                 checkpoint_now(step)
                 t_ckpt = time.monotonic()
-            if flags[0] > 0 and step < total_steps:
+            if signal_code > 0 and step < total_steps:
                 outcome = "signal"
-                agreed = SignalFlag.name_of(flags[0])
+                agreed = SignalFlag.name_of(signal_code)
                 sink.event(event="signal", step=step, signal=agreed)
                 break
             if step >= total_steps:
