@@ -589,14 +589,16 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--attention", default="sdpa", help="sdpa,flex,eager")
     be.add_argument("--micro-batch", dest="micro_batch", default="32")
     be.add_argument("--precision", default="auto", help="auto | bf16 | fp16 | fp32, comma list")
-    be.add_argument("--compile", default="off", help="torch.compile of each block: off,on")
+    be.add_argument("--compile", default="off",
+                    help="torch.compile of each block and of the teacher (as train.compile): off,on")
     be.add_argument("--data", default="synthetic", help="synthetic | torch | dali (the last two read --data-source)")
     be.add_argument("--data-source", dest="data_source", default=None, help="shards or an image folder")
     be.add_argument("--ranks", type=POS_INT, default=1, help="processes (GPUs) per case")
     be.add_argument("--steps", type=POS_INT, default=10, help="timed optimizer steps per case")
     be.add_argument("--rounds", type=POS_INT, default=3, help="rounds: every case once per round, interleaved "
                                                               "(A B A B ...); rows give the median and spread")
-    be.add_argument("--warmup", type=POS_INT, default=3, help="untimed steps first")
+    be.add_argument("--warmup", type=POS_INT, default=3,
+                    help="untimed applied steps first (an fp16 run's overflow-skipped steps do not count)")
     be.add_argument("--no-baseline", dest="no_baseline", action="store_true", help="skip the reference-style rows")
     be.add_argument("--timeout", type=POS_FLOAT, default=3600.0, help="seconds per case")
     be.add_argument("--out", required=True, help="folder for bench.json, bench.md, bench.png and per-case logs")

@@ -83,7 +83,7 @@ def test_acceptance_dry_run_runs_every_check(tmp_path):
 
 def test_gpu_plan_runs_l14_first_with_its_cases():
     """The GPU mapping (not runnable here): L/14 with the H/14-shaped teacher gets the sweep after the engine, with
-    sdpa, prefix, one compile case and one ZeRO-3 case (run_bench adds the baseline first); B/16 and segmentation
+    sdpa, prefix, one compile case and one ZeRO-3 case, compiled too (run_bench adds the baseline first); B/16 and segmentation
     come after it; the dry run's mapping stays at toy sizes."""
     mod = _module()
     order = list(mod.CAPS)
@@ -94,7 +94,7 @@ def test_gpu_plan_runs_l14_first_with_its_cases():
     assert {(c.arch, c.patch, c.img_size, c.teacher, c.precision) for c in l14} == {
         ("vit_large", 14, 224, "open_clip:ViT-H-14", "bf16")}
     assert [(c.zero, c.attention, c.compile) for c in l14] == [(1, "sdpa", False), (1, "prefix", False),
-                                                                (1, "prefix", True), (3, "sdpa", False)]
+                                                                (1, "prefix", True), (3, "sdpa", True)]
     assert gpu["throughput_l14"]["baseline"] and gpu["throughput_l14"]["rounds"] >= 2  # interleaved rounds
     assert {c.arch for c in gpu["throughput_b16"]["cases"]} == {"vit_base"}
     assert not any(c.compile for c in gpu["throughput_b16"]["cases"])  # compile's minutes go to L/14

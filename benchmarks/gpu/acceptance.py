@@ -322,7 +322,9 @@ def sweep_plans(dry_run: bool) -> dict:
     l14 = [Case("vit_large", 14, 224, h14, 1, False, "sdpa", mb, "bf16"),
            Case("vit_large", 14, 224, h14, 1, False, "prefix", mb, "bf16"),
            Case("vit_large", 14, 224, h14, 1, False, "prefix", mb, "bf16", True),  # the one compile case
-           Case("vit_large", 14, 224, h14, 3, False, "sdpa", mb, "bf16")]  # the one ZeRO-3 case
+           # the one ZeRO-3 case, compiled: whole blocks as ZeRO-3 leaves (distributed.parallelize), never yet run
+           # on a GPU, and the path the ZeRO-3 configs take with train.compile
+           Case("vit_large", 14, 224, h14, 3, False, "sdpa", mb, "bf16", True)]
     b16 = [Case("vit_base", 16, 224, h14, 1, False, "sdpa", mb, "bf16"),
            Case("vit_base", 16, 224, h14, 1, False, "prefix", mb, "bf16")]
     # the segmentation step at the config's 512 px crop (img_size 0), the recipe's micro-batch 2, no teacher

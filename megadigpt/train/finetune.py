@@ -80,6 +80,10 @@ def check_transfer(cfg, world_size: Optional[int], device_type: Optional[str], i
         if not d.val:
             raise ConfigError(f"data.val is not set ({val_what})")
         check_data(d.val, "val")
+    if device_type is None:  # here, not planned for compute nodes (megadigpt submit: their compiler, not ours)
+        from ..distributed.parallelize import check_host_compiler
+
+        check_host_compiler(_device_type(t.device), t.compile, "sdpa")  # Triton's C compiler: one line
     device_type = device_type or _device_type(t.device)
     world = world_size if world_size is not None else dist_env.discover().world_size
     if t.global_batch % (t.micro_batch * world):  # (ranges: checked by load_config)
