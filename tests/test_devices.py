@@ -84,9 +84,13 @@ def test_one_visible_gpu_per_task_reaches_deepspeed_as_device_0(monkeypatch):
 
     from megadigpt.distributed import env as dist_env
 
+    exported = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "OMPI_COMM_WORLD_RANK",
+                "OMPI_COMM_WORLD_LOCAL_RANK", "PMI_RANK", "PMIX_RANK")
+    for var in exported:  # recorded as they are now (export writes os.environ itself): all restored afterwards
+        monkeypatch.setenv(var, "unset")
+
     def fresh_task():  # what each task's process starts with: no torch-style variables yet
-        for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "OMPI_COMM_WORLD_RANK",
-                    "OMPI_COMM_WORLD_LOCAL_RANK", "PMI_RANK", "PMIX_RANK"):
+        for var in exported:
             monkeypatch.delenv(var, raising=False)
 
     for task in range(4):

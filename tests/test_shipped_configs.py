@@ -324,3 +324,36 @@ def test_shipped_pretraining_checkpoint_converts_to_its_fp32_masters(matrix, nam
         assert set(whole) == set(sd), sorted(set(sd) ^ set(whole))[:5]
     for k, v in whole.items():
         assert torch.equal(sd[k].to(v.dtype), v), k
+
+
+def test_damaged_bf16_optimizer_checkpoint_is_one_line(matrix, tmp_path):
+    """A BF16_Optimizer checkpoint from someone else: a fragment pointing outside its partition, or a rank's file
+    missing, is a one-line error naming the folder, not a traceback or a silently wrong tensor."""
+    import shutil
+
+    import torch
+
+    from megadigpt.checkpoint.convert import load_deepspeed
+    from megadigpt.checkpoint.safe_load import load
+    from megadigpt.config import ConfigError
+
+    lead = next(n for n, s in matrix["settings"].items()
+                if s["kind"] == "pretrain" and s["precision"] == "bf16" and s["zero"] in (0, 1))
+    src = matrix["runs"][(lead, "gpu")]
+    for damage in ("fragment", "missing rank"):
+        run = tmp_path / damage.replace(" ", "_")
+        shutil.copytree(src, run)
+        tag = sorted((run / "checkpoints").glob("step_*"))[-1]
+        rank1 = tag / "bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt"
+        if damage == "fragment":
+            state = load(rank1)
+            mapping = state["optimizer_state_dict"]["param_slice_mappings"][0]
+            name, frag = next(iter(mapping.items()))
+            mapping[name] = type(frag)(numel=frag.numel, start=10 ** 9)
+            torch.save(state, rank1)
+        else:
+            rank1.unlink()
+        (tag / "megadigpt.json").unlink(missing_ok=True)  # the damage is what is tested, not the checksum record
+        with pytest.raises(ConfigError) as e:
+            load_deepspeed(run, tag.name)
+        assert "\n" not in str(e.value) and str(tag) in str(e.value), str(e.value)

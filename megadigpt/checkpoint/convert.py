@@ -166,7 +166,15 @@ def _bf16_optimizer_masters(tagdir: Path) -> Optional[Dict[str, torch.Tensor]]:
     files = sorted(tagdir.glob("bf16_zero_pp_rank_*_mp_rank_00_optim_states.pt"), key=rank_of)
     if not files:
         return None
-    first = (safe_load.load(files[0]) or {}).get("optimizer_state_dict", {})
+    try:  # the files come from anyone: a wrong type, shape or range is one line naming the folder
+        return _bf16_masters_from(tagdir, files, rank_of, safe_load)
+    except (AttributeError, TypeError, ValueError, RuntimeError, IndexError, KeyError) as e:
+        raise ConfigError(f"{tagdir}: a damaged DeepSpeed bf16 optimizer checkpoint "
+                          f"({type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]})") from None
+
+
+def _bf16_masters_from(tagdir: Path, files, rank_of, safe_load) -> Optional[Dict[str, torch.Tensor]]:
+    first = safe_load.load(files[0]).get("optimizer_state_dict", {})
     if "zero_stage" in first:  # ZeRO-1/2's own optimizer (bf16 too): zero_to_fp32 reads it
         return None
     if [rank_of(f) for f in files] != list(range(len(files))):
@@ -177,16 +185,20 @@ def _bf16_optimizer_masters(tagdir: Path) -> Optional[Dict[str, torch.Tensor]]:
         shapes.update(group)
     pieces: Dict[str, list] = {}
     for i, f in enumerate(files):
-        osd = first if i == 0 else (safe_load.load(f) or {}).get("optimizer_state_dict", {})
+        osd = first if i == 0 else safe_load.load(f).get("optimizer_state_dict", {})
         flats, maps = osd.get("single_partition_of_fp32_groups"), osd.get("param_slice_mappings")
         if not (isinstance(flats, list) and isinstance(maps, list) and len(flats) == len(maps)):
             raise ConfigError(f"{f}: not a DeepSpeed bf16 optimizer file (no fp32 partitions and their mappings)")
         for flat, mapping in zip(flats, maps):
             for name, frag in mapping.items():
-                pieces.setdefault(name, []).append(flat.narrow(0, frag.start, frag.numel))
+                start, numel = int(frag.start), int(frag.numel)
+                if not (0 <= start and 0 <= numel and start + numel <= flat.numel()):
+                    raise ValueError(f"{f.name}: the fragment of {name} lies outside its partition")
+                pieces.setdefault(name, []).append(flat.narrow(0, start, numel))
     sd = {}
     for name, shape in shapes.items():
-        flat = torch.cat(pieces.get(name, [])) if name in pieces else torch.zeros(0)
+        shape = tuple(int(n) for n in shape)
+        flat = torch.cat(pieces[name]) if name in pieces else torch.zeros(0)
         if flat.numel() != math.prod(shape):
             raise ConfigError(f"{tagdir}: parameter {name} has {flat.numel()} fp32 values in the optimizer files, "
                               f"its shape {tuple(shape)} needs {math.prod(shape)}")
