@@ -174,3 +174,17 @@ def test_prepare_bad_arguments(args, words):
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("prepare: error: ") and all(w in lines[0] for w in words), lines
+
+
+def test_rehearsal_never_deletes_a_folder_it_did_not_make(tmp_path):
+    """REHEARSE_VENV naming an existing folder that is not a rehearsal venv (a typo, a project) is refused in one
+    line and left as it was; the venv is only ever built in a new or its own folder."""
+    whl = tmp_path / "whl"
+    whl.mkdir()
+    (whl / "x-1.0-py3-none-any.whl").write_bytes(b"")
+    precious = tmp_path / "project"
+    precious.mkdir()
+    (precious / "notes.txt").write_text("keep me\n")
+    proc = _run(["--rehearse"], tmp_path, ACCEPTANCE_WHEELS=str(whl), REHEARSE_VENV=str(precious))
+    _one_line_refusal(proc, tmp_path, "REHEARSE_VENV", "not a rehearsal venv")
+    assert (precious / "notes.txt").read_text() == "keep me\n"

@@ -11,7 +11,8 @@
 #                                                          # the dry run inside it
 #
 # Options: --dry-run, --rehearse, --budget-s SECONDS, --work DIR. Environment: OUT (default runs/acceptance),
-# PYTHON (default python3), ACCEPTANCE_WHEELS (default .whl), REHEARSE_VENV (default $TMPDIR/megadigpt-rehearse-venv).
+# PYTHON (default python3), ACCEPTANCE_WHEELS (default .whl), REHEARSE_VENV (default: a private
+# folder under $TMPDIR, removed at exit; a given one is replaced only if this script made it).
 #
 # Before the budget starts, the run stops with one line `acceptance: error: ...` and exit 2 when the wheels are
 # missing or do not fit this Python / architecture, when a module the checks import is missing, or when there is
@@ -75,10 +76,21 @@ if [ "$rehearse" = 1 ]; then
   need=(torch==2.14.1 torchvision==0.29.1 timm numpy pillow pyyaml psutil py-cpuinfo einops msgpack ninja
         nvidia-ml-py packaging regex requests tqdm huggingface-hub==1.33.0 safetensors fsspec aiohttp matplotlib
         tensorboard scikit-image "python-dateutil<3" typing-extensions filelock)
-  venv="${REHEARSE_VENV:-${TMPDIR:-/tmp}/megadigpt-rehearse-venv}"
+  # a private folder of its own (removed at exit: the venv is ~5 GB), or REHEARSE_VENV, replaced only if it is
+  # absent or a rehearsal venv this script made (a path that names anything else is never deleted)
+  if [ -n "${REHEARSE_VENV:-}" ]; then
+    venv=$REHEARSE_VENV
+    [ ! -e "$venv" ] || [ -f "$venv/.megadigpt-rehearsal" ] \
+      || die "REHEARSE_VENV=$venv exists and is not a rehearsal venv made here: name a new folder"
+    rm -rf "$venv"
+  else
+    scratch=$(mktemp -d "${TMPDIR:-/tmp}/megadigpt-rehearse.XXXXXX") || die "no temporary folder for the venv"
+    trap 'rm -rf "$scratch"' EXIT
+    venv="$scratch/venv"
+  fi
   echo "[acceptance] rehearsal: a fresh venv at $venv with the GPU image's packages (torch from the local cache)"
   t0=$SECONDS
-  rm -rf "$venv" && "$PY" -m venv "$venv" || die "creating the rehearsal venv at $venv failed"
+  "$PY" -m venv "$venv" && touch "$venv/.megadigpt-rehearsal" || die "creating the rehearsal venv at $venv failed"
   "$venv/bin/python" -m pip install -q --disable-pip-version-check "${need[@]}" \
     || die "installing the GPU image's packages into $venv failed (a registry is needed for the rehearsal)"
   extra=$("$venv/bin/python" -I - "$image" <<'EOF'
