@@ -156,7 +156,9 @@ def _bf16_optimizer_masters(tagdir: Path) -> Optional[Dict[str, torch.Tensor]]:
     ("is not a zero checkpoint"). Each rank's file holds its contiguous slice of every group's flat fp32 buffer
     and, per parameter, the fragment of it that slice holds (``param_slice_mappings``); a parameter is its
     fragments in rank order, shaped by the model states' ``param_shapes``. Persistent buffers come from the
-    model states (the module's own copy). None where the files are not BF16_Optimizer's (ZeRO-1/2's own
+    model states (the module's own copy). Written here because DeepSpeed's one reader of these files,
+    ``ds_to_universal``, writes a second copy of the whole checkpoint (optimizer moments included) to disk just to
+    read the weights back. None where the files are not BF16_Optimizer's (ZeRO-1/2's own
     optimizer, bf16 or not, names its files the same way and records its stage)."""
     from . import safe_load
 
