@@ -6,7 +6,7 @@ import re
 import sys
 from pathlib import Path
 
-from .config import ConfigError, check_output
+from .config import ConfigError
 
 
 def _rank0() -> bool:
@@ -130,7 +130,11 @@ def cmd_probe(args) -> int:
     w = args.weights
     if w and "=" in w and "." in w.split("=", 1)[0] and not Path(w).exists():  # an override, not weights
         args.overrides, w = [w] + list(args.overrides), None
-    check_output(args.out, "dir", "--out")
+    from .checkpoint.convert import guard_output
+    from .train.probe import OUTPUT_FILES
+
+    guard_output(args.out, "dir", "--out", force=args.force, files=OUTPUT_FILES,
+                 inputs=[w, args.config, args.train, args.val])
     cfg = load_config(args.config, finetune_overrides(args), root=FinetuneRunConfig)
     run_probe(cfg, w, args.out, random_init=args.random_init)
     return 0
@@ -141,7 +145,11 @@ def cmd_eval(args) -> int:
 
     folders = {k: getattr(args, k) for k in ("imagenet", "real", "v2", "a", "r", "sketch", "c") if getattr(args, k)}
     if args.out:
-        check_output(args.out, "dir", "--out")
+        from .checkpoint.convert import guard_output
+        from .train.evaluate import OUTPUT_FILES
+
+        guard_output(args.out, "dir", "--out", force=args.force, files=OUTPUT_FILES,
+                     inputs=[args.model, args.real_labels, *folders.values()])
     model = Path(args.model) / args.which if (Path(args.model) / args.which).is_dir() else Path(args.model)
     if model.is_dir():  # a damaged or truncated model.safetensors: named now, from its header
         from .config import check_weights_file
@@ -193,15 +201,15 @@ def cmd_submit(args) -> int:
 
 
 def cmd_convert(args) -> int:
-    from .checkpoint.convert import convert
+    from .checkpoint.convert import convert, guard_convert_output
 
-    check_output(args.out, "dir" if args.to == "timm" else "file", "--out")
+    guard_convert_output(args.input, args.to, args.out, args.force)  # before any weights are read
     if Path(args.input).exists():  # damaged or truncated weights: named now, from headers alone
         from .config import check_weights_file
 
         check_weights_file(args.input, "input")
     out = convert(args.input, args.to, args.out, tag=args.tag, num_heads=args.num_heads,
-                  segment_grid=args.segment_grid, final_norm=not args.no_final_norm)
+                  segment_grid=args.segment_grid, final_norm=not args.no_final_norm, force=args.force)
     print(f"wrote {out}")
     return 0
 
@@ -222,14 +230,33 @@ def _onoff(v: str) -> bool:
     return v == "on"
 
 
-def _models(text):
-    """``vit_base/16,vit_large/14`` (patch optional: 16) -> [(arch, patch)]."""
+def _models(text, img_size=None, what="--models"):
+    """``vit_base/16,vit_large/14`` (patch optional: 16) -> [(arch, patch)]. A malformed item, an unknown
+    architecture, or a patch that does not divide ``img_size`` (when given) is one line."""
+    from .model.vit import VIT_SIZES
+
+    items = [v.strip() for v in str(text).split(",")]
+    if not any(items):
+        raise ConfigError(f"{what} is empty; write arch/patch, e.g. vit_large/14")
     out = []
-    for item in _csv(text):
+    for item in items:
+        if not item:
+            raise ConfigError(f"{what} {text!r} has an empty item; write arch/patch separated by commas, e.g. "
+                              f"vit_base/16,vit_large/14")
         arch, _, patch = item.partition("/")
-        if not arch or (patch and not patch.isdigit()) or (patch and int(patch) < 1) or item.count("/") > 1:
-            raise ConfigError(f"model {item!r}: write arch/patch, e.g. vit_large/14")
-        out.append((arch if arch.startswith("vit_") else f"vit_{arch}", int(patch or 16)))
+        arch, patch = arch.strip(), patch.strip()
+        if not arch or item.count("/") > 1 or (patch and not re.fullmatch(r"[0-9]{1,4}", patch)) or \
+                (patch and int(patch) < 1):
+            raise ConfigError(f"model {item!r}: write arch/patch with a positive patch size, e.g. vit_large/14")
+        arch = arch if arch.startswith("vit_") else f"vit_{arch}"
+        if arch not in VIT_SIZES:
+            raise ConfigError(f"unknown model {arch!r} ({what} {item!r}): model.arch must be one of "
+                              f"{', '.join(VIT_SIZES)}")
+        p = int(patch or 16)
+        if img_size is not None and (p > img_size or img_size % p):
+            raise ConfigError(f"model {item!r}: patch {p} does not divide the image size {img_size} (model.img_size)"
+                              f"; choose a patch that divides it")
+        out.append((arch, p))
     return out
 
 
@@ -247,15 +274,17 @@ def cmd_plan(args) -> int:
     from .perf import memory
 
     cfg = load_config(args.config, args.overrides)
-    models = _models(args.models) if args.models else [(a, cfg.model.patch_size) for a in
-                                                        ("vit_base", "vit_large", "vit_huge", "vit_giant", "vit_e")]
+    models = _models(args.models, cfg.model.img_size) if args.models is not None else [
+        (a, cfg.model.patch_size) for a in ("vit_base", "vit_large", "vit_huge", "vit_giant", "vit_e")]
     for arch, _ in models:
         if arch not in VIT_SIZES:
             raise ConfigError(f"unknown model {arch!r}; choose from {', '.join(VIT_SIZES)}")
     if args.reserve >= args.gpu_mem:
         raise ConfigError(f"--reserve {args.reserve:g} GiB leaves nothing of --gpu-mem {args.gpu_mem:g} GiB")
     if args.json:
-        check_output(args.json, "file", "--json")
+        from .checkpoint.convert import guard_output
+
+        guard_output(args.json, "file", "--json", force=args.force, inputs=[args.config], own=_is_plan_json)
     stages = _csv(args.zero, int, "--zero")
     if not stages or any(z not in (1, 2, 3) for z in stages):
         raise ConfigError(f"--zero takes stages 1, 2, 3, got {args.zero}")
@@ -264,17 +293,34 @@ def cmd_plan(args) -> int:
                           f"number of token ids) or fit it first (megadigpt tokenizer fit)")
     rows = []
     for arch, patch in models:
-        rows += memory.plan(cfg, args.gpus, args.gpu_mem, [arch], stages, [_onoff(v) for v in _csv(args.ckpt)],
-                            [_onoff(v) for v in _csv(args.offload)], args.micro_batch, patch, args.precision,
-                            args.teacher_dtype, args.reserve, args.classes)
+        try:
+            rows += memory.plan(cfg, args.gpus, args.gpu_mem, [arch], stages, [_onoff(v) for v in _csv(args.ckpt)],
+                                [_onoff(v) for v in _csv(args.offload)], args.micro_batch, patch, args.precision,
+                                args.teacher_dtype, args.reserve, args.classes)
+        except ValueError as e:  # a geometry the model refuses (e.g. a patch that does not divide the image)
+            raise ConfigError(f"model {arch}/{patch}: {(str(e).splitlines() or [''])[0]}") from None
     print(f"# per-GPU memory: {args.gpus} GPUs of {args.gpu_mem:g} GiB ({args.reserve:g} GiB reserved outside "
           f"torch's tensors: CUDA context, NCCL, DALI), teacher {cfg.target.kind} {cfg.target.model or ''}"
           f"{f' -> {args.classes} token ids' if args.classes else ''}, {args.precision}, global batch "
           f"{cfg.train.global_batch}; GiB per GPU")
     print(memory.markdown(rows, args.gpus, args.gpu_mem))
     if args.json:
-        Path(args.json).write_text(json.dumps([asdict(r) for r in rows], indent=1))
+        from .checkpoint.convert import write_output
+
+        write_output(args.json, json.dumps([asdict(r) for r in rows], indent=1), "plan")
     return 0
+
+
+def _is_plan_json(path) -> bool:
+    """A ``plan --json`` file (a list of plan rows): a later plan may replace it without --force."""
+    import json
+
+    try:
+        rows = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return isinstance(rows, list) and all(isinstance(r, dict) and {"arch", "patch", "stage", "total_gib"} <= set(r)
+                                          for r in rows)
 
 
 def cmd_bench(args) -> int:
@@ -286,7 +332,10 @@ def cmd_bench(args) -> int:
                               [_onoff(v) for v in _csv(args.compile)], _csv(args.data), args.img_size)
     if not cases:
         raise ConfigError("the grid is empty")
-    check_output(args.out, "dir", "--out")
+    from .checkpoint.convert import guard_output
+
+    guard_output(args.out, "dir", "--out", force=args.force, files=bench.OUTPUT_FILES, whole_folder=True,
+                 inputs=[args.config, args.data_source])
     rep = bench.run_bench(cases, args.ranks, Path(args.out), args.config, args.overrides, args.steps, args.warmup,
                           args.data_source, args.timeout, not args.no_baseline, rounds=args.rounds)
     print(Path(args.out, "bench.md").read_text(), end="")
@@ -301,11 +350,14 @@ def cmd_tokenizer_fit(args) -> int:
     from .config import load_config
     from .tokenizer.fit import fit_tokenizer
 
-    if args.out:
-        check_output(args.out, "file", "--out")
+    from .checkpoint.convert import guard_output
+
+    if args.out:  # (an existing tokenizer file: plan_fit asks for --force, whoever wrote it)
+        guard_output(args.out, "file", "--out", force=True, inputs=[args.config, args.data])
     cfg = load_config(args.config, list(args.overrides) + ([f"data.source={args.data}"] if args.data else []))
     if not args.out and cfg.target.tokenizer:
-        check_output(cfg.target.tokenizer, "file", "target.tokenizer")
+        guard_output(cfg.target.tokenizer, "file", "target.tokenizer", force=True,
+                     inputs=[args.config, cfg.data.source])
     res = fit_tokenizer(cfg, k=args.k, images=args.images, tokens_per_image=args.tokens_per_image,
                         iters=args.iters, seed=args.seed, out=args.out, device=args.device, batch=args.batch,
                         force=args.force, progress=args.progress == "on" or (args.progress == "auto" and
@@ -331,8 +383,12 @@ def cmd_show_config(args) -> int:
 def cmd_report(args) -> int:
     from .train.report import report
 
-    if args.out:
-        check_output(args.out, "dir", "--out")
+    from .checkpoint.convert import guard_output
+    from .train.report import OUTPUT_FILES
+
+    guard_output(args.out or Path(args.run_dir) / "report", "dir", "--out", force=args.force, files=OUTPUT_FILES,
+                 inputs=[Path(args.run_dir) / "metrics.jsonl", Path(args.run_dir) / "config.yaml", args.probe,
+                         Path(args.probe) / "results.json" if args.probe else None])
     res = report(args.run_dir, args.out, args.probe)
     print(f"{len(res['plots'])} plots ({', '.join(res['plots'])}) and summary.md in {res['out']}")
     return 0
@@ -365,13 +421,21 @@ def cmd_data(args) -> int:
         remote.configure(args.cache_dir, args.io_timeout, args.io_retries)  # before any source is read
 
     file_out = args.data_command == "in21k-labels" or (args.data_command == "merge" and str(args.out).endswith(".jsonl"))
-    check_output(args.out, "file" if file_out else "dir", "--out")
+    from .checkpoint.convert import guard_output
+
+    # never into a run's checkpoints/ nor over an input; the folder tools keep their own rules for what is there
+    # (build restarts, index and merge replace an index); the labels file is replaced only by megadigpt's or --force
+    srcs = getattr(args, "source", None)
+    guard_output(args.out, "file" if file_out else "dir", "--out",
+                 force=getattr(args, "force", True) if args.data_command == "in21k-labels" else True,
+                 inputs=[*(srcs if isinstance(srcs, list) else [srcs]), getattr(args, "spec", None),
+                         getattr(args, "root", None)])
     if args.data_command == "merge" and not file_out and Path(args.out).is_dir() and \
             not (Path(args.out) / "index.json").is_file():  # a merge replaces an old index, never another folder
         raise ConfigError(f"--out {args.out} is an existing folder that is not a sample index; give a new folder, "
                           f"an index folder to replace, or a .jsonl file path")
     if getattr(args, "shards", None):
-        check_output(args.shards, "dir", "--shards")
+        guard_output(args.shards, "dir", "--shards", force=True, inputs=[args.source, args.out])
     if args.data_command == "validate":
         res = tools.validate(args.source, args.out, workers=args.workers)
         print(json.dumps(res))
@@ -389,7 +453,9 @@ def cmd_data(args) -> int:
         print(json.dumps(m, indent=1))
     elif args.data_command == "in21k-labels":
         labels = tools.in21k_labels(args.root, args.variant)
-        Path(args.out).write_text(json.dumps(labels))
+        from .checkpoint.convert import write_output
+
+        write_output(args.out, json.dumps(labels), "data in21k-labels")
         print(f"{labels['classes']} classes ({'complete' if labels['complete'] else 'expected ' + str(labels['expected_classes'])}); "
               f"{sum(i >= 0 for i in labels['in1k_to_in21k'])}/1000 ImageNet-1K classes mapped -> {args.out}")
     return 0
@@ -440,6 +506,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--train", default=None, help="labelled images the heads train on (data.train)")
     pr.add_argument("--val", default=None, help="labelled images they are scored on (data.val)")
     pr.add_argument("--out", required=True, help="folder for results.json / results.md")
+    pr.add_argument("--force", action="store_true", help="replace results files megadigpt did not write")
     pr.add_argument("--knn-layers", default=None, help="shortcut for probe.knn_layers=...")
     pr.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     pr.add_argument("overrides", nargs="*", metavar="section.key=value")
@@ -459,6 +526,7 @@ def build_parser() -> argparse.ArgumentParser:
                                               "{severity}/{000000..000009}.tar)")
     ev.add_argument("--real-labels", default=None, help="real.json (default: timm's bundled copy)")
     ev.add_argument("--out", default=None, help="folder for eval.json / eval.md")
+    ev.add_argument("--force", action="store_true", help="replace eval files megadigpt did not write")
     ev.add_argument("--batch", type=POS_INT, default=64)
     ev.add_argument("--limit", type=POS_INT, default=None, help="at most this many images per set (a quick look)")
     ev.add_argument("--loader", default="auto", choices=["auto", "dali", "torch"])
@@ -475,7 +543,9 @@ def build_parser() -> argparse.ArgumentParser:
     cv = sub.add_parser("convert", help="DeepSpeed checkpoint -> timm / reference D-iGPT / fp32, and back")
     cv.add_argument("input", help="a run dir, a checkpoint dir, a megadigpt .safetensors, or a reference .pth")
     cv.add_argument("--to", required=True, choices=["timm", "reference", "fp32"])
-    cv.add_argument("--out", required=True, help="timm: a folder; reference: a .pth; fp32: a .safetensors")
+    cv.add_argument("--out", required=True, help="timm: a folder; reference: a .pth; fp32: a .safetensors (never "
+                                                 "inside a run's checkpoints/, never the input)")
+    cv.add_argument("--force", action="store_true", help="replace existing files megadigpt did not write")
     cv.add_argument("--tag", default=None, help="checkpoint tag (default: the newest complete one)")
     cv.add_argument("--num-heads", type=POS_INT, default=None, help="timm: heads (default: from the run or the width)")
     cv.add_argument("--segment-grid", type=_at_least(2), default=2, help="reference: the segment grid (its mask buffer)")
@@ -520,6 +590,7 @@ def build_parser() -> argparse.ArgumentParser:
     lab.add_argument("root", help="folder of nXXXXXXXX synset folders")
     lab.add_argument("--variant", choices=["fall11", "winter21"], required=True)
     lab.add_argument("--out", required=True)
+    lab.add_argument("--force", action="store_true", help="replace an existing file megadigpt did not write")
     lab.set_defaults(fn=cmd_data)
 
     sm = sub.add_parser("submit", help="SLURM: validate, snapshot the code, write the sbatch script into the run "
@@ -572,6 +643,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="discrete targets: plan with this many token ids (instead of target.tokenizer's, e.g. "
                          "before it is fit)")
     pl.add_argument("--json", default=None, help="also write the rows as JSON")
+    pl.add_argument("--force", action="store_true", help="replace an existing --json file megadigpt did not write")
     pl.add_argument("overrides", nargs="*", metavar="section.key=value")
     pl.set_defaults(fn=cmd_plan)
 
@@ -601,7 +673,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="untimed applied steps first (an fp16 run's overflow-skipped steps do not count)")
     be.add_argument("--no-baseline", dest="no_baseline", action="store_true", help="skip the reference-style rows")
     be.add_argument("--timeout", type=POS_FLOAT, default=3600.0, help="seconds per case")
-    be.add_argument("--out", required=True, help="folder for bench.json, bench.md, bench.png and per-case logs")
+    be.add_argument("--out", required=True, help="folder for bench.json, bench.md, bench.png and per-case logs "
+                                                 "(new, empty, or an earlier bench's)")
+    be.add_argument("--force", action="store_true", help="write into a folder that holds other files")
     be.add_argument("overrides", nargs="*", metavar="section.key=value")
     be.set_defaults(fn=cmd_bench)
 
@@ -632,8 +706,22 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("run_dir", help="a pretraining or fine-tuning run directory (its metrics.jsonl)")
     rp.add_argument("--out", default=None, help="folder for the plots and summary.md (default: <run_dir>/report)")
     rp.add_argument("--probe", default=None, help="a `megadigpt probe --out` folder: also plot top-1 per block")
+    rp.add_argument("--force", action="store_true", help="replace plots or summary.md that megadigpt did not write")
     rp.set_defaults(fn=cmd_report)
     return p
+
+
+def _check_argument_text(args) -> None:
+    """No argument holds a control character (a newline in a run directory becomes its own line in a generated
+    script; an escape sequence rewrites the terminal), and no local path has an over-long name: one line each,
+    before any command starts."""
+    from .config import check_path_text, check_text
+
+    for name, value in vars(args).items():
+        for v in (value if isinstance(value, (list, tuple)) else [value]):
+            if isinstance(v, str):
+                what = "override" if name == "overrides" else f"argument {name.replace('_', '-')}"
+                check_text(v, what) if "://" in v or name == "overrides" else check_path_text(v, what)
 
 
 def main(argv=None) -> int:
@@ -652,6 +740,7 @@ def main(argv=None) -> int:
     if extra:
         args.overrides = list(args.overrides) + extra
     try:
+        _check_argument_text(args)
         return args.fn(args)
     except ConfigError as e:
         code = _fail(str(e))

@@ -10,6 +10,8 @@ Every field's comment is its documentation; the config reference (docs/config.md
 import dataclasses
 import difflib
 import math
+import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple, Union, get_args, get_origin, get_type_hints
@@ -21,6 +23,60 @@ CONFIG_DIR = Path(__file__).parent / "configs"
 
 class ConfigError(ValueError):
     """A problem with the user's config or inputs, reported in one line before any heavy initialisation."""
+
+
+def shorten(value, limit: int = 120) -> str:
+    """``repr`` of a value cut to ``limit`` characters: messages quote values shortened (a long path, a value
+    built from YAML aliases or a 10 kB override is not printed whole)."""
+    try:
+        text = reprlib_repr(value)
+    except RecursionError:  # a self-referencing YAML alias
+        text = f"<{type(value).__name__}>"
+    return text if len(text) <= limit else text[: limit - 16] + f"...({len(text)} chars)"
+
+
+NAME_MAX = 255  # bytes per path component on Linux file systems
+PATH_MAX = 4096
+
+
+def check_path_text(path, what: str = "path") -> str:
+    """A path from the user: a NUL byte, a control character (newline, tab, escape) or an over-long name (a
+    component over 255 bytes, a whole over 4095) is one line, before any system call sees it."""
+    text = os.fspath(path)
+    if isinstance(text, bytes):
+        text = text.decode("utf-8", "surrogateescape")
+    check_text(text, what)
+    raw = text.encode("utf-8", "surrogateescape")
+    if len(raw) >= PATH_MAX:
+        raise ConfigError(f"{what} {shorten(text)} is {len(raw)} bytes long (the limit is {PATH_MAX - 1})")
+    long = next((c for c in text.split("/") if len(c.encode("utf-8", "surrogateescape")) > NAME_MAX), None)
+    if long is not None:
+        raise ConfigError(f"{what} {shorten(text)} has a name of {len(long.encode('utf-8', 'surrogateescape'))} "
+                          f"bytes (the limit is {NAME_MAX})")
+    return text
+
+
+def check_text(text: str, what: str) -> str:
+    """A NUL byte or a control character (a newline that would become its own line in a generated script, an
+    escape sequence for the terminal) in a value is one line."""
+    if "\x00" in text:
+        raise ConfigError(f"{what} {shorten(text)} holds a NUL byte")
+    bad = next((c for c in text if ord(c) < 32 or ord(c) == 127), None)
+    if bad is not None:
+        raise ConfigError(f"{what} {shorten(text)} holds a control character ({bad!r})")
+    return text
+
+
+def reprlib_repr(value) -> str:
+    """repr of strings whole (then cut by shorten), of containers bounded (reprlib: a list of 10**9 aliases is
+    not walked)."""
+    if isinstance(value, (str, bytes, int, float, bool, type(None))):
+        return repr(value)
+    import reprlib
+
+    r = reprlib.Repr()
+    r.maxlevel, r.maxlist, r.maxtuple, r.maxdict, r.maxstring, r.maxother = 4, 8, 8, 8, 60, 60
+    return r.repr(value)
 
 
 @dataclass
@@ -85,6 +141,10 @@ class DataConfig:
     epoch_size: Optional[int] = None  # stream mode: samples per epoch where no manifest.json beside the shards counts them
     io_timeout_s: float = 60.0  # remote reads: seconds without progress before a read is abandoned and retried
     io_retries: int = 3  # remote reads: retries with backoff (0.5, 1, 2 s, ...) before a shard is skipped
+    io_deadline_s: Optional[float] = None  # remote reads: the deadline (s) of one shard or small-file transfer (a try), before its size adds to it; default 5 x io_timeout_s
+    io_min_rate_mb_s: float = 1.0  # remote reads: the deadline grows by 1 s per this many MB (10^6 bytes) of the declared size (or of the bytes so far where none is declared)
+    max_shard_bytes: int = 64 << 30  # remote reads: a shard (or stream) declared or running longer than this many bytes (64 GiB) is a shard problem, not retried
+    max_member_bytes: int = 256 << 20  # a tar image or .cls member declared larger than this many bytes (256 MiB) is a bad sample, never read into memory
 
 
 @dataclass
@@ -164,6 +224,10 @@ class FinetuneDataConfig:
     cache_dir: Optional[str] = None  # local copies of remote shards; default $MEGADIGPT_CACHE or ~/.cache/megadigpt/shards
     io_timeout_s: float = 60.0  # remote reads: seconds without progress before a read is abandoned and retried
     io_retries: int = 3  # remote reads: retries with backoff (0.5, 1, 2 s, ...) before a shard is skipped
+    io_deadline_s: Optional[float] = None  # remote reads: the deadline (s) of one shard or small-file transfer (a try), before its size adds to it; default 5 x io_timeout_s
+    io_min_rate_mb_s: float = 1.0  # remote reads: the deadline grows by 1 s per this many MB (10^6 bytes) of the declared size (or of the bytes so far where none is declared)
+    max_shard_bytes: int = 64 << 30  # remote reads: a shard (or stream) declared or running longer than this many bytes (64 GiB) is a shard problem, not retried
+    max_member_bytes: int = 256 << 20  # a tar image or .cls member declared larger than this many bytes (256 MiB) is a bad sample, never read into memory
 
 
 @dataclass
@@ -258,7 +322,7 @@ class Rule:
             raise ConfigError(f"{where} must be a finite number, got {value}")
         if value is not None and not self.ok(value):
             hint = _suggest(value, map(str, self.choices())) if self.choices and isinstance(value, str) else ""
-            raise ConfigError(f"{where} must be {self.text}, got {_plain(value)!r}{hint}")
+            raise ConfigError(f"{where} must be {self.text}, got {shorten(_plain(value))}{hint}")
 
 
 def _num(v):  # a finite number: .inf and .nan are YAML floats too
@@ -329,7 +393,8 @@ RULES: Dict[type, Dict[str, Rule]] = {
     DataConfig: dict(loader=one_of(*LOADERS), crop_scale=ordered(FRACTION_ABOVE_0), crop_ratio=ordered(POSITIVE),
                      interpolation=one_of("bicubic", "bilinear"), std=STD, num_workers=NON_NEGATIVE,
                      mode=one_of("auto", "indexed", "stream"), shuffle_buffer=POSITIVE, epoch_size=POSITIVE,
-                     io_timeout_s=POSITIVE, io_retries=NON_NEGATIVE),
+                     io_timeout_s=POSITIVE, io_retries=NON_NEGATIVE, io_deadline_s=POSITIVE,
+                     io_min_rate_mb_s=POSITIVE, max_shard_bytes=POSITIVE, max_member_bytes=POSITIVE),
     OptimConfig: dict(lr=POSITIVE, blr=POSITIVE, min_lr=NON_NEGATIVE, betas=each(FRACTION_BELOW_1), eps=POSITIVE,
                       weight_decay=NON_NEGATIVE, warmup_epochs=NON_NEGATIVE, warmup_steps=NON_NEGATIVE,
                       grad_clip=NON_NEGATIVE),
@@ -343,7 +408,8 @@ RULES: Dict[type, Dict[str, Rule]] = {
                            drop_path=FRACTION_BELOW_1, global_pool=one_of("avg", "token"), num_classes=POSITIVE),
     FinetuneDataConfig: dict(loader=one_of(*LOADERS), crop_scale=ordered(FRACTION_ABOVE_0),
                              crop_pct=FRACTION_ABOVE_0, std=STD, num_workers=NON_NEGATIVE,
-                             io_timeout_s=POSITIVE, io_retries=NON_NEGATIVE),
+                             io_timeout_s=POSITIVE, io_retries=NON_NEGATIVE, io_deadline_s=POSITIVE,
+                             io_min_rate_mb_s=POSITIVE, max_shard_bytes=POSITIVE, max_member_bytes=POSITIVE),
     FinetuneOptimConfig: dict(layer_decay=FRACTION_ABOVE_0),
     FinetuneConfig: dict(smoothing=FRACTION_BELOW_1, mixup=NON_NEGATIVE, cutmix=NON_NEGATIVE, mixup_prob=FRACTION,
                          mixup_switch_prob=FRACTION, reprob=FRACTION, remode=one_of("pixel", "rand", "const"),
@@ -361,10 +427,21 @@ def rules_of(section_cls) -> Dict[str, Rule]:
     return out
 
 
+# keys whose strings are local paths (or URLs, shard specs: checked for NUL and control characters only)
+PATH_KEYS = {"run_dir", "cache_dir", "init_from", "ds_config", "tokenizer", "probe_train", "probe_val"}
+
+
 def validate(cfg) -> None:
-    """Check every constrained key of a config tree (:class:`Config` or :class:`FinetuneRunConfig`)."""
+    """Check every constrained key of a config tree (:class:`Config` or :class:`FinetuneRunConfig`); no string
+    value holds a NUL byte or a control character; path keys have no over-long names."""
     for section in dataclasses.fields(cfg):
         obj = getattr(cfg, section.name)
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            for v in (value if isinstance(value, (list, tuple)) else [value]):
+                if isinstance(v, str):
+                    where = f"{section.name}.{f.name}"
+                    check_path_text(v, where) if f.name in PATH_KEYS else check_text(v, where)
         for key, rule in rules_of(type(obj)).items():
             rule.check(f"{section.name}.{key}", getattr(obj, key))
 
@@ -379,7 +456,7 @@ def _plain(x):
 
 # ---------------------------------------------------------------------------------------------- parsing
 def _suggest(name: str, options) -> str:
-    close = difflib.get_close_matches(name, list(options), n=1)
+    close = difflib.get_close_matches(str(name)[:200], list(options), n=1)
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
@@ -396,22 +473,22 @@ def _coerce(value, hint, where: str):
                 return _coerce(value, a, where)
             except ConfigError as e:
                 errors.append(str(e))
-        raise ConfigError(errors[-1] if errors else f"{where}: invalid value {value!r}")
+        raise ConfigError(errors[-1] if errors else f"{where}: invalid value {shorten(value)}")
     if origin in (list, List):
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where}: expected a list, got {value!r}")
+            raise ConfigError(f"{where}: expected a list, got {shorten(value)}")
         return [_coerce(v, args[0], where) for v in value]
     if origin in (tuple, Tuple):
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
-            raise ConfigError(f"{where}: expected a list of {len(args)} values, got {value!r}")
+            raise ConfigError(f"{where}: expected a list of {len(args)} values, got {shorten(value)}")
         return tuple(_coerce(v, a, where) for v, a in zip(value, args))
     if hint is bool:
         if isinstance(value, bool):
             return value
-        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+        raise ConfigError(f"{where}: expected true/false, got {shorten(value)}")
     if hint is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+            raise ConfigError(f"{where}: expected an integer, got {shorten(value)}")
         return value
     if hint is float:
         if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
@@ -420,7 +497,7 @@ def _coerce(value, hint, where: str):
             except ValueError:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where}: expected a number, got {value!r}")
+            raise ConfigError(f"{where}: expected a number, got {shorten(value)}")
         return float(value)
     if hint is str:
         if isinstance(value, bool):  # YAML 1.1 reads on/off/yes/no as booleans
@@ -428,7 +505,7 @@ def _coerce(value, hint, where: str):
         if isinstance(value, (int, float)):
             return str(value)
         if not isinstance(value, str):
-            raise ConfigError(f"{where}: expected a string, got {value!r}")
+            raise ConfigError(f"{where}: expected a string, got {shorten(value)}")
         return value
     raise ConfigError(f"{where}: unsupported type {hint}")
 
@@ -437,7 +514,7 @@ def _apply(section_obj, values: Dict[str, Any], section: str):
     hints = get_type_hints(type(section_obj))
     for key, value in values.items():
         if key not in hints:
-            raise ConfigError(f"unknown config key '{section}.{key}'{_suggest(key, hints)}")
+            raise ConfigError(f"unknown config key {shorten(f'{section}.{key}')}{_suggest(str(key)[:200], hints)}")
         setattr(section_obj, key, _coerce(value, hints[key], f"{section}.{key}"))
 
 
@@ -450,12 +527,64 @@ def _no_duplicates(loader, node, deep=False):
     for key_node, _ in node.value:
         key = loader.construct_object(key_node, deep=deep)
         if key in seen:
-            raise ConfigError(f"duplicate key {key!r} (line {key_node.start_mark.line + 1})")
+            raise ConfigError(f"duplicate key {shorten(key)} (line {key_node.start_mark.line + 1})")
         seen.add(key)
     return loader.construct_mapping(node, deep=deep)
 
 
 _StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _no_duplicates)
+
+YAML_MAX_BYTES = 16 << 20  # a config, chain or merge spec is a few kB
+YAML_MAX_NODES = 100_000  # values after alias expansion (a 1 kB "billion laughs" expands to 10**9)
+YAML_MAX_DEPTH = 64  # nesting of mappings and lists
+
+
+def _check_yaml_size(node) -> None:
+    """Bound a composed YAML document before anything is built from it: the number of values it stands for once
+    aliases are expanded (counted on the node graph, where an alias is the same node object again: nothing is
+    expanded) and its nesting depth. Iterative: a deep document cannot exhaust Python's stack here."""
+    expanded, depth = {}, {}
+    stack = [(node, False)]
+    while stack:
+        n, done = stack.pop()
+        key = id(n)
+        if key in expanded and not done:
+            continue
+        children = []
+        if isinstance(n, yaml.SequenceNode):
+            children = n.value
+        elif isinstance(n, yaml.MappingNode):
+            children = [c for pair in n.value for c in pair]
+        if not done:
+            expanded[key] = None  # on the path (a cycle cannot be composed by PyYAML, but stay safe)
+            stack.append((n, True))
+            stack.extend((c, False) for c in children if id(c) not in expanded)
+            continue
+        expanded[key] = 1 + sum(expanded.get(id(c)) or 0 for c in children)
+        depth[key] = 1 + max((depth.get(id(c), 0) for c in children), default=0)
+        if expanded[key] > YAML_MAX_NODES:
+            raise ConfigError(f"holds more than {YAML_MAX_NODES} values once its aliases are expanded (an alias "
+                              f"bomb?)")
+        if depth[key] > YAML_MAX_DEPTH:
+            raise ConfigError(f"is nested more than {YAML_MAX_DEPTH} levels deep")
+
+
+def load_yaml_text(text: str):
+    """YAML text as megadigpt reads it: safe tags, no duplicate keys, bounded size, expansion and depth."""
+    if len(text) > YAML_MAX_BYTES:
+        raise ConfigError(f"is {len(text)} characters long (the limit is {YAML_MAX_BYTES})")
+    loader = _StrictLoader(text)
+    try:
+        try:
+            node = loader.get_single_node()
+        except RecursionError:
+            raise ConfigError(f"is nested more than {YAML_MAX_DEPTH} levels deep") from None
+        if node is None:
+            return None
+        _check_yaml_size(node)
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
 
 
 def read_yaml(path, what: str = "config", allow_empty: bool = False):
@@ -465,7 +594,13 @@ def read_yaml(path, what: str = "config", allow_empty: bool = False):
     if p.is_dir():
         raise ConfigError(f"{what} {path} is a directory, not a YAML file")
     try:
-        text = p.read_bytes().decode("utf-8")
+        with os.fdopen(os.open(p, os.O_RDONLY | os.O_NONBLOCK), "rb") as f:  # a planted FIFO cannot block
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                raise ConfigError(f"{what} {shorten(str(path))} is not a regular file (a device or a pipe?)")
+            raw = f.read(YAML_MAX_BYTES + 1)
+        if len(raw) > YAML_MAX_BYTES:
+            raise ConfigError(f"{what} {shorten(str(path))} is over {YAML_MAX_BYTES} bytes; a config is a few kB")
+        text = raw.decode("utf-8")
     except FileNotFoundError:
         raise ConfigError(f"{what} file not found: {path}") from None
     except UnicodeDecodeError as e:
@@ -473,7 +608,7 @@ def read_yaml(path, what: str = "config", allow_empty: bool = False):
     except OSError as e:
         raise ConfigError(f"cannot read {what} {path}: {e.strerror}") from None
     try:
-        data = yaml.load(text, Loader=_StrictLoader)
+        data = load_yaml_text(text)
     except ConfigError as e:
         raise ConfigError(f"{what} {path}: {e}") from None
     except yaml.YAMLError as e:
@@ -486,18 +621,21 @@ def read_yaml(path, what: str = "config", allow_empty: bool = False):
 
 
 def resolve_config_path(name_or_path: str) -> Path:
+    check_path_text(name_or_path, "config")
     p = Path(name_or_path)
     if p.suffix in (".yaml", ".yml") or p.exists():
         if p.is_dir():
             raise ConfigError(f"config {name_or_path} is a directory, not a YAML file")
+        if p.exists() and not p.is_file():
+            raise ConfigError(f"config {shorten(str(name_or_path))} is not a regular file (a device or a pipe?)")
         if not p.is_file():
-            raise ConfigError(f"config file not found: {name_or_path}")
+            raise ConfigError(f"config file not found: {shorten(str(name_or_path))}")
         return p
     builtin = CONFIG_DIR / f"{name_or_path}.yaml"
     if builtin.is_file():
         return builtin
     names = sorted(q.stem for q in CONFIG_DIR.glob("*.yaml"))
-    raise ConfigError(f"no config file or built-in config named {name_or_path!r}{_suggest(name_or_path, names)}; "
+    raise ConfigError(f"no config file or built-in config named {shorten(name_or_path)}{_suggest(name_or_path, names)}; "
                       f"built-in: {', '.join(names)}")
 
 
@@ -505,13 +643,15 @@ def parse_overrides(items: List[str]) -> Dict[str, Dict[str, Any]]:
     out: Dict[str, Dict[str, Any]] = {}
     for item in items:
         if "=" not in item or "." not in item.split("=", 1)[0]:
-            raise ConfigError(f"override {item!r} is not of the form section.key=value")
+            raise ConfigError(f"override {shorten(item)} is not of the form section.key=value")
         key, raw = item.split("=", 1)
         section, name = key.split(".", 1)
         try:
-            out.setdefault(section, {})[name] = yaml.safe_load(raw) if raw != "" else None
+            out.setdefault(section, {})[name] = load_yaml_text(raw) if raw != "" else None
+        except ConfigError as e:
+            raise ConfigError(f"override {shorten(item)}: {e}") from None
         except yaml.YAMLError as e:
-            raise ConfigError(f"override {item!r}: not a YAML value ({' '.join(str(getattr(e, 'problem', None) or e).split())}; quote "
+            raise ConfigError(f"override {shorten(item)}: not a YAML value ({' '.join(str(getattr(e, 'problem', None) or e).split())}; quote "
                               f"strings with special characters)") from None
     return out
 
@@ -539,9 +679,9 @@ def load_config(name_or_path: Optional[str] = None, overrides: Optional[List[str
                 hint = _suggest(section, sections)
                 if not hint and section in ("target", "finetune", "probe"):
                     hint = (" (a pretraining config given to finetune/probe/eval, or the other way round?)")
-                raise ConfigError(f"unknown config section '{section}'{hint}")
+                raise ConfigError(f"unknown config section {shorten(str(section))}{hint}")
             if not isinstance(values, dict):
-                raise ConfigError(f"config section '{section}' must be a mapping")
+                raise ConfigError(f"config section {shorten(str(section))} must be a mapping")
             _apply(sections[section], values, section)
     validate(cfg)
     return cfg
@@ -640,7 +780,10 @@ def check_resume_config(run_dir, cfg) -> None:
     run's start) and ``cfg`` must agree on every geometry key, else one ConfigError naming the first differing key
     (instead of DeepSpeed's size-mismatch traceback after the engine is built). Call only when a checkpoint
     exists."""
+    from .safe_fs import check_no_links
+
     saved_path = Path(run_dir) / "config.yaml"
+    check_no_links(saved_path, run_dir, "run config")  # never read through a planted link
     if not saved_path.is_file():
         return
     saved = read_yaml(saved_path, "run config")
@@ -667,8 +810,8 @@ def check_resume_config(run_dir, cfg) -> None:
         pairs.append(("model.arch", saved["model"]["arch"], cfg.model.arch))
     for key, old, new in pairs:
         if old is not None and new is not None and _plain(old) != _plain(new):
-            raise ConfigError(f"{run_dir} holds a checkpoint of another network: {key} was {_plain(old)!r}, now "
-                              f"{_plain(new)!r}; use the run's settings or a new train.run_dir")
+            raise ConfigError(f"{run_dir} holds a checkpoint of another network: {key} was {shorten(_plain(old))}, now "
+                              f"{shorten(_plain(new))}; use the run's settings or a new train.run_dir")
 
 
 def dump_config(cfg) -> str:

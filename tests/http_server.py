@@ -1,23 +1,30 @@
 """A real HTTP server on 127.0.0.1 for the data tests: serves a folder with Range support, and injects the faults
 of the network edge on request (per path): a 404, a connection dropped after N bytes, a slow server, a body cut
-short with a correct-looking Content-Length, a refused connection (an address where nothing listens).
+short with a correct-looking Content-Length, a refused connection (an address where nothing listens), and the
+hostile ones (issue 28): a body or headers trickled at N bytes/s, an endless body (no Content-Length), and a
+gzip Content-Encoding bomb.
 
     with ShardServer(folder) as srv:
         url = srv.url("train-000000.tar")          # http://127.0.0.1:<port>/train-000000.tar
         srv.faults["train-000001.tar"] = Fault(drop_after=50_000, times=1)   # the first request is dropped
+        srv.faults["a.tar"] = Fault(trickle_bps=1)   # one byte per second, forever (as far as a test goes)
+        srv.faults["b.tar"] = Fault(body=endless_zeros)               # no Content-Length, never ends
+        srv.faults["c.tar"] = Fault(gzip_bomb=64 << 20)               # 64 MiB of zeros as a 64 kB gzip body
         srv.requests                                # what was asked: [(path, range header)]
 
 Plain ``http.server`` (standard library) with a Range-aware handler: nothing here is mocked; the client talks
 TCP to a real server.
 """
 
+import gzip
+import io
 import socket
 import threading
 import time
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
 
 @dataclass
@@ -28,6 +35,10 @@ class Fault:
     delay_s: float = 0.0  # wait this long before the first byte
     stall_s: float = 0.0  # then stall this long after the first 1 KiB (a slow server)
     times: Optional[int] = None  # apply to the first `times` requests of the path only (None: always)
+    trickle_bps: Optional[float] = None  # send the body at this many bytes per second (Content-Length correct)
+    trickle_headers_bps: Optional[float] = None  # send the status line, then an endless header at this rate
+    body: Optional[Callable[[], Iterable[bytes]]] = None  # send these chunks instead (no Content-Length; closed at the end)
+    gzip_bomb: Optional[int] = None  # send this many zero bytes gzip-compressed, with Content-Encoding: gzip
 
 
 class ShardServer:
@@ -61,12 +72,56 @@ class ShardServer:
             def do_GET(self):
                 self._serve(head=False)
 
+            def _trickle(self, data: bytes, bps: float) -> None:
+                step = max(1, int(bps / 20))  # 20 writes a second
+                for i in range(0, len(data), step):
+                    self.wfile.write(data[i:i + step])
+                    self.wfile.flush()
+                    time.sleep(step / bps)
+
+            def _hostile(self, fault: Fault, head: bool) -> bool:
+                """The faults that replace the whole answer; True when one did."""
+                try:
+                    if fault.trickle_headers_bps:
+                        self.wfile.write(b"HTTP/1.1 200 OK\r\nX-Slow: ")
+                        step = max(1, int(fault.trickle_headers_bps / 20))
+                        while True:  # until the client gives up (a broken pipe)
+                            self.wfile.write(b"a" * step)
+                            self.wfile.flush()
+                            time.sleep(step / fault.trickle_headers_bps)
+                    if fault.body is not None:
+                        self.send_response(200)
+                        self.send_header("Content-Type", "application/x-tar")
+                        self.send_header("Connection", "close")
+                        self.end_headers()
+                        self.close_connection = True
+                        if not head:
+                            for chunk in fault.body():
+                                self.wfile.write(chunk)
+                        return True
+                    if fault.gzip_bomb is not None:
+                        body = _bomb(fault.gzip_bomb)
+                        self.send_response(200)
+                        self.send_header("Content-Type", "application/x-tar")
+                        self.send_header("Content-Encoding", "gzip")
+                        self.send_header("Content-Length", str(len(body)))
+                        self.end_headers()
+                        if not head:
+                            self.wfile.write(body)
+                        return True
+                except (BrokenPipeError, ConnectionResetError):
+                    self.close_connection = True
+                    return True
+                return False
+
             def _serve(self, head: bool):
                 name = self.path.split("?", 1)[0].lstrip("/")
                 fault = self._fault(name)
                 path = (server.root / name).resolve()
                 if fault and fault.delay_s:
                     time.sleep(fault.delay_s)
+                if fault and not fault.status and self._hostile(fault, head):
+                    return
                 if (fault and fault.status) or not path.is_file() or server.root.resolve() not in path.parents:
                     status = fault.status if fault and fault.status else 404
                     body = b"not found\n" if status == 404 else b"error\n"
@@ -113,6 +168,9 @@ class ShardServer:
                         self.connection.shutdown(socket.SHUT_RDWR)
                         self.close_connection = True
                         return
+                    if fault and fault.trickle_bps:
+                        self._trickle(body, fault.trickle_bps)
+                        return
                     if fault and fault.stall_s:
                         self.wfile.write(body[:1024])
                         self.wfile.flush()
@@ -141,6 +199,29 @@ class ShardServer:
     def __exit__(self, *exc):
         self.httpd.shutdown()
         self.httpd.server_close()
+
+
+_BOMBS: Dict[int, bytes] = {}
+
+
+def _bomb(n: int) -> bytes:
+    """``n`` zero bytes gzip-compressed (1000:1), written 1 MiB at a time: the bomb is never whole in memory."""
+    if n not in _BOMBS:
+        buf = io.BytesIO()
+        with gzip.GzipFile(fileobj=buf, mode="wb", compresslevel=9) as f:
+            zero = bytes(1 << 20)
+            for _ in range(n >> 20):
+                f.write(zero)
+            f.write(bytes(n & ((1 << 20) - 1)))
+        _BOMBS[n] = buf.getvalue()
+    return _BOMBS[n]
+
+
+def endless_zeros() -> Iterable[bytes]:
+    """An endless body of zero bytes, 64 kB at a time (for ``Fault(body=endless_zeros)``)."""
+    chunk = bytes(1 << 16)
+    while True:
+        yield chunk
 
 
 def unused_port() -> int:

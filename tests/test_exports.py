@@ -213,3 +213,71 @@ def test_finetune_export_has_the_same_properties(export, tmp_path):
                    "https://example.com/train-{000..009}.tar"):
         assert needle in card, needle
     assert "secret" not in card and "sig=abc" not in card and "secret" not in json.dumps(meta)
+
+
+def test_convert_never_destroys_what_it_points_at(run, tmp_path, capsys):
+    """Issue 28: `convert` refuses, in one line and before loading anything, a path inside the run's checkpoints/
+    (the run stays resumable, byte for byte), its own input (even with --force, hard links too), and a folder of
+    someone else's files unless --force; megadigpt's own earlier output is replaced without --force."""
+    import hashlib
+
+    from megadigpt.checkpoint import ds_checkpoint as dc
+    from megadigpt.cli import main
+
+    def cli(*argv):
+        code = main(["convert", *map(str, argv)])
+        err = capsys.readouterr().err
+        lines = [ln for ln in err.splitlines() if ln.strip()]
+        assert code == 0 or (len(lines) == 1 and lines[0].startswith("megadigpt: error: ")), err
+        return code, err
+
+    tag = dc.latest_tag(run)
+    ck = run / "checkpoints" / tag
+
+    def digest():
+        return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(ck.iterdir())}
+
+    before = digest()
+    for force in ([], ["--force"]):
+        code, err = cli(run, "--to", "fp32", "--out", ck / "mp_rank_00_model_states.pt", *force)
+        assert code == 2 and "inside the run's checkpoint folder" in err
+        code, err = cli(run, "--to", "timm", "--out", run / "checkpoints", *force)
+        assert code == 2 and "checkpoint folder" in err
+        code, err = cli(run, "--to", "timm", "--out", run, *force)  # the run directory is the input
+        assert code == 2 and "would overwrite its input" in err
+    assert digest() == before and dc.verify(run, tag) is None and dc.latest_tag(run) == tag
+
+    full = tmp_path / "full.safetensors"
+    assert cli(run, "--to", "fp32", "--out", full)[0] == 0
+    assert cli(run, "--to", "fp32", "--out", full)[0] == 0  # megadigpt's own fp32 export: no --force needed
+    os.link(full, tmp_path / "again.safetensors")
+    data = full.read_bytes()
+    for out in (full, tmp_path / "again.safetensors"):  # its input, by name or by another (hard) link
+        code, err = cli(full, "--to", "fp32", "--out", out, "--force")
+        assert code == 2 and "which this command reads" in err
+    assert full.read_bytes() == data
+
+    ref = tmp_path / "ref.pth"
+    ref.write_bytes(b"someone's file")
+    code, err = cli(run, "--to", "reference", "--out", ref)
+    assert code == 2 and "pass --force" in err and ref.read_bytes() == b"someone's file"
+    assert cli(run, "--to", "reference", "--out", ref, "--force")[0] == 0
+    assert cli(run, "--to", "reference", "--out", ref)[0] == 0  # now megadigpt's own
+
+    user = tmp_path / "user"
+    user.mkdir()
+    (user / "README.md").write_text("my notes")
+    (user / "config.json").write_text("{}")
+    code, err = cli(run, "--to", "timm", "--out", user)
+    assert code == 2 and "README.md, config.json" in err and "--force" in err
+    assert (user / "README.md").read_text() == "my notes" and not (user / "model.safetensors").exists()
+    assert cli(run, "--to", "timm", "--out", user, "--force")[0] == 0
+    assert json.loads((user / "config.json").read_text())["megadigpt"]["step"] == 3
+
+    t = tmp_path / "t"
+    assert cli(run, "--to", "timm", "--out", t)[0] == 0
+    assert cli(run, "--to", "timm", "--out", t)[0] == 0  # over megadigpt's own export: no --force needed
+    (t / "README.md").write_text("edited card")  # changed since: no longer megadigpt's to replace
+    code, err = cli(run, "--to", "timm", "--out", t)
+    assert code == 2 and "README.md" in err and (t / "README.md").read_text() == "edited card"
+    assert not list(t.glob(".*.tmp*")) and not list(tmp_path.glob(".*.tmp*"))  # no temporaries left

@@ -57,13 +57,253 @@ included: :mod:`megadigpt.checkpoint.safe_load`).
 
 import json
 import math
+import os
 import re
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Callable, Dict, Iterable, Optional
 
 import torch
 
-from ..config import ConfigError
+from ..config import ConfigError, check_output
+from ..safe_fs import check_path_text, shorten, write_atomic
+
+# ------------------------------------------------------------------------------------------- outputs that never destroy
+# Every command that writes what the user names (``--out``, ``--json``) goes through :func:`guard_output` before
+# any heavy work: never into a run's ``checkpoints/`` folder, never over its own input (not even with --force:
+# resolved paths and hard links compared), never over an existing file megadigpt did not write unless --force.
+# What megadigpt wrote into a folder is recorded in that folder's :data:`OUTPUT_MARKER` (name, size, mtime_ns of
+# each file): a file whose size or mtime changed since (edited by someone) is no longer megadigpt's. Files are
+# replaced atomically (a temporary in the same folder renamed over the name).
+
+OUTPUT_MARKER = ".megadigpt-output.json"
+SAFETENSORS_SIGNATURE = {"megadigpt": "convert --to fp32"}  # in an fp32 export's safetensors metadata
+
+
+def _abs(p) -> Path:
+    return Path(os.path.abspath(os.fspath(p)))
+
+
+def _real(p) -> Path:
+    return Path(os.path.realpath(os.fspath(p)))
+
+
+def checkpoints_folder_of(path) -> Optional[Path]:
+    """The run's ``checkpoints/`` folder that ``path`` is or lies inside (as written, and with links resolved),
+    or None. A folder named ``checkpoints`` counts when it holds ``latest`` or a ``step_*`` tag, or sits beside
+    the run's ``config.yaml`` / ``metrics.jsonl``."""
+    from .ds_checkpoint import TAG_RE
+
+    for cand in (_abs(path), _real(path)):
+        for d in (cand, *cand.parents):
+            if d.name != "checkpoints" or not d.is_dir():
+                continue
+            try:
+                tags = any(TAG_RE.match(c.name) for c in d.iterdir())
+            except OSError:
+                tags = False
+            if tags or (d / "latest").exists() or (d.parent / "config.yaml").is_file() or \
+                    (d.parent / "metrics.jsonl").is_file():
+                return d
+    return None
+
+
+def same_file(a, b) -> bool:
+    """``a`` and ``b`` name the same file or folder: equal once links are resolved, or one inode (a hard link)."""
+    if _real(a) == _real(b):
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except (OSError, ValueError):
+        return False
+
+
+def _read_output_marker(folder: Path) -> Optional[dict]:
+    """{name: record} of the files megadigpt wrote in ``folder``; None when it holds no (readable) record."""
+    from ..safe_fs import read_regular
+
+    try:
+        raw = read_regular(folder / OUTPUT_MARKER, limit=1 << 20, what="output record")
+        rec = json.loads(raw) if raw else None
+    except (ConfigError, OSError, ValueError):
+        return None
+    files = rec.get("files") if isinstance(rec, dict) else None
+    return files if isinstance(files, dict) else None
+
+
+def written_by_megadigpt(path) -> bool:
+    """``path`` is a regular file that megadigpt wrote (its folder's record lists it with this size and mtime),
+    unchanged since."""
+    p = Path(path)
+    try:
+        st = os.lstat(p)
+    except OSError:
+        return False
+    import stat as _stat
+
+    if not _stat.S_ISREG(st.st_mode):
+        return False
+    ent = (_read_output_marker(p.parent) or {}).get(p.name)
+    return isinstance(ent, dict) and ent.get("size") == st.st_size and ent.get("mtime_ns") == st.st_mtime_ns
+
+
+def record_outputs(folder, names: Iterable[str], command: str = "") -> None:
+    """Note ``names`` (files just written in ``folder``) in the folder's :data:`OUTPUT_MARKER`."""
+    from .. import __version__
+
+    folder = Path(folder)
+    files = _read_output_marker(folder) or {}
+    for n in names:
+        try:
+            st = os.lstat(folder / n)
+        except OSError:
+            continue
+        files[n] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "by": f"megadigpt {command}".strip()}
+    rec = {"written_by": f"megadigpt {__version__}", "note": "files megadigpt wrote here (it replaces these, and "
+           "only these, without --force while unchanged)", "files": dict(sorted(files.items()))}
+    write_atomic(folder / OUTPUT_MARKER, json.dumps(rec, indent=1) + "\n", what="output record")
+
+
+def write_output(path, data, command: str = "") -> Path:
+    """A small output file (text or bytes) written atomically and recorded as megadigpt's."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(p, data, what="output")
+    record_outputs(p.parent, [p.name], command)
+    return p
+
+
+def _safetensors_metadata(path) -> Optional[dict]:
+    """The ``__metadata__`` of a safetensors file from its header alone (no tensors read); None if unreadable."""
+    try:
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if not 2 <= n <= 100 << 20:
+                return None
+            head = json.loads(f.read(n))
+    except (OSError, ValueError):
+        return None
+    meta = head.get("__metadata__") if isinstance(head, dict) else None
+    return meta if isinstance(meta, dict) else {}
+
+
+def _is_fp32_export(path) -> bool:
+    meta = _safetensors_metadata(path) or {}
+    return all(meta.get(k) == v for k, v in SAFETENSORS_SIGNATURE.items())
+
+
+REFERENCE_SIGNATURE = "megadigpt convert --to reference"  # a top-level "megadigpt" entry of the saved dict
+
+
+def _is_reference_export(path) -> bool:
+    """A ``convert --to reference`` file, from its pickle's bytes alone (the zip's ``data.pkl``; nothing loaded)."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as z:
+            pkl = next((i for i in z.infolist() if i.filename.endswith("/data.pkl")), None)
+            if pkl is None or pkl.file_size > 64 << 20:
+                return False
+            return REFERENCE_SIGNATURE.encode() in z.read(pkl)
+    except (OSError, zipfile.BadZipFile, ValueError):
+        return False
+
+
+def _names(names, limit=6) -> str:
+    names = sorted(names)
+    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def guard_output(path, kind: str, what: str = "--out", *, force: bool = False, inputs: Iterable = (),
+                 files: Iterable[str] = (), whole_folder: bool = False,
+                 own: Optional[Callable[[Path], bool]] = None) -> Path:
+    """Refuse (one line) an output before any work: ``kind`` "file" or "dir" (``files``: the names written into
+    the folder). Never inside a run's ``checkpoints/``; never ``inputs`` themselves (resolved, hard links too),
+    whatever ``force``; without ``force``, never over an existing file megadigpt did not write (its folder's
+    record, or ``own(path)``: a signature in the file), and with ``whole_folder`` (an export folder) only into a
+    new, empty, or megadigpt-written folder."""
+    text = check_path_text(path, what)
+    p = check_output(text, kind, what)
+    ck = checkpoints_folder_of(p)
+    if ck is not None:
+        raise ConfigError(f"{what} {shorten(text)} is inside the run's checkpoint folder {ck}; megadigpt never "
+                          f"writes there (the run could no longer resume): choose a path outside it")
+    files = list(files)
+    targets = [p] + [p / n for n in files]
+    for src in inputs:
+        if src is None or not os.path.exists(src):
+            continue
+        for t in targets:
+            if same_file(t, src):
+                raise ConfigError(f"{what} {shorten(text)} would overwrite {'its input ' + str(src) if t == p else t}"
+                                  f", which this command reads; choose another path (--force does not change this)")
+    if force:
+        return p
+    own = own or (lambda _p: False)
+    if kind == "file":
+        if os.path.lexists(p) and not (written_by_megadigpt(p) or own(p)):
+            raise ConfigError(f"{what} {shorten(text)} exists and megadigpt did not write it; pass --force to "
+                              f"replace it, or choose another path")
+        return p
+    if not p.is_dir():
+        return p
+    marker = _read_output_marker(p)
+    try:
+        present = [c.name for c in p.iterdir() if c.name != OUTPUT_MARKER]
+    except OSError as e:
+        raise ConfigError(f"{what} {shorten(text)}: cannot list the folder ({e.strerror})") from None
+    if whole_folder and present and marker is None:
+        replaced = [n for n in files if n in present]
+        raise ConfigError(f"{what} {shorten(text)} is a folder with files megadigpt did not write "
+                          f"({_names(present)}); " + (f"writing would replace {_names(replaced)}" if replaced else
+                                                      f"writing would add {_names(files)} to them") +
+                          ": pass --force, or choose a new or empty folder")
+    foreign = [n for n in files if os.path.lexists(p / n) and not (written_by_megadigpt(p / n) or own(p / n))]
+    if foreign:
+        raise ConfigError(f"{what} {shorten(text)}: writing would replace {_names(foreign)}, which megadigpt did "
+                          f"not write (or which changed since); pass --force to replace, or choose another folder")
+    return p
+
+
+def _replace_with(path, write: Callable[[Path], None]) -> Path:
+    """Write a (large) file through ``write(temporary)`` in the same folder, then rename it over ``path``: a kill
+    leaves the old file or the new one, never half of one, and a hard link at ``path`` is replaced, not written
+    through."""
+    p = Path(path)
+    tmp = p.with_name(f".{p.name}.tmp{os.getpid()}")
+    try:
+        if os.path.lexists(tmp):
+            os.unlink(tmp)
+        write(tmp)
+        follow_umask(tmp)
+        os.replace(tmp, p)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    return p
+
+
+TIMM_FILES = ("model.safetensors", "config.json", "README.md")
+
+
+def convert_inputs(src) -> list:
+    """What ``convert`` reads of ``src``: the input itself, and beside a run or checkpoint its config, metrics and
+    class names (an output may never replace them)."""
+    out = [src]
+    for d in (Path(src), *list(_abs(src).parents)[:3]):
+        out += [d / "config.yaml", d / "metrics.jsonl", d / "label_names.json"]
+    return out
+
+
+def guard_convert_output(src, to: str, out, force: bool = False) -> Path:
+    """``convert``'s output check (before anything is loaded)."""
+    if to == "timm":
+        return guard_output(out, "dir", "--out", force=force, inputs=convert_inputs(src), files=TIMM_FILES,
+                            whole_folder=True)
+    return guard_output(out, "file", "--out", force=force, inputs=convert_inputs(src),
+                        own=_is_fp32_export if to in ("fp32", "megadigpt") else _is_reference_export)
 
 # ------------------------------------------------------------------------------------------- reading
 
@@ -395,10 +635,13 @@ def write_timm_folder(out: Path, state: Dict[str, torch.Tensor], model_args: dic
     n_params = sum(v.numel() for v in state.values())
     cfg["megadigpt"] = {"model_name": name, "standard_timm_name": standard, "parameters": n_params, **record}
     _check_builds(arch, model_args, state)
-    save_file(state, str(out / "model.safetensors"))
-    (out / "config.json").write_text(json.dumps(cfg, indent=1))
-    (out / "README.md").write_text(model_card(cfg))
+    # each file replaced atomically (an existing export keeps whole files if this is killed), then recorded as
+    # megadigpt's: a later export into this folder replaces them without --force while they are unchanged
+    _replace_with(out / "model.safetensors", lambda tmp: save_file(state, str(tmp)))
+    write_atomic(out / "config.json", json.dumps(cfg, indent=1), what="export file", mode=0o666)
+    write_atomic(out / "README.md", model_card(cfg), what="export file", mode=0o666)
     follow_umask(out / "model.safetensors", out / "config.json", out / "README.md")
+    record_outputs(out, TIMM_FILES, "export")
     return cfg
 
 
@@ -793,8 +1036,8 @@ def save_state(sd: Dict[str, torch.Tensor], path) -> None:
     state = {}
     for k, v in tqdm(sd.items(), desc="convert", unit="tensor", disable=len(sd) < 200):
         state[k] = v.contiguous()
-    save_file(state, str(path))
-    follow_umask(path)
+    # the signature in the metadata lets a later convert replace this file without --force
+    _replace_with(path, lambda tmp: save_file(state, str(tmp), metadata={"format": "pt", **SAFETENSORS_SIGNATURE}))
 
 
 def default_heads(embed_dim: int) -> Optional[int]:
@@ -804,7 +1047,11 @@ def default_heads(embed_dim: int) -> Optional[int]:
 
 
 def convert(src, to: str, out, tag: Optional[str] = None, num_heads: Optional[int] = None,
-            segment_grid: int = 2, final_norm: bool = True):
+            segment_grid: int = 2, final_norm: bool = True, force: bool = False):
+    """``force``: replace existing files megadigpt did not write (never the input, never a checkpoint folder)."""
+    if to not in ("timm", "reference", "fp32", "megadigpt"):
+        raise ConfigError(f"--to must be timm, reference or fp32, got {to!r}")
+    guard_convert_output(src, to, out, force)  # before anything is loaded
     sd = load_any(src, tag)
     if to == "timm":
         embed = encoder_geometry(encoder_state(sd))["embed_dim"]
@@ -819,9 +1066,8 @@ def convert(src, to: str, out, tag: Optional[str] = None, num_heads: Optional[in
                            metrics=_run_metrics(src, step) if step is not None else {}, source=str(src))
     if to == "reference":
         Path(out).parent.mkdir(parents=True, exist_ok=True)
-        torch.save(to_reference(sd, segment_grid), out)
-        follow_umask(out)
-        return Path(out)
+        ref = dict(to_reference(sd, segment_grid), megadigpt=REFERENCE_SIGNATURE)  # (their loader reads "model")
+        return _replace_with(out, lambda tmp: torch.save(ref, tmp))
     if to in ("fp32", "megadigpt"):
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         save_state(sd, out)

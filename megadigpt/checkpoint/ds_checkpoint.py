@@ -8,9 +8,17 @@
   unreadable, the newest complete tag is found by listing.
 
 So a ``kill -9`` at any moment, during a save too, leaves a run directory that resumes from a complete
-checkpoint. Older complete tags beyond ``keep`` are deleted after a new one is complete; incomplete ones are
-deleted at the next successful save. Resuming verifies sizes and checksums (each rank reads a share of the files)
-and falls back to the newest tag that verifies. A save that fails (a full disk) stops every rank with one line,
+checkpoint. Complete tags older than a new one, beyond ``keep``, are deleted after it is complete; incomplete ones
+(no marker file) at the next successful save; a tag whose marker is invalid never (:func:`prune`).
+
+A marker is data anyone can edit: it is read only as a regular file of at most ``MARKER_LIMIT`` bytes, parsed
+with bounded nesting, and held to a schema (:func:`check_marker_fields`); an invalid one makes its tag unverified
+with the reason, never a fresh start (:func:`resumable_tag`). Every file written here goes through
+:mod:`megadigpt.safe_fs`: pointers and markers replaced atomically (a planted link replaced, never followed),
+shards created fresh, logs appended to only as regular files.
+
+Resuming verifies sizes and checksums (each rank reads a share of the files) and falls back to the newest tag
+that verifies. A save that fails (a full disk) stops every rank with one line,
 leaves the tag unmarked and removed, and leaves ``latest`` on the previous checkpoint.
 
 Checksums: CRC-32 (zlib), computed while DeepSpeed's ``torch.save`` writes (no second read); it detects accidental
@@ -21,19 +29,26 @@ checkpoint per rank reading it (plus the disk's read time), split over the ranks
 
 import errno
 import json
+import math
 import os
 import re
 import shutil
+import stat
 import sys
 import time
 import zlib
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
+from .. import safe_fs
 from ..config import ConfigError
 
 MARKER = "megadigpt.json"
 TAG_RE = re.compile(r"^step_(\d{8})$")
+UNIVERSAL_RE = re.compile(r"^step_(\d{8})_universal$")
+MARKER_LIMIT = 4 << 20  # bytes: ~100 bytes per listed file, two files per rank: ~20,000 ranks
+MARKER_DEPTH = 32       # nesting of objects and lists in a marker (ours is 3 deep)
+LATEST_LIMIT = 4096     # bytes of ``checkpoints/latest``: one tag name
 
 
 def checkpoint_dir(run_dir) -> Path:
@@ -44,58 +59,259 @@ def tag_for(step: int) -> str:
     return f"step_{step:08d}"
 
 
-def read_marker(run_dir, tag: str) -> Optional[dict]:
+def _tag_step(tag: str) -> Optional[int]:
+    m = TAG_RE.match(tag) or UNIVERSAL_RE.match(tag)
+    return int(m.group(1)) if m else None
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return (isinstance(v, (int, float)) and not isinstance(v, bool)) and math.isfinite(v)
+
+
+def _depth_problem(obj) -> Optional[str]:
+    """Objects and lists nested deeper than MARKER_DEPTH (walked without recursion)."""
+    stack = [(obj, 1)]
+    while stack:
+        v, depth = stack.pop()
+        if isinstance(v, (dict, list)):
+            if depth > MARKER_DEPTH:
+                return f"it is nested more than {MARKER_DEPTH} levels deep"
+            stack.extend((x, depth + 1) for x in (v.values() if isinstance(v, dict) else v))
+    return None
+
+
+def _name_problem(name) -> Optional[str]:
+    """A ``files`` entry must name a file directly inside the tag folder."""
+    if not isinstance(name, str) or not name:
+        return f"files names {safe_fs.shorten(name)}, not a file name"
+    if "/" in name or "\\" in name or name in (".", "..") or "\x00" in name or name == MARKER:
+        return f"files names {safe_fs.shorten(name)}, which is not a file inside the tag folder"
+    if len(name.encode("utf-8", "surrogatepass")) > safe_fs.NAME_MAX or any(ord(c) < 32 for c in name):
+        return f"files names {safe_fs.shorten(name)}, not a file name"
+    return None
+
+
+_COUNTS = {"global_batch": 1, "world_size": 1, "bad_samples": 0, "nonfinite_steps": 0, "skipped_shards": 0}
+
+
+def check_marker_fields(marker, tag: str, total_steps: Optional[int] = None) -> Optional[str]:
+    """Why a parsed marker does not describe the checkpoint in ``tag`` (None: it does). The schema:
+
+    - an object; ``step`` a whole number (not a bool) >= 0, equal to the step in the tag's name
+      (``step_00000042`` -> 42), and <= the schedule's ``total_steps`` (the marker's own, and ``total_steps``
+      where the caller knows it);
+    - ``files`` (absent only in markers of older megadigpt): an object of file names directly inside the tag folder
+      (no ``/``, no ``..``, not absolute, not the marker) to ``{"size": whole number >= 0, "crc32": 8 hex digits}``;
+    - ``time`` a finite number; ``global_batch``, ``world_size`` whole numbers >= 1; ``seed`` a whole number;
+      ``bad_samples``, ``nonfinite_steps``, ``skipped_shards`` whole numbers >= 0; ``tokenizer`` a string or null;
+      ``teacher``, ``stream`` objects or null; ``best`` an object; ``schedule`` an object whose ``total_steps`` is a
+      whole number >= 0 and ``warmup_steps``, ``peak_lr``, ``min_lr`` finite numbers;
+    - other keys any JSON, nested at most MARKER_DEPTH deep."""
+    if not isinstance(marker, dict):
+        return f"it is a JSON {type(marker).__name__}, not an object"
+    problem = _depth_problem(marker)
+    if problem:
+        return problem
+    step = marker.get("step")
+    if "step" not in marker:
+        return "it has no step"
+    if not _is_int(step) or step < 0:
+        return f"step is {safe_fs.shorten(step, 40)}, not a whole number >= 0"
+    named = _tag_step(tag)
+    if named is not None and step != named:
+        return f"step is {step}, but the folder name says {named}"
+    if "time" in marker and not _is_number(marker["time"]):
+        return f"time is {safe_fs.shorten(marker['time'], 40)}, not a number"
+    for key, low in _COUNTS.items():
+        if key in marker and not (_is_int(marker[key]) and marker[key] >= low):
+            return f"{key} is {safe_fs.shorten(marker[key], 40)}, not a whole number >= {low}"
+    if "seed" in marker and not _is_int(marker["seed"]):
+        return f"seed is {safe_fs.shorten(marker['seed'], 40)}, not a whole number"
+    if marker.get("tokenizer") is not None and not isinstance(marker["tokenizer"], str):
+        return f"tokenizer is {safe_fs.shorten(marker['tokenizer'], 40)}, not a string"
+    for key in ("teacher", "stream"):
+        if marker.get(key) is not None and not isinstance(marker[key], dict):
+            return f"{key} is {safe_fs.shorten(marker[key], 40)}, not an object"
+    if "best" in marker and not isinstance(marker["best"], dict):
+        return f"best is {safe_fs.shorten(marker['best'], 40)}, not an object"
+    schedule = marker.get("schedule")
+    if "schedule" in marker:
+        if not isinstance(schedule, dict):
+            return f"schedule is {safe_fs.shorten(schedule, 40)}, not an object"
+        if "total_steps" in schedule and not (_is_int(schedule["total_steps"]) and schedule["total_steps"] >= 0):
+            return f"schedule.total_steps is {safe_fs.shorten(schedule['total_steps'], 40)}, not a whole number >= 0"
+        for key in ("warmup_steps", "peak_lr", "min_lr"):
+            if key in schedule and not _is_number(schedule[key]):
+                return f"schedule.{key} is {safe_fs.shorten(schedule[key], 40)}, not a number"
+        if "total_steps" in schedule and step > schedule["total_steps"]:
+            return f"step {step} is past the schedule's total_steps {schedule['total_steps']}"
+    if total_steps is not None and step > total_steps:
+        return f"step {step} is past this run's total_steps {total_steps}"
+    if "files" in marker:
+        files = marker["files"]
+        if not isinstance(files, dict):
+            return f"files is {safe_fs.shorten(files, 60)}, not an object of file names"
+        for name, rec in files.items():
+            problem = _name_problem(name)
+            if problem:
+                return problem
+            if not isinstance(rec, dict):
+                return f"files[{safe_fs.shorten(name, 60)}] is {safe_fs.shorten(rec, 40)}, not an object"
+            if not (_is_int(rec.get("size")) and rec["size"] >= 0):
+                return f"files[{safe_fs.shorten(name, 60)}].size is {safe_fs.shorten(rec.get('size'), 40)}, not a " \
+                       f"whole number >= 0"
+            crc = rec.get("crc32")
+            if crc is not None and not (isinstance(crc, str) and re.fullmatch(r"[0-9a-f]{8}", crc)):
+                return f"files[{safe_fs.shorten(name, 60)}].crc32 is {safe_fs.shorten(crc, 40)}, not 8 hex digits"
+    return None
+
+
+def parse_marker(data: bytes, tag: str, total_steps: Optional[int] = None) -> Tuple[Optional[dict], Optional[str]]:
+    """``(marker, None)``, or ``(None, why it is not a marker of tag)``. Never raises on what the bytes hold."""
     try:
-        return json.loads((checkpoint_dir(run_dir) / tag / MARKER).read_text())
-    except (OSError, ValueError):
+        marker = json.loads(data.decode("utf-8"))
+    except RecursionError:
+        return None, f"it is nested more than {MARKER_DEPTH} levels deep"
+    except (ValueError, MemoryError) as e:  # not UTF-8, not JSON, an integer of more than 4300 digits
+        return None, f"it is not JSON ({' '.join(str(e).split())[:120]})"
+    problem = check_marker_fields(marker, tag, total_steps)
+    return (None, problem) if problem else (marker, None)
+
+
+def _lstat(path) -> Optional[os.stat_result]:
+    try:
+        return os.lstat(path)
+    except FileNotFoundError:
+        return None
+    except NotADirectoryError:
         return None
 
 
-def complete_tags(run_dir) -> List[str]:
-    d = checkpoint_dir(run_dir)
-    if not d.is_dir():
+def marker_status(run_dir, tag: str, total_steps: Optional[int] = None) -> Tuple[Optional[dict], Optional[str]]:
+    """The marker of ``tag``: ``(marker, None)`` valid; ``(None, None)`` there is none (an incomplete save);
+    ``(None, reason)`` there is one, and it is unreadable or invalid: the tag is not resumed from and not pruned.
+    Read only as a regular file, not through a link, at most MARKER_LIMIT bytes."""
+    ckdir = checkpoint_dir(run_dir)
+    tdir, path = ckdir / tag, ckdir / tag / MARKER
+    try:
+        st = _lstat(tdir)
+        if st is None:
+            return None, None
+        if stat.S_ISLNK(st.st_mode):
+            return None, f"its folder {tdir} is a symbolic link"
+        if not stat.S_ISDIR(st.st_mode):
+            return None, f"{tdir} is not a folder"
+        st = _lstat(path)
+        if st is None:
+            return None, None
+        if not stat.S_ISREG(st.st_mode):
+            return None, f"its marker {MARKER} is a symbolic link or not a regular file"
+        if st.st_size > MARKER_LIMIT:
+            return None, f"its marker {MARKER} is {st.st_size} bytes, more than the {MARKER_LIMIT} a marker may hold"
+        data = safe_fs.read_regular(path, limit=MARKER_LIMIT, root=ckdir, what="checkpoint marker")
+    except ConfigError as e:
+        return None, f"its marker {MARKER} cannot be read ({e})"
+    except OSError as e:
+        return None, f"its marker {MARKER} cannot be read ({e.strerror or type(e).__name__})"
+    if data is None:  # removed meanwhile
+        return None, None
+    marker, problem = parse_marker(data, tag, total_steps)
+    if problem:
+        return None, f"its marker {MARKER} is invalid: {problem}"
+    return marker, None
+
+
+def read_marker(run_dir, tag: str) -> Optional[dict]:
+    """The marker of ``tag`` if it is valid (:func:`marker_status`), else None."""
+    return marker_status(run_dir, tag)[0]
+
+
+def _tag_names(run_dir) -> List[str]:
+    """Names in ``checkpoints/`` that look like tags (folders, and links planted under such names), sorted."""
+    try:
+        return sorted(n for n in os.listdir(checkpoint_dir(run_dir)) if TAG_RE.match(n))
+    except (FileNotFoundError, NotADirectoryError):
         return []
-    tags = [p.name for p in d.iterdir() if p.is_dir() and TAG_RE.match(p.name) and read_marker(run_dir, p.name)]
-    return sorted(tags)
+
+
+def _marked_tags(run_dir) -> List[str]:
+    """Tags with a marker file (valid or not), and tag names that are links: what a resume must account for."""
+    d = checkpoint_dir(run_dir)
+    out = []
+    for n in _tag_names(run_dir):
+        st = _lstat(d / n)
+        if st is None:
+            continue
+        if stat.S_ISLNK(st.st_mode) or (stat.S_ISDIR(st.st_mode) and os.path.lexists(d / n / MARKER)):
+            out.append(n)
+    return out
+
+
+def complete_tags(run_dir) -> List[str]:
+    """Tags whose marker is valid, oldest first."""
+    return [t for t in _marked_tags(run_dir) if read_marker(run_dir, t) is not None]
+
+
+def _read_latest(run_dir) -> str:
+    """The tag ``checkpoints/latest`` names, or "" when it is missing, not a regular file, or holds no tag name."""
+    ckdir = checkpoint_dir(run_dir)
+    try:
+        data = safe_fs.read_regular(ckdir / "latest", limit=LATEST_LIMIT, root=ckdir, what="checkpoint pointer")
+        tag = (data or b"").decode("utf-8").strip()
+    except (ConfigError, OSError, UnicodeDecodeError):
+        return ""
+    return tag if TAG_RE.match(tag) else ""
 
 
 def _candidates(run_dir) -> List[str]:
-    """Complete tags in the order a resume tries them: the one ``latest`` names, then older ones, newest first
+    """Marked tags in the order a resume tries them: the one ``latest`` names, then older ones, newest first
     (never one newer than ``latest``: a rollback points it back past the checkpoints of a diverged stretch). With
-    ``latest`` missing or unreadable: every complete tag, newest first."""
-    try:
-        tag = (checkpoint_dir(run_dir) / "latest").read_text().strip()
-    except OSError:
-        tag = ""
-    tags = complete_tags(run_dir)
-    if tag in tags:
+    ``latest`` missing or unreadable: every marked tag, newest first. Tags with an invalid marker are included:
+    they are skipped with their reason, and if none verifies the resume is refused."""
+    tag = _read_latest(run_dir)
+    tags = _marked_tags(run_dir)
+    if tag in tags and read_marker(run_dir, tag) is not None:
         tags = [t for t in tags if t <= tag]
     return tags[::-1]
 
 
 def verify(run_dir, tag: str, checksums: bool = False, share=(0, 1)) -> Optional[str]:
-    """Why ``tag`` cannot be resumed from, or None. Sizes of every listed file always (cheap: stat); with
-    ``checksums``, the CRC-32 of the files in this rank's ``share`` (rank, world: every world-th file). A marker
-    written before files were recorded (older megadigpt) verifies by its presence alone."""
-    marker = read_marker(run_dir, tag)
-    if not marker:
-        return "no completeness marker"
+    """Why ``tag`` cannot be resumed from, or None. Its marker must be valid (:func:`marker_status`); every listed
+    file a regular file (not a link, not a device) of its recorded size (cheap: lstat); with ``checksums``, the
+    CRC-32 of the files in this rank's ``share`` (rank, world: every world-th file). A marker written before files
+    were recorded (older megadigpt) verifies by its presence alone."""
+    marker, problem = marker_status(run_dir, tag)
+    if marker is None:
+        return problem or "no completeness marker"
     files = marker.get("files")
-    if not isinstance(files, dict):
+    if files is None:
         return None
-    d = checkpoint_dir(run_dir) / tag
+    ckdir = checkpoint_dir(run_dir)
+    d = ckdir / tag
     for name, rec in sorted(files.items()):
         try:
-            size = (d / name).stat().st_size
-        except OSError:
+            st = os.lstat(d / name)
+        except FileNotFoundError:
             return f"{name} is missing"
-        if size != rec.get("size"):
-            return f"{name} has {size} bytes, its marker says {rec.get('size')}"
+        except OSError as e:
+            return f"{name} is unreadable ({e.strerror})"
+        if stat.S_ISLNK(st.st_mode):
+            return f"{name} is a symbolic link, not the file its marker lists"
+        if not stat.S_ISREG(st.st_mode):
+            return f"{name} is not a regular file"
+        if st.st_size != rec["size"]:
+            return f"{name} has {st.st_size} bytes, its marker says {rec['size']}"
     if checksums:
         rank, world = share
         for name, rec in sorted(files.items())[rank::world]:
             try:
-                _, crc = _digest(d / name)
+                _, crc = _digest(d / name, root=ckdir)
+            except ConfigError:
+                return f"{name} is a symbolic link or not a regular file"
             except OSError as e:
                 return f"{name} is unreadable ({e.strerror})"
             if rec.get("crc32") is not None and crc != rec["crc32"]:
@@ -109,6 +325,26 @@ def latest_tag(run_dir) -> Optional[str]:
     for tag in _candidates(run_dir):
         if verify(run_dir, tag) is None:
             return tag
+    return None
+
+
+def _none_verifies(run_dir, skipped) -> ConfigError:
+    return ConfigError(f"no checkpoint in {checkpoint_dir(run_dir)} verifies ("
+                       + "; ".join(f"{t}: {r}" for t, r in skipped) + "): restore one, or move the folder "
+                       "away to start over")
+
+
+def resumable_tag(run_dir) -> Optional[str]:
+    """:func:`latest_tag`, refusing (ConfigError) where marked tags exist and none verifies (cheap checks: sizes):
+    starting over would ignore them and then prune them. Checked before anything heavy."""
+    skipped = []
+    for tag in _candidates(run_dir):
+        reason = verify(run_dir, tag)
+        if reason is None:
+            return tag
+        skipped.append((tag, reason))
+    if skipped:
+        raise _none_verifies(run_dir, skipped)
     return None
 
 
@@ -134,9 +370,7 @@ def verified_latest_tag(run_dir, rank0: bool = True) -> Optional[str]:
             return tag
         skipped.append((tag, reason))
     if skipped:
-        raise ConfigError(f"no checkpoint in {checkpoint_dir(run_dir)} verifies ("
-                          + "; ".join(f"{t}: {r}" for t, r in skipped) + "): restore one, or move the folder "
-                          "away to start over")
+        raise _none_verifies(run_dir, skipped)
     return None
 
 
@@ -144,16 +378,17 @@ def _report_skipped(run_dir, skipped, tag):
     for bad, reason in skipped:
         print(f"megadigpt: warning: checkpoint {bad} is damaged ({reason}); resuming from {tag}", file=sys.stderr,
               flush=True)
-    with open(Path(run_dir) / "metrics.jsonl", "a") as f:
+    with safe_fs.open_append(Path(run_dir) / "metrics.jsonl", root=run_dir, what="metrics log") as f:
         for bad, reason in skipped:
             f.write(json.dumps({"time": time.time(), "event": "checkpoint_skipped", "tag": bad, "reason": reason,
                                 "resume_from": tag}) + "\n")
 
 
-def _digest(path, fsync: bool = False):
-    """(size, crc32 as 8 hex digits) of a file, streamed; with ``fsync``, its data is made durable too."""
+def _digest(path, fsync: bool = False, root=None):
+    """(size, crc32 as 8 hex digits) of a file, streamed; with ``fsync``, its data is made durable too. Only a
+    regular file is read, never through a link (below ``root``): else ConfigError."""
     crc, size = 0, 0
-    with open(path, "rb") as f:
+    with os.fdopen(safe_fs.open_fd(path, os.O_RDONLY, root=root, what="checkpoint file"), "rb") as f:
         while True:
             chunk = f.read(1 << 22)
             if not chunk:
@@ -166,25 +401,24 @@ def _digest(path, fsync: bool = False):
 
 
 def _fsync_dir(path):
-    dfd = os.open(path, os.O_RDONLY)
+    dfd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
     try:
         os.fsync(dfd)
     finally:
         os.close(dfd)
 
 
-def _atomic_write(path: Path, text: str):
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def _atomic_write(path: Path, text: str, root=None, what: str = "run file"):
+    """Replace ``path`` (a pointer, a marker, a verdict: files megadigpt alone writes) through a fresh temporary
+    (:func:`safe_fs.write_atomic`: a link planted at the name is replaced itself, one at an old temporary's name
+    is left alone; neither is written through), then make the rename durable."""
+    safe_fs.write_atomic(path, text, root=root, what=what, replace_links=True)
     _fsync_dir(path.parent)
 
 
 def set_latest(run_dir, tag: str):
-    _atomic_write(checkpoint_dir(run_dir) / "latest", tag + "\n")
+    ckdir = checkpoint_dir(run_dir)
+    _atomic_write(ckdir / "latest", tag + "\n", root=ckdir, what="checkpoint pointer")
 
 
 class CheckpointWriteError(ConfigError):
@@ -221,8 +455,8 @@ class _GuardedWrites:
     fails is recorded, not raised: DeepSpeed's save has barriers after the writes, and a rank that raised would
     leave the others waiting there forever. Every file written is fsynced and its size and CRC-32 recorded."""
 
-    def __init__(self, inner, step: int):
-        self.inner, self.step, self.files, self.error = inner, step, {}, None
+    def __init__(self, inner, step: int, root=None):
+        self.inner, self.step, self.files, self.error, self.root = inner, step, {}, None, root
 
     def __getattr__(self, name):
         return getattr(self.inner, name)
@@ -238,7 +472,7 @@ class _GuardedWrites:
             if type(self.inner).__name__ == "TorchCheckpointEngine":
                 import torch
 
-                with open(path, "wb") as f:
+                with os.fdopen(_fresh_file(path, self.root), "wb") as f:
                     w = _CountingWriter(f)
                     try:
                         torch.save(state_dict, w, _use_new_zipfile_serialization=self.inner.zipfile_serialization)
@@ -248,9 +482,10 @@ class _GuardedWrites:
                     os.fsync(f.fileno())
                 self.files[str(path)] = (w.size, f"{w.crc:08x}")
             else:  # another engine writes its own way: read its file back
+                safe_fs.check_no_links(path, self.root, "checkpoint file")
                 self.inner.save(state_dict, path)
-                self.files[str(path)] = _digest(path, fsync=True)
-        except (OSError, RuntimeError) as e:
+                self.files[str(path)] = _digest(path, fsync=True, root=self.root)
+        except (OSError, RuntimeError, ConfigError) as e:
             self.fail(e, path)
 
     def guard(self, fn):
@@ -260,17 +495,47 @@ class _GuardedWrites:
                     fn(*args, **kw)
                 except OSError as e:
                     self.fail(e, e.filename)
+                except ConfigError as e:
+                    self.fail(e, None)
         return call
 
     def fail(self, e, path):
         self.error = _describe(e, path)
-        try:
+        try:  # unlink removes a planted link itself, never its target
             os.unlink(path)
         except (OSError, TypeError):
             pass
 
 
+RECOVERY_SCRIPTS = ("zero_to_fp32.py", "zero_to_torch.py")  # what DeepSpeed 0.19's _copy_recovery_script writes
+
+
+def _fresh_copies(copy):
+    """DeepSpeed's recovery-script copy (``shutil.copyfile``, which writes through a link and then chmods its
+    target), with the names it writes unlinked first: a planted link there is removed itself, never followed."""
+    def call(save_path, *args, **kw):
+        for name in RECOVERY_SCRIPTS:
+            st = _lstat(os.path.join(save_path, name))
+            if st is not None and not stat.S_ISDIR(st.st_mode):
+                os.unlink(os.path.join(save_path, name))
+        return copy(save_path, *args, **kw)
+    return call
+
+
+def _fresh_file(path, root) -> int:
+    """A new file at ``path`` for writing: no link on the way or at the name (one ConfigError naming it), and an
+    earlier file there (a rerun of the tag) unlinked first, so a hard link planted there is not written through."""
+    safe_fs.check_no_links(path, root, "checkpoint file")
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    return safe_fs.open_fd(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, root=root, what="checkpoint file")
+
+
 def _describe(e, path=None) -> str:
+    if isinstance(e, ConfigError):
+        return " ".join(str(e).split())
     if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
         return "no space left on device" if e.errno == errno.ENOSPC else "disk quota exceeded"
     if isinstance(e, OSError) and e.strerror:
@@ -296,17 +561,21 @@ def save(engine, run_dir, step: int, client_state: dict, keep: int = 0, is_rank0
     error = None
     try:
         ckdir.mkdir(parents=True, exist_ok=True)
-        if is_rank0 and (tdir / MARKER).exists():  # overwriting a tag (a rerun after a rollback): incomplete first
-            (tdir / MARKER).unlink()
-            _fsync_dir(tdir)
-    except OSError as e:
+        safe_fs.check_no_links(tdir, ckdir, "checkpoint folder")  # a link planted as the tag: not written through
+        if is_rank0:  # overwriting a tag (a rerun after a rollback): incomplete first
+            try:
+                os.unlink(tdir / MARKER)
+                _fsync_dir(tdir)
+            except (FileNotFoundError, NotADirectoryError):
+                pass
+    except (OSError, ConfigError) as e:
         error = _describe(e, ckdir)
-    guard = _GuardedWrites(engine.checkpoint_engine, step)
+    guard = _GuardedWrites(engine.checkpoint_engine, step, root=ckdir)
     guard.error = error
     engine.checkpoint_engine = guard
     recovery = hasattr(type(engine), "_copy_recovery_script")
     if recovery:  # rank 0's copy of DeepSpeed's zero_to_fp32.py beside the tags: same rule
-        engine._copy_recovery_script = guard.guard(engine._copy_recovery_script)
+        engine._copy_recovery_script = guard.guard(_fresh_copies(engine._copy_recovery_script))
     try:  # DeepSpeed's first barrier comes before any rank writes: the old marker is gone by then
         engine.save_checkpoint(str(ckdir), tag=tag, client_state=client_state, save_latest=False)
     except OSError as e:
@@ -320,12 +589,14 @@ def save(engine, run_dir, step: int, client_state: dict, keep: int = 0, is_rank0
     if error is None:
         try:
             for path in extra_files:
-                guard.files[str(path)] = _digest(path, fsync=True)
+                guard.files[str(path)] = _digest(path, fsync=True, root=ckdir)
             for sub in {Path(p).parent for p in guard.files} | {tdir, ckdir}:
                 _fsync_dir(sub)
             files = {os.path.relpath(p, tdir): {"size": n, "crc32": c} for p, (n, c) in guard.files.items()}
         except OSError as e:
             error = _describe(e, e.filename)
+        except ConfigError as e:
+            error = _describe(e)
     reports = [(files, error)]
     if multi:  # every rank's files are on disk (or its error is known) before rank 0 marks the tag
         reports = [None] * dist.get_world_size()
@@ -336,19 +607,24 @@ def save(engine, run_dir, step: int, client_state: dict, keep: int = 0, is_rank0
         for f, _ in reports:
             listed.update(f)
         try:
-            for p in sorted(tdir.rglob("*")):  # what no rank reported (DeepSpeed's recovery scripts): small
-                rel = str(p.relative_to(tdir))
-                if p.is_file() and rel not in listed and rel != MARKER:
-                    n, c = _digest(p, fsync=True)
-                    listed[rel] = {"size": n, "crc32": c}
+            for p in sorted(tdir.iterdir()):  # what no rank reported: regular files only, never a planted link
+                st = os.lstat(p)
+                if stat.S_ISREG(st.st_mode) and p.name not in listed and p.name != MARKER \
+                        and not p.name.startswith(f".{MARKER}.tmp"):
+                    n, c = _digest(p, fsync=True, root=ckdir)
+                    listed[p.name] = {"size": n, "crc32": c}
             marker = {"step": step, "time": time.time(),
                       **{k: v for k, v in client_state.items()
                          if v is None or isinstance(v, (int, float, str, dict, list))},
                       "files": listed}
-            _atomic_write(tdir / MARKER, json.dumps(marker))
+            text = json.dumps(marker)
+            _, problem = parse_marker(text.encode(), tag)  # never write a marker a resume would refuse
+            if problem:
+                raise ConfigError(f"the marker megadigpt would write is invalid ({problem})")
+            _atomic_write(tdir / MARKER, text, root=ckdir, what="checkpoint marker")
             set_latest(run_dir, tag)
-        except OSError as e:
-            failed = _describe(e, e.filename)
+        except (OSError, ConfigError) as e:
+            failed = _describe(e, getattr(e, "filename", None))
             try:
                 (tdir / MARKER).unlink()
             except OSError:
@@ -356,7 +632,7 @@ def save(engine, run_dir, step: int, client_state: dict, keep: int = 0, is_rank0
             try:  # ``latest`` may already name the new tag: point it back
                 if previous:
                     set_latest(run_dir, previous)
-            except OSError:
+            except (OSError, ConfigError):
                 pass
     if multi:
         verdict = [failed]
@@ -378,16 +654,29 @@ def save(engine, run_dir, step: int, client_state: dict, keep: int = 0, is_rank0
 
 
 def prune(run_dir, keep: int, protect: str):
+    """After ``protect`` (the tag this process has just written and marked) is complete: delete tag folders with
+    no marker file at all (saves that never completed), and complete tags *older than* ``protect`` beyond the
+    ``keep`` newest (``protect`` counted). Never deleted: ``protect``; complete tags newer than it (a rollback's
+    diverged stretch, until the run overwrites them); a tag whose marker is unreadable or invalid (no decision is
+    taken on what it says: it is left for a person to inspect); a name that is a link or not a folder. So no
+    checkpoint is deleted because of what another checkpoint's marker claims."""
     d = checkpoint_dir(run_dir)
-    complete = complete_tags(run_dir)
-    for p in d.iterdir():
-        if p.is_dir() and TAG_RE.match(p.name) and p.name not in complete and p.name != protect:
-            shutil.rmtree(p, ignore_errors=True)  # a save that never completed
+    complete = []
+    for tag in _tag_names(run_dir):
+        st = _lstat(d / tag)
+        if tag == protect or st is None or not stat.S_ISDIR(st.st_mode):  # (lstat: a link is not a folder)
+            continue
+        marker, problem = marker_status(run_dir, tag)
+        if marker is None and problem is None:
+            shutil.rmtree(d / tag, ignore_errors=True)  # a save that never completed
+        elif marker is not None and tag < protect:
+            complete.append(tag)
     if keep > 0:
-        for tag in complete[:-keep]:
-            if tag != protect:
-                shutil.rmtree(d / tag, ignore_errors=True)
-                shutil.rmtree(d / f"{tag}_universal", ignore_errors=True)
+        for tag in complete[:max(0, len(complete) - (keep - 1))]:
+            shutil.rmtree(d / tag, ignore_errors=True)
+            u = d / universal_tag(tag)
+            if (st := _lstat(u)) is not None and stat.S_ISDIR(st.st_mode):
+                shutil.rmtree(u, ignore_errors=True)
 
 
 def universal_tag(tag: str) -> str:
@@ -401,7 +690,8 @@ def make_universal(run_dir, tag: str) -> str:
 
     d = checkpoint_dir(run_dir)
     out = d / universal_tag(tag)
-    if (out / MARKER).is_file():
+    safe_fs.check_no_links(out, d, "universal checkpoint folder")  # a planted link there: one line
+    if marker_status(run_dir, out.name)[0] is not None:
         return out.name
     shutil.rmtree(out, ignore_errors=True)
     # DeepSpeed's ds_to_universal, with every torch.load made safe (it unpickles the shards with weights_only=False)
@@ -417,7 +707,8 @@ def make_universal(run_dir, tag: str) -> str:
         raise ConfigError(refused[-1][len("megadigpt: error: "):])
     if proc.returncode != 0:
         raise RuntimeError(f"converting {tag} to a universal checkpoint failed:\n{proc.stderr[-2000:]}")
-    (out / MARKER).write_text((d / tag / MARKER).read_text())
+    _atomic_write(out / MARKER, safe_fs.read_regular(d / tag / MARKER, limit=MARKER_LIMIT, root=d,
+                                                     what="checkpoint marker"), root=d, what="checkpoint marker")
     return out.name
 
 
@@ -442,7 +733,7 @@ def check_resumable(run_dir, train_cfg, tokenizer: Optional[str] = None):
     indices would mean other things). Cheap: reads the marker only."""
     from ..config import ConfigError
 
-    tag = latest_tag(run_dir)
+    tag = resumable_tag(run_dir)
     marker = read_marker(run_dir, tag) if tag else None
     if not marker:
         return
@@ -470,7 +761,7 @@ def check_schedule(run_dir, schedule: dict, allow: bool = False) -> list:
     instead. Checkpoints written before the marker held a schedule are not checked."""
     from ..config import ConfigError
 
-    tag = latest_tag(run_dir)
+    tag = resumable_tag(run_dir)
     marker = read_marker(run_dir, tag) if tag else None
     old = (marker or {}).get("schedule")
     if not isinstance(old, dict):
@@ -494,9 +785,9 @@ def finished_step(run_dir, total_steps: int) -> Optional[int]:
     """The step of the latest checkpoint if it has reached ``total_steps`` and is whole (the run is finished:
     rerunning the command has nothing to do), else None. Answered before any engine or teacher exists; a final
     checkpoint that fails its checksums is not a finished run (the resume falls back to the last good one)."""
-    tag = latest_tag(run_dir)
+    tag = resumable_tag(run_dir)
     marker = read_marker(run_dir, tag) if tag else None
-    step = (marker or {}).get("step")
+    step = (marker or {}).get("step")  # valid markers only: a whole number, the one the tag's name says
     if not (isinstance(step, int) and step >= total_steps):
         return None
     return step if verify(run_dir, tag, checksums=True) is None else None
@@ -586,11 +877,12 @@ def rank0_while_others_wait(folder: Path, name: str, fn, rank0: bool, poll_s: fl
     status = Path(folder) / f".{name}.{nonce[0]}.status"
     if rank0:
         problem = fn()
-        _atomic_write(status, json.dumps({"problem": problem}))
+        _atomic_write(status, json.dumps({"problem": problem}), root=folder, what="conversion verdict")
     else:
         while not status.is_file():
             time.sleep(poll_s)
-        problem = json.loads(status.read_text())["problem"]
+        problem = json.loads(safe_fs.read_regular(status, limit=1 << 20, root=folder,
+                                                  what="conversion verdict"))["problem"]
     dist.barrier()  # every rank has read the verdict: a short wait, all are here within poll_s
     if rank0:
         status.unlink(missing_ok=True)

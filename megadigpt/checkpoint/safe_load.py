@@ -112,9 +112,19 @@ def check_folder(folder) -> None:
     """Refuse (ConfigError naming the file) any ``.pt`` file under ``folder`` whose pickle names a global outside
     torch's safe set and :func:`allowed_globals`, or opcodes the restricted unpickler refuses. Static: nothing in
     the files runs. Files it cannot scan (legacy non-zip format, damaged) are left to :func:`load`, which refuses
-    or reports them in turn."""
+    or reports them in turn. A ``.pt`` name that is a symbolic link or not a regular file (a FIFO would block the
+    scan, a device would be read without end) is refused too: checkpoint files are read only as regular files."""
+    import os
+    import stat
+
     with torch.serialization.safe_globals(allowed_globals()):
         for f in sorted(Path(folder).rglob("*.pt")):
+            mode = os.lstat(f).st_mode
+            if not stat.S_ISREG(mode):
+                if stat.S_ISDIR(mode):
+                    continue
+                raise ConfigError(f"{f}: refused to load: it is a symbolic link or not a regular file; megadigpt "
+                                  f"reads checkpoint files only as regular files (replace it by the file itself)")
             try:
                 bad = torch.serialization.get_unsafe_globals_in_checkpoint(str(f))
             except pickle.UnpicklingError as e:  # opcodes the restricted unpickler refuses as well

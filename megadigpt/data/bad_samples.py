@@ -24,6 +24,7 @@ import os
 from pathlib import Path
 from typing import Iterable, List, Sequence
 
+from ..safe_fs import open_append, read_regular, write_atomic
 from .sources import Problem, Sample
 
 log = logging.getLogger(__name__)
@@ -44,21 +45,20 @@ class BadSampleLog:
 
     def _restart(self, start_step: int, problems: List[Problem]) -> None:
         kept = []
-        if self.path.is_file():
-            for line in self.path.read_text(errors="replace").splitlines():
+        raw = read_regular(self.path, limit=1 << 30, what="bad-sample log")  # never read through a planted link
+        if raw:
+            for line in raw.decode(errors="replace").splitlines():
                 try:
                     rec = json.loads(line)
                 except ValueError:  # a line torn by a kill
                     continue
+                step = rec.get("step", 0) if isinstance(rec, dict) else None
                 if isinstance(rec, dict) and rec.get("kind") in ("decode", "shard") and \
-                        int(rec.get("step", 0)) <= start_step:
+                        type(step) is int and 0 <= step <= start_step:  # a tampered record is dropped, not trusted
                     kept.append(rec)
         recs = [{"kind": "index", "path": p.path, "key": p.key, "reason": p.reason} for p in problems] + kept
-        tmp = self.path.with_suffix(".jsonl.tmp")
-        try:
-            with open(tmp, "w") as f:
-                f.writelines(json.dumps(r) + "\n" for r in recs)
-            os.replace(tmp, self.path)
+        try:  # a fresh temporary renamed into place: a planted link at either name is replaced, not written through
+            write_atomic(self.path, "".join(json.dumps(r) + "\n" for r in recs), what="bad-sample log")
         except OSError as e:  # a record of the data, not worth a run: say so and go on
             log.warning("cannot write %s: %s", self.path, e.strerror or e)
             return
@@ -97,7 +97,7 @@ class BadSampleLog:
             return
         recs.sort(key=lambda r: (r["step"], r["rank"]))
         try:
-            with open(self.path, "a") as f:
+            with open_append(self.path, what="bad-sample log") as f:  # no link; a torn last line is ended first
                 f.write("".join(json.dumps(r) + "\n" for r in recs))
                 f.flush()
                 os.fsync(f.fileno())
@@ -109,11 +109,11 @@ class BadSampleLog:
 
 
 def read_bad_samples(run_dir) -> List[dict]:
-    path = Path(run_dir) / FILENAME
-    if not path.is_file():
+    raw = read_regular(Path(run_dir) / FILENAME, limit=1 << 30, what="bad-sample log")
+    if not raw:
         return []
     out = []
-    for line in path.read_text(errors="replace").splitlines():
+    for line in raw.decode(errors="replace").splitlines():
         try:
             out.append(json.loads(line))
         except ValueError:  # a line torn by a kill or a full disk

@@ -5,8 +5,12 @@ in every rank, and every rank re-parses every tar header at start-up. A :class:`
 information column-wise:
 
 - per sample: the image member's data offset (tar data offsets are multiples of 512: ``offset // 512`` as uint32
-  where every offset fits, else the byte offset as int64, -1 for a plain file), its size (uint32; 2**32-1 = unknown),
-  its label (int16 where every label fits, else int32; -1 = none), and its key (one bytes blob plus offsets);
+  where every offset fits, else the byte offset as int64, -1 for a plain file), its size (uint32 where every size
+  is below 2**32-1, which then means unknown; else int64, -1 = unknown), its label (int16, int32 or int64: the
+  narrowest that holds every label; -1 = none), and its key (one bytes blob plus offsets). Every column is as wide
+  as the values it receives: nothing wraps (version 1 stored labels as int32 and sizes as uint32, so a ``.cls`` of
+  2**32+5 read back as 5; a version-1 folder is refused with what to do, or rescanned where it is found beside
+  its shards);
 - per shard (a tar shard, or a plain image file: a "shard" of one sample at offset -1): its path (relative to the
   index folder where the shard lies beside or below the folder's parent, so shards and index move together), file
   size and mtime_ns (what makes an index fresh), the first sample, and a source-name id (``data merge``).
@@ -42,26 +46,28 @@ import logging
 import mmap
 import os
 import shutil
+import stat
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
 from ..config import ConfigError
+from ..safe_fs import shorten
 from .sources import Problem, Sample
 
 log = logging.getLogger(__name__)
 
 FORMAT = "megadigpt-sample-index"
-VERSION = 1
+VERSION = 2  # 2: labels up to int64, sizes up to int64 (1 wrapped them into int32 / uint32)
 BLOCK = 512  # tar data offsets are multiples of this
-NO_SIZE = 0xFFFFFFFF  # size column: unknown (plain files; Sample.size -1)
+NO_SIZE = 0xFFFFFFFF  # a uint32 size column: unknown (plain files; Sample.size -1); an int64 one uses -1
 
 # column file -> (allowed dtypes, length: "n" samples, "n1" samples + 1, "m" shards, "m1" shards + 1, "blob")
 COLUMNS = {
     "offset": ((np.uint32, np.int64), "n"),
-    "size": ((np.uint32,), "n"),
-    "label": ((np.int16, np.int32), "n"),
+    "size": ((np.uint32, np.int64), "n"),
+    "label": ((np.int16, np.int32, np.int64), "n"),
     "key_off": ((np.uint32, np.int64), "n1"),
     "key_blob": ((np.uint8,), "kblob"),
     "shard_first": ((np.int64,), "m1"),
@@ -72,6 +78,23 @@ COLUMNS = {
     "path_blob": ((np.uint8,), "pblob"),
 }
 _SMALL = ("shard_first", "shard_size", "shard_mtime", "shard_source", "path_off")  # loaded into memory
+
+
+class IndexVersionError(ConfigError):
+    """An index folder of another format version (one line saying what to do)."""
+
+
+def _norm_sizes(a) -> np.ndarray:
+    """A size column's values as int64, -1 = unknown (a uint32 column's NO_SIZE)."""
+    a = np.asarray(a)
+    out = a.astype(np.int64)
+    if a.dtype == np.uint32:
+        out[a == NO_SIZE] = -1
+    return out
+
+
+def _size_dtype(max_size: int):
+    return np.uint32 if max_size < NO_SIZE else np.int64
 
 
 def _blob_gather(off: np.ndarray, blob: np.ndarray, rows: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
@@ -89,7 +112,7 @@ def _blob_gather(off: np.ndarray, blob: np.ndarray, rows: np.ndarray) -> Tuple[n
 
 
 def _encode(strings: Sequence[str]) -> Tuple[np.ndarray, np.ndarray]:
-    enc = [s.encode() for s in strings]
+    enc = [s.encode("utf-8", "backslashreplace") for s in strings]
     off = np.zeros(len(enc) + 1, dtype=np.int64)
     np.cumsum([len(b) for b in enc], out=off[1:])
     return off, np.frombuffer(b"".join(enc), dtype=np.uint8).copy()
@@ -128,15 +151,15 @@ class _Store:
         if self._fd:
             a, b = self._read("key_off", p, 2)
             fd, base, _, _ = self._fd["key_blob"]
-            return os.pread(fd, b - a, base + a).decode() if b > a else ""
+            return os.pread(fd, b - a, base + a).decode("utf-8", "backslashreplace") if b > a else ""
         ko = self.cols["key_off"]
-        return bytes(self.cols["key_blob"][int(ko[p]):int(ko[p + 1])]).decode()
+        return bytes(self.cols["key_blob"][int(ko[p]):int(ko[p + 1])]).decode("utf-8", "backslashreplace")
 
     def path_of_shard(self, s: int) -> str:
         p = self._paths.get(s)
         if p is None:
             off, blob = self.cols["path_off"], self.cols["path_blob"]
-            p = bytes(blob[int(off[s]):int(off[s + 1])]).decode()
+            p = bytes(blob[int(off[s]):int(off[s + 1])]).decode("utf-8", "backslashreplace")
             if self.root and not os.path.isabs(p):
                 p = os.path.normpath(os.path.join(self.root, p))
             if len(self._paths) > 65536:
@@ -157,24 +180,27 @@ class _Store:
 
     def sample(self, p: int) -> Sample:
         if self._fd:  # five small preads (~2 us each here): no page of the columns becomes resident
-            (fk, bk, ik, _), (fb, bb, _, _), (fo, bo, io_, _), (fs, bs, _, _), (fl, bl, il, sl) = self._fdl
+            (fk, bk, ik, _), (fb, bb, _, _), (fo, bo, io_, _), (fs, bs, is_, ss), (fl, bl, il, sl) = self._fdl
             kb = os.pread(fk, 2 * ik, bk + p * ik)
-            ob, sb, lb = os.pread(fo, io_, bo + p * io_), os.pread(fs, 4, bs + p * 4), os.pread(fl, il, bl + p * il)
-            if len(kb) != 2 * ik or len(ob) != io_ or len(sb) != 4 or len(lb) != il:
+            ob, sb = os.pread(fo, io_, bo + p * io_), os.pread(fs, is_, bs + p * is_)
+            lb = os.pread(fl, il, bl + p * il)
+            if len(kb) != 2 * ik or len(ob) != io_ or len(sb) != is_ or len(lb) != il:
                 raise ConfigError(f"sample index {self.root}: a column file is shorter than index.json says "
                                   f"(changed since it was opened?)")
             a, b = int.from_bytes(kb[:ik], "little"), int.from_bytes(kb[ik:], "little")
-            key = os.pread(fb, b - a, bb + a).decode() if b > a else ""
+            key = os.pread(fb, b - a, bb + a).decode("utf-8", "backslashreplace") if b > a else ""
             off = int.from_bytes(ob, "little", signed=self.unit == 1)
-            size = int.from_bytes(sb, "little")
+            size = int.from_bytes(sb, "little", signed=ss)
             return Sample(self.path_of_shard(self.shard_of(p)), off * self.unit if self.unit != 1 else off,
-                          -1 if size == NO_SIZE else size, key, int.from_bytes(lb, "little", signed=True))
+                          -1 if size == NO_SIZE and not ss else size, key, int.from_bytes(lb, "little", signed=True))
         c = self.cols
         ko = c["key_off"]
         a, b = int(ko[p]), int(ko[p + 1])
         size = int(c["size"][p])
-        return Sample(self.path_of_shard(self.shard_of(p)), self.offset(p), -1 if size == NO_SIZE else size,
-                      bytes(c["key_blob"][a:b]).decode(), int(c["label"][p]))
+        if size == NO_SIZE and c["size"].dtype == np.uint32:
+            size = -1
+        return Sample(self.path_of_shard(self.shard_of(p)), self.offset(p), size,
+                      bytes(c["key_blob"][a:b]).decode("utf-8", "backslashreplace"), int(c["label"][p]))
 
     def release(self) -> None:
         """Drop the mapped pages from this process (they stay in the page cache): bounded resident memory."""
@@ -202,6 +228,8 @@ class _Store:
                 st = os.stat(path)
             except OSError:
                 return f"{path} is gone"
+            if not stat.S_ISREG(st.st_mode):
+                return f"{path} is not a regular file (a device, FIFO or folder is never read as a shard)"
             if st.st_size != size[s] or st.st_mtime_ns != mtime[s]:
                 return f"{path} changed since the index was written (size or mtime)"
         return None
@@ -218,7 +246,7 @@ def _gather(store: _Store, rows) -> _Store:
     key_off, key_blob = _blob_gather(c["key_off"], c["key_blob"], rows)
     path_off, path_blob = _encode([store.path_of_shard(int(s)) for s in run_sid])
     cols = {"offset": store.offsets_bytes(rows) if len(rows) else np.zeros(0, np.int64),
-            "size": np.asarray(c["size"][rows], dtype=np.uint32), "label": np.asarray(c["label"][rows]),
+            "size": _norm_sizes(c["size"][rows]), "label": np.asarray(c["label"][rows]),
             "key_off": key_off, "key_blob": key_blob,
             "shard_first": np.concatenate([starts, [len(rows)]]).astype(np.int64),
             "shard_size": np.asarray(c["shard_size"][run_sid], dtype=np.int64),
@@ -313,8 +341,9 @@ class SampleIndex:
         return lab[self._rows]
 
     def sizes(self) -> np.ndarray:
+        """The image members' sizes (int64; -1 = unknown: plain files read whole)."""
         s = self._store.cols["size"]
-        return np.asarray(s if self._rows is None else s[self.rows()])
+        return _norm_sizes(s if self._rows is None else s[self.rows()])
 
     def shard_ids(self) -> np.ndarray:
         return self._store.shard_of(self.rows())
@@ -386,10 +415,10 @@ class ColumnBuilder:
     def add_shard(self, path: str, file_size: int, mtime_ns: int, offsets, sizes, labels, keys: Sequence[str],
                   source: int = 0) -> None:
         offsets = np.asarray(offsets, dtype=np.int64)
-        enc = [k.encode() for k in keys]
-        sizes = np.asarray(sizes, dtype=np.int64)
+        enc = [k.encode("utf-8", "backslashreplace") for k in keys]
+        sizes = np.asarray(sizes, dtype=np.int64)  # (an OverflowError here is a caller's bug: scans refuse them)
         self._parts["offset"].append(offsets)
-        self._parts["size"].append(np.where(sizes < 0, NO_SIZE, sizes).astype(np.uint32))
+        self._parts["size"].append(np.where(sizes < 0, -1, sizes))
         self._parts["label"].append(np.asarray(labels, dtype=np.int64))
         self._parts["klen"].append(np.fromiter((len(b) for b in enc), dtype=np.int64, count=len(enc)))
         self._parts["kblob"].append(np.frombuffer(b"".join(enc), dtype=np.uint8))
@@ -400,9 +429,9 @@ class ColumnBuilder:
         """Plain files: each a shard of one sample at offset -1 (not checked for freshness: read whole)."""
         labels = np.asarray(labels, dtype=np.int64)
         k = len(paths)
-        enc = [x.encode() for x in keys]
+        enc = [x.encode("utf-8", "backslashreplace") for x in keys]
         self._parts["offset"].append(np.full(k, -1, dtype=np.int64))
-        self._parts["size"].append(np.full(k, NO_SIZE, dtype=np.uint32))
+        self._parts["size"].append(np.full(k, -1, dtype=np.int64))
         self._parts["label"].append(labels)
         self._parts["klen"].append(np.fromiter((len(b) for b in enc), dtype=np.int64, count=k))
         self._parts["kblob"].append(np.frombuffer(b"".join(enc), dtype=np.uint8))
@@ -419,7 +448,7 @@ class ColumnBuilder:
         np.cumsum(klen, out=key_off[1:])
         labels = cat("label", np.int64)
         path_off, path_blob = _encode([s[0] for s in self._shards])
-        cols = {"offset": cat("offset", np.int64), "size": cat("size", np.uint32),
+        cols = {"offset": cat("offset", np.int64), "size": cat("size", np.int64),
                 "label": labels.astype(_label_dtype(labels)), "key_off": key_off, "key_blob": cat("kblob", np.uint8),
                 "shard_first": np.array([s[3] for s in self._shards] + [self.n], dtype=np.int64),
                 "shard_size": np.array([s[1] for s in self._shards], dtype=np.int64),
@@ -431,9 +460,14 @@ class ColumnBuilder:
 
 
 def _label_dtype(labels: np.ndarray):
-    if len(labels) == 0 or (labels.min() >= np.iinfo(np.int16).min and labels.max() <= np.iinfo(np.int16).max):
+    """The narrowest of int16 / int32 / int64 that holds every label (never one that wraps)."""
+    if len(labels) == 0:
         return np.int16
-    return np.int32
+    lo, hi = int(np.min(labels)), int(np.max(labels))
+    for dt in (np.int16, np.int32):
+        if np.iinfo(dt).min <= lo and hi <= np.iinfo(dt).max:
+            return dt
+    return np.int64
 
 
 def from_samples(samples: Sequence[Sample], sources: Sequence[str] = ()) -> SampleIndex:
@@ -481,6 +515,7 @@ class IndexWriter:
         self.n = 0
         self.kblob = 0
         self._lab = [0, 0]  # min, max
+        self._max_size = 0
         self._off_blocks = True  # every offset a non-negative multiple of 512 below 2**32 blocks
         self.problems = 0
 
@@ -502,9 +537,11 @@ class IndexWriter:
                                      and offsets.max() // BLOCK < 2 ** 32)
             labels = np.asarray(labels, dtype=np.int64)
             self._lab = [min(self._lab[0], int(labels.min())), max(self._lab[1], int(labels.max()))]
+            sizes = _norm_sizes(sizes)  # int64, -1 = unknown
+            self._max_size = max(self._max_size, int(sizes.max()))
             offsets.tofile(self._raw["offset"])
-            np.asarray(sizes, dtype=np.uint32).tofile(self._raw["size"])
-            labels.astype(np.int32).tofile(self._raw["label"])
+            sizes.tofile(self._raw["size"])
+            labels.tofile(self._raw["label"])
             np.diff(np.asarray(key_off, dtype=np.int64)).tofile(self._raw["klen"])
             kb = np.asarray(key_blob, dtype=np.uint8)
             kb.tofile(self._raw["key_blob"])
@@ -554,9 +591,11 @@ class IndexWriter:
         unit = BLOCK if self._off_blocks else 1
         self._finish("offset", np.int64, np.uint32 if unit == BLOCK else np.int64, n,
                      (lambda a: a // BLOCK) if unit == BLOCK else None)
-        self._finish("size", np.uint32, np.uint32, n)
+        size_dtype = _size_dtype(self._max_size)
+        self._finish("size", np.int64, size_dtype, n,
+                     (lambda a: np.where(a < 0, NO_SIZE, a)) if size_dtype == np.uint32 else None)
         lab_dtype = _label_dtype(np.array(self._lab))
-        self._finish("label", np.int32, lab_dtype, n)
+        self._finish("label", np.int64, lab_dtype, n)
         self._finish("key_blob", np.uint8, np.uint8, self.kblob)
         # key offsets from the lengths, chunk by chunk
         ko_dtype = np.uint32 if self.kblob < 2 ** 32 else np.int64
@@ -647,8 +686,14 @@ def _open_store(root) -> _Store:
         raise _damaged(root, f"index.json is not readable JSON ({str(e).splitlines()[0][:120]})") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise _damaged(root, "index.json is not a megadigpt sample index")
-    if meta.get("version") != VERSION:
-        raise _damaged(root, f"index version {meta.get('version')!r}, this megadigpt reads {VERSION}")
+    version = meta.get("version")
+    if version != VERSION:
+        if type(version) is int and 1 <= version < VERSION:
+            raise IndexVersionError(
+                f"sample index {root} has format version {version}, written by an older megadigpt (its label and "
+                f"size columns could wrap); this one reads version {VERSION}: rebuild it (megadigpt data index "
+                f"<its shards> --out {root}, or data merge / data build again)")
+        raise _damaged(root, f"index version {shorten(version, 40)}, this megadigpt reads {VERSION}")
     try:
         n, m = int(meta["count"]), int(meta["shards"])
         lengths = {"n": n, "n1": n + 1, "m": m, "m1": m + 1, "kblob": int(meta["key_bytes"]),

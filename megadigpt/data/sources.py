@@ -19,12 +19,14 @@ reported as a :class:`Problem` (key ""), like a damaged local shard; only a sour
 is an error.
 """
 
+import errno
 import functools
 import glob
 import json
 import logging
 import os
 import re
+import stat
 import tarfile
 from collections import Counter
 from dataclasses import dataclass
@@ -34,7 +36,8 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from ..config import ConfigError, missing_path
-from .remote import RemoteError, cache_shard, expand_urls, is_remote
+from ..safe_fs import shorten
+from .remote import SMALL_FILE_BYTES, RemoteError, cache_shard, expand_urls, is_remote
 
 log = logging.getLogger(__name__)
 
@@ -54,16 +57,66 @@ class Sample:
     label: int = -1  # -1 where unknown
 
     def read(self, handles=None) -> bytes:
+        """The image bytes. Only regular files are opened (a FIFO, a device such as ``/dev/zero``, a folder is an
+        :class:`OSError` naming what it is: a bad sample, never a read that does not end)."""
         if self.offset < 0:
-            with open(self.path, "rb") as f:
+            with open_regular(self.path) as f:
                 return f.read()
         f = handles.get(self.path) if handles is not None else None
         if f is None:
-            f = open(self.path, "rb")
+            f = open_regular(self.path)
             if handles is not None:
                 handles[self.path] = f
         f.seek(self.offset)
         return f.read(self.size)
+
+
+_KINDS = ((stat.S_ISDIR, "a folder"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+          (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"))
+
+
+def _not_regular(mode: int) -> Optional[str]:
+    """Why a file of this mode is not read as data (None: a regular file)."""
+    if stat.S_ISREG(mode):
+        return None
+    kind = next((name for test, name in _KINDS if test(mode)), "not a regular file")
+    return f"not a regular file ({kind}); it was not read"
+
+
+def open_regular(path: str):
+    """A data file (shard, image, ``.idx``, ``classes.txt``) opened for reading, only when it is a regular file:
+    symbolic links are followed (shared datasets are often links), but a FIFO never blocks the open and a device,
+    folder or socket is never read. Else :class:`OSError` (``strerror``: why)."""
+    st = os.stat(path)
+    why = _not_regular(st.st_mode)
+    if why:
+        raise OSError(errno.EINVAL, why, str(path))
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NONBLOCK", 0))
+    try:
+        why = _not_regular(os.fstat(fd).st_mode)  # swapped between the stat and the open
+        if why:
+            raise OSError(errno.EINVAL, why, str(path))
+        if hasattr(os, "O_NONBLOCK"):
+            import fcntl
+
+            fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def read_small_file(path, limit: int, what: str) -> bytes:
+    """A small data file's bytes (``classes.txt``, a ``.idx``, ``manifest.json``): a regular file of at most
+    ``limit`` bytes, else :class:`OSError` with the reason."""
+    with open_regular(path) as f:
+        size = os.fstat(f.fileno()).st_size
+        if size > limit:
+            raise OSError(errno.EFBIG, f"{what} is {size} bytes, more than the {limit} such a file can be", str(path))
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise OSError(errno.EFBIG, f"{what} grew past {limit} bytes while read", str(path))
+    return data
 
 
 @dataclass(frozen=True)
@@ -175,10 +228,17 @@ def read_sample_list(path) -> List[Sample]:
                 continue
             try:
                 rec = json.loads(line)
-                out.append(Sample(rec["path"], rec.get("offset", -1), rec.get("size", -1), rec.get("key", ""),
-                                  rec.get("label", -1)))
-            except (ValueError, KeyError, TypeError) as e:
-                raise ConfigError(f"{path}:{n}: not a sample record ({e})")
+                s = Sample(rec["path"], rec.get("offset", -1), rec.get("size", -1), rec.get("key", ""),
+                           rec.get("label", -1))
+            except (ValueError, KeyError, TypeError, AttributeError) as e:
+                raise ConfigError(f"{path}:{n}: not a sample record ({shorten(str(e), 80)})") from None
+            if not isinstance(s.path, str) or not isinstance(s.key, str):
+                raise ConfigError(f"{path}:{n}: path and key must be strings")
+            for name in ("offset", "size", "label"):  # what the index columns (int64) can hold, nothing wider
+                v = getattr(s, name)
+                if type(v) is not int or not -1 <= v <= INT64_MAX:
+                    raise ConfigError(f"{path}:{n}: {name} {shorten(v, 40)} is not an integer in [-1, 2**63-1]")
+            out.append(s)
     return out
 
 
@@ -194,13 +254,20 @@ def write_sample_list(path, samples, extra=None) -> None:
     os.replace(tmp, path)
 
 
+IDX_LIMIT = 256 << 20  # a DALI .idx line is ~50 bytes a sample: far above any shard's
+TEXT_LIMIT = 16 << 20  # classes.txt, manifest.json
+CLS_LIMIT = 4096  # a .cls member holds a class number: a longer one is not read
+INT64_MAX = 2 ** 63 - 1
+DEFAULT_MAX_MEMBER_BYTES = 256 << 20  # data.max_member_bytes where a caller gives none
+
+
 def _read_dali_index(shard: str):
     """Offsets from a DALI webdataset index (``<shard>.idx``, as wds2idx or ``data build`` write it)."""
     idx = Path(shard).with_suffix(".idx")
-    if not idx.is_file():
+    if not os.path.lexists(idx):
         return None
     try:
-        lines = idx.read_text().splitlines()
+        lines = read_small_file(idx, IDX_LIMIT, "the DALI index").decode().splitlines()
         if not lines or not lines[0].startswith("v1."):
             return None
         recs = []
@@ -209,6 +276,8 @@ def _read_dali_index(shard: str):
             comps = {}
             for j in range(0, len(parts) - 3, 4):
                 ext, off, size, name = parts[j:j + 4]
+                if not (off.isdigit() and size.isdigit()) or len(off) > 18 or len(size) > 18:
+                    raise ValueError(f"offset or size {off!r} {size!r} is not a byte count")
                 comps["." + ext.lower()] = (int(off), int(size), name)
             recs.append(comps)
     except (OSError, UnicodeDecodeError, ValueError) as e:  # a damaged index: the tar itself is the truth
@@ -218,7 +287,8 @@ def _read_dali_index(shard: str):
 
 
 def parse_label(raw: bytes) -> Tuple[int, Optional[str]]:
-    """A ``.cls`` member -> (label, None), or (-1, why it is not a label): ASCII digits only, >= 0."""
+    """A ``.cls`` member -> (label, None), or (-1, why it is not a label): ASCII digits only, >= 0, at most
+    2**63-1 (the index's int64 label column: a larger one is refused, never wrapped)."""
     try:
         text = raw.decode("ascii").strip()
     except UnicodeDecodeError:
@@ -227,7 +297,10 @@ def parse_label(raw: bytes) -> Tuple[int, Optional[str]]:
         return -1, "empty label (.cls)"
     if not re.fullmatch(r"[+-]?[0-9]+", text):
         return -1, f"unparsable label {raw[:24]!r} (.cls)"
-    if int(text) < 0:
+    digits = text.lstrip("+-").lstrip("0")
+    if len(digits) > 19 or (digits and int(digits) > INT64_MAX):
+        return -1, f"label {shorten(text, 40)} does not fit int64 (.cls; the largest is 2**63-1)"
+    if text.startswith("-") and digits:
         return -1, f"negative label {int(text)} (.cls)"
     return int(text), None
 
@@ -255,6 +328,9 @@ def _rows_from_members(shard: str, members: Dict[str, Dict[str, Tuple[int, int]]
         label = -1
         if ".cls" in parts:
             off, size = parts[".cls"]
+            if size > CLS_LIMIT:
+                problems.append(Problem(shard, key, f"unparsable label: the .cls member is {size} bytes (not read)"))
+                continue
             f.seek(off)
             label, why = parse_label(f.read(size))
             if why:
@@ -267,18 +343,74 @@ def _rows_from_members(shard: str, members: Dict[str, Dict[str, Tuple[int, int]]
     return keys, offs, sizes, labels
 
 
+class _BoundedFile:
+    """A read-only view of a shard for :mod:`tarfile`, through ``os.pread``: reads end at the file's size whatever a
+    header claims (a PAX ``size`` of 10**29 makes tarfile ask for that many bytes, or seek there), and a seek past
+    the end is only remembered. So a hostile header costs a short read, never a huge allocation or an overflow."""
+
+    def __init__(self, fd: int, size: int):
+        self.fd, self.size, self.pos = fd, size, 0
+
+    def read(self, n: int = -1) -> bytes:
+        left = max(0, self.size - self.pos)
+        n = left if n is None or n < 0 else min(n, left)
+        out = []
+        while n > 0:
+            b = os.pread(self.fd, min(n, 1 << 24), self.pos)
+            if not b:  # the file shrank while read
+                break
+            out.append(b)
+            self.pos += len(b)
+            n -= len(b)
+        return b"".join(out)
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        base = {0: 0, 1: self.pos, 2: self.size}[whence]
+        self.pos = max(0, base + int(offset))
+        return self.pos
+
+    def tell(self) -> int:
+        return self.pos
+
+
+def _member_key(name: str):
+    """``dir/abc.jpg`` -> (``dir/abc``, ``.jpg``); None for names without an extension."""
+    base = os.path.basename(name)
+    if "." not in base:
+        return None
+    return os.path.join(os.path.dirname(name), base.split(".", 1)[0]), "." + base.split(".", 1)[1].lower()
+
+
+def _printable(name: str) -> str:
+    """A name for a one-line message: as is when short and printable, else its shortened repr."""
+    return name if len(name) <= 80 and name.isprintable() else shorten(name, 80)
+
+
+def duplicate_reason(key: str) -> str:
+    """The bad-sample reason of a later sample whose key an earlier sample of the shard has (both access modes)."""
+    return f"duplicate key {key} in the shard (an earlier sample has it)"
+
+
 def _scan_tar(shard: str, f, file_size: int, problems: List[Problem]) -> Dict[str, Dict[str, Tuple[int, int]]]:
     """Walk the tar headers with :mod:`tarfile`, keeping every member read before any damage, and report the
     damage: tarfile itself stops silently at a header cut short or overwritten, and raises at a member whose data
-    is cut, so where the walk stopped is checked against the end-of-archive blocks."""
+    is cut, so where the walk stopped is checked against the end-of-archive blocks.
+
+    Samples are grouped as webdataset groups them: a run of consecutive members with one key, a new run where the
+    key changes or an extension repeats. A run whose key an earlier run has is a bad sample (the first is kept), so
+    both access modes train on the same samples. A header claiming more bytes than the whole shard (a PAX size of
+    10**29) or a negative size ends the walk as damage; members whose names are not UTF-8 are skipped and the shard
+    reported once."""
     members: Dict[str, Dict[str, Tuple[int, int]]] = {}
     last_key = None
     try:
-        tf = tarfile.open(fileobj=f, mode="r:")
-    except tarfile.TarError as e:
-        problems.append(Problem(shard, "", f"not a readable tar file ({e})"))
+        tf = tarfile.open(fileobj=_BoundedFile(f.fileno(), file_size), mode="r:")
+    except Exception as e:  # noqa: BLE001 - tarfile's own errors, and what hostile headers make it raise
+        problems.append(Problem(shard, "", f"not a readable tar file ({type(e).__name__}: {shorten(str(e), 100)})"))
         return members
     damage = None
+    run_key, run_exts, run_dup = None, set(), False
+    bad_names, first_bad = 0, None
     with tf:
         while True:
             try:
@@ -286,26 +418,50 @@ def _scan_tar(shard: str, f, file_size: int, problems: List[Problem]) -> Dict[st
             except tarfile.TarError as e:  # data of the last member cut short ("unexpected end of data")
                 damage = f"truncated at byte {file_size} ({e})"
                 break
+            except Exception as e:  # noqa: BLE001 - a hostile header (overflowing numbers, bad PAX records)
+                damage = (f"unreadable tar header after byte {tf.offset} ({type(e).__name__}: "
+                          f"{shorten(str(e), 100)})")
+                break
             if m is None:
+                break
+            if m.size < 0 or m.size > file_size:
+                damage = (f"member {_printable(m.name)} claims {m.size} bytes, more than the whole shard "
+                          f"({file_size} bytes): a damaged or hostile header at byte {m.offset}")
                 break
             if not m.isfile():
                 continue
-            base = os.path.basename(m.name)
-            if "." not in base:
+            try:
+                m.name.encode("utf-8")
+            except UnicodeEncodeError:
+                bad_names += 1
+                first_bad = first_bad or m.name.encode("utf-8", "surrogateescape")
                 continue
-            key = os.path.join(os.path.dirname(m.name), base.split(".", 1)[0])
-            members.setdefault(key, {})["." + base.split(".", 1)[1].lower()] = (m.offset_data, m.size)
+            split = _member_key(m.name)
+            if split is None:
+                continue
+            key, ext = split
+            if key != run_key or ext in run_exts:  # a new sample starts (webdataset's rule)
+                run_key, run_exts, run_dup = key, set(), key in members
+                if run_dup:
+                    problems.append(Problem(shard, key, duplicate_reason(key)))
+            run_exts.add(ext)
+            if run_dup:
+                continue
+            members.setdefault(key, {})[ext] = (m.offset_data, m.size)
             last_key = key
         if damage is None:
             end = tf.offset  # where the next header would start
-            f.seek(end)
-            block = f.read(tarfile.BLOCKSIZE)
+            block = os.pread(f.fileno(), tarfile.BLOCKSIZE, end) if end < file_size else b""
             if end >= file_size:
                 damage = f"ends at byte {file_size} without the end-of-archive blocks (truncated?)"
             elif len(block) < tarfile.BLOCKSIZE:
                 damage = f"cut inside a tar header at byte {end} ({len(block)} of {tarfile.BLOCKSIZE} bytes)"
             elif block.strip(b"\0"):
                 damage = f"invalid tar header at byte {end}: the remaining {file_size - end} bytes are unreadable"
+    if bad_names:
+        problems.append(Problem(shard, "", f"{bad_names} member name{'s are' if bad_names > 1 else ' is'} not UTF-8 "
+                                           f"(e.g. {shorten(first_bad, 60)}); {'their' if bad_names > 1 else 'its'} "
+                                           f"samples were left out"))
     if damage is not None:
         problems.append(Problem(shard, "", damage))
         if last_key is not None and all(off + size <= file_size for off, size in members[last_key].values()):
@@ -320,11 +476,12 @@ def _scan_tar(shard: str, f, file_size: int, problems: List[Problem]) -> Dict[st
 
 def scan_shard(shard: str, problems: List[Problem]):
     """One local tar shard -> (file size, mtime_ns, keys, offsets, sizes, labels) of its usable samples; what is
-    wrong with it goes to ``problems``. Reads the DALI ``.idx`` beside it where there is one, else the headers."""
+    wrong with it goes to ``problems``. Reads the DALI ``.idx`` beside it where there is one, else the headers. A
+    path that is not a regular file (a FIFO, a device, a folder) is a damaged shard, never read."""
     try:
-        f = open(shard, "rb")
+        f = open_regular(shard)
     except OSError as e:
-        problems.append(Problem(shard, "", f"unreadable shard: {e.strerror}"))
+        problems.append(Problem(shard, "", f"unreadable shard: {e.strerror or e}"))
         return -1, -1, [], [], [], []
     with f:
         st = os.fstat(f.fileno())
@@ -334,7 +491,11 @@ def scan_shard(shard: str, problems: List[Problem]):
             members = {}
             for n, comps in enumerate(indexed):
                 name = next(iter(comps.values()))[2] if comps else str(n)
-                members[name.split(".", 1)[0]] = {e: (off, size) for e, (off, size, _) in comps.items()}
+                key = name.split(".", 1)[0]
+                if key in members:
+                    problems.append(Problem(shard, key, duplicate_reason(key)))
+                    continue
+                members[key] = {e: (off, size) for e, (off, size, _) in comps.items()}
         else:
             members = _scan_tar(shard, f, file_size, problems)
             expected = _manifest_count(shard)
@@ -347,7 +508,8 @@ def scan_shard(shard: str, problems: List[Problem]):
 @functools.lru_cache(maxsize=8)
 def _manifest_counts(path: str, mtime_ns: int) -> Dict[str, int]:
     try:
-        return {r["name"]: int(r["count"]) for r in json.loads(Path(path).read_text()).get("shards", [])}
+        return {r["name"]: int(r["count"]) for r in json.loads(read_small_file(path, TEXT_LIMIT, "manifest.json"))
+                .get("shards", [])}
     except (OSError, ValueError, TypeError, KeyError, AttributeError):
         return {}
 
@@ -366,7 +528,7 @@ def _manifest_count(shard: str) -> Optional[int]:
 def _fresh_index_for(shards: List[str]):
     """(SampleIndex, problems) from the fresh ``index/`` of the one folder all ``shards`` lie in, covering every one
     of them; None where there is none (or it is stale: then the shards are scanned)."""
-    from .index import SampleIndex, _open_store, read_problems
+    from .index import IndexVersionError, SampleIndex, _open_store, read_problems
 
     parents = {os.path.dirname(os.path.abspath(s)) for s in shards}
     if len(parents) != 1:
@@ -374,7 +536,11 @@ def _fresh_index_for(shards: List[str]):
     folder = os.path.join(parents.pop(), "index")
     if not os.path.isfile(os.path.join(folder, "index.json")):
         return None
-    st = _open_store(folder)  # damaged or tampered: one line, not a silent rescan
+    try:
+        st = _open_store(folder)  # damaged or tampered: one line, not a silent rescan
+    except IndexVersionError as e:  # written by an older megadigpt: as if stale
+        log.warning("ignoring %s; scanning the shards", e)
+        return None
     pos: Dict[str, List[int]] = {}
     for j in range(st.m):
         pos.setdefault(st.path_of_shard(j), []).append(j)
@@ -408,10 +574,57 @@ def _scan_shards(shards: List[str], problems: List[Problem]):
     return b.build()
 
 
-def scan_source(source):
+def _member_limit() -> int:
+    """``data.max_member_bytes`` as the entry point set it (``remote.configure_from(cfg.data)``), else 256 MiB."""
+    from . import remote
+
+    opts = getattr(remote, "options", None)
+    return int((opts() if opts else {}).get("max_member_bytes") or DEFAULT_MAX_MEMBER_BYTES)
+
+
+def member_too_large(name: str, size: int, limit: int) -> str:
+    """The bad-sample reason of a member above ``data.max_member_bytes`` (both access modes: the text is
+    :func:`megadigpt.data.remote.member_too_large`'s)."""
+    from .remote import member_too_large as reason
+
+    return reason(name, size, limit)
+
+
+def _tar_member_name(path: str, data_offset: int, key: str) -> str:
+    """The name in the tar header right before a member's data (ustar: prefix/name), for naming it in a problem;
+    the key where that header cannot be read."""
+    try:
+        with open_regular(path) as f:
+            h = os.pread(f.fileno(), tarfile.BLOCKSIZE, data_offset - tarfile.BLOCKSIZE)
+        info = tarfile.TarInfo.frombuf(h, "utf-8", "surrogateescape")
+        return info.name.encode("utf-8", "backslashreplace").decode() if info.name else key
+    except (OSError, ValueError, tarfile.TarError):
+        return key
+
+
+def _drop_oversize(out, limit: int, problems: List[Problem]):
+    """The samples of ``out`` whose image member is at most ``limit`` bytes; each larger one a problem (before
+    anything reads it). Vectorised over the size column (an index folder's stays mapped only for this)."""
+    sizes = out.sizes()
+    big = np.flatnonzero(sizes > limit)
+    out.release()
+    if not len(big):
+        return out
+    for i in big.tolist():
+        s = out[i]
+        name = _tar_member_name(s.path, s.offset, s.key) if s.offset >= tarfile.BLOCKSIZE else s.key
+        problems.append(Problem(s.path, s.key, member_too_large(name, s.size, limit)))
+    keep = np.ones(len(sizes), dtype=bool)
+    keep[big] = False
+    return out.subset(np.flatnonzero(keep))
+
+
+def scan_source(source, max_member_bytes: Optional[int] = None):
     """The samples of a source as a :class:`~megadigpt.data.index.SampleIndex`, and the problems found while
-    listing them (damaged shards, unreadable remote shards, samples without an image member, unparsable labels):
-    each a :class:`Problem` naming the shard and key. Decoding problems are found later, by the loaders (or
+    listing them (damaged shards, unreadable remote shards, samples without an image member, unparsable labels,
+    duplicate keys, image members above ``max_member_bytes`` (default: ``data.max_member_bytes`` as
+    :func:`megadigpt.data.remote.configure_from` set it, else 256 MiB)): each a
+    :class:`Problem` naming the shard and key. Decoding problems are found later, by the loaders (or
     ``data validate``)."""
     from .index import open_index, read_problems
 
@@ -429,6 +642,8 @@ def scan_source(source):
         problems += read_problems(where)
     else:
         out = _plain_samples(kind, where)
+    limit = _member_limit() if max_member_bytes is None else int(max_member_bytes)
+    out = _drop_oversize(out, limit, problems)
     if not len(out):
         extra = f" ({len(problems)} problems, e.g. {problems[0].path}: {problems[0].reason})" if problems else ""
         raise ConfigError(f"data source {source!r} holds no images{extra}")
@@ -465,6 +680,43 @@ def find_samples(source):
     return scan_source(source)[0]
 
 
+def parse_class_names(text: Union[str, bytes], where: str) -> List[str]:
+    """``classes.txt``: one class name per line, label 0 first. A blank line (it would shift every later label's
+    name), a repeated name or a file naming no class is one :class:`ConfigError` line; trailing blank lines are
+    fine."""
+    if isinstance(text, bytes):
+        try:
+            text = text.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{where} is not UTF-8 text (byte {e.start})") from None
+    lines = text.splitlines()
+    while lines and not lines[-1].strip():
+        lines.pop()
+    names: List[str] = []
+    seen: Dict[str, int] = {}
+    for n, line in enumerate(lines, 1):
+        name = line.strip()
+        if not name:
+            raise ConfigError(f"{where}:{n}: a blank line; each line names the class of one label (line 1: label "
+                              f"0), so a blank one would shift every name after it")
+        if name in seen:
+            raise ConfigError(f"{where}:{n}: class name {shorten(name, 60)} is already on line {seen[name]}; each "
+                              f"class is named once")
+        seen[name] = n
+        names.append(name)
+    if not names:
+        raise ConfigError(f"{where} names no class")
+    return names
+
+
+def _classes_file(path) -> List[str]:
+    try:
+        data = read_small_file(path, TEXT_LIMIT, "classes.txt")
+    except OSError as e:
+        raise ConfigError(f"{path}: {e.strerror or e}") from None
+    return parse_class_names(data, str(path))
+
+
 def _remote_classes(url: str) -> Optional[List[str]]:
     """``classes.txt`` beside a remote shard (the URL's last path element replaced), one try; None if absent."""
     if url.startswith("pipe:"):
@@ -473,11 +725,11 @@ def _remote_classes(url: str) -> Optional[List[str]]:
     if not sep or base.endswith(":/"):
         return None
     try:
-        path = cache_shard(base + "/classes.txt", retries=0)
-        text = Path(path).read_text()
-    except (RemoteError, OSError, UnicodeDecodeError):
+        path = cache_shard(base + "/classes.txt", retries=0, max_bytes=SMALL_FILE_BYTES)  # a small file: capped
+        data = read_small_file(path, TEXT_LIMIT, "classes.txt")
+    except (RemoteError, OSError):
         return None
-    return [line.strip() for line in text.splitlines() if line.strip()] or None
+    return parse_class_names(data, base + "/classes.txt")
 
 
 def label_names(source) -> Optional[List[str]]:
@@ -497,8 +749,8 @@ def label_names(source) -> Optional[List[str]]:
         cands = [Path(where) / "classes.txt"] + ([Path(idx.shard_path(0)).parent / "classes.txt"] if idx.num_shards
                                                  else [])
         for f in cands:
-            if f.is_file():
-                return [line.strip() for line in f.read_text().splitlines() if line.strip()]
+            if os.path.lexists(f):
+                return _classes_file(f)
         return None
     if kind == "folder":
         root = Path(where)
@@ -506,6 +758,33 @@ def label_names(source) -> Optional[List[str]]:
     first = where[0] if isinstance(where, list) and where else where
     if kind in ("tar", "list") and first:
         f = Path(first).parent / "classes.txt"
-        if f.is_file():
-            return [line.strip() for line in f.read_text().splitlines() if line.strip()]
+        if os.path.lexists(f):
+            return _classes_file(f)
     return None
+
+
+def check_class_names(train_source, val_source, train_what: str = "data.train",
+                      val_what: str = "data.val") -> Optional[List[str]]:
+    """The training source's class names (None where it names none), after checking them against the validation
+    source's where both name their classes (class folders, ``classes.txt``): labels are class indices, so the two
+    must name the same classes in the same order, else a validation "dog" would be scored as the training class
+    that has dog's index. A mismatch is one :class:`ConfigError` line naming the classes that differ."""
+    train, val = label_names(train_source), label_names(val_source)
+    if train is None or val is None or train == val:
+        return train
+    only_t = [n for n in train if n not in set(val)]
+    only_v = [n for n in val if n not in set(train)]
+
+    def few(items, quote=True):
+        return ", ".join(shorten(n, 40) if quote else n for n in items[:5]) + (
+            f" and {len(items) - 5} more" if len(items) > 5 else "")
+
+    if only_t or only_v:
+        parts = ([f"only {train_what} has {few(only_t)}"] if only_t else []) + (
+            [f"only {val_what} has {few(only_v)}"] if only_v else [])
+        raise ConfigError(f"{train_what} and {val_what} name different classes: {'; '.join(parts)} (labels are "
+                          f"class indices: give both the same class folders or the same classes.txt)")
+    moved = [f"{shorten(n, 40)} is {i} in {train_what}, {val.index(n)} in {val_what}"
+             for i, n in enumerate(train) if val.index(n) != i]
+    raise ConfigError(f"{train_what} and {val_what} number their classes differently: {few(moved, False)} (labels are "
+                      f"class indices: give both the same classes.txt)")

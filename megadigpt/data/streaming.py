@@ -13,7 +13,13 @@ Reading. Each slot reads its shards in order as tar streams and groups consecuti
 :mod:`tarfile` (mode ``r:``) over the remote file, which only ever seeks forward: webdataset's own tar iterators
 give members and names but not the byte offset of each sample's first header, which the resume position needs.
 Damage is found as :mod:`megadigpt.data.sources` finds it for local shards (a header cut short, a member's data
-cut short, no end-of-archive blocks).
+cut short, no end-of-archive blocks), plus a tar header extension (pax record, GNU long name) of more than
+:data:`HEADER_LIMIT` bytes, which :mod:`tarfile` would read whole. Bad samples decided from the headers, before
+any member data is read: an image or ``.cls`` member declared larger than ``data.max_member_bytes`` (reason
+``member <name> is <N> bytes, more than data.max_member_bytes=<M>``; its bytes are skipped 1 MiB at a time, never
+held), and a sample whose key an earlier sample of the shard had (reason ``duplicate key <key> in the shard (an
+earlier sample has it)``; the first is kept; a member repeating an extension of the sample being grouped starts
+such a duplicate). Index mode gives both the same reasons.
 
 Shuffle. Each slot holds ``data.shuffle_buffer`` samples and emits one drawn at random (``rng([seed, epoch,
 slot])``) for each one it reads; at the end of its epoch the buffer is emptied in random order. Each sample's
@@ -33,11 +39,15 @@ never consumed are read again. A resume with another world size x workers, seed,
 refused. Unlike indexed mode, a resumed run does not reproduce the uninterrupted run's batches.
 
 Faults. A shard that cannot be read after the retries (HTTP 404, refused connections, a connection dropped more
-often than ``data.io_retries``, a stall past ``data.io_timeout_s``) or that is damaged is skipped: the samples
-already read from it stay, and it is reported once (``bad_samples.jsonl``, ``kind: shard``, the URL, key
-empty). A sample that does not decode is a bad sample (``valid=False``) as in indexed mode. A slot that reads
-no sample at all in an epoch from its start stops the run with one line (instead of spinning); a source of which
-no shard opens is refused before anything heavy starts.
+often than ``data.io_retries``, a stall past ``data.io_timeout_s``, a connection past its deadline: see
+:mod:`megadigpt.data.remote`), that is longer than ``data.max_shard_bytes``, that comes compressed
+(``Content-Encoding``) or that is damaged is skipped: the samples already read from it stay, and it is reported
+once (``bad_samples.jsonl``, ``kind: shard``, the URL, key empty). A sample that does not decode, a member over
+the cap and a duplicate key are bad samples (``valid=False``, ``kind: decode`` with the reason) as in indexed
+mode. A slot that reads no sample at all in an epoch from its start stops the run with one line (instead of
+spinning); a source of which no shard opens is refused before anything heavy starts. ``manifest.json`` is read
+whole (at most 64 MiB) within its deadline, with one retry; one that cannot be read (other than a 404) is named
+in the line that asks for ``data.epoch_size``.
 """
 
 import hashlib
@@ -54,7 +64,7 @@ import torch
 from ..config import ConfigError
 from ..distributed.engine import resolve_device
 from .pretrain_loader import _INTERP, collate, random_resized_crop_box, render_views
-from .remote import RemoteError, expand_urls, is_remote, open_url
+from .remote import RemoteError, expand_urls, is_remote, open_url, read_small
 from .sources import IMAGE_EXTS
 
 log = logging.getLogger(__name__)
@@ -125,20 +135,28 @@ def _manifest_url(first: str) -> Optional[str]:
 
 def read_manifest(urls: Sequence[str]) -> Optional[dict]:
     """``manifest.json`` beside the first shard (what ``data build`` writes), or None where there is none."""
+    return _read_manifest(urls)[0]
+
+
+def _read_manifest(urls: Sequence[str]) -> Tuple[Optional[dict], Optional[str]]:
+    """(the manifest or None, why it could not be read: None where there is none or it was read). Read whole
+    within its deadline and at most :data:`megadigpt.data.remote.SMALL_FILE_BYTES`, one retry."""
     where = _manifest_url(urls[0])
     if where is None:
-        return None
+        return None, None
     try:
-        with open_url(where, retries=1) as f:
-            data = json.loads(f.read(64 << 20).decode())
-        return data if isinstance(data, dict) else None
-    except (RemoteError, OSError, ValueError, UnicodeDecodeError):
-        return None
+        data = json.loads(read_small(where, retries=1).decode())
+    except RemoteError as e:
+        text = str(e).splitlines()[0] if str(e) else "RemoteError"
+        return None, (None if ": HTTP 404" in text or text.endswith(": not found") else text)
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        return None, f"{where} is not a JSON manifest ({type(e).__name__})"
+    return (data if isinstance(data, dict) else None), None
 
 
 def epoch_size(urls: Sequence[str], configured: Optional[int]) -> int:
     """Samples per epoch: the manifest's counts of these shards, else ``data.epoch_size``."""
-    manifest = read_manifest(urls)
+    manifest, why = _read_manifest(urls)
     if manifest:
         try:
             counts = {str(r["name"]): int(r["count"]) for r in manifest.get("shards", [])}
@@ -148,9 +166,11 @@ def epoch_size(urls: Sequence[str], configured: Optional[int]) -> int:
         if counts and all(n in counts for n in names):
             return sum(counts[n] for n in names)
     if configured:
+        if why:
+            log.warning("stream mode: %s; using data.epoch_size=%s", why, configured)
         return int(configured)
-    raise ConfigError(f"stream mode needs the epoch size: no manifest.json beside {urls[0]} lists these shards, and "
-                      f"data.epoch_size is not set")
+    raise ConfigError(f"stream mode needs the epoch size: no manifest.json beside {urls[0]} lists these shards"
+                      f"{f' ({why})' if why else ''}, and data.epoch_size is not set")
 
 
 def probe_shards(urls: Sequence[str]) -> int:
@@ -188,25 +208,59 @@ class ShardDamaged(OSError):
     """A shard whose tar structure breaks off (cut short, an invalid header)."""
 
 
+class _HeaderReads:
+    """The shard as :mod:`tarfile` sees it: its reads are headers (512-byte blocks) and header extensions (pax
+    records, GNU long names), which tarfile reads whole into memory; one of more than :data:`HEADER_LIMIT` bytes
+    is damage, not a read (member data is read by :func:`iter_shard` itself, under ``data.max_member_bytes``)."""
+
+    def __init__(self, f):
+        self.f = f
+
+    def read(self, n: int = -1) -> bytes:
+        if n is None or n < 0 or n > HEADER_LIMIT:
+            raise tarfile.ReadError(f"a tar header extension of {n} bytes at byte {self.f.tell()} (more than "
+                                    f"{HEADER_LIMIT})")
+        return self.f.read(n)
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self.f.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self.f.tell()
+
+
+HEADER_LIMIT = 1 << 20  # bytes of one pax header or GNU long name (real ones are under 1 kB)
+
+
 def iter_shard(url: str, offset: int = 0, ordinal: int = 0, timeout_s: float = None,
-               retries: int = None) -> Iterator[dict]:
+               retries: int = None, max_member_bytes: int = None) -> Iterator[dict]:
     """The samples of one shard from byte ``offset`` (a sample's first header) on, numbered from ``ordinal``:
     dicts with ``key``, ``ordinal``, ``offset`` (its first header), ``next`` (the next sample's first header; None
-    after the last), ``parts`` ({ext: bytes} of its image and ``.cls`` members). Raises :class:`RemoteError`
-    (after the retries) or :class:`ShardDamaged` where the shard breaks off, after the samples read before."""
+    after the last), ``parts`` ({ext: bytes} of its image and ``.cls`` members; None for a member seen, not read)
+    and ``bad`` (None, or why the sample is bad although the shard is fine). Raises :class:`RemoteError` (after
+    the retries) or :class:`ShardDamaged` where the shard breaks off, after the samples read before.
+
+    Bad samples, decided before any member data is read: an image or ``.cls`` member whose header declares more
+    than ``max_member_bytes`` (default ``data.max_member_bytes``; its bytes are skipped, never held), and a sample
+    whose key an earlier sample of the shard had (the first is kept; a member repeating an extension of the
+    sample being grouped starts such a duplicate too). Keys are remembered from ``offset`` on: after a resume
+    mid-shard, a duplicate of a key before the cursor is not recognised."""
+    from .remote import member_too_large
+
     f = open_url(url, offset, timeout_s, retries)
     with f:
         try:
-            tf = tarfile.open(fileobj=f, mode="r:")
+            tf = tarfile.open(fileobj=_HeaderReads(f), mode="r:")
         except tarfile.TarError as e:
             raise ShardDamaged(f"not a readable tar stream at byte {offset} ({e})") from None
-        group, key, start, prev_exts = {}, None, offset, None
+        group, key, start, prev_exts, bad = {}, None, offset, None, None
+        seen = set()
         damage = None
         while True:
             try:
                 m = tf.next()
-            except tarfile.TarError as e:  # a member's data cut short
-                damage = f"truncated near byte {f.tell()} ({e})"
+            except tarfile.TarError as e:  # a member's data cut short, a header extension over the limit
+                damage = f"truncated near byte {f.tell()} ({e})" if "header extension" not in str(e) else str(e)
                 break
             tf.members = []  # the walk keeps nothing (a shard may hold a million members)
             if m is None:
@@ -218,13 +272,22 @@ def iter_shard(url: str, offset: int = 0, ordinal: int = 0, timeout_s: float = N
                 continue
             k = os.path.join(os.path.dirname(m.name), base.split(".", 1)[0])
             ext = "." + base.split(".", 1)[1].lower()
-            if k != key:
+            if k != key or ext in group:
                 if key is not None:
-                    yield {"key": key, "ordinal": ordinal, "offset": start, "next": m.offset, "parts": group}
+                    yield {"key": key, "ordinal": ordinal, "offset": start, "next": m.offset, "parts": group,
+                           "bad": bad}
                     prev_exts = set(group)
                     ordinal += 1
-                group, key, start = {}, k, m.offset
-            if (ext in IMAGE_EXTS and not any(e in IMAGE_EXTS for e in group)) or ext == ".cls":
+                    seen.add(key)
+                group, key, start, bad = {}, k, m.offset, None
+                if k in seen:
+                    bad = f"duplicate key {k} in the shard (an earlier sample has it)"
+            if bad is None and ((ext in IMAGE_EXTS and not any(e in IMAGE_EXTS for e in group)) or ext == ".cls"):
+                too_large = member_too_large(m.name, m.size, max_member_bytes)
+                if too_large:
+                    bad = too_large
+                    group[ext] = None
+                    continue
                 f.seek(m.offset_data)
                 data = f.read(m.size)
                 if len(data) < m.size:
@@ -242,7 +305,7 @@ def iter_shard(url: str, offset: int = 0, ordinal: int = 0, timeout_s: float = N
                 damage = f"invalid tar header at byte {tf.offset}"
         if key is not None and (damage is None or (prev_exts is not None and set(group) >= prev_exts)):
             # before damage, the last sample counts only if it has the members the one before it had
-            yield {"key": key, "ordinal": ordinal, "offset": start, "next": None, "parts": group}
+            yield {"key": key, "ordinal": ordinal, "offset": start, "next": None, "parts": group, "bad": bad}
         if damage is not None:
             raise ShardDamaged(damage)
 
@@ -344,6 +407,8 @@ class StreamDataset(torch.utils.data.IterableDataset):
         label, why = -1, None
         if parts.get(".cls") is not None:
             label, why = parse_label(parts[".cls"])
+        if rec.get("bad"):  # a member over data.max_member_bytes, a duplicate key: never decoded
+            return None, -1, rec["bad"]
         if img is None:
             why = f"no image member (members: {', '.join(sorted(parts)) or 'none'})"
         return img, label, why

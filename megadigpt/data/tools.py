@@ -93,9 +93,11 @@ def _file_list(path: str) -> List[Sample]:
         parts = line.split()
         p = Path(parts[0]) if Path(parts[0]).is_absolute() else base / parts[0]
         try:
-            label = int(parts[1]) if len(parts) > 1 else -1
+            label = int(parts[1]) if len(parts) > 1 and len(parts[1]) <= 24 else (-1 if len(parts) < 2 else None)
+            if label is None or not -1 <= label < 2 ** 63:
+                raise ValueError
         except ValueError:
-            raise ConfigError(f"{path}:{n}: label {parts[1]!r} is not an integer")
+            raise ConfigError(f"{path}:{n}: label {parts[1][:40]!r} is not an integer in [-1, 2**63-1]") from None
         out.append(Sample(str(p), key=p.stem, label=label))
     return out
 
@@ -184,7 +186,7 @@ def _scan_one(shard: str):
 
     problems = []
     size, mtime, keys, offs, sizes, labels = scan_shard(shard, problems)
-    enc = [k.encode() for k in keys]
+    enc = [k.encode("utf-8", "backslashreplace") for k in keys]
     key_off = np.zeros(len(enc) + 1, dtype=np.int64)
     np.cumsum([len(b) for b in enc], out=key_off[1:])
     return (shard, size, mtime, np.array(offs, dtype=np.int64), np.array(sizes, dtype=np.int64),
@@ -236,7 +238,9 @@ def index_shards(source, out_dir, workers: int = 2, progress: bool = True) -> di
     finally:
         bar.close()
     if n == 0:
-        raise ConfigError(f"no usable sample in {source!r} ({len(problems)} problems; see {out}/problems.jsonl)")
+        first = f", e.g. {problems[0].path}: {problems[0].reason}" if problems else ""
+        raise ConfigError(f"no usable sample in {source!r} ({len(problems)} problems{first}; see "
+                          f"{out}/problems.jsonl)")
     return {"index": str(out), "samples": n, "shards": len(shards), "problems": len(problems),
             "damaged_shards": len({p.path for p in problems if not p.key})}
 

@@ -29,6 +29,7 @@ from typing import Dict, List, Optional
 
 
 from ..config import ConfigError, _suggest, missing_path, preview_paths
+from ..safe_fs import open_append, write_atomic
 
 COMMANDS = ("pretrain", "finetune", "segment", "probe", "eval")
 _PKG = Path(__file__).resolve().parent.parent
@@ -263,41 +264,79 @@ def validate_stage(stage: Stage) -> dict:
 
 # ============================================================================ the script
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_SBATCH_PLAIN = re.compile(r"[A-Za-z0-9_@%+=:,./-]+")
+
+
+def script_text(value, what: str) -> str:
+    """A value that goes into the generated script: one line, no control character (a newline would start a new
+    shell line, and a ``#SBATCH`` line cannot be quoted across lines); refused in one line naming it."""
+    text = str(value)
+    bad = _CONTROL.search(text)
+    if bad:
+        from ..safe_fs import shorten
+
+        raise ConfigError(f"{what} {shorten(text)} holds a control character ({bad.group()!r}); it cannot go into "
+                          f"an sbatch script: rename it")
+    return text
+
+
+def sbatch_value(value, what: str) -> str:
+    """The value of a ``#SBATCH --opt=value`` line, quoted for sbatch's own parser where it is not plain (sbatch
+    reads "..." and '...' and backslash escapes, and an unquoted ``#`` starts a comment there); bash sees the whole
+    line as a comment."""
+    text = script_text(value, what)
+    if _SBATCH_PLAIN.fullmatch(text):
+        return text
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def sbatch_filename(path: str) -> str:
+    """A folder for ``--output``: ``%`` doubled (sbatch reads ``%j``, ``%x``, ... in file names)."""
+    return str(path).replace("%", "%%")
+
 
 def render(stage: Stage, python: Optional[str] = None, code_dir: Optional[str] = None, log: Optional[str] = None,
            pass_args: bool = False, note: str = "") -> str:
     """The sbatch script of a stage. ``python``: the interpreter (default: ``$MEGADIGPT_PYTHON`` or ``python`` on
     the job's PATH); ``pass_args``: append ``"$@"`` (the static templates: ``sbatch script.sbatch key=value ...``)."""
     o = stage.slurm
-    sb = [f"--job-name={o.job_name or 'megadigpt-' + stage.name}", f"--nodes={o.nodes}",
+    script_text(stage.name, "stage name")
+    sb = [f"--job-name={sbatch_value(o.job_name or 'megadigpt-' + stage.name, 'job name')}", f"--nodes={o.nodes}",
           f"--ntasks-per-node={o.tasks_per_node}"]
     if o.gpus_per_node:
         sb.append(f"--gpus-per-node={o.gpus_per_node}")
     if o.cpus_per_task:
         sb.append(f"--cpus-per-task={o.cpus_per_task}")
     if o.mem is not None:
-        sb.append(f"--mem={o.mem}")
-    sb.append(f"--time={o.time}")
+        sb.append(f"--mem={sbatch_value(o.mem, 'mem')}")
+    sb.append(f"--time={sbatch_value(o.time, 'time')}")
     for k in ("partition", "account", "qos", "constraint", "reservation"):
         if getattr(o, k):
-            sb.append(f"--{k}={getattr(o, k)}")
+            sb.append(f"--{k}={sbatch_value(getattr(o, k), k)}")
     if o.exclusive:
         sb.append("--exclusive")
     if o.signal_seconds:
         sb.append(f"--signal=USR1@{o.signal_seconds}")  # to the tasks, not the batch shell (no "B:")
     sb.append("--requeue" if o.requeue else "--no-requeue")
-    sb += ["--open-mode=append", f"--output={log or 'slurm-%x-%j.out'}"] + list(o.sbatch)
-    py = shlex.quote(python) if python else '"${MEGADIGPT_PYTHON:-python}"'
+    sb += ["--open-mode=append", f"--output={sbatch_value(log or 'slurm-%x-%j.out', 'the job log path')}"]
+    sb += [script_text(a, "sbatch option") for a in o.sbatch]  # verbatim, one line each
+    py = shlex.quote(script_text(python, "python")) if python else '"${MEGADIGPT_PYTHON:-python}"'
     # with a snapshot, not `-m megadigpt`: that puts the working directory first on sys.path, and a job submitted
     # from a checkout would import the checkout instead of the snapshot
     entry = (["-c", shlex.quote(_FROM_SNAPSHOT), '"$MEGADIGPT_CODE"'] if code_dir else ["-m", "megadigpt"])
-    cmd = " ".join([py, *entry, stage.command] + [shlex.quote(a) for a in stage.args])
+    cmd = " ".join([py, *entry, shlex.quote(script_text(stage.command, "command"))] +
+                   [shlex.quote(script_text(a, f"stage {stage.name}: argument")) for a in stage.args])
     if pass_args:
         cmd += ' "$@"'
-    env = "".join(f"export {k}={shlex.quote(str(v))}\n" for k, v in o.env.items())
+    for k in o.env:
+        if not (isinstance(k, str) and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", k)):
+            raise ConfigError(f"env name {k!r} is not a shell variable name (letters, digits and _)")
+    env = "".join(f"export {k}={shlex.quote(script_text(v, f'env {k}'))}\n" for k, v in o.env.items())
     if not o.requeue:
         env += "export MEGADIGPT_REQUEUE=0\n"
-    code = (f"MEGADIGPT_CODE={shlex.quote(code_dir)}  # the code snapshot taken at submission\n"
+    code = (f"MEGADIGPT_CODE={shlex.quote(script_text(code_dir, 'the code snapshot folder'))}  # the code snapshot "
+            f"taken at submission\n"
             f"export PYTHONPATH=\"$MEGADIGPT_CODE${{PYTHONPATH:+:$PYTHONPATH}}\"\n") if code_dir else ""
     head = "\n".join(f"#SBATCH {a}" for a in sb)
     return f"""#!/bin/bash
@@ -519,6 +558,11 @@ def _cancel(job_ids: List[str]):
         subprocess.run(["scancel", *job_ids], capture_output=True, timeout=60)
 
 
+def _job_log(stage: Stage) -> str:
+    """The job's ``--output``: ``<run_dir>/slurm/%j.out`` (a ``%`` of the run directory doubled)."""
+    return sbatch_filename(Path(stage.run_dir) / "slurm") + "/%j.out"
+
+
 def _new_dirs(path: Path) -> Optional[Path]:
     """The topmost folder of ``path`` that does not exist yet (what a check that mkdirs would create)."""
     top = None
@@ -539,6 +583,10 @@ def submit(stages: List[Stage], root: Path, dry_run: bool = False, after: Option
 
     out = out or sys.stdout  # (looked up now, not when the module was imported: a redirected stdout counts)
     root = Path(root).resolve()
+    script_text(root, "run root")
+    for s in stages:  # every value each script will hold, checked before anything is validated, made or queued
+        script_text(s.run_dir, f"stage {s.name}: run directory")
+        render(s, python=sys.executable, code_dir=str(root / "code" / ("0" * 12)), log=_job_log(s))
     created = [d for d in {_new_dirs(Path(s.run_dir)) for s in stages} | {_new_dirs(root)} if d]
     warnings: List[str] = []
     try:
@@ -561,8 +609,8 @@ def submit(stages: List[Stage], root: Path, dry_run: bool = False, after: Option
             print(f"megadigpt submit: note: stage {s.name}: cpus_per_task {s.slurm.cpus_per_task} < data loading "
                   f"workers + 1 ({need})", file=sys.stderr)
     snap = snapshot(root, dry_run=dry_run)
-    if chain and not dry_run:
-        shutil.copyfile(chain, root / "chain.yaml")
+    if chain and not dry_run:  # (a fresh file renamed into place: never written through a planted link)
+        write_atomic(root / "chain.yaml", Path(chain).read_bytes(), what="chain copy")
     code_dir = snap["path"]
     python = sys.executable
     records, queued = [], []
@@ -570,7 +618,7 @@ def submit(stages: List[Stage], root: Path, dry_run: bool = False, after: Option
     try:
         for s, summ in zip(stages, summaries):
             log_dir = Path(s.run_dir) / "slurm"
-            script = render(s, python=python, code_dir=code_dir, log=str(log_dir / "%j.out"),
+            script = render(s, python=python, code_dir=code_dir, log=_job_log(s),
                             note=f"\n# written by `megadigpt submit` at {time.strftime('%Y-%m-%d %H:%M:%S')}")
             dep = [prev] if prev else []
             rec = {"stage": s.name, "command": s.command, "run_dir": s.run_dir, "nodes": s.slurm.nodes,
@@ -582,13 +630,11 @@ def submit(stages: List[Stage], root: Path, dry_run: bool = False, after: Option
                 records.append(rec)
                 continue
             log_dir.mkdir(parents=True, exist_ok=True)  # a missing --output folder fails a job silently
-            path = log_dir / "job.sbatch"
-            path.write_text(script)
-            path.chmod(0o755)
+            path = write_atomic(log_dir / "job.sbatch", script, what="job script", mode=0o755)
             job = _sbatch(path, dep)
             queued.append(job)
             rec.update(job_id=job, submitted=time.strftime("%Y-%m-%dT%H:%M:%S%z"), code=code_dir)
-            with open(log_dir / "jobs.jsonl", "a") as f:
+            with open_append(log_dir / "jobs.jsonl", what="job record") as f:
                 f.write(json.dumps(rec) + "\n")
             records.append(rec)
             prev = job
@@ -596,7 +642,7 @@ def submit(stages: List[Stage], root: Path, dry_run: bool = False, after: Option
         _cancel(queued)
         raise
     if not dry_run:
-        with open(root / "submissions.jsonl", "a") as f:
+        with open_append(root / "submissions.jsonl", what="submission record") as f:
             f.write(json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "code": snap,
                                 "jobs": records, "argv": sys.argv}) + "\n")
         for r in records:

@@ -750,8 +750,17 @@ def plot(rows: List[dict], path: Path) -> bool:
     ax.set_title(f"megadigpt bench: {ok[0]['result']['device']}, {ok[0]['result']['world_size']} rank(s)",
                  fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    tmp = Path(path).with_name(f".{Path(path).name}.tmp{os.getpid()}")  # replaced atomically
+    try:
+        fig.savefig(tmp, dpi=120, format="png")
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        if tmp.exists():
+            tmp.unlink()
+    from ..checkpoint.convert import record_outputs
+
+    record_outputs(Path(path).parent, [Path(path).name], "bench")
     return True
 
 
@@ -767,6 +776,9 @@ def as_task(cases: List[Case], base: Optional[str], overrides=()) -> List[Case]:
 
     crop = load_segment_config(base, list(overrides)).model.crop_size
     return [replace(c, task="segment", teacher="none", img_size=c.img_size or crop) for c in cases]
+
+
+OUTPUT_FILES = ("bench.json", "bench.md", "bench.png")  # what --out receives, beside case<i>/round<r>/ logs
 
 
 def run_bench(cases: List[Case], ranks: int, out: Path, base=None, overrides=(), steps=5, warmup=2,
@@ -796,6 +808,9 @@ def run_bench(cases: List[Case], ranks: int, out: Path, base=None, overrides=(),
     if device_type == "cuda" and ranks > torch.cuda.device_count():
         raise ConfigError(f"--ranks {ranks} but {torch.cuda.device_count()} GPUs are visible")
     out.mkdir(parents=True, exist_ok=True)
+    from ..checkpoint.convert import record_outputs
+
+    record_outputs(out, [], "bench")  # the folder is a bench's (a later bench may write here without --force)
     overrides = list(overrides)
     peak_note = None
     if device_type == "cpu" and not any(o.startswith("train.peak_tflops=") for o in overrides):
@@ -837,9 +852,11 @@ def run_bench(cases: List[Case], ranks: int, out: Path, base=None, overrides=(),
         report["deepspeed"] = deepspeed.__version__
     except ImportError:
         pass
-    (out / "bench.json").write_text(json.dumps(report, indent=1))
+    from ..checkpoint.convert import write_output  # atomic, recorded as megadigpt's (the CLI checks --out)
+
+    write_output(out / "bench.json", json.dumps(report, indent=1), "bench")
     table = markdown(rows)
-    (out / "bench.md").write_text(table + "\n")
+    write_output(out / "bench.md", table + "\n", "bench")
     report["plot"] = str(out / "bench.png") if plot(rows, out / "bench.png") else None
     return report
 

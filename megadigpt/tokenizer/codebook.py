@@ -86,8 +86,11 @@ class Codebook:
             raise ConfigError(f"{path} exists; choose another --out or pass --force to replace it")
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        try:
-            with open(tmp, "wb") as f:
+        if os.path.lexists(tmp):  # our own pid's leftover (a killed earlier process): removed, never followed
+            os.unlink(tmp)
+        try:  # a fresh file (never an existing one, never through a planted link), renamed into place
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0), 0o666)
+            with os.fdopen(fd, "wb") as f:
                 torch.save({"format": FORMAT, "version": VERSION, "centroids": self.centroids.float().cpu(),
                             "sizes": self.sizes.long().cpu(), "provenance": self.provenance}, f)
                 f.flush()

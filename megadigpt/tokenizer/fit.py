@@ -40,7 +40,7 @@ def plan_fit(cfg: Config, k: Optional[int], images: int, tokens_per_image: int, 
                           f"k={k}; sample more")
     from ..data import remote
 
-    remote.configure(cfg.data.cache_dir, cfg.data.io_timeout_s, cfg.data.io_retries)
+    remote.configure_from(cfg.data)
     check_source(cfg.data.source)
     return spec, k, Path(out), per_image
 

@@ -297,6 +297,9 @@ def real_scorer(samples, labels: List[List[int]]):
     return score
 
 
+OUTPUT_FILES = ("eval.json", "eval.md")  # what --out receives
+
+
 def evaluate_sets(model_path: str, folders: Dict[str, str], out_dir: Optional[str] = None, which: str = "best",
                   batch: int = 64, limit: Optional[int] = None, loader: str = "auto", num_workers: int = 4,
                   real_labels_path: Optional[str] = None, device: str = "auto", precision: str = "auto") -> dict:
@@ -384,10 +387,11 @@ def evaluate_sets(model_path: str, folders: Dict[str, str], out_dir: Optional[st
     if env.rank == 0:
         text = table(results)
         print(text)
-        if out_dir:
-            Path(out_dir).mkdir(parents=True, exist_ok=True)
-            (Path(out_dir) / "eval.json").write_text(json.dumps(results, indent=1))
-            (Path(out_dir) / "eval.md").write_text(text + "\n")
+        if out_dir:  # replaced atomically, recorded as megadigpt's (checked by the CLI: megadigpt.checkpoint.convert)
+            from ..checkpoint.convert import write_output
+
+            write_output(Path(out_dir) / "eval.json", json.dumps(results, indent=1), "eval")
+            write_output(Path(out_dir) / "eval.md", text + "\n", "eval")
     import torch.distributed as dist
 
     if dist.is_initialized():

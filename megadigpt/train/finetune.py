@@ -14,13 +14,13 @@ import json
 import math
 import os
 import random
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
 from ..config import ConfigError, FinetuneRunConfig, dump_config
+from ..safe_fs import announce_commands, pipe_commands, remove_entry, write_atomic
 from ..distributed import env as dist_env
 
 
@@ -71,7 +71,7 @@ def check_transfer(cfg, world_size: Optional[int], device_type: Optional[str], i
         from ..config import check_weights_file
 
         check_weights_file(t.init_from, "train.init_from")
-    remote.configure(d.cache_dir, d.io_timeout_s, d.io_retries)  # before any source is read
+    remote.configure_from(d)  # before any source is read: cache, timeouts, deadlines, byte caps
     if check_data is not None:  # (None: a benchmark's synthetic inputs)
         if need_train:
             if not d.train:
@@ -266,17 +266,17 @@ def export_classifier(state, model_args: dict, out_dir: Path, label_names=None, 
            "std": [float(v) for v in (std or data.get("std") or dflt.std)],
            "crop_pct": float(crop_pct or data.get("crop_pct") or dflt.crop_pct), "crop_mode": "center"}
     tmp = out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    remove_entry(tmp)  # a planted link is unlinked, never followed
     tmp.mkdir(parents=True)
     args = {k: v for k, v in model_args.items() if k != "drop_path_rate"}
     write_timm_folder(tmp, {k: v.contiguous() for k, v in state.items()}, args, pre,
                       finetune_record(run_config, metrics), label_names)
     old = out_dir.with_name(out_dir.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
+    remove_entry(old)
     if out_dir.exists():
         os.replace(out_dir, old)
     os.replace(tmp, out_dir)
-    shutil.rmtree(old, ignore_errors=True)
+    remove_entry(old)
     return out_dir
 
 
@@ -351,16 +351,21 @@ def finetune(cfg: FinetuneRunConfig) -> dict:
     plan = plan_finetune(cfg, env.world_size)
 
     from ..checkpoint.convert import load_encoder_weights
-    from ..data.sources import label_names as source_label_names
 
     m, d, t, f, o = cfg.model, cfg.data, cfg.train, cfg.finetune, cfg.optim
     run_dir = Path(t.run_dir)
+    # pipe: sources run shell commands: said once, before the first one runs, and recorded in the start event
+    commands = announce_commands(pipe_commands(*vars(d).values()), env.rank == 0)
     from ..data.sources import scan_source
 
     (train_samples, train_problems), (val_samples, val_problems) = scan_source(d.train), scan_source(d.val)
     num_classes = check_labels(train_samples, "data.train", m.num_classes)
     check_labels(val_samples, "data.val", num_classes)
-    names = source_label_names(d.train)
+    from ..data.sources import check_class_names
+
+    names = check_class_names(d.train, d.val)  # compared by name: one line where train and val classes differ
+    if names is not None and m.num_classes is None and num_classes > len(names):
+        raise ConfigError(f"data.train: label {num_classes - 1}, but the source names only {len(names)} classes")
     if names is not None and len(names) != num_classes:
         names = None
     weights, info = load_encoder_weights(t.init_from) if t.init_from else (None, {})
@@ -429,9 +434,9 @@ def finetune(cfg: FinetuneRunConfig) -> dict:
     resolved = copy.deepcopy(cfg)
     resolved.model.num_heads, resolved.model.num_classes = geom.num_heads, num_classes
     if rank0:
-        (run_dir / "config.yaml").write_text(dump_config(resolved))
+        write_atomic(run_dir / "config.yaml", dump_config(resolved), root=run_dir, what="run config")
         if names:
-            (run_dir / "label_names.json").write_text(json.dumps(names))
+            write_atomic(run_dir / "label_names.json", json.dumps(names), root=run_dir, what="class names")
 
     with torch.device("meta"):  # the classifier's parameter count, for DeepSpeed's "auto" bucket sizes
         n_params = sum(p.numel() for p in build_classifier(geom, m.img_size, num_classes,
@@ -486,7 +491,7 @@ def finetune(cfg: FinetuneRunConfig) -> dict:
 
     bad_log = BadSampleLog(run_dir, train_samples, env.rank, start_step, train_problems + val_problems, device)
     sink.event(event="resume" if tag else "start", step=start_step, world_size=world, **ds_engine.where(),
-               train_images=len(train_samples),
+               train_images=len(train_samples), pipe_commands=commands,
                val_images=len(val_samples), num_classes=num_classes, total_steps=total_steps,
                steps_per_epoch=steps_per_epoch, accum=plan.accum, precision=plan.precision, loader=plan.loader,
                init_from=t.init_from, load=load_report, model_args=model_args, ema_note=ema_note)

@@ -18,6 +18,7 @@ fp32 matmul rate (labelled as measured).
 """
 
 import json
+import re
 import secrets
 import sys
 import time
@@ -25,6 +26,8 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+
+from ..safe_fs import check_no_links, open_append, read_regular, shorten, write_atomic
 
 # Dense 16-bit tensor-core peaks (TFLOP/s per GPU, without 2:4 sparsity) from NVIDIA's datasheets. Matched in
 # this order against torch.cuda.get_device_name(), case-insensitively, every word of a key present: the specific
@@ -121,10 +124,12 @@ class MetricsSink:
         if not enabled:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
-        self.jsonl = open(run_dir / "metrics.jsonl", "a", buffering=1)
+        # never appended through a planted link; a line torn by kill -9 is ended first, so the next record is whole
+        self.jsonl = open_append(run_dir / "metrics.jsonl", root=run_dir, what="metrics log")
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
+            check_no_links(run_dir / "tensorboard", run_dir, "TensorBoard folder")
             self.tb = SummaryWriter(str(run_dir / "tensorboard"))
         if wandb is not None:
             self.wb = start_wandb(run_dir, **wandb)
@@ -207,10 +212,17 @@ def start_wandb(run_dir: Path, project: str = "megadigpt", mode: str = "online",
 
         raise ConfigError("train.wandb needs the wandb package (pip install wandb, or megadigpt[wandb])") from None
     id_file = Path(run_dir) / "wandb_id.txt"
-    run_id = id_file.read_text().strip() if id_file.is_file() else None
+    check_no_links(Path(run_dir) / "wandb", run_dir, "W&B folder")
+    raw = read_regular(id_file, limit=4096, root=run_dir, what="W&B run id file")
+    run_id = raw.decode(errors="replace").strip() if raw else None
+    if run_id and not re.fullmatch(r"[a-z0-9]{1,64}", run_id):
+        from ..config import ConfigError
+
+        raise ConfigError(f"{id_file} holds {shorten(run_id)}, not a W&B run id (lowercase letters and digits); "
+                          f"remove the file to start a new W&B run")
     if not run_id:
         run_id = secrets.token_hex(4)  # W&B ids: 8 lowercase letters or digits
-        id_file.write_text(run_id + "\n")
+        write_atomic(id_file, run_id + "\n", root=run_dir, what="W&B run id file")
     return wandb.init(project=project, entity=entity, name=name or Path(run_dir).resolve().name, id=run_id,
                       resume="allow", dir=str(run_dir), mode=mode, config=config or {},
                       settings=wandb.Settings(silent=True, console="off"))
@@ -220,7 +232,10 @@ def read_metrics(path) -> dict:
     """{step: last record of that step} from a metrics.jsonl (a resumed run re-logs the steps it redid)."""
     out = {}
     for line in Path(path).read_text().splitlines():
-        rec = json.loads(line)
-        if "step" in rec and "gen_loss" in rec:
+        try:
+            rec = json.loads(line)
+        except ValueError:  # a line torn by kill -9 (the resumed run starts its records on a fresh line)
+            continue
+        if isinstance(rec, dict) and "step" in rec and "gen_loss" in rec:
             out[rec["step"]] = rec
     return out

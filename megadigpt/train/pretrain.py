@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Optional
 
 from ..config import Config, ConfigError, dump_config
+from ..safe_fs import announce_commands, pipe_commands, write_atomic
 from ..distributed import env as dist_env
 
 # ============================================================================ validation (no torch work here)
@@ -114,7 +115,7 @@ def plan_run(cfg: Config, world_size: Optional[int] = None, device_type: Optiona
 
     from ..data import remote, streaming
 
-    remote.configure(cfg.data.cache_dir, cfg.data.io_timeout_s, cfg.data.io_retries)  # before any source is read
+    remote.configure_from(cfg.data)  # before any source is read: cache, timeouts, deadlines, byte caps
     world = world_size if world_size is not None else dist_env.discover().world_size
     mode = streaming.resolve_mode(cfg.data.mode, cfg.data.source)
     urls, n_epoch = (), None
@@ -234,12 +235,15 @@ def _teacher_record(cfg: Config, run_dir: Path, rank0: bool) -> Optional[dict]:
     from .. import checkpoint as ckpt
     from ..targets.weights import identity, resume_mismatch
 
-    problem = [None]
-    teacher_id = identity(cfg.target) if rank0 else None
+    problem, teacher_id = [None], None
     if rank0:
-        tag = ckpt.latest_tag(run_dir)
-        problem[0] = resume_mismatch((ckpt.read_marker(run_dir, tag) or {}).get("teacher") if tag else None,
-                                     teacher_id)
+        try:  # never raised on rank 0 alone: the other ranks wait for the verdict in the broadcast
+            teacher_id = identity(cfg.target)
+            tag = ckpt.latest_tag(run_dir)
+            problem[0] = resume_mismatch((ckpt.read_marker(run_dir, tag) or {}).get("teacher") if tag else None,
+                                         teacher_id)
+        except ConfigError as e:
+            problem[0] = str(e)
     dist.broadcast_object_list(problem, src=0)
     if problem[0]:
         raise ConfigError(problem[0])
@@ -274,6 +278,8 @@ def pretrain(cfg: Config) -> dict:
 
     t, m = cfg.train, cfg.model
     run_dir = Path(t.run_dir)
+    # pipe: sources run shell commands: said once, before the first one runs, and recorded in the start event
+    commands = announce_commands(pipe_commands(*vars(cfg.data).values(), t.probe_train, t.probe_val), env.rank == 0)
     stream_mode = plan.mode == "stream"
     if stream_mode:  # read as it trains: no listing
         samples, index_problems = [], []
@@ -301,6 +307,9 @@ def pretrain(cfg: Config) -> dict:
         probe_sets = (find_samples(t.probe_train), find_samples(t.probe_val))
         probe_classes = check_labels(probe_sets[0], "train.probe_train")
         check_labels(probe_sets[1], "train.probe_val", probe_classes)
+        from ..data.sources import check_class_names
+
+        check_class_names(t.probe_train, t.probe_val, "train.probe_train", "train.probe_val")
     n = plan.epoch_size if stream_mode else len(samples)
     steps_per_epoch = n / t.global_batch
     total_steps = t.max_steps if t.max_steps is not None else max(1, int(t.epochs * n // t.global_batch))
@@ -323,7 +332,7 @@ def pretrain(cfg: Config) -> dict:
     hold_run_dir(run_dir, rank0)  # one run per directory: a second one stops here, on every rank
     teacher_id = _teacher_record(cfg, run_dir, rank0)
     if rank0:
-        (run_dir / "config.yaml").write_text(dump_config(cfg))
+        write_atomic(run_dir / "config.yaml", dump_config(cfg), root=run_dir, what="run config")
 
     # ---------------------------------------------------------------- teacher: frozen, outside the engine
     torch.manual_seed(t.seed)
@@ -397,7 +406,7 @@ def pretrain(cfg: Config) -> dict:
         sink.event(event="schedule_change", step=start_step, changes=schedule_changes, schedule=schedule)
     bad_log = BadSampleLog(run_dir, samples, env.rank, start_step, index_problems, device)  # bad_samples.jsonl
     sink.event(event="resume" if tag else "start", step=start_step, world_size=env.world_size, **ds_engine.where(),
-               images=n, data_mode=plan.mode,
+               images=n, data_mode=plan.mode, pipe_commands=commands,
                total_steps=total_steps, accum=plan.accum, precision=plan.precision, device=str(device),
                loader=plan.loader,
                flops_student_fwd=student_fwd, flops_teacher_fwd=teacher_fwd, peak_tflops=peak,

@@ -299,6 +299,9 @@ def knn_monitor(encoder, train_samples, val_samples, num_classes: int, img_size:
     return {"knn_top1": r["top1"], "knn_top5": r["top5"], "knn_seconds": time.perf_counter() - t0}
 
 
+OUTPUT_FILES = ("results.json", "results.md")  # what --out receives
+
+
 def run_probe(cfg, weights: Optional[str], out_dir: str, random_init: bool = False) -> dict:
     """``megadigpt probe``: linear probes on every requested block + k-NN, from pretrained (or random) weights."""
     from ..config import ConfigError
@@ -325,6 +328,9 @@ def run_probe(cfg, weights: Optional[str], out_dir: str, random_init: bool = Fal
     train_samples, val_samples = find_samples(d.train), find_samples(d.val)
     num_classes = check_labels(train_samples, "data.train", m.num_classes)
     check_labels(val_samples, "data.val", num_classes)
+    from ..data.sources import check_class_names
+
+    check_class_names(d.train, d.val)  # compared by name: one line where train and val classes differ
     sd, info = load_encoder_weights(weights) if weights else (None, {})
     geom, _ = resolve_model(cfg, sd, info)
     layers = parse_layers(p.layers, geom.depth)
@@ -360,14 +366,16 @@ def run_probe(cfg, weights: Optional[str], out_dir: str, random_init: bool = Fal
               "val_images": int(_all_reduce(torch.tensor([float(len(vy))], device=device)).item()),
               "img_size": m.img_size, "load": load, "probe": dict(vars(p))}
     if env.rank == 0:
-        (out / "results.json").write_text(json.dumps(result, indent=1))
+        from ..checkpoint.convert import write_output  # atomic, recorded as megadigpt's (the CLI checks --out)
+
+        write_output(out / "results.json", json.dumps(result, indent=1), "probe")
         lines = ["| block | linear top-1 | linear top-5 | k-NN top-1 |", "|---|---|---|---|"]
         knn_by = {r["layer"]: r["top1"] for r in knn}
         for r in per_layer:
             star = " **best**" if r is best else ""
             kn = f"{knn_by[r['layer']]:.2f}" if r["layer"] in knn_by else "-"
             lines.append(f"| {r['layer']}{star} | {r['top1']:.2f} | {r['top5']:.2f} | {kn} |")
-        (out / "results.md").write_text("\n".join(lines) + "\n")
+        write_output(out / "results.md", "\n".join(lines) + "\n", "probe")
         print("\n".join(lines))
     import torch.distributed as dist
 

@@ -15,6 +15,7 @@ twice; the last record of a step wins, as in :func:`megadigpt.train.metrics.read
 """
 
 import json
+import os
 from pathlib import Path
 from typing import Dict, List, Optional
 
@@ -26,6 +27,7 @@ SERIES = {
     "throughput.png": ("images/s", ["images_per_s"]),
     "knn.png": ("top-1 (%)", ["knn_top1", "val_top1", "val_ema_top1"]),
 }
+OUTPUT_FILES = (*SERIES, "probe.png", "summary.md")  # what --out may receive
 
 
 def read_steps(path: Path) -> Dict[int, dict]:
@@ -69,8 +71,17 @@ def _plot(out: Path, name: str, ylabel: str, curves: Dict[str, tuple], title: st
     if len(curves) > 1:
         ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out / name)
-    plt.close(fig)
+    tmp = out / f".{name}.tmp{os.getpid()}"  # replaced atomically, recorded as megadigpt's
+    try:
+        fig.savefig(tmp, format="png")
+        os.replace(tmp, out / name)
+    finally:
+        plt.close(fig)
+        if tmp.exists():
+            tmp.unlink()
+    from ..checkpoint.convert import record_outputs
+
+    record_outputs(out, [name], "report")
 
 
 def report(run_dir, out_dir=None, probe: Optional[str] = None) -> dict:
@@ -142,5 +153,7 @@ def report(run_dir, out_dir=None, probe: Optional[str] = None) -> dict:
         b = max(per_block, key=lambda x: x[1])
         lines += ["", f"Best linear probe: block {b[0]}, top-1 {b[1]:.2f}%"]
     lines += [""] + [f"![{n[:-4]}]({n})" for n in written] + [""]
-    (out / "summary.md").write_text("\n".join(lines))
+    from ..checkpoint.convert import write_output
+
+    write_output(out / "summary.md", "\n".join(lines), "report")
     return {"out": str(out), "plots": written, "steps": len(steps)}

@@ -5,7 +5,10 @@ launcher.
   (host, pid, start time, command). A second run on the same directory stops on every rank with one line naming
   it. The kernel drops the lock when its holder dies, ``kill -9`` included, so a stale lock cannot exist (a file
   left behind is harmless). On a filesystem without locks (Lustre mounted without ``flock``) the run goes on,
-  with a warning.
+  with a warning. A ``.lock`` that is a symbolic link or not a regular file (planted in a shared run directory)
+  is one line naming it: the lock is opened with ``O_NOFOLLOW`` (:mod:`megadigpt.safe_fs`), never truncated
+  through a link. The names a run writes (``RUN_FILES``, ``RUN_FOLDERS``) are checked under the lock: a link, a
+  device or a pipe planted at any of them stops every rank with one line naming it.
 - **Signals**: SIGTERM, SIGUSR1 (SLURM's warning) and, under a launcher, SIGHUP ask for checkpoint-and-exit; the
   loops reduce :attr:`SignalFlag.code` with MAX across ranks at the end of each step.
 - **Launcher death**: under torchrun, the deepspeed launcher or mpirun, each rank watches the launcher that
@@ -35,8 +38,13 @@ from pathlib import Path
 from typing import Optional
 
 from ..config import ConfigError
+from ..safe_fs import open_fd
 
 LOCK_NAME = ".lock"
+# what a run writes in its directory (files, then folders); each must be a regular file / a real folder, never a
+# link or a device, when the run starts (:func:`check_run_entries`); the writers open them without following links
+RUN_FILES = ("config.yaml", "metrics.jsonl", "bad_samples.jsonl", "label_names.json", "wandb_id.txt")
+RUN_FOLDERS = ("checkpoints", "tensorboard", "wandb", "eval", "best", "last", "best_ema", "last_ema")
 _held = {}  # resolved run dir -> open lock file (this process holds it; a second pretrain() in it re-enters)
 
 
@@ -60,7 +68,7 @@ def try_lock(run_dir) -> Optional[str]:
     if str(run_dir) in _held:
         return None
     path = run_dir / LOCK_NAME
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = open_fd(path, os.O_RDWR | os.O_CREAT, root=run_dir, what="the run directory's lock")  # never through a link
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -90,16 +98,52 @@ def release(run_dir):
         os.close(fd)  # closing drops the flock
 
 
+def check_run_entries(run_dir) -> Optional[str]:
+    """None, or a message naming the first name the run writes that is a symbolic link, a device or a pipe (a
+    file where a folder goes, or the reverse), planted in a shared or unpacked run directory."""
+    import stat
+
+    run_dir = Path(run_dir)
+    for names, want in ((RUN_FILES, stat.S_ISREG), (RUN_FOLDERS, stat.S_ISDIR)):
+        for name in names:
+            try:
+                st = os.lstat(run_dir / name)
+            except FileNotFoundError:
+                continue
+            if stat.S_ISLNK(st.st_mode):
+                return (f"{run_dir / name} is a symbolic link (to {os.readlink(run_dir / name)}); megadigpt does not "
+                        f"write or read run files through links it did not make: remove it, or use another "
+                        f"train.run_dir")
+            if not want(st.st_mode):
+                return (f"{run_dir / name} is not a {'regular file' if want is stat.S_ISREG else 'folder'}; remove "
+                        f"it, or use another train.run_dir")
+    return None
+
+
 def hold_run_dir(run_dir, rank0: bool):
-    """Rank 0 takes the lock; every rank learns the verdict (one broadcast), so all stop with exit code 2 when
-    another run holds it (rank 0 prints the line naming the holder)."""
+    """Rank 0 takes the lock and checks that nothing the run writes is a planted link (:func:`check_run_entries`);
+    every rank learns the verdict (one broadcast), so all stop with exit code 2 when another run holds it or a
+    link is planted (rank 0 prints the line)."""
     import torch.distributed as dist
 
-    problem = [try_lock(run_dir) if rank0 else None]
+    problem = [_lock_and_check(run_dir) if rank0 else None]
     if dist.is_available() and dist.is_initialized():
         dist.broadcast_object_list(problem, src=0)
     if problem[0]:
         raise ConfigError(problem[0])
+
+
+def _lock_and_check(run_dir) -> Optional[str]:
+    """Rank 0's verdict as a message (never raised here: the other ranks wait for it in the broadcast)."""
+    try:
+        problem = try_lock(run_dir)
+    except ConfigError as e:  # a planted .lock
+        return str(e)
+    if problem is None:
+        problem = check_run_entries(run_dir)
+        if problem:
+            release(run_dir)
+    return problem
 
 
 # ============================================================================ signals and the launcher

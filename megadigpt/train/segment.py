@@ -27,7 +27,6 @@ import argparse
 import json
 import math
 import os
-import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -35,6 +34,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, List, Optional
 
 from ..config import ConfigError, dump_config
+from ..safe_fs import announce_commands, pipe_commands, remove_entry, write_atomic
 from ..distributed import env as dist_env
 from ..segment_config import SegmentRunConfig, load_segment_config
 
@@ -267,7 +267,7 @@ def export_segmentor(state, model_args: dict, out_dir: Path, metrics: dict, mean
 
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    remove_entry(tmp)  # a planted link is unlinked, never followed
     tmp.mkdir(parents=True)
     save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / "model.safetensors"))
     cfg = {"task": "semantic_segmentation", "architecture": "megadigpt_vit_upernet", "model_args": model_args,
@@ -275,11 +275,11 @@ def export_segmentor(state, model_args: dict, out_dir: Path, metrics: dict, mean
            "megadigpt": {"metrics": metrics}}
     (tmp / "config.json").write_text(json.dumps(cfg, indent=1))
     old = out_dir.with_name(out_dir.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
+    remove_entry(old)
     if out_dir.exists():
         os.replace(out_dir, old)
     os.replace(tmp, out_dir)
-    shutil.rmtree(old, ignore_errors=True)
+    remove_entry(old)
     return out_dir
 
 
@@ -312,6 +312,8 @@ def segment(cfg: SegmentRunConfig) -> dict:
 
     m, d, t, o, s = cfg.model, cfg.data, cfg.train, cfg.optim, cfg.segment
     run_dir = Path(t.run_dir)
+    # pipe: sources run shell commands: said once, before the first one runs, and recorded in the start event
+    commands = announce_commands(pipe_commands(*vars(d).values()), env.rank == 0)
     train_pairs, train_problems = find_pairs(d.train, d.train_split, d.mask_ext)
     val_pairs, val_problems = find_pairs(d.val, d.val_split, d.mask_ext)
     weights, info = load_encoder_weights(t.init_from) if t.init_from else (None, {})
@@ -378,7 +380,7 @@ def segment(cfg: SegmentRunConfig) -> dict:
     resolved.model.num_heads = geom.num_heads
     resolved.model.feature_blocks = [b + 1 for b in args.feature_blocks]
     if rank0:
-        (run_dir / "config.yaml").write_text(dump_config(resolved))
+        write_atomic(run_dir / "config.yaml", dump_config(resolved), root=run_dir, what="run config")
 
     torch.manual_seed(t.seed)  # identical initial neck and heads on every rank
     model = build_segmentor(args, cfg, checkpointing=t.activation_checkpointing)
@@ -417,7 +419,7 @@ def segment(cfg: SegmentRunConfig) -> dict:
     bad_log = BadSampleLog(run_dir, [p.image for p in train_pairs], env.rank, start_step,
                            train_problems + val_problems, device)
     sink.event(event="resume" if tag else "start", step=start_step, world_size=world, **ds_engine.where(),
-               train_images=len(train_pairs), val_images=len(val_pairs), num_classes=args.num_classes,
+               train_images=len(train_pairs), val_images=len(val_pairs), pipe_commands=commands, num_classes=args.num_classes,
                total_steps=total_steps, steps_per_epoch=steps_per_epoch, accum=plan.accum,
                precision=plan.precision, sync_bn=plan.sync_bn, init_from=t.init_from, load=load_report,
                model_args=model_args, ema_note=ema_note)
@@ -562,8 +564,8 @@ def segment(cfg: SegmentRunConfig) -> dict:
                 history.append((step, rec))
                 if rank0:
                     (run_dir / "eval").mkdir(exist_ok=True)
-                    (run_dir / "eval" / f"step{step:08d}.json").write_text(json.dumps(
-                        {"step": step, "result": res, "ema": res_ema}, indent=1))
+                    write_atomic(run_dir / "eval" / f"step{step:08d}.json", json.dumps(
+                        {"step": step, "result": res, "ema": res_ema}, indent=1), root=run_dir, what="eval record")
                 for which, r, use_ema in (("best", res, False),) + ((("best_ema", res_ema, True),)
                                                                      if ema is not None else ()):
                     if r["mIoU"] > best.get(which, {}).get("mIoU", -1.0):
