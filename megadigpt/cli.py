@@ -123,6 +123,14 @@ def cmd_segment(args) -> int:
     return cli_main(args)
 
 
+def _announce_pipes(*sources) -> None:
+    """``pipe:`` sources run shell commands: each is said once (``megadigpt: runs: ...``) before any runs (the
+    training commands also record them in their start event)."""
+    from .safe_fs import announce_commands, pipe_commands
+
+    announce_commands(pipe_commands(*sources), _rank0())
+
+
 def cmd_probe(args) -> int:
     from .config import FinetuneRunConfig, load_config
     from .train.probe import run_probe
@@ -136,6 +144,7 @@ def cmd_probe(args) -> int:
     guard_output(args.out, "dir", "--out", force=args.force, files=OUTPUT_FILES,
                  inputs=[w, args.config, args.train, args.val])
     cfg = load_config(args.config, finetune_overrides(args), root=FinetuneRunConfig)
+    _announce_pipes(*vars(cfg.data).values())
     run_probe(cfg, w, args.out, random_init=args.random_init)
     return 0
 
@@ -158,6 +167,7 @@ def cmd_eval(args) -> int:
     from .data import remote
 
     remote.configure(args.cache_dir, args.io_timeout, args.io_retries)  # before any source is read
+    _announce_pipes(*folders.values())
     evaluate_sets(args.model, folders, args.out, which=args.which, batch=args.batch, limit=args.limit,
                   loader=args.loader, num_workers=args.workers, real_labels_path=args.real_labels)
     return 0
@@ -419,6 +429,7 @@ def cmd_data(args) -> int:
 
     if hasattr(args, "io_retries"):
         remote.configure(args.cache_dir, args.io_timeout, args.io_retries)  # before any source is read
+    _announce_pipes(getattr(args, "source", None))  # (a merge spec's are said by tools.merge)
 
     file_out = args.data_command == "in21k-labels" or (args.data_command == "merge" and str(args.out).endswith(".jsonl"))
     from .checkpoint.convert import guard_output

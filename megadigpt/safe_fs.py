@@ -26,12 +26,12 @@ import os
 import stat
 import sys
 from pathlib import Path
-from typing import List, Optional, Sequence, Union
+from typing import Callable, List, Optional, Sequence, Union
 
 from .config import NAME_MAX, PATH_MAX, ConfigError, check_path_text, check_text, shorten
 
 __all__ = ["NAME_MAX", "PATH_MAX", "check_path_text", "check_text", "shorten", "check_no_links", "open_fd",
-           "open_append", "write_atomic", "read_regular", "remove_entry", "pipe_commands", "announce_commands"]
+           "open_append", "write_atomic", "replace_via", "read_regular", "remove_entry", "pipe_commands", "announce_commands"]
 
 PathLike = Union[str, os.PathLike]
 
@@ -129,19 +129,32 @@ def write_atomic(path: PathLike, data: Union[bytes, str], root: Optional[PathLik
         raise ConfigError(f"{what} {p} is a folder; a file goes there")
     if isinstance(data, str):
         data = data.encode()
-    tmp = p.with_name(f".{p.name}.tmp{os.getpid()}")
-    try:
-        os.unlink(tmp)  # our own pid's leftover (a killed earlier process with this pid): never followed
-    except FileNotFoundError:
-        pass
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0),
-                 mode & ~_umask())
-    try:
+
+    def write(tmp: Path) -> None:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0),
+                     mode & ~_umask())
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             if fsync:
                 os.fsync(f.fileno())
+
+    return replace_via(p, write)
+
+
+def replace_via(path: PathLike, write: Callable[[Path], None]) -> Path:
+    """Replace ``path`` with what ``write(temporary)`` writes to a fresh name in the same folder
+    (``.<name>.tmp<pid>``; this pid's leftover is unlinked first, never followed), renamed over ``path`` when
+    complete: a kill leaves the old file or the new one, never half of one, and a link or hard link at ``path`` is
+    replaced, not written through. The temporary is removed on every failure."""
+    p = Path(path)
+    tmp = p.with_name(f".{p.name}.tmp{os.getpid()}")
+    try:
+        os.unlink(tmp)
+    except FileNotFoundError:
+        pass
+    try:
+        write(tmp)
         os.replace(tmp, p)
     except BaseException:
         try:

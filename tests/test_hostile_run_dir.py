@@ -176,3 +176,30 @@ def test_pipe_commands_are_said_and_recorded(tmp_path):
     start = next(json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()
                  if '"event": "start"' in ln)
     assert start["pipe_commands"] == [f"pipe:cat {shards[0]}"]
+
+
+def test_merge_spec_pipe_commands_are_said(tmp_path, capsys, monkeypatch):
+    """A merge spec from a colleague that lists a pipe: source: the command is said before it runs."""
+    monkeypatch.setenv("MEGADIGPT_CACHE", str(tmp_path / "cache"))
+    import io
+    import tarfile
+
+    import numpy as np
+
+    from megadigpt.data import tools
+
+    from .conftest import make_jpeg
+
+    rng = np.random.default_rng(0)
+    shard = tmp_path / "s.tar"
+    with tarfile.open(shard, "w") as tf:
+        for i in range(3):
+            data = make_jpeg(rng)
+            info = tarfile.TarInfo(f"{i:04d}.jpg")
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    spec = tmp_path / "merge.yaml"
+    spec.write_text(f"sources:\n  - name: a\n    source: 'pipe:cat {shard}'\n")
+    tools.merge(spec, tmp_path / "merged", progress=False)
+    err = capsys.readouterr().err
+    assert f"megadigpt: runs: cat {shard}" in err.splitlines()

@@ -265,24 +265,15 @@ def guard_output(path, kind: str, what: str = "--out", *, force: bool = False, i
 
 
 def _replace_with(path, write: Callable[[Path], None]) -> Path:
-    """Write a (large) file through ``write(temporary)`` in the same folder, then rename it over ``path``: a kill
-    leaves the old file or the new one, never half of one, and a hard link at ``path`` is replaced, not written
-    through."""
-    p = Path(path)
-    tmp = p.with_name(f".{p.name}.tmp{os.getpid()}")
-    try:
-        if os.path.lexists(tmp):
-            os.unlink(tmp)
+    """Write a (large) file through ``write(temporary)`` and rename it over ``path`` (:func:`safe_fs.replace_via`),
+    the temporary given the mode ``open()`` would (:func:`follow_umask`)."""
+    from ..safe_fs import replace_via
+
+    def write_then_mode(tmp: Path) -> None:
         write(tmp)
         follow_umask(tmp)
-        os.replace(tmp, p)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    return p
+
+    return replace_via(path, write_then_mode)
 
 
 TIMM_FILES = ("model.safetensors", "config.json", "README.md")

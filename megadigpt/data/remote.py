@@ -691,6 +691,10 @@ class RemoteFile:
             self._proc.kill()
             self._proc = None
 
+    def _final(self, e: BaseException) -> "RemoteError":
+        """The error of a failure no retry mends (an answer over the budget or encoded, a 4xx, a missing file)."""
+        return RemoteError(f"cannot read {self.url}: {'not found' if isinstance(e, FileNotFoundError) else e}")
+
     def _retrying(self, fn, connects: bool = False):
         """Run ``fn``; on a failure reconnect at ``self.pos`` with backoff, ``retries`` times in all for this
         file (a failed reconnect counts as a try), then :class:`RemoteError`. ``connects``: ``fn`` is the connect
@@ -698,12 +702,9 @@ class RemoteFile:
         while True:
             try:
                 return fn()
-            except _Permanent as e:
+            except (_Permanent, FileNotFoundError) as e:
                 self._disconnect()
-                raise RemoteError(f"cannot read {self.url}: {e}") from None
-            except FileNotFoundError:
-                self._disconnect()
-                raise RemoteError(f"cannot read {self.url}: not found") from None
+                raise self._final(e) from None
             except (OSError, http.client.HTTPException, ValueError) as e:
                 err = e
                 while True:
@@ -718,12 +719,9 @@ class RemoteFile:
                     try:
                         self._connect()
                         break
-                    except _Permanent as e2:
+                    except (_Permanent, FileNotFoundError) as e2:
                         self._disconnect()
-                        raise RemoteError(f"cannot read {self.url}: {e2}") from None
-                    except FileNotFoundError:
-                        self._disconnect()
-                        raise RemoteError(f"cannot read {self.url}: not found") from None
+                        raise self._final(e2) from None
                     except (OSError, http.client.HTTPException, ValueError) as e2:
                         err = e2
             except BaseException:  # KeyboardInterrupt, SystemExit: no connection or command left behind

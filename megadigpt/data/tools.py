@@ -287,6 +287,11 @@ def merge(spec_path, out_path, seed: int = 0, progress: bool = True, chunk: int 
         bad = set(src) - MERGE_KEYS if isinstance(src, dict) else {"?"}
         if bad or "source" not in src or "name" not in src:
             raise ConfigError(f"{spec_path}: source {i} needs name and source (allowed keys {sorted(MERGE_KEYS)})")
+    from ..safe_fs import announce_commands, pipe_commands
+
+    # pipe: sources run shell commands: a spec from a colleague never runs one without a word (said before any runs)
+    announce_commands(pipe_commands(*(src["source"] for src in sources)))
+    for i, src in enumerate(sources):
         samples = find_samples(src["source"])
         exp = src.get("expected_count")
         if exp is not None and len(samples) != int(exp):
