@@ -377,16 +377,27 @@ def cmd_tokenizer_fit(args) -> int:
 
 
 def cmd_show_config(args) -> int:
-    from .config import ConfigError as _CE, FinetuneRunConfig, dump_config, load_config
+    from . import segment_config  # noqa: F401 (its tree joins config.TREES)
+    from .config import CONFIG_DIR, TREES, config_layers, dump_config, load_config, parse_overrides, tree_of
 
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except _CE as first:  # a fine-tuning config, or a bad pretraining one (then its error is the one to report)
-        try:
-            cfg = load_config(args.config, args.overrides, root=FinetuneRunConfig)
-        except _CE as second:
-            raise (first if "is a pretraining config" in str(second) else second) from None
-    print(dump_config(cfg), end="")
+    if args.list:
+        width = max(len(p.stem) for p in CONFIG_DIR.glob("*.yaml"))
+        for root_title, root, _ in TREES:
+            print(f"{root_title}:")
+            for p in sorted(CONFIG_DIR.glob("*.yaml")):
+                layers = config_layers(str(p))
+                if (tree_of(layers) or TREES[0][1]) is root:
+                    head = []  # the file's opening comment, to its first sentence's end
+                    for ln in p.read_text().splitlines():
+                        if not ln.startswith("#"):
+                            break
+                        head.append(ln.lstrip("# ").strip())
+                    first = " ".join(head).split(". ")[0].rstrip(".")
+                    print(f"  {p.stem:<{width}}  {first if len(first) <= 100 else first[:99] + '…'}")
+        return 0
+    # the tree the file (or, without one, the overrides) names by its own sections; pretraining where none does
+    root = tree_of((config_layers(args.config) if args.config else []) + [parse_overrides(args.overrides)])
+    print(dump_config(load_config(args.config, args.overrides, root=root or TREES[0][1])), end="")
     return 0
 
 
@@ -546,8 +557,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     ev.set_defaults(fn=cmd_eval)
 
-    sc = sub.add_parser("show-config", help="print the resolved config")
-    sc.add_argument("--config", default="demo")
+    sc = sub.add_parser("show-config", help="print the resolved config (any tree: pretraining, fine-tuning, "
+                                             "segmentation); --list names the built-in configs")
+    sc.add_argument("--config", default="demo", help="a built-in config's name or a YAML path (default: demo)")
+    sc.add_argument("--list", action="store_true", help="name the built-in configs, one line each, by tree")
     sc.add_argument("overrides", nargs="*", metavar="section.key=value")
     sc.set_defaults(fn=cmd_show_config)
 

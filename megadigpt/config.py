@@ -300,6 +300,14 @@ class Config:
         return _plain(dataclasses.asdict(self))
 
 
+# The config trees, for show-config, config-reference and the tree a file belongs to: (title, root class, the
+# sections that only this tree has). Segmentation's tree (megadigpt.segment_config) adds itself on import.
+TREES: List[Tuple[str, type, Tuple[str, ...]]] = [
+    ("Pretraining (`megadigpt pretrain`)", Config, ("target",)),
+    ("Fine-tuning, probing, evaluation (`megadigpt finetune`, `probe`, `eval`)", FinetuneRunConfig,
+     ("finetune", "probe"))]
+
+
 # ---------------------------------------------------------------------------------------------- value ranges
 # One rule per constrained key, beside the dataclasses: ``load_config`` checks every key of the tree against it, so
 # each key is validated once, in one place, for every command (pretrain, finetune, probe, eval, plan, bench, submit,
@@ -656,16 +664,45 @@ def parse_overrides(items: List[str]) -> Dict[str, Dict[str, Any]]:
     return out
 
 
+EXTENDS_DEPTH = 8  # a chain of configs extending each other
+
+
+def config_layers(name_or_path: str, _seen: Tuple[Path, ...] = ()) -> List[Dict[str, Any]]:
+    """The section mappings of a config file, base first: a file may extend another (``extends: NAME``: a built-in
+    config's name, or a path, relative to the extending file's folder), whose keys it then overrides key by key
+    (the OmegaConf/Hydra habit), under the same strict checks. A cycle or a chain over 8 files is one line."""
+    base_dir = _seen[-1].parent if _seen else None
+    candidate = name_or_path
+    if base_dir is not None and not Path(name_or_path).is_absolute() and (base_dir / name_or_path).exists():
+        candidate = str(base_dir / name_or_path)
+    path = resolve_config_path(candidate)
+    if path.resolve() in [p.resolve() for p in _seen]:
+        raise ConfigError(f"config {path} extends itself (through {' -> '.join(str(p) for p in _seen)})")
+    if len(_seen) >= EXTENDS_DEPTH:
+        raise ConfigError(f"config {path}: more than {EXTENDS_DEPTH} configs extend each other")
+    raw = read_yaml(path)
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections")
+    raw = dict(raw)
+    base = raw.pop("extends", None)
+    if base is None:
+        return [raw]
+    if not isinstance(base, str) or not base:
+        raise ConfigError(f"{path}: extends takes one config name or path, got {shorten(base)}")
+    return config_layers(base, _seen + (path,)) + [raw]
+
+
+def tree_of(layers: List[Dict[str, Any]]) -> Optional[type]:
+    """The tree whose own sections a config's layers use (None: none tells; the caller tries each)."""
+    seen = {s for layer in layers for s in layer}
+    return next((root for _, root, own in TREES if seen & set(own)), None)
+
+
 def load_config(name_or_path: Optional[str] = None, overrides: Optional[List[str]] = None, root=None):
-    """``root``: the config tree's class, :class:`Config` (pretraining, the default) or :class:`FinetuneRunConfig`."""
+    """``root``: the config tree's class, :class:`Config` (pretraining, the default), :class:`FinetuneRunConfig` or
+    :class:`megadigpt.segment_config.SegmentRunConfig`."""
     cfg = (root or Config)()
-    layers = []
-    if name_or_path:
-        path = resolve_config_path(name_or_path)
-        raw = read_yaml(path)
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: expected a mapping of sections")
-        layers.append(raw)
+    layers = config_layers(name_or_path) if name_or_path else []
     layers.append(parse_overrides(overrides or []))
     sections = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
     for layer in layers:  # a whole file of the other kind is named as such, before any key inside it
@@ -780,10 +817,10 @@ def check_resume_config(run_dir, cfg) -> None:
     run's start) and ``cfg`` must agree on every geometry key, else one ConfigError naming the first differing key
     (instead of DeepSpeed's size-mismatch traceback after the engine is built). Call only when a checkpoint
     exists."""
-    from .safe_fs import check_no_links
-
     saved_path = Path(run_dir) / "config.yaml"
-    check_no_links(saved_path, run_dir, "run config")  # never read through a planted link
+    if saved_path.is_symlink():  # never read through a planted link (the run refuses it too, under its lock)
+        raise ConfigError(f"run config {saved_path} is a symbolic link; megadigpt does not read run files through "
+                          f"links it did not make")
     if not saved_path.is_file():
         return
     saved = read_yaml(saved_path, "run config")
@@ -819,13 +856,15 @@ def dump_config(cfg) -> str:
 
 
 def reference_markdown() -> str:
-    """The config reference tables for docs/config.md, from the field comments of this file."""
+    """The config reference tables for docs/config.md, from the field comments of every tree."""
+    import importlib
     import inspect
     import re
 
+    importlib.import_module("megadigpt.segment_config")  # segmentation's tree registers itself in TREES
+
     out = []
-    for title, root in (("Pretraining (`megadigpt pretrain`)", Config),
-                        ("Fine-tuning, probing, evaluation (`megadigpt finetune`, `probe`, `eval`)", FinetuneRunConfig)):
+    for title, root, _ in TREES:
         lines = [f"**{title}**", "", "| key | default | allowed | meaning |", "|---|---|---|---|"]
         for section in dataclasses.fields(root):
             section_cls = section.default_factory

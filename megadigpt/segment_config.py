@@ -102,6 +102,8 @@ class SegmentRunConfig:
         return _plain(dataclasses.asdict(self))
 
 
+_config.TREES.append(("Semantic segmentation (`megadigpt segment`)", SegmentRunConfig, ("segment",)))
+
 _config.RULES.update({
     SegmentModelConfig: dict(arch=one_of(lambda: ("auto",) + _config._vit_archs()), patch_size=POSITIVE,
                              crop_size=POSITIVE, embed_dim=POSITIVE, depth=POSITIVE, num_heads=POSITIVE,

@@ -98,3 +98,76 @@ def test_docs_config_reference_is_current():
     page = (REPO / "docs" / "config.md").read_text()
     assert reference_markdown() in page, "docs/config.md config reference is stale: regenerate with " \
                                          "`megadigpt config-reference`"
+
+
+def _cli(argv):
+    import contextlib
+    import io
+
+    from megadigpt.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(argv)
+    return code, out.getvalue(), err.getvalue()
+
+
+def test_show_config_knows_every_tree_and_lists_the_builtins():
+    """show-config resolves every built-in config (segmentation's included: it once failed on model.crop_size),
+    and --list names each built-in once, under its tree, with one line."""
+    import yaml
+
+    from megadigpt.config import CONFIG_DIR
+
+    names = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+    for name in names:
+        code, out, err = _cli(["show-config", "--config", name])
+        assert code == 0, (name, err)
+        shown = yaml.safe_load(out)
+        if name.startswith("segment_"):
+            assert "segment" in shown and shown["model"]["crop_size"] > 0, name
+    code, out, err = _cli(["show-config", "--config", "segment_ade20k_vitb16", "model.crop_size=256"])
+    assert code == 0 and yaml.safe_load(out)["model"]["crop_size"] == 256
+    code, out, _ = _cli(["show-config", "--list"])
+    assert code == 0
+    listed = [ln.split()[0] for ln in out.splitlines() if ln.startswith("  ")]
+    assert sorted(listed) == names  # each once
+    trees = [ln for ln in out.splitlines() if not ln.startswith("  ")]
+    assert len(trees) == 3 and "segment" in trees[2]
+    assert all(len(ln) < 140 for ln in out.splitlines())
+
+
+def test_config_reference_covers_every_tree():
+    import megadigpt.segment_config  # noqa: F401
+
+    ref = reference_markdown()
+    assert "**Semantic segmentation (`megadigpt segment`)**" in ref
+    for key in ("model.crop_size", "segment.", "train.run_dir", "finetune."):
+        assert f"| `{key}" in ref, key
+
+
+def test_a_config_extends_a_builtin_one(tmp_path):
+    """``extends:``: a built-in (or a path) as the base, key-by-key overrides, the same strict checks."""
+    base = load_config("digpt_vitb16_in1k")
+    mine = tmp_path / "mine.yaml"
+    mine.write_text("extends: digpt_vitb16_in1k\ntrain:\n  global_batch: 2048\n")
+    cfg = load_config(str(mine))
+    assert cfg.train.global_batch == 2048
+    assert cfg.train.epochs == base.train.epochs and cfg.target.model == base.target.model  # the rest stays
+    child = tmp_path / "sub" / "child.yaml"  # a chain, by a relative path, plus overrides on top
+    child.parent.mkdir()
+    child.write_text("extends: ../mine.yaml\noptim:\n  blr: 2.0e-4\n")
+    cfg = load_config(str(child), ["train.epochs=5"])
+    assert (cfg.train.global_batch, cfg.optim.blr, cfg.train.epochs) == (2048, 2e-4, 5)
+    seg = tmp_path / "seg.yaml"  # another tree's built-in: its own tree, found by show-config
+    seg.write_text("extends: segment_ade20k_vitb16\nmodel:\n  crop_size: 256\n")
+    code, out, err = _cli(["show-config", "--config", str(seg)])
+    assert code == 0 and "crop_size: 256" in out, err
+    for text, match in (("extends: digpt_vitb16_in1k\ntrain:\n  global_bach: 8\n", "global_bach"),
+                        ("extends: no_such_config\n", "no_such_config"),
+                        ("extends: [a, b]\n", "one config name"),
+                        ("extends: loop.yaml\n", "extends itself")):
+        bad = tmp_path / "loop.yaml"
+        bad.write_text(text)
+        with pytest.raises(ConfigError, match=match):
+            load_config(str(bad))
