@@ -93,6 +93,7 @@ def configure(cache_dir=None, timeout_s: float = TIMEOUT_S, retries: int = RETRI
     _OPTIONS.update(cache_dir=cache_dir, timeout_s=float(timeout_s), retries=int(retries),
                     deadline_s=None if deadline_s is None else float(deadline_s), min_rate_mb_s=float(min_rate_mb_s),
                     max_shard_bytes=int(max_shard_bytes), max_member_bytes=int(max_member_bytes))
+    _FAILED.clear()
     _sweep_once(default_cache_dir())
 
 
@@ -363,6 +364,9 @@ class _Command:
 _ACTIVE_PARTS: set = set()  # partial downloads of this process (removed by the SIGTERM handler)
 _ACTIVE_COMMANDS: set = set()  # running pipe: commands of this process (killed by it)
 _SWEPT: set = set()
+# URLs this process gave up on, with the reason: a deadline or a budget is spent once per process, not once per
+# caller (the scan, the plan's checks and a loader all ask for the same shard or classes.txt); configure() clears it
+_FAILED: dict = {}
 _PART = re.compile(r"\.part(\d+)$")
 
 
@@ -519,7 +523,8 @@ def cache_shard(url: str, cache_dir: str = None, timeout_s: float = None, retrie
                 max_bytes: Optional[int] = None) -> str:
     """A complete local copy of ``url`` (downloaded once); :class:`RemoteError` after ``retries`` retries.
     ``max_bytes``: the byte budget (default ``data.max_shard_bytes``; pass :data:`SMALL_FILE_BYTES` for a small
-    file such as ``classes.txt``)."""
+    file such as ``classes.txt``). A URL this process gave up on fails at once with the same reason until the next
+    :func:`configure` (a stalled server costs its deadline once per process, not once per caller)."""
     from ..safe_fs import open_fd
 
     timeout_s = _OPTIONS["timeout_s"] if timeout_s is None else timeout_s
@@ -533,6 +538,8 @@ def cache_shard(url: str, cache_dir: str = None, timeout_s: float = None, retrie
     path = cache / f"{hashlib.sha256(url.encode()).hexdigest()[:16]}-{base}"
     if path.is_file():
         return str(path)
+    if url in _FAILED:  # already given up on in this process (a scan, then a loader): not waited for again
+        raise RemoteError(_FAILED[url])
     tmp = path.with_name(path.name + f".part{os.getpid()}")
     what = "shard" if max_bytes is None else "file"
     why = "unknown"
@@ -563,7 +570,8 @@ def cache_shard(url: str, cache_dir: str = None, timeout_s: float = None, retrie
             finally:
                 _unlink(tmp)
                 _ACTIVE_PARTS.discard(str(tmp))
-    raise RemoteError(f"cannot read {url}: {why} (after {attempt + 1} tries)")
+    _FAILED[url] = f"cannot read {url}: {why} (after {attempt + 1} tries)"
+    raise RemoteError(_FAILED[url])
 
 
 def read_small(url: str, limit: int = SMALL_FILE_BYTES, timeout_s: float = None, retries: int = None) -> bytes:
