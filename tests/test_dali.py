@@ -14,6 +14,7 @@ except ImportError:
 
 from megadigpt.data import PretrainStream, find_samples  # noqa: E402
 from megadigpt.data import dali_loader  # noqa: E402
+from megadigpt.data import images  # noqa: E402
 from megadigpt.data.dali_loader import DaliPretrainLoader  # noqa: E402
 from megadigpt.data.pretrain_loader import StepBatchSampler, collate  # noqa: E402
 
@@ -62,7 +63,7 @@ def test_very_large_images_are_refused_by_both_paths(image_folder, monkeypatch):
     from PIL import Image
 
     root, _ = image_folder
-    monkeypatch.setattr(dali_loader, "MAX_PIXELS", 1000)  # our 40x30 images become "very large"
+    monkeypatch.setattr(images, "MAX_PIXELS", 1000)  # our 40x30 images become "very large"
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 500)  # PIL refuses > 2x this outright, warns above it
     samples = find_samples(str(root / "cat"))
     stream = PretrainStream(samples, [16], 4, seed=0)

@@ -8,7 +8,8 @@ from PIL import Image
 
 from megadigpt.config import ConfigError
 from megadigpt.data import PretrainStream, find_samples
-from megadigpt.data.pretrain_loader import StepBatchSampler, build_pretrain_loader, random_resized_crop_box
+from megadigpt.data.loaders import build_pretrain_loader
+from megadigpt.data.pretrain_loader import StepBatchSampler, random_resized_crop_box
 from megadigpt.data.sources import DEMO_PHOTOS, scan_source
 
 from .conftest import make_jpeg as _jpeg

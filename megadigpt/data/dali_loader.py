@@ -37,11 +37,10 @@ import torch
 from PIL import Image
 
 from ..distributed.engine import resolve_device
+from .images import MAX_PIXELS, examine_image  # noqa: F401 - re-exported
 from .pretrain_loader import PretrainStream, collate, decode_problem, decode_rgb, random_resized_crop_box, sample_rng
 
 log = logging.getLogger(__name__)
-
-MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485  # PIL's decompression-bomb limit, applied to both paths
 
 
 def dali_available() -> bool:
@@ -64,27 +63,6 @@ _PLACEHOLDER = _placeholder_jpeg()
 # what DALI's decoders (nvImageCodec) read; anything else Pillow reads goes the Pillow way. MPO is how Pillow
 # names a JPEG with extra pictures (camera files).
 DALI_FORMATS = frozenset({"JPEG", "MPO", "PNG", "BMP", "PPM", "TIFF", "WEBP", "JPEG2000"})
-
-
-def examine_image(data: bytes) -> Tuple[Optional[str], int, int, Optional[str]]:
-    """Cheap pre-decode check from the header: (problem or None, width, height, Pillow's format name)."""
-    if not data:
-        return "empty", 0, 0, None
-    if len(data) < 8:
-        return f"too short to be an image ({len(data)} bytes)", 0, 0, None
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            w, h = img.size
-            fmt = img.format
-    except Exception as e:  # noqa: BLE001
-        return f"not a recognisable image ({type(e).__name__})", 0, 0, None
-    if w < 1 or h < 1:
-        return f"image of size {w}x{h}", w, h, fmt
-    if w * h > MAX_PIXELS:
-        return f"too large ({w}x{h} pixels, over the {MAX_PIXELS}-pixel limit)", w, h, fmt
-    if fmt in ("JPEG", "MPO") and not data.rstrip(b"\x00").endswith(b"\xff\xd9"):
-        return "truncated JPEG (no end-of-image marker)", w, h, fmt
-    return None, w, h, fmt
 
 
 def inspect_image(data: bytes):

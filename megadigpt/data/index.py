@@ -54,7 +54,7 @@ import numpy as np
 
 from ..config import ConfigError
 from ..safe_fs import shorten
-from .sources import Problem, Sample
+from .samples import Problem, Sample
 
 log = logging.getLogger(__name__)
 

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .images import examine_image
 from .sources import Sample
 
 _INTERP = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR}
@@ -72,8 +73,6 @@ def decode_rgb(data: bytes) -> Image.Image:
 
 def decode_problem(data, exc: BaseException) -> str:
     """Why a sample did not decode, in words: the header check's finding where it has one, else the error."""
-    from .dali_loader import examine_image
-
     if data is None:
         return f"unreadable: {getattr(exc, 'strerror', None) or exc}"
     return examine_image(data)[0] or f"decode failed: {type(exc).__name__}: {str(exc)[:160]}"
@@ -188,19 +187,3 @@ class StepBatchSampler(torch.utils.data.Sampler):
     def __iter__(self):
         for i in range(len(self)):
             yield self[i]
-
-
-def build_pretrain_loader(stream: PretrainStream, global_batch: int, micro_batch: int, rank: int, world: int,
-                          start_step: int, total_steps: int, num_workers: int, kind: str = "torch", device=None):
-    """This rank's micro-batches for steps [start_step, total_steps), from DALI (``kind="dali"``) or torch."""
-    sampler = StepBatchSampler(global_batch, micro_batch, rank, world, start_step, total_steps)
-    if kind == "dali":
-        from .dali_loader import DaliPretrainLoader
-
-        # the Python source (read, header check, box) runs in (num_workers + 1) // 2 DALI worker processes, not in
-        # the training thread; one keeps up with ~5k images/s (measured); num_workers=0 keeps it in this thread
-        return DaliPretrainLoader(stream, sampler, device or torch.device("cpu"), num_threads=max(1, num_workers),
-                                  py_workers=(num_workers + 1) // 2)
-    return torch.utils.data.DataLoader(stream, batch_sampler=sampler, num_workers=num_workers, collate_fn=collate,
-                                       persistent_workers=False, pin_memory=torch.cuda.is_available(),
-                                       prefetch_factor=4 if num_workers > 0 else None)

@@ -35,7 +35,7 @@ def _progress(total: int, desc: str, enabled: bool = True):
 def check_sample(sample: Sample) -> Optional[str]:
     """None if the sample decodes (by the same rules as the training loaders), else why not. Images DALI does not
     decode but Pillow does (GIF bytes named .jpg, 1-bit TIFF) are fine: both loaders decode them with Pillow."""
-    from .dali_loader import examine_image
+    from .images import examine_image
     from .pretrain_loader import decode_problem, decode_rgb
 
     try:

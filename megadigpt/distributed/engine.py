@@ -91,7 +91,7 @@ def build_ds_config(cfg, world_size: int, precision: str, params: Optional[int] 
         ds.setdefault("communication_data_type", "fp32")
     z = ds["zero_optimization"]
     if params is None and any(z.get(k) == "auto" for k in BUCKET_KEYS):
-        from ..perf.memory import student_params
+        from ..sizing import student_params
 
         params = student_params(cfg)
     fill_buckets(ds, params)

@@ -16,7 +16,6 @@ The scripts in ``slurm/*.sbatch`` are this module's ``TEMPLATES``, rendered (``p
 
 import argparse
 import json
-import os
 import re
 import shlex
 import shutil
@@ -29,7 +28,9 @@ from typing import Dict, List, Optional
 
 
 from ..config import ConfigError, _suggest, missing_path, preview_paths
+from ..commands import build_parser, finetune_overrides, overrides_of, pretrain_overrides
 from ..safe_fs import open_append, write_atomic
+from ..train.runtime import requeue_after_signal  # noqa: F401 - re-exported (cli's exit path lives in commands)
 
 COMMANDS = ("pretrain", "finetune", "segment", "probe", "eval")
 _PKG = Path(__file__).resolve().parent.parent
@@ -146,8 +147,6 @@ class Stage:
 
 
 def _subparser(command: str) -> argparse.ArgumentParser:
-    from ..cli import build_parser
-
     sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
     return sub.choices[command]
 
@@ -199,7 +198,6 @@ def stage_outputs(command: str, ns) -> Optional[str]:
 def validate_stage(stage: Stage) -> dict:
     """Every check that needs no GPU, no weights and no data decoding, for the stage's world size and device, as
     the job will run it. Returns a summary. Raises ConfigError."""
-    from ..cli import finetune_overrides, pretrain_overrides
     from ..config import FinetuneRunConfig, load_config
 
     ns = parse_stage_args(stage.command, stage.args)
@@ -228,7 +226,7 @@ def validate_stage(stage: Stage) -> dict:
         summary.update(accum=plan.accum, workers=cfg.data.num_workers)
     elif stage.command == "segment":
         from ..segment_config import load_segment_config
-        from ..train.segment import overrides_of, plan_segment
+        from ..train.segment import plan_segment
 
         cfg = load_segment_config(ns.config, overrides_of(ns))
         plan = plan_segment(cfg, o.world_size, device_type=device(cfg), init_from_pending=pending(cfg.train.init_from))
@@ -496,7 +494,6 @@ def load_chain(path, run_root: Optional[str] = None, cli_slurm: Optional[dict] =
 def single_stage(command: str, args: List[str], cli_slurm: dict) -> Stage:
     """``megadigpt submit <command> <args>``: the stage writes to its --run-dir / --out (pretrain, finetune and
     segment: else the config's train.run_dir), made absolute."""
-    from ..cli import finetune_overrides, pretrain_overrides
     from ..config import FinetuneRunConfig, load_config
 
     ns = parse_stage_args(command, args)
@@ -507,7 +504,6 @@ def single_stage(command: str, args: List[str], cli_slurm: dict) -> Stage:
         out = load_config(ns.config, finetune_overrides(ns), root=FinetuneRunConfig).train.run_dir
     elif out is None and command == "segment":
         from ..segment_config import load_segment_config
-        from ..train.segment import overrides_of
 
         out = load_segment_config(ns.config, overrides_of(ns)).train.run_dir
     if out is None:
@@ -651,23 +647,6 @@ def submit(stages: List[Stage], root: Path, dry_run: bool = False, after: Option
         print(f"code snapshot: {code_dir}{' (unchanged)' if snap.get('reused') else ''}; logs: <run_dir>/slurm/"
               f"<job id>.out", file=out)
     return records
-
-
-def requeue_after_signal(signal_name: str) -> Optional[str]:
-    """Rank 0, after the checkpoint that SLURM's warning signal (SIGUSR1) asked for: requeue this batch job, which
-    then resumes from its run directory. Returns what happened (None: nothing to do). SIGTERM never requeues, and
-    ``MEGADIGPT_REQUEUE=0`` (``--no-requeue``) turns it off."""
-    job = os.environ.get("SLURM_JOB_ID")
-    if signal_name != "SIGUSR1" or not job or os.environ.get("MEGADIGPT_REQUEUE", "1") == "0":
-        return None
-    try:
-        p = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, timeout=120)
-    except (OSError, subprocess.TimeoutExpired) as e:
-        return f"could not requeue SLURM job {job} ({e}); submit the same script again to resume"
-    if p.returncode != 0:
-        return (f"could not requeue SLURM job {job} (scontrol: {p.stderr.strip() or p.returncode}); submit the same "
-                f"script again to resume")
-    return f"requeued SLURM job {job}: it resumes from its last checkpoint when it starts again"
 
 
 def main(argv=None):

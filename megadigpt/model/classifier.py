@@ -13,6 +13,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from ..config import ConfigError
+
 
 @dataclass(frozen=True)
 class EncoderGeometry:
@@ -122,3 +124,34 @@ def param_groups_lrd(model: torch.nn.Module, weight_decay: float, layer_decay: f
                            "lr_scale": layer_decay ** (depth + 1 - lid), "layer_id": lid}
         groups[key]["params"].append(p)
     return [groups[k] for k in sorted(groups)]
+
+
+def fit_to_classifier(model, weights):
+    """The pretrained state made to fit the timm model's (full) shapes: position embeddings interpolated,
+    another task's head and the pretraining's final norm dropped. -> (state, report); ConfigError when the trunk
+    does not fit."""
+    from ..distributed.partitioned import full_shape
+
+    own = {n: tuple(full_shape(p)) for n, p in model.named_parameters()}
+    own.update({n: tuple(b.shape) for n, b in model.named_buffers() if n in model.state_dict()})
+    sd = dict(weights)
+    report = {"interpolated": None, "dropped": [], "fresh": []}
+    grid = model.patch_embed.grid_size[0]
+    if tuple(sd["pos_embed"].shape) != own["pos_embed"]:
+        old = sd["pos_embed"].shape[1] - 1
+        sd["pos_embed"] = interpolate_pos_embed(sd["pos_embed"], grid)
+        report["interpolated"] = f"{int(round(old ** 0.5))}x{int(round(old ** 0.5))} -> {grid}x{grid}"
+    for k in list(sd):
+        if k not in own or tuple(sd[k].shape) != own[k]:
+            if k.startswith(("head.", "fc_norm.", "norm.")):  # another task's head / the pretraining's final norm
+                report["dropped"].append(k)
+                del sd[k]
+    missing = sorted(set(own) - set(sd))
+    unexpected = sorted(set(sd) - set(own))
+    bad_missing = [k for k in missing if not k.startswith(("head.", "fc_norm.", "norm."))]
+    wrong = [k for k in sd if k in own and tuple(sd[k].shape) != own[k]]
+    if bad_missing or unexpected or wrong:
+        raise ConfigError(f"the pretrained weights do not fit the classifier: missing {bad_missing[:3]}, unexpected "
+                          f"{unexpected[:3]}, wrong shape {wrong[:3]}")
+    report["fresh"] = missing
+    return sd, report

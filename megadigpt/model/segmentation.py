@@ -330,7 +330,7 @@ def load_backbone(model: Segmentor, weights) -> dict:
     """Pretrained encoder weights (timm names, from ``load_encoder_weights``) into the backbone: the position
     embedding interpolated to the encoder grid, the classifier's head and norms dropped. -> fine-tuning's load
     report; ConfigError when the trunk does not fit."""
-    from ..train.finetune import fit_to_classifier
+    from .classifier import fit_to_classifier
 
     sd, report = fit_to_classifier(model.backbone, weights)
     model.backbone.load_state_dict(sd, strict=False)

@@ -249,7 +249,8 @@ def _pretrain_job(case: Case, base, overrides, env, run_dir, data_source, total_
     from ..model import build_model
     from ..targets import build_target, student_targets
     from ..train.optim import build_optimizer, param_groups
-    from ..train.pretrain import _dtype, _normalizer, plan_run
+    from ..train.common import torch_dtype
+    from ..train.pretrain import _normalizer, plan_run
     from . import memory
 
     cfg = case_config(case, base, overrides, env.world_size, run_dir, data_source)
@@ -261,7 +262,7 @@ def _pretrain_job(case: Case, base, overrides, env, run_dir, data_source, total_
     m = cfg.model
 
     torch.manual_seed(0)
-    teacher = build_target(cfg.target, m, device=device, dtype=_dtype(plan.teacher_dtype))
+    teacher = build_target(cfg.target, m, device=device, dtype=torch_dtype(plan.teacher_dtype))
     spec = teacher.spec
     sizes = memory.model_sizes(cfg)
     mem.start()
@@ -282,8 +283,8 @@ def _pretrain_job(case: Case, base, overrides, env, run_dir, data_source, total_
 
     # ---------------------------------------------------------------- inputs
     B = case.micro_batch
-    norm_s = _normalizer(cfg.data.mean, cfg.data.std, _dtype(plan.precision), device)
-    norm_t = _normalizer(spec.mean, spec.std, _dtype(plan.teacher_dtype), device)
+    norm_s = _normalizer(cfg.data.mean, cfg.data.std, torch_dtype(plan.precision), device)
+    norm_t = _normalizer(spec.mean, spec.std, torch_dtype(plan.teacher_dtype), device)
     S = m.segment_grid ** 2
     if case.data == "synthetic":
         g = torch.Generator().manual_seed(env.rank)
@@ -316,7 +317,7 @@ def _pretrain_job(case: Case, base, overrides, env, run_dir, data_source, total_
         t = mark("data", t)
         with torch.no_grad():
             tokens, cls = teacher(xt)
-        tokens, cls = student_targets(tokens, cls, _dtype(plan.precision))
+        tokens, cls = student_targets(tokens, cls, torch_dtype(plan.precision))
         t = mark("teacher", t)
         gen, dis = engine(xs, tokens, cls, order)
         loss = gen.mean() + dis.mean()
@@ -372,7 +373,8 @@ def _segment_job(case: Case, base, overrides, env, run_dir) -> _Job:
     from ..train.finetune import resolve_model
     from ..train.metrics import count_flops
     from ..train.optim import build_optimizer
-    from ..train.pretrain import _dtype, _normalizer
+    from ..train.common import torch_dtype
+    from ..train.pretrain import _normalizer
     from ..train.segment import build_segmentor, segmentor_args
     from . import memory, segment_memory
 
@@ -411,7 +413,7 @@ def _segment_job(case: Case, base, overrides, env, run_dir) -> _Job:
     images = torch.randint(0, 256, (B, 3, c, c), dtype=torch.uint8, generator=g).to(device)
     masks = torch.randint(0, m.num_classes, (B, c, c), dtype=torch.uint8, generator=g).to(device)
     masks[:, : c // 8] = 255  # some ignored pixels, as real masks have
-    norm = _normalizer(cfg.data.mean, cfg.data.std, _dtype(plan.precision), device)
+    norm = _normalizer(cfg.data.mean, cfg.data.std, torch_dtype(plan.precision), device)
     engine.train()
 
     def step(times=None):
@@ -791,9 +793,10 @@ def run_bench(cases: List[Case], ranks: int, out: Path, base=None, overrides=(),
     not reached in the first round are recorded as skipped."""
     import torch
 
-    from ..train.pretrain import _device_type, plan_run
+    from ..train.common import resolve_device_type
+    from ..train.pretrain import plan_run
 
-    device_type = _device_type("auto")
+    device_type = resolve_device_type("auto")
     cases = as_task(cases, base, overrides)
     with tempfile.TemporaryDirectory() as tmp:  # every case is checked before the first one runs
         for c in cases:

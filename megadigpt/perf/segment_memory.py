@@ -141,28 +141,28 @@ def cmd_plan_segment(args) -> int:
     from dataclasses import asdict
     from pathlib import Path
 
-    from ..cli import _csv, _models, _onoff
+    from ..commands import parse_csv, parse_models, parse_onoff
     from ..config import ConfigError
     from ..model.vit import VIT_SIZES
     from ..segment_config import load_segment_config
 
     cfg = load_segment_config(args.config, args.overrides)
-    models = _models(args.models) if args.models is not None else [
+    models = parse_models(args.models) if args.models is not None else [
         (cfg.model.arch if cfg.model.arch != "auto" else "vit_base", cfg.model.patch_size or 16)]
     for arch, _ in models:
         if arch not in VIT_SIZES:
             raise ConfigError(f"unknown model {arch!r}; choose from {', '.join(VIT_SIZES)}")
-    stages = _csv(args.zero, int, "--zero")
+    stages = parse_csv(args.zero, int, "--zero")
     if not stages or any(z not in (1, 2, 3) for z in stages):
         raise ConfigError(f"--zero takes stages 1, 2, 3, got {args.zero}")
     if getattr(args, "json", None):
         from ..checkpoint.convert import guard_output
-        from ..cli import _is_plan_json
+        from ..commands import is_plan_json
 
         guard_output(args.json, "file", "--json", force=getattr(args, "force", False), inputs=[args.config],
-                     own=_is_plan_json)
-    rows = plan(cfg, args.gpus, args.gpu_mem, models, stages, [_onoff(v) for v in _csv(args.ckpt)],
-                [_onoff(v) for v in _csv(args.offload)], args.micro_batch, args.precision, args.reserve)
+                     own=is_plan_json)
+    rows = plan(cfg, args.gpus, args.gpu_mem, models, stages, [parse_onoff(v) for v in parse_csv(args.ckpt)],
+                [parse_onoff(v) for v in parse_csv(args.offload)], args.micro_batch, args.precision, args.reserve)
     print(f"# per-GPU memory of a segmentation step: {args.gpus} GPUs of {args.gpu_mem:g} GiB ({args.reserve:g} GiB "
           f"reserved), crop {cfg.model.crop_size}, {args.precision}, global batch {cfg.train.global_batch}; GiB per GPU")
     print(markdown(rows, args.gpus, args.gpu_mem))

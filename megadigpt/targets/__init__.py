@@ -7,6 +7,7 @@ the nearest codebook centroid and cls is None.
 teacher and student is reported before any heavy initialisation.
 """
 
-from .base import TargetSpec, build_target, describe_target, example_targets, resolved_layer, student_targets
+from .base import TargetSpec, example_targets, resolved_layer, student_targets
+from .factory import build_target, describe_target
 
 __all__ = ["TargetSpec", "build_target", "describe_target", "example_targets", "resolved_layer", "student_targets"]

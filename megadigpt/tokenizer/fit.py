@@ -23,7 +23,7 @@ DEFAULT_K_FEATURES = 8192
 def plan_fit(cfg: Config, k: Optional[int], images: int, tokens_per_image: int, out: Optional[str], force: bool):
     """Every cheap check, before any model or data is touched. Returns (spec, k, out path, tokens per image)."""
     from ..data import check_source
-    from ..targets.base import describe_features
+    from ..targets.factory import describe_features
 
     spec = describe_features(cfg.target, cfg.model)  # the features, not a previous codebook's indices
     k = k or DEFAULT_K.get(cfg.target.kind, DEFAULT_K_FEATURES)
@@ -57,7 +57,8 @@ def fit_tokenizer(cfg: Config, k: Optional[int] = None, images: int = 10000, tok
     from ..data import PretrainStream, build_pretrain_loader, find_samples
     from ..distributed.engine import resolve_device
     from ..targets import build_target
-    from ..train.pretrain import _dtype, _normalizer, auto_precision, resolve_loader
+    from ..train.common import auto_precision, resolve_loader, torch_dtype
+    from ..train.pretrain import _normalizer
     from .codebook import Codebook, target_identity
     from .kmeans import kmeans
 
@@ -77,8 +78,8 @@ def fit_tokenizer(cfg: Config, k: Optional[int] = None, images: int = 10000, tok
           f"{device}", file=sys.stderr, flush=True)
 
     t0 = time.time()
-    teacher = build_target(tcfg, cfg.model, device=dev, dtype=_dtype(tdtype))
-    norm = _normalizer(spec.mean, spec.std, _dtype(tdtype), dev)
+    teacher = build_target(tcfg, cfg.model, device=dev, dtype=torch_dtype(tdtype))
+    norm = _normalizer(spec.mean, spec.std, torch_dtype(tdtype), dev)
     stream = PretrainStream(samples, [spec.image_size], cfg.model.segment_grid ** 2, seed, cfg.data.crop_scale,
                             cfg.data.crop_ratio, cfg.data.interpolation, cfg.data.hflip)
     steps = math.ceil(images / batch)

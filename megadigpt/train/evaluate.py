@@ -307,7 +307,7 @@ def evaluate_sets(model_path: str, folders: Dict[str, str], out_dir: Optional[st
     Remote reads follow :func:`megadigpt.data.remote.configure` (the CLI sets it from ``--cache-dir`` ...)."""
     from ..data.sources import check_source
     from ..distributed import env as dist_env
-    from .pretrain import _device_type, _dtype, auto_precision, resolve_loader
+    from .common import auto_precision, resolve_device_type, resolve_loader, torch_dtype
 
     unknown = set(folders) - set(SETS)
     if unknown:
@@ -323,7 +323,7 @@ def evaluate_sets(model_path: str, folders: Dict[str, str], out_dir: Optional[st
         if name not in ("c", "real"):
             check_source(src)
     kind = resolve_loader(loader)
-    dev_type = _device_type(device)
+    dev_type = resolve_device_type(device)
     model, meta = load_classifier(model_path, which)
     num_classes = meta["num_classes"]
     classes = meta.get("label_names")
@@ -347,7 +347,7 @@ def evaluate_sets(model_path: str, folders: Dict[str, str], out_dir: Optional[st
     if env.world_size > 1:
         init_distributed(env, dev_type)
     prec = precision if precision != "auto" else auto_precision(dev_type)
-    dtype = _dtype(prec)
+    dtype = torch_dtype(prec)
     model.to(device=device, dtype=dtype)
     cfg = meta.get("pretrained_cfg", {})
     size = meta["model_args"]["img_size"]

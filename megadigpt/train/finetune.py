@@ -56,7 +56,7 @@ def check_transfer(cfg, world_size: Optional[int], device_type: Optional[str], i
     directory. ``device_type`` and ``init_from_pending``: as in ``plan_run``."""
     from ..data import remote
     from ..distributed.engine import template_path
-    from .pretrain import _device_type, auto_precision
+    from .common import auto_precision, resolve_device_type
 
     m, d, t, o = cfg.model, cfg.data, cfg.train, cfg.optim
     if m.arch == "auto" and not t.init_from:
@@ -83,8 +83,8 @@ def check_transfer(cfg, world_size: Optional[int], device_type: Optional[str], i
     if device_type is None:  # here, not planned for compute nodes (megadigpt submit: their compiler, not ours)
         from ..distributed.parallelize import check_host_compiler
 
-        check_host_compiler(_device_type(t.device), t.compile, "sdpa")  # Triton's C compiler: one line
-    device_type = device_type or _device_type(t.device)
+        check_host_compiler(resolve_device_type(t.device), t.compile, "sdpa")  # Triton's C compiler: one line
+    device_type = device_type or resolve_device_type(t.device)
     world = world_size if world_size is not None else dist_env.discover().world_size
     if t.global_batch % (t.micro_batch * world):  # (ranges: checked by load_config)
         raise ConfigError(f"train.global_batch {t.global_batch} is not divisible by train.micro_batch "
@@ -110,7 +110,7 @@ def plan_finetune(cfg: FinetuneRunConfig, world_size: Optional[int] = None, need
     """Every check that needs no weights, no decoding and no process group (``device_type`` and
     ``init_from_pending``: as in ``plan_run``)."""
     from ..data import check_source
-    from .pretrain import resolve_loader
+    from .common import resolve_loader
 
     m, d, t, f = cfg.model, cfg.data, cfg.train, cfg.finetune
     if m.patch_size and m.img_size % m.patch_size:
@@ -157,41 +157,21 @@ def resolve_model(cfg: FinetuneRunConfig, weights=None, info=None):
     return geom, img
 
 
-def fit_to_classifier(model, weights):
-    """The pretrained state made to fit the timm model's (full) shapes: position embeddings interpolated,
-    another task's head and the pretraining's final norm dropped. -> (state, report); ConfigError when the trunk
-    does not fit."""
-    from ..distributed.partitioned import full_shape
-    from ..model.classifier import interpolate_pos_embed
+def __getattr__(name):
+    """``fit_to_classifier`` moved to :mod:`megadigpt.model.classifier` (model code must not import training code);
+    still importable from here, without loading torch when this module is imported."""
+    if name == "fit_to_classifier":
+        from ..model.classifier import fit_to_classifier
 
-    own = {n: tuple(full_shape(p)) for n, p in model.named_parameters()}
-    own.update({n: tuple(b.shape) for n, b in model.named_buffers() if n in model.state_dict()})
-    sd = dict(weights)
-    report = {"interpolated": None, "dropped": [], "fresh": []}
-    grid = model.patch_embed.grid_size[0]
-    if tuple(sd["pos_embed"].shape) != own["pos_embed"]:
-        old = sd["pos_embed"].shape[1] - 1
-        sd["pos_embed"] = interpolate_pos_embed(sd["pos_embed"], grid)
-        report["interpolated"] = f"{int(round(old ** 0.5))}x{int(round(old ** 0.5))} -> {grid}x{grid}"
-    for k in list(sd):
-        if k not in own or tuple(sd[k].shape) != own[k]:
-            if k.startswith(("head.", "fc_norm.", "norm.")):  # another task's head / the pretraining's final norm
-                report["dropped"].append(k)
-                del sd[k]
-    missing = sorted(set(own) - set(sd))
-    unexpected = sorted(set(sd) - set(own))
-    bad_missing = [k for k in missing if not k.startswith(("head.", "fc_norm.", "norm."))]
-    wrong = [k for k in sd if k in own and tuple(sd[k].shape) != own[k]]
-    if bad_missing or unexpected or wrong:
-        raise ConfigError(f"the pretrained weights do not fit the classifier: missing {bad_missing[:3]}, unexpected "
-                          f"{unexpected[:3]}, wrong shape {wrong[:3]}")
-    report["fresh"] = missing
-    return sd, report
+        return fit_to_classifier
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def load_into_classifier(model, weights, head_init_std: float) -> dict:
     """Pretrained trunk (and a matching head, when it fits) into the timm model; returns what was done."""
     import torch
+
+    from ..model.classifier import fit_to_classifier
 
     sd, report = fit_to_classifier(model, weights)
     model.load_state_dict(sd, strict=False)
@@ -218,6 +198,7 @@ def build_and_load(build, weights, head_init_std: float, ds_config: Optional[dic
     import torch.distributed as dist
 
     from ..distributed.partitioned import _init_in_fp32, build_partitioned, load_partitioned
+    from ..model.classifier import fit_to_classifier
 
     model = build_partitioned(build, ds_config)
     report = None
@@ -400,7 +381,8 @@ def finetune(cfg: FinetuneRunConfig) -> dict:
     from ..testing import fault
     from .metrics import MetricsSink, wandb_settings
     from .optim import build_optimizer, lr_at
-    from .pretrain import Checkpointed, SignalFlag, TrainingDiverged, _dtype
+    from .common import torch_dtype
+    from .runtime import Checkpointed, SignalFlag, TrainingDiverged
 
     world = env.world_size
     per_rank = len(train_samples) // world
@@ -470,7 +452,7 @@ def finetune(cfg: FinetuneRunConfig) -> dict:
         shard = ema_file(tag)
         if not (shard.is_file() and ema.load(shard)):
             ema_note = "EMA restarted from the resumed weights (saved with another world size or missing)"
-    compute_dtype = _dtype(plan.precision)
+    compute_dtype = torch_dtype(plan.precision)
     start_step = int(marker["step"]) if tag else 0
     best = dict(marker.get("best", {})) if tag else {}
 

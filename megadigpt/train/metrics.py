@@ -28,6 +28,7 @@ from typing import Optional
 import torch
 
 from ..safe_fs import check_no_links, open_append, read_regular, shorten, write_atomic
+from ..sizing import count_flops  # noqa: F401 - re-exported (train/pretrain.py, perf/bench.py, tests)
 
 # Dense 16-bit tensor-core peaks (TFLOP/s per GPU, without 2:4 sparsity) from NVIDIA's datasheets. Matched in
 # this order against torch.cuda.get_device_name(), case-insensitively, every word of a key present: the specific
@@ -66,25 +67,12 @@ def gpu_peak(name: str):
     return None
 
 
-def count_flops(fn, *args) -> Optional[float]:
-    """FLOPs of ``fn(*args)``. Pass a module and inputs on the meta device (see the module docstring: on real
-    tensors fused attention kernels are invisible to the counter)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    try:
-        with FlopCounterMode(display=False) as counter:
-            fn(*args)
-        return float(counter.get_total_flops())
-    except Exception:  # noqa: BLE001 - a teacher with ops the counter cannot see: no MFU, not a failed run
-        return None
-
-
 def teacher_flops(cfg, classes: Optional[int] = None) -> Optional[float]:
     """Forward FLOPs per image of the configured teacher, counted on its meta-device twin (random, unallocated
     weights: the same architecture) so that attention is in the count; 0 for the pixel target."""
-    from ..perf.memory import _meta_teacher
+    from ..sizing import meta_teacher
 
-    teacher, spec = _meta_teacher(cfg.target, cfg.model, classes)
+    teacher, spec = meta_teacher(cfg.target, cfg.model, classes)
     if cfg.target.kind == "pixels" and not spec.classes:
         return 0.0
     return count_flops(teacher, torch.zeros(1, 3, spec.image_size, spec.image_size, device="meta"))

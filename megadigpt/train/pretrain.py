@@ -35,43 +35,6 @@ class Plan:
     epoch_size: Optional[int] = None  # stream mode: samples per epoch (manifest.json or data.epoch_size)
 
 
-def _device_type(requested: str) -> str:
-    import torch
-
-    if requested == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if requested == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("train.device=cuda but no CUDA device is visible")
-    if requested not in ("cpu", "cuda"):
-        raise ConfigError(f"train.device must be auto, cpu or cuda, got {requested!r}")
-    return requested
-
-
-def auto_precision(device_type: str, bf16_supported: Optional[bool] = None) -> str:
-    """What ``auto`` means: bf16 on GPUs with bf16 tensor cores (Ampere and newer), fp16 on older ones (V100, T4:
-    no bf16 units, where bf16 would be emulated), fp32 on CPU. Planning for compute nodes from a machine without a
-    GPU (``megadigpt submit``) assumes bf16."""
-    if device_type != "cuda":
-        return "fp32"
-    if bf16_supported is None:
-        import torch
-
-        bf16_supported = not torch.cuda.is_available() or torch.cuda.is_bf16_supported(including_emulation=False)
-    return "bf16" if bf16_supported else "fp16"
-
-
-def resolve_loader(name: str) -> str:
-    from ..data.dali_loader import dali_available
-
-    if name == "auto":
-        return "dali" if dali_available() else "torch"
-    if name == "dali" and not dali_available():
-        raise ConfigError("data.loader=dali but NVIDIA DALI is not installed (pip install 'megadigpt[dali]')")
-    if name not in ("dali", "torch"):
-        raise ConfigError(f"data.loader must be auto, dali or torch, got {name!r}")
-    return name
-
-
 def plan_run(cfg: Config, world_size: Optional[int] = None, device_type: Optional[str] = None,
              init_from_pending: bool = False) -> Plan:
     """Every check that needs no model, no data decoding and no process group. Raises ConfigError.
@@ -99,7 +62,7 @@ def plan_run(cfg: Config, world_size: Optional[int] = None, device_type: Optiona
     if not taps or not all(1 <= x <= size.depth for x in taps):
         raise ConfigError(f"model.taps {taps} must be blocks in 1..{size.depth}")
     planning_elsewhere = device_type is not None  # megadigpt submit: the compute nodes' compiler, not ours
-    device_type = device_type or _device_type(t.device)
+    device_type = device_type or resolve_device_type(t.device)
     if m.attention == "flex" and device_type != "cuda":
         raise ConfigError("model.attention=flex trains only on CUDA (FlexAttention has no CPU backward); "
                           "use model.attention=sdpa on CPU")
@@ -191,31 +154,9 @@ def init_weights(model, path, partitioned: bool = False):
     model.load_state_dict({k: v for k, v in sd.items() if k in persistent}, strict=True)
 
 
-class TrainingDiverged(RuntimeError):
-    """Repeated non-finite losses: the run directory was rolled back to the last good checkpoint."""
-
-    exit_code = 3
-
-
-class Checkpointed(RuntimeError):
-    """Stopped by SIGTERM/SIGUSR1 after a checkpoint; rerunning (or requeueing) the same command resumes.
-    ``signal`` is the one the ranks agreed on (SIGUSR1 if any rank got it: SLURM's warning, which asks for a
-    requeue; SIGTERM alone means stop)."""
-
-    exit_code = 75  # EX_TEMPFAIL
-
-    def __init__(self, step: int, signal: str):
-        super().__init__(f"checkpointed at step {step} on {signal}; run the same command to resume")
-        self.step, self.signal = step, signal
-
-
-from .runtime import SignalFlag  # noqa: E402 - re-exported: cli, finetune, tests and launch/slurm import it here
-
-
-def _dtype(name):
-    import torch
-
-    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+# re-exported: cli, tests and launch/slurm import these here
+from .common import auto_precision, resolve_device_type, resolve_loader, torch_dtype  # noqa: E402, F401
+from .runtime import Checkpointed, SignalFlag, TrainingDiverged  # noqa: E402, F401
 
 
 def _normalizer(mean, std, dtype, device):
@@ -338,7 +279,7 @@ def pretrain(cfg: Config) -> dict:
     torch.manual_seed(t.seed)
     reset_host_peak()  # the teacher build's own host peak, for the start event (plan: teacher build host GiB)
     teacher_host_before = host_peak_bytes()
-    teacher = build_target(cfg.target, m, device=device, dtype=_dtype(plan.teacher_dtype))
+    teacher = build_target(cfg.target, m, device=device, dtype=torch_dtype(plan.teacher_dtype))
     teacher_host_gib = ((host_peak_bytes() or 0) - (teacher_host_before or 0)) / 2 ** 30
     spec = teacher.spec
 
@@ -370,7 +311,7 @@ def pretrain(cfg: Config) -> dict:
     # (a different number of ranks: DeepSpeed's universal checkpoint keeps the optimizer state)
     engine, tag, marker, universal = ckpt.start_engine(model, optimizer, ds_config, run_dir, t, env.world_size,
                                                        rank0, tokenizer)
-    compute_dtype = _dtype(plan.precision)
+    compute_dtype = torch_dtype(plan.precision)
     start_step = int(marker["step"]) if tag else 0
 
     # ---------------------------------------------------------------- data
@@ -445,7 +386,7 @@ def pretrain(cfg: Config) -> dict:
         sink.event(event="checkpoint", step=step)
 
     norm_student = _normalizer(cfg.data.mean, cfg.data.std, compute_dtype, device)
-    norm_teacher = _normalizer(spec.mean, spec.std, _dtype(plan.teacher_dtype), device)
+    norm_teacher = _normalizer(spec.mean, spec.std, torch_dtype(plan.teacher_dtype), device)
     engine.train()
     loop_start = time.perf_counter()
     for batch in loader:

@@ -322,7 +322,7 @@ def run_probe(cfg, weights: Optional[str], out_dir: str, random_init: bool = Fal
     from ..data import find_samples
     from ..model.classifier import build_classifier
     from .finetune import load_into_classifier
-    from .pretrain import _dtype
+    from .common import torch_dtype
 
     p, d, m = cfg.probe, cfg.data, cfg.model
     train_samples, val_samples = find_samples(d.train), find_samples(d.val)
@@ -344,7 +344,7 @@ def run_probe(cfg, weights: Optional[str], out_dir: str, random_init: bool = Fal
     torch.manual_seed(cfg.train.seed)
     model = build_classifier(geom, m.img_size, 0, m.global_pool, 0.0)
     load = load_into_classifier(model, sd, 0.0) if sd is not None else None
-    dtype = _dtype(plan.precision)
+    dtype = torch_dtype(plan.precision)
     model.to(device=device, dtype=dtype)
     want = sorted(set(layers) | set(knn_layers))
     common = dict(img_size=m.img_size, micro_batch=cfg.train.micro_batch, layers=want, device=device, dtype=dtype,

@@ -10,7 +10,8 @@ launcher.
   through a link. The names a run writes (``RUN_FILES``, ``RUN_FOLDERS``) are checked under the lock: a link, a
   device or a pipe planted at any of them stops every rank with one line naming it.
 - **Signals**: SIGTERM, SIGUSR1 (SLURM's warning) and, under a launcher, SIGHUP ask for checkpoint-and-exit; the
-  loops reduce :attr:`SignalFlag.code` with MAX across ranks at the end of each step.
+  loops reduce :attr:`SignalFlag.code` with MAX across ranks at the end of each step, and end the run with
+  :class:`Checkpointed` (or :class:`TrainingDiverged` after repeated non-finite losses).
 - **Launcher death**: under torchrun, the deepspeed launcher or mpirun, each rank watches the launcher that
   started it. torchrun starts every worker in its own session, so a ``kill -9`` of the agent reached no worker
   (they trained on, or hung). Linux's ``PR_SET_PDEATHSIG`` (SIGHUP when the parent goes, set before the
@@ -31,6 +32,7 @@ import json
 import os
 import signal
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -233,3 +235,41 @@ class SignalFlag:
             self._clear_pdeathsig(0)
         for sig, old in self._old.items():
             signal.signal(sig, old)
+
+
+# ============================================================================ how a loop stops early
+
+
+class TrainingDiverged(RuntimeError):
+    """Repeated non-finite losses: the run directory was rolled back to the last good checkpoint."""
+
+    exit_code = 3
+
+
+class Checkpointed(RuntimeError):
+    """Stopped by SIGTERM/SIGUSR1 after a checkpoint; rerunning (or requeueing) the same command resumes.
+    ``signal`` is the one the ranks agreed on (SIGUSR1 if any rank got it: SLURM's warning, which asks for a
+    requeue; SIGTERM alone means stop)."""
+
+    exit_code = 75  # EX_TEMPFAIL
+
+    def __init__(self, step: int, signal: str):
+        super().__init__(f"checkpointed at step {step} on {signal}; run the same command to resume")
+        self.step, self.signal = step, signal
+
+
+def requeue_after_signal(signal_name: str) -> Optional[str]:
+    """Rank 0, after the checkpoint that SLURM's warning signal (SIGUSR1) asked for: requeue this batch job, which
+    then resumes from its run directory. Returns what happened (None: nothing to do). SIGTERM never requeues, and
+    ``MEGADIGPT_REQUEUE=0`` (``--no-requeue``) turns it off."""
+    job = os.environ.get("SLURM_JOB_ID")
+    if signal_name != "SIGUSR1" or not job or os.environ.get("MEGADIGPT_REQUEUE", "1") == "0":
+        return None
+    try:
+        p = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, timeout=120)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f"could not requeue SLURM job {job} ({e}); submit the same script again to resume"
+    if p.returncode != 0:
+        return (f"could not requeue SLURM job {job} (scontrol: {p.stderr.strip() or p.returncode}); submit the same "
+                f"script again to resume")
+    return f"requeued SLURM job {job}: it resumes from its last checkpoint when it starts again"

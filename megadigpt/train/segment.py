@@ -31,8 +31,9 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, List, Optional
+from typing import TYPE_CHECKING, Optional
 
+from ..commands import Parser, add_segment_parser, overrides_of, run  # overrides_of: re-exported
 from ..config import ConfigError, dump_config
 from ..safe_fs import announce_commands, pipe_commands, remove_entry, write_atomic
 from ..distributed import env as dist_env
@@ -347,7 +348,8 @@ def segment(cfg: SegmentRunConfig) -> dict:
     from ..testing import fault
     from .metrics import MetricsSink, wandb_settings
     from .optim import build_optimizer
-    from .pretrain import Checkpointed, SignalFlag, TrainingDiverged, _dtype
+    from .common import torch_dtype
+    from .runtime import Checkpointed, SignalFlag, TrainingDiverged
 
     world = env.world_size
     steps_per_epoch = (len(train_pairs) // world) // t.micro_batch // plan.accum
@@ -404,7 +406,7 @@ def segment(cfg: SegmentRunConfig) -> dict:
         shard = ema_file(tag)
         if not (shard.is_file() and ema.load(shard)):
             ema_note = "EMA restarted from the resumed weights (saved with another world size or missing)"
-    compute_dtype = _dtype(plan.precision)
+    compute_dtype = torch_dtype(plan.precision)
     start_step = int(marker["step"]) if tag else 0
     best = dict(marker.get("best", {})) if tag else {}
     aug = SegAugment(args.crop_size, tuple(d.scale), tuple(d.ratio_range), d.cat_max_ratio, d.hflip, d.photometric)
@@ -607,35 +609,6 @@ def segment(cfg: SegmentRunConfig) -> dict:
 # ============================================================================ command line
 
 
-def overrides_of(args) -> List[str]:
-    overrides = list(args.overrides)
-    for flag, key in (("train", "data.train"), ("val", "data.val"), ("run_dir", "train.run_dir"),
-                      ("init_from", "train.init_from")):
-        v = getattr(args, flag, None)
-        if v:
-            overrides.append(f"{key}={v}")
-    if getattr(args, "allow_schedule_change", False):
-        overrides.append("train.allow_schedule_change=true")
-    return overrides
-
-
-def add_parser(sub) -> argparse.ArgumentParser:
-    """``megadigpt segment``'s subparser (the CLI calls this with its subparsers object)."""
-    sg = sub.add_parser("segment", help="semantic segmentation transfer: UperNet on the encoder, ADE20K protocol "
-                                        "(resumes automatically from its run directory)")
-    sg.add_argument("--config", default="segment_ade20k_vitb16", help="a YAML file or a built-in segmentation config")
-    sg.add_argument("--train", default=None, help="shortcut for data.train=...")
-    sg.add_argument("--val", default=None, help="shortcut for data.val=...")
-    sg.add_argument("--init-from", dest="init_from", default=None, help="shortcut for train.init_from=...")
-    sg.add_argument("--run-dir", default=None, help="shortcut for train.run_dir=...")
-    sg.add_argument("--allow-schedule-change", action="store_true",
-                    help="resume with another lr schedule (max_steps, lr, warm-up); recorded in metrics.jsonl")
-    sg.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
-    sg.add_argument("overrides", nargs="*", metavar="section.key=value")
-    sg.set_defaults(fn=cli_main)
-    return sg
-
-
 def cli_main(args) -> int:
     """``megadigpt segment``: train, evaluate, export; prints the best mIoU."""
     res = segment(load_segment_config(args.config, overrides_of(args)))
@@ -645,23 +618,23 @@ def cli_main(args) -> int:
     return 0
 
 
+def add_parser(sub) -> argparse.ArgumentParser:
+    """``megadigpt segment``'s subparser (megadigpt/commands.py), running :func:`cli_main`."""
+    sg = add_segment_parser(sub)
+    sg.set_defaults(fn=cli_main)
+    return sg
+
+
 def main(argv=None) -> int:
     """``python -m megadigpt.train.segment ...``: the command with the CLI's error handling and exit codes
     (0 done, 2 bad input, 3 diverged, 75 checkpointed on a signal)."""
-    from .. import cli
-
-    parser = cli._Parser(prog="megadigpt")
+    parser = Parser(prog="megadigpt")
     sub = parser.add_subparsers(dest="command")
     add_parser(sub)
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] != "segment":
         argv = ["segment"] + argv
-    orig = cli.build_parser
-    cli.build_parser = lambda: parser  # cli.main's parsing, errors and exit codes, with this command's parser
-    try:
-        return cli.main(argv)
-    finally:
-        cli.build_parser = orig
+    return run(parser, argv)  # the CLI's parsing, errors and exit codes, with this command's parser
 
 
 if __name__ == "__main__":
