@@ -5,9 +5,9 @@ import re
 import sys
 from pathlib import Path
 
-# the table of commands lives in commands.py; ArgumentError, _RESERVE_GIB and *_overrides are re-exported here
-from .commands import ArgumentError, _RESERVE_GIB, finetune_overrides, pretrain_overrides  # noqa: F401
-from .commands import _fail, _rank0, is_plan_json, parse_csv, parse_models, parse_onoff, run
+# the table of commands lives in commands.py; ArgumentError, RESERVE_GIB and *_overrides are re-exported here
+from .commands import ArgumentError, RESERVE_GIB, finetune_overrides, pretrain_overrides  # noqa: F401
+from .commands import fail, is_plan_json, parse_csv, parse_models, parse_onoff, rank0, run
 from .commands import build_parser as _build_table
 from .config import ConfigError
 
@@ -25,7 +25,7 @@ def cmd_finetune(args) -> int:
     from .train.finetune import finetune
 
     res = finetune(load_config(args.config, finetune_overrides(args), root=FinetuneRunConfig))
-    if _rank0() and res.get("best"):
+    if rank0() and res.get("best"):
         b = res["best"]["best"]
         print(f"best top-1 {b['top1']:.2f} (step {b['step']}); exports in {res['run_dir']}/best and /last")
     return 0
@@ -42,7 +42,7 @@ def _announce_pipes(*sources) -> None:
     training commands also record them in their start event)."""
     from .safe_fs import announce_commands, pipe_commands
 
-    announce_commands(pipe_commands(*sources), _rank0())
+    announce_commands(pipe_commands(*sources), rank0())
 
 
 def cmd_probe(args) -> int:
@@ -120,7 +120,7 @@ def cmd_submit(args) -> int:
     try:
         slurm.submit(stages, root, dry_run=args.dry_run, after=args.after, chain=path)
     except slurm.SubmitError as e:
-        return _fail(str(e))
+        return fail(str(e))
     return 0
 
 

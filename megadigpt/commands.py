@@ -16,14 +16,16 @@ from .config import ConfigError
 DESCRIPTION = "``megadigpt <command>``: the one entry point for users, launchers and SLURM scripts."
 
 
-def _rank0() -> bool:
+def rank0() -> bool:
+    """Whether this process is rank 0 (from the launcher's environment; no process group needed)."""
     from .distributed.env import discover
 
     return discover().rank == 0
 
 
-def _fail(msg: str) -> int:
-    if _rank0():  # always one line: a message from a library may carry newlines
+def fail(msg: str) -> int:
+    """Print ``msg`` as one ``megadigpt: error:`` line (rank 0 only) and return the exit status 2."""
+    if rank0():  # always one line: a message from a library may carry newlines
         print(f"megadigpt: error: {' '.join(str(msg).splitlines())}", file=sys.stderr)
     return 2
 
@@ -202,7 +204,7 @@ def add_segment_parser(sub) -> argparse.ArgumentParser:
     return sg
 
 
-_RESERVE_GIB = 4.0  # megadigpt.perf.memory.RESERVE_GIB (not imported here: it would load torch for every command)
+RESERVE_GIB = 4.0  # megadigpt.perf.memory.RESERVE_GIB (not imported here: it would load torch for every command)
 
 
 def build_parser(handlers: Optional[Dict[str, Callable]] = None) -> argparse.ArgumentParser:
@@ -382,9 +384,9 @@ def build_parser(handlers: Optional[Dict[str, Callable]] = None) -> argparse.Arg
     pl.add_argument("--micro-batch", dest="micro_batch", type=POS_INT, default=None, help="default: the config's")
     pl.add_argument("--precision", default="bf16", choices=["bf16", "fp16", "fp32"])
     pl.add_argument("--teacher-dtype", dest="teacher_dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
-    pl.add_argument("--reserve", type=NONNEG_FLOAT, default=_RESERVE_GIB,
+    pl.add_argument("--reserve", type=NONNEG_FLOAT, default=RESERVE_GIB,
                     help=f"GiB per GPU outside torch's tensors (CUDA context, NCCL communicators, DALI pools, "
-                         f"allocator slack; default {_RESERVE_GIB:g}, see docs/benchmarks.md)")
+                         f"allocator slack; default {RESERVE_GIB:g}, see docs/benchmarks.md)")
     pl.add_argument("--classes", type=POS_INT, default=None,
                     help="discrete targets: plan with this many token ids (instead of target.tokenizer's, e.g. "
                          "before it is fit)")
@@ -482,14 +484,14 @@ def run(parser: argparse.ArgumentParser, argv=None) -> int:
         if stray or (extra and not hasattr(args, "overrides")):
             parser.error(f"unrecognized arguments: {' '.join(stray or extra)}")
     except ArgumentError as e:
-        return _fail(str(e))
+        return fail(str(e))
     if extra:
         args.overrides = list(args.overrides) + extra
     try:
         _check_argument_text(args)
         return args.fn(args)
     except ConfigError as e:
-        code = _fail(str(e))
+        code = fail(str(e))
         dist = sys.modules.get("torch.distributed")
         if dist is not None and dist.is_available() and dist.is_initialized():
             # raised on every rank at once (a locked run dir, a full disk): leave at once too, so that a launcher
@@ -499,7 +501,7 @@ def run(parser: argparse.ArgumentParser, argv=None) -> int:
             os._exit(code)
         return code
     except (Checkpointed, TrainingDiverged) as e:
-        if _rank0():
+        if rank0():
             print(f"megadigpt: {e}", file=sys.stderr)
             if isinstance(e, Checkpointed):
                 from .train.runtime import requeue_after_signal

@@ -160,8 +160,13 @@ class OptimConfig:
     grad_clip: float = 0.0  # global-norm clipping; 0 = off (the reference clips nothing)
 
 
+# ============================================================================ the run section, shared
+# ``train`` of every tree: the keys every training command reads (pretrain, finetune, segment: run directory,
+# schedule length, batch, DeepSpeed, precision, checkpoints, logging). Each tree's ``train`` subclasses it and adds
+# only keys its own commands read, so a key a command would ignore is an unknown key to it (every key of every tree
+# is read somewhere: tests/test_config_keys.py).
 @dataclass
-class TrainConfig:
+class RunConfig:
     run_dir: str = "runs/digpt"  # checkpoints, metrics.jsonl, TensorBoard, the resolved config
     epochs: float = 300.0
     max_steps: Optional[int] = None  # optimizer steps; overrides epochs
@@ -186,6 +191,11 @@ class TrainConfig:
     wandb_project: str = "megadigpt"
     wandb_mode: str = "online"  # online | offline (written under <run_dir>/wandb; `wandb sync` later)
     progress: str = "auto"  # auto (a bar when stderr is a terminal) | on | off
+
+
+@dataclass
+class TrainConfig(RunConfig):
+    """Pretraining's ``train``: the shared run keys, MFU's peak and the k-NN monitor."""
     peak_tflops: Optional[float] = None  # per-device peak for MFU; default: known GPUs, or a measured CPU matmul
     probe_every: int = 0  # optimizer steps between k-NN monitors of the encoder (0 = off; knn_top1 in metrics)
     probe_train: Optional[str] = None  # labelled images the k-NN monitor's memory bank is built from
@@ -240,7 +250,7 @@ class FinetuneOptimConfig(OptimConfig):
 
 
 @dataclass
-class FinetuneTrainConfig(TrainConfig):
+class FinetuneTrainConfig(RunConfig):
     run_dir: str = "runs/finetune"  # checkpoints, best/ and last/ timm exports, metrics.jsonl
     epochs: float = 100.0
     global_batch: int = 1024
@@ -285,7 +295,7 @@ class FinetuneRunConfig:
     probe: ProbeConfig = field(default_factory=ProbeConfig)
 
     def to_dict(self) -> Dict[str, Any]:
-        return _plain(dataclasses.asdict(self))
+        return plain(dataclasses.asdict(self))
 
 
 @dataclass
@@ -297,7 +307,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def to_dict(self) -> Dict[str, Any]:
-        return _plain(dataclasses.asdict(self))
+        return plain(dataclasses.asdict(self))
 
 
 # The config trees, for show-config, config-reference and the tree a file belongs to: (title, root class, the
@@ -329,8 +339,8 @@ class Rule:
         if isinstance(value, float) and not math.isfinite(value):
             raise ConfigError(f"{where} must be a finite number, got {value}")
         if value is not None and not self.ok(value):
-            hint = _suggest(value, map(str, self.choices())) if self.choices and isinstance(value, str) else ""
-            raise ConfigError(f"{where} must be {self.text}, got {shorten(_plain(value))}{hint}")
+            hint = suggest(value, map(str, self.choices())) if self.choices and isinstance(value, str) else ""
+            raise ConfigError(f"{where} must be {self.text}, got {shorten(plain(value))}{hint}")
 
 
 def _num(v):  # a finite number: .inf and .nan are YAML floats too
@@ -369,7 +379,7 @@ def ordered(rule: Rule) -> Rule:
     return Rule(lambda: f"lo <= hi, each {rule.text}", lambda v: all(rule.ok(x) for x in v) and v[0] <= v[1])
 
 
-def _vit_archs():
+def vit_archs():
     from .model.vit import VIT_SIZES
 
     return tuple(VIT_SIZES)
@@ -392,7 +402,7 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 LOADERS = ("auto", "dali", "torch")
 STD = each(POSITIVE)
 RULES: Dict[type, Dict[str, Rule]] = {
-    ModelConfig: dict(arch=one_of(_vit_archs), patch_size=POSITIVE, img_size=POSITIVE, embed_dim=POSITIVE,
+    ModelConfig: dict(arch=one_of(vit_archs), patch_size=POSITIVE, img_size=POSITIVE, embed_dim=POSITIVE,
                       depth=POSITIVE, num_heads=POSITIVE, mlp_ratio=POSITIVE, segment_grid=at_least(2),
                       taps=each(at_least(1)), decoder_dim=POSITIVE, decoder_depth=POSITIVE, decoder_heads=POSITIVE,
                       decoder_mlp_ratio=POSITIVE, drop_path=FRACTION_BELOW_1, attention=one_of(_attention_backends),
@@ -406,12 +416,13 @@ RULES: Dict[type, Dict[str, Rule]] = {
     OptimConfig: dict(lr=POSITIVE, blr=POSITIVE, min_lr=NON_NEGATIVE, betas=each(FRACTION_BELOW_1), eps=POSITIVE,
                       weight_decay=NON_NEGATIVE, warmup_epochs=NON_NEGATIVE, warmup_steps=NON_NEGATIVE,
                       grad_clip=NON_NEGATIVE),
-    TrainConfig: dict(epochs=NON_NEGATIVE, max_steps=POSITIVE, global_batch=POSITIVE, micro_batch=POSITIVE, seed=SEED,
-                      device=one_of("auto", "cpu", "cuda"), precision=one_of(*PRECISIONS),
-                      zero_stage=one_of(0, 1, 2, 3), ckpt_every=POSITIVE, ckpt_every_minutes=NON_NEGATIVE,
-                      ckpt_keep=NON_NEGATIVE, nan_tolerance=NON_NEGATIVE, log_every=POSITIVE,
-                      progress=one_of("auto", "on", "off"), wandb_mode=one_of("online", "offline"), peak_tflops=POSITIVE, probe_every=NON_NEGATIVE),
-    ClassifierConfig: dict(arch=one_of(lambda: ("auto",) + _vit_archs()), patch_size=POSITIVE, img_size=POSITIVE,
+    RunConfig: dict(epochs=NON_NEGATIVE, max_steps=POSITIVE, global_batch=POSITIVE, micro_batch=POSITIVE, seed=SEED,
+                    device=one_of("auto", "cpu", "cuda"), precision=one_of(*PRECISIONS),
+                    zero_stage=one_of(0, 1, 2, 3), ckpt_every=POSITIVE, ckpt_every_minutes=NON_NEGATIVE,
+                    ckpt_keep=NON_NEGATIVE, nan_tolerance=NON_NEGATIVE, log_every=POSITIVE,
+                    progress=one_of("auto", "on", "off"), wandb_mode=one_of("online", "offline")),
+    TrainConfig: dict(peak_tflops=POSITIVE, probe_every=NON_NEGATIVE),
+    ClassifierConfig: dict(arch=one_of(lambda: ("auto",) + vit_archs()), patch_size=POSITIVE, img_size=POSITIVE,
                            embed_dim=POSITIVE, depth=POSITIVE, num_heads=POSITIVE, mlp_ratio=POSITIVE,
                            drop_path=FRACTION_BELOW_1, global_pool=one_of("avg", "token"), num_classes=POSITIVE),
     FinetuneDataConfig: dict(loader=one_of(*LOADERS), crop_scale=ordered(FRACTION_ABOVE_0),
@@ -454,21 +465,21 @@ def validate(cfg) -> None:
             rule.check(f"{section.name}.{key}", getattr(obj, key))
 
 
-def _plain(x):
+def plain(x):
     if isinstance(x, dict):
-        return {k: _plain(v) for k, v in x.items()}
+        return {k: plain(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
-        return [_plain(v) for v in x]
+        return [plain(v) for v in x]
     return x
 
 
 # ---------------------------------------------------------------------------------------------- parsing
-def _suggest(name: str, options) -> str:
+def suggest(name: str, options) -> str:
     close = difflib.get_close_matches(str(name)[:200], list(options), n=1)
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
-def _coerce(value, hint, where: str):
+def coerce(value, hint, where: str):
     origin, args = get_origin(hint), get_args(hint)
     if origin is Union:
         if value is None and type(None) in args:
@@ -478,18 +489,18 @@ def _coerce(value, hint, where: str):
             if a is type(None):
                 continue
             try:
-                return _coerce(value, a, where)
+                return coerce(value, a, where)
             except ConfigError as e:
                 errors.append(str(e))
         raise ConfigError(errors[-1] if errors else f"{where}: invalid value {shorten(value)}")
     if origin in (list, List):
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{where}: expected a list, got {shorten(value)}")
-        return [_coerce(v, args[0], where) for v in value]
+        return [coerce(v, args[0], where) for v in value]
     if origin in (tuple, Tuple):
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
             raise ConfigError(f"{where}: expected a list of {len(args)} values, got {shorten(value)}")
-        return tuple(_coerce(v, a, where) for v, a in zip(value, args))
+        return tuple(coerce(v, a, where) for v, a in zip(value, args))
     if hint is bool:
         if isinstance(value, bool):
             return value
@@ -522,8 +533,8 @@ def _apply(section_obj, values: Dict[str, Any], section: str):
     hints = get_type_hints(type(section_obj))
     for key, value in values.items():
         if key not in hints:
-            raise ConfigError(f"unknown config key {shorten(f'{section}.{key}')}{_suggest(str(key)[:200], hints)}")
-        setattr(section_obj, key, _coerce(value, hints[key], f"{section}.{key}"))
+            raise ConfigError(f"unknown config key {shorten(f'{section}.{key}')}{suggest(str(key)[:200], hints)}")
+        setattr(section_obj, key, coerce(value, hints[key], f"{section}.{key}"))
 
 
 class _StrictLoader(yaml.SafeLoader):
@@ -643,7 +654,7 @@ def resolve_config_path(name_or_path: str) -> Path:
     if builtin.is_file():
         return builtin
     names = sorted(q.stem for q in CONFIG_DIR.glob("*.yaml"))
-    raise ConfigError(f"no config file or built-in config named {shorten(name_or_path)}{_suggest(name_or_path, names)}; "
+    raise ConfigError(f"no config file or built-in config named {shorten(name_or_path)}{suggest(name_or_path, names)}; "
                       f"built-in: {', '.join(names)}")
 
 
@@ -713,7 +724,7 @@ def load_config(name_or_path: Optional[str] = None, overrides: Optional[List[str
     for layer in layers:
         for section, values in layer.items():
             if section not in sections:
-                hint = _suggest(section, sections)
+                hint = suggest(section, sections)
                 if not hint and section in ("target", "finetune", "probe"):
                     hint = (" (a pretraining config given to finetune/probe/eval, or the other way round?)")
                 raise ConfigError(f"unknown config section {shorten(str(section))}{hint}")
@@ -805,7 +816,7 @@ def check_weights_file(path, what: str) -> None:
 
 
 # geometry keys whose change makes a run directory's checkpoint another network than the config builds
-_RESUME_KEYS = {"Config": {"model": ("patch_size", "img_size", "segment_grid", "decoder_dim", "decoder_depth",
+RESUME_KEYS = {"Config": {"model": ("patch_size", "img_size", "segment_grid", "decoder_dim", "decoder_depth",
                                      "decoder_heads", "decoder_mlp_ratio", "objective"),
                            "target": ("kind", "model", "layer")},
                 "FinetuneRunConfig": {"model": ("patch_size", "img_size", "embed_dim", "depth", "num_heads",
@@ -827,7 +838,7 @@ def check_resume_config(run_dir, cfg) -> None:
     if not isinstance(saved, dict):
         raise ConfigError(f"{saved_path}: expected a mapping of sections")
     pairs = []
-    for section, keys in _RESUME_KEYS[type(cfg).__name__].items():
+    for section, keys in RESUME_KEYS[type(cfg).__name__].items():
         old = saved.get(section) or {}
         pairs += [(f"{section}.{k}", old.get(k), getattr(getattr(cfg, section), k)) for k in keys]
     if isinstance(cfg, Config):  # the encoder's size, whether named by arch or by explicit overrides
@@ -846,9 +857,9 @@ def check_resume_config(run_dir, cfg) -> None:
     elif cfg.model.arch != "auto" and (saved.get("model") or {}).get("arch", "auto") != "auto":
         pairs.append(("model.arch", saved["model"]["arch"], cfg.model.arch))
     for key, old, new in pairs:
-        if old is not None and new is not None and _plain(old) != _plain(new):
-            raise ConfigError(f"{run_dir} holds a checkpoint of another network: {key} was {shorten(_plain(old))}, now "
-                              f"{shorten(_plain(new))}; use the run's settings or a new train.run_dir")
+        if old is not None and new is not None and plain(old) != plain(new):
+            raise ConfigError(f"{run_dir} holds a checkpoint of another network: {key} was {shorten(plain(old))}, now "
+                              f"{shorten(plain(new))}; use the run's settings or a new train.run_dir")
 
 
 def dump_config(cfg) -> str:
@@ -876,6 +887,6 @@ def reference_markdown() -> str:
                 default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
                 meaning = comments.get(f.name, "").replace("|", "\\|")
                 allowed = rules[f.name].text.replace("|", "\\|") if f.name in rules else ""
-                lines.append(f"| `{section.name}.{f.name}` | `{_plain(default)}` | {allowed} | {meaning} |")
+                lines.append(f"| `{section.name}.{f.name}` | `{plain(default)}` | {allowed} | {meaning} |")
         out.append("\n".join(lines))
     return "\n\n".join(out)

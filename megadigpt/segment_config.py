@@ -6,7 +6,8 @@ root=SegmentRunConfig)`` (unknown keys and out-of-range values are one-line erro
 
 Sections: ``model`` (encoder geometry, crop, pyramid taps, head widths), ``data`` (pairs, ADE20K protocol,
 mmseg's augmentation), ``optim`` (fine-tuning's AdamW + layer decay, with the poly schedule of BEiT/MAE's ADE20K
-configs), ``train`` (fine-tuning's: DeepSpeed, precision, checkpoints, run directory), ``segment`` (evaluation).
+configs), ``train`` (fine-tuning's: the shared run section of DeepSpeed, precision, checkpoints, run
+directory; plus ``peak_tflops`` for ``megadigpt bench``), ``segment`` (evaluation).
 """
 
 import dataclasses
@@ -15,7 +16,7 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 
 from . import config as _config
 from .config import (FRACTION, FRACTION_ABOVE_0, FRACTION_BELOW_1, LOADERS, NON_NEGATIVE, POSITIVE, STD,  # noqa: F401
-                     FinetuneOptimConfig, FinetuneTrainConfig, Rule, _plain, at_least, each, one_of, ordered)
+                     FinetuneOptimConfig, FinetuneTrainConfig, Rule, plain, at_least, each, one_of, ordered)
 
 
 @dataclass
@@ -78,6 +79,7 @@ class SegmentTrainConfig(FinetuneTrainConfig):
     micro_batch: int = 2  # images per rank per forward; >= 2 unless SyncBatchNorm across GPUs
     zero_stage: int = 1
     ckpt_every: int = 4000  # optimizer steps between checkpoints (also at every evaluation and on a signal)
+    peak_tflops: Optional[float] = None  # per-device peak for MFU (`megadigpt bench`); default: known GPUs, or a measured CPU matmul
 
 
 @dataclass
@@ -99,13 +101,13 @@ class SegmentRunConfig:
     segment: SegmentConfig = field(default_factory=SegmentConfig)
 
     def to_dict(self) -> Dict[str, Any]:
-        return _plain(dataclasses.asdict(self))
+        return plain(dataclasses.asdict(self))
 
 
 _config.TREES.append(("Semantic segmentation (`megadigpt segment`)", SegmentRunConfig, ("segment",)))
 
 _config.RULES.update({
-    SegmentModelConfig: dict(arch=one_of(lambda: ("auto",) + _config._vit_archs()), patch_size=POSITIVE,
+    SegmentModelConfig: dict(arch=one_of(lambda: ("auto",) + _config.vit_archs()), patch_size=POSITIVE,
                              crop_size=POSITIVE, embed_dim=POSITIVE, depth=POSITIVE, num_heads=POSITIVE,
                              mlp_ratio=POSITIVE, drop_path=FRACTION_BELOW_1, num_classes=at_least(1),
                              feature_blocks=each(at_least(1)), channels=POSITIVE, aux_channels=POSITIVE,
@@ -113,11 +115,12 @@ _config.RULES.update({
     SegmentDataConfig: dict(scale=each(POSITIVE), ratio_range=ordered(POSITIVE), cat_max_ratio=FRACTION_ABOVE_0,
                             std=STD, num_workers=NON_NEGATIVE, io_timeout_s=POSITIVE, io_retries=NON_NEGATIVE),
     SegmentOptimConfig: dict(schedule=one_of("poly", "cosine"), poly_power=POSITIVE, warmup_ratio=FRACTION),
+    SegmentTrainConfig: dict(peak_tflops=POSITIVE),
     SegmentConfig: dict(eval_every=POSITIVE, eval_mode=one_of("slide", "whole"), eval_stride=POSITIVE,
                         eval_batch=POSITIVE, ema_decay=FRACTION_BELOW_1, head_init_std=NON_NEGATIVE),
 })
 # geometry keys whose change makes a run directory's checkpoint another network (check_resume_config)
-_config._RESUME_KEYS["SegmentRunConfig"] = {"model": ("patch_size", "crop_size", "embed_dim", "depth", "num_heads",
+_config.RESUME_KEYS["SegmentRunConfig"] = {"model": ("patch_size", "crop_size", "embed_dim", "depth", "num_heads",
                                                       "mlp_ratio", "num_classes", "feature_blocks", "channels",
                                                       "aux_channels", "aux_weight")}
 

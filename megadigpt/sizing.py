@@ -72,11 +72,11 @@ def _meta_features(tcfg, mcfg, spec):
             t.visual = vision_tower(tcfg.model, spec.image_size, device="meta")  # the image tower alone, as built
             t.spec = spec
         elif tcfg.kind == "timm":
-            from .targets.timm_target import TimmTarget, _create, block_index
+            from .targets.timm_target import TimmTarget, block_index, create
 
             t = TimmTarget.__new__(TimmTarget)
             torch.nn.Module.__init__(t)
-            t.spec, t.net = spec, _create(tcfg, spec.image_size, pretrained=False)
+            t.spec, t.net = spec, create(tcfg, spec.image_size, pretrained=False)
             t.prefix = getattr(t.net, "num_prefix_tokens", 1)
             t.block = None if resolved_layer(tcfg) == "final" else block_index(tcfg, len(t.net.blocks))
         else:

@@ -98,7 +98,7 @@ def test_auto_buckets_follow_the_model():
     planner sizes the buckets it counts from the same resolved values."""
     from megadigpt.config import load_config
     from megadigpt.distributed.engine import BUCKET_MAX, BUCKET_MIN, build_ds_config
-    from megadigpt.perf.memory import _ds_buffers, student_params
+    from megadigpt.perf.memory import ds_buffers, student_params
 
     def cfg_for(arch, stage, extra=()):
         return load_config(None, [f"model.arch={arch}", "target.kind=pixels", f"train.zero_stage={stage}",
@@ -114,7 +114,7 @@ def test_auto_buckets_follow_the_model():
             for k in keys:
                 assert BUCKET_MIN <= z[k] <= BUCKET_MAX and P / 8 <= z[k] < P / 8 + BUCKET_MIN, (arch, k, z[k], P)
             assert z["reduce_bucket_size"] < P  # several buckets per backward, whatever the model
-            assert _ds_buffers(cfg, stage, P).reduce_bucket == z["reduce_bucket_size"]
+            assert ds_buffers(cfg, stage, P).reduce_bucket == z["reduce_bucket_size"]
     large, tiny = (build_ds_config(cfg_for(a, 2), 2, "bf16")["zero_optimization"]["reduce_bucket_size"]
                    for a in ("vit_large", "vit_tiny"))
     assert large > tiny
@@ -123,7 +123,7 @@ def test_auto_buckets_follow_the_model():
 def test_explicit_bucket_sizes_win(tmp_path):
     from megadigpt.config import load_config
     from megadigpt.distributed.engine import DS_CONFIG_DIR, build_ds_config
-    from megadigpt.perf.memory import _ds_buffers
+    from megadigpt.perf.memory import ds_buffers
 
     ds = json.loads((DS_CONFIG_DIR / "zero2.json").read_text())
     ds["zero_optimization"]["reduce_bucket_size"] = 123456
@@ -133,14 +133,14 @@ def test_explicit_bucket_sizes_win(tmp_path):
                              f"train.ds_config={path}", "train.global_batch=64", "train.micro_batch=32"])
     z = build_ds_config(cfg, 2, "bf16")["zero_optimization"]
     assert z["reduce_bucket_size"] == 123456 and z["allgather_bucket_size"] != "auto"
-    assert _ds_buffers(cfg, 2, 10 ** 6).reduce_bucket == 123456
+    assert ds_buffers(cfg, 2, 10 ** 6).reduce_bucket == 123456
 
 
 def test_plan_cli(tmp_path):
-    from megadigpt.cli import _RESERVE_GIB
+    from megadigpt.cli import RESERVE_GIB as CLI_RESERVE_GIB
     from megadigpt.perf.memory import RESERVE_GIB
 
-    assert _RESERVE_GIB == RESERVE_GIB >= 3  # CUDA context + NCCL + DALI pools: 3-4 GiB on H100 nodes
+    assert CLI_RESERVE_GIB == RESERVE_GIB >= 3  # CUDA context + NCCL + DALI pools: 3-4 GiB on H100 nodes
     out = tmp_path / "plan.json"
     proc = run_cli(["plan", "--config", "demo", "--models", "vit_small/16,vit_base/16", "--gpus", "4", "--gpu-mem",
                     "9", "--zero", "1,3", "--ckpt", "off,on", "--offload", "off", "--json", str(out),

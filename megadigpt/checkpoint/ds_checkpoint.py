@@ -727,74 +727,102 @@ def load(engine, run_dir, tag: str, universal: bool = False) -> dict:
     return client_state or {}
 
 
-def check_resumable(run_dir, train_cfg, tokenizer: Optional[str] = None):
-    """Refuse (ConfigError) a run directory whose latest checkpoint was trained with another global batch or seed
-    (the data order would change) or another tokenizer (``tokenizer``: the codebook's fingerprint; the token
-    indices would mean other things). Cheap: reads the marker only."""
-    from ..config import ConfigError
+class ResumeState:
+    """What a (re)started run resumes from, read once before anything heavy: the newest checkpoint whose files
+    have their recorded sizes (``tag``, None: a fresh start) and its marker. Every start-up question is answered
+    from it: may this config resume it (:meth:`check`), does the lr schedule change (:meth:`schedule_changes`),
+    is the run already finished (:meth:`finished`), which teacher did it use (``marker["teacher"]``). The engine
+    then loads the newest tag that passes the checksums too (:func:`start_engine`: usually the same one)."""
 
-    tag = resumable_tag(run_dir)
-    marker = read_marker(run_dir, tag) if tag else None
-    if not marker:
-        return
-    for key in ("global_batch", "seed"):
-        if key in marker and marker[key] != getattr(train_cfg, key):
-            raise ConfigError(f"{run_dir} was trained with train.{key}={marker[key]}, now "
-                              f"{getattr(train_cfg, key)}: resuming would change the data order; use a new "
+    def __init__(self, run_dir, tag: Optional[str], marker: Optional[dict]):
+        self.run_dir, self.tag, self.marker = Path(run_dir), tag, marker
+
+    @classmethod
+    def read(cls, run_dir) -> "ResumeState":
+        """ConfigError where marked tags exist and none verifies (see :func:`resumable_tag`)."""
+        tag = resumable_tag(run_dir)
+        return cls(run_dir, tag, read_marker(run_dir, tag) if tag else None)
+
+    def get(self, key, default=None):
+        return (self.marker or {}).get(key, default)
+
+    def check(self, train_cfg, tokenizer: Optional[str] = None):
+        """Refuse (ConfigError) a checkpoint trained with another global batch or seed (the data order would
+        change) or another tokenizer (``tokenizer``: the codebook's fingerprint; the token indices would mean
+        other things)."""
+        from ..config import ConfigError
+
+        marker, run_dir = self.marker, self.run_dir
+        if not marker:
+            return
+        for key in ("global_batch", "seed"):
+            if key in marker and marker[key] != getattr(train_cfg, key):
+                raise ConfigError(f"{run_dir} was trained with train.{key}={marker[key]}, now "
+                                  f"{getattr(train_cfg, key)}: resuming would change the data order; use a new "
+                                  f"train.run_dir")
+        if "tokenizer" in marker and marker["tokenizer"] != tokenizer:
+            raise ConfigError(f"{run_dir} was trained with tokenizer {marker['tokenizer'] or 'none (features)'}, now "
+                              f"{tokenizer or 'none (features)'}: resuming would change what the heads predict; use "
+                              f"the same target.tokenizer or a new train.run_dir")
+
+    def schedule_changes(self, schedule: dict, allow: bool = False) -> list:
+        """Refuse (ConfigError) to resume a run whose learning-rate schedule would change: ``schedule`` holds this
+        start's resolved ``total_steps``, ``warmup_steps``, ``peak_lr`` and ``min_lr``; the marker holds the ones
+        it was trained with. A new ``train.max_steps`` or ``train.epochs``, a new lr or warm-up, and a data source
+        of another size (``epochs`` are counted in images) all change them, and a changed schedule reshapes the lr
+        curve from the resumed step on (a finished 20-step run extended to 30 jumps from its final lr back up the
+        cosine). With ``allow`` (``--allow-schedule-change``) the changes are returned, for the run's log,
+        instead. Checkpoints written before the marker held a schedule are not checked."""
+        from ..config import ConfigError
+
+        old = self.get("schedule")
+        if not isinstance(old, dict):
+            return []
+        changes = []
+        for k in SCHEDULE_KEYS:
+            a, b = old.get(k), schedule.get(k)
+            if a is None or b is None:
+                continue
+            same = a == b if k.endswith("steps") else abs(float(a) - float(b)) <= 1e-9 * max(abs(float(a)), 1e-30)
+            if not same:
+                changes.append(f"{k} {a} -> {b}")
+        if changes and not allow:
+            raise ConfigError(f"{self.run_dir} was trained with another lr schedule ({'; '.join(changes)}): resuming "
+                              f"would reshape it from step {self.get('step')} on; pass --allow-schedule-change to "
+                              f"continue with the new one (it is recorded in metrics.jsonl), or use a new "
                               f"train.run_dir")
-    if "tokenizer" in marker and marker["tokenizer"] != tokenizer:
-        raise ConfigError(f"{run_dir} was trained with tokenizer {marker['tokenizer'] or 'none (features)'}, now "
-                          f"{tokenizer or 'none (features)'}: resuming would change what the heads predict; use "
-                          f"the same target.tokenizer or a new train.run_dir")
+        return changes
+
+    def finished(self, total_steps: int) -> Optional[int]:
+        """The checkpoint's step if it has reached ``total_steps`` and is whole (the run is finished: rerunning the
+        command has nothing to do), else None. A final checkpoint that fails its checksums is not a finished run
+        (the resume falls back to the last good one)."""
+        step = self.get("step")  # valid markers only: a whole number, the one the tag's name says
+        if not (isinstance(step, int) and step >= total_steps):
+            return None
+        return step if verify(self.run_dir, self.tag, checksums=True) is None else None
+
+
+def check_resumable(run_dir, train_cfg, tokenizer: Optional[str] = None):
+    """:meth:`ResumeState.check` of the run directory's newest checkpoint (cheap: reads the marker only)."""
+    ResumeState.read(run_dir).check(train_cfg, tokenizer)
 
 
 SCHEDULE_KEYS = ("total_steps", "warmup_steps", "peak_lr", "min_lr")
 
 
 def check_schedule(run_dir, schedule: dict, allow: bool = False) -> list:
-    """Refuse (ConfigError) to resume a run whose learning-rate schedule would change: ``schedule`` holds this
-    start's resolved ``total_steps``, ``warmup_steps``, ``peak_lr`` and ``min_lr``; the latest checkpoint's
-    marker holds the ones it was trained with. A new ``train.max_steps`` or ``train.epochs``, a new lr or warm-up,
-    and a data source of another size (``epochs`` are counted in images) all change them, and a changed schedule
-    reshapes the lr curve from the resumed step on (a finished 20-step run extended to 30 jumps from its final lr
-    back up the cosine). With ``allow`` (``--allow-schedule-change``) the changes are returned, for the run's log,
-    instead. Checkpoints written before the marker held a schedule are not checked."""
-    from ..config import ConfigError
-
-    tag = resumable_tag(run_dir)
-    marker = read_marker(run_dir, tag) if tag else None
-    old = (marker or {}).get("schedule")
-    if not isinstance(old, dict):
-        return []
-    changes = []
-    for k in SCHEDULE_KEYS:
-        a, b = old.get(k), schedule.get(k)
-        if a is None or b is None:
-            continue
-        same = a == b if k.endswith("steps") else abs(float(a) - float(b)) <= 1e-9 * max(abs(float(a)), 1e-30)
-        if not same:
-            changes.append(f"{k} {a} -> {b}")
-    if changes and not allow:
-        raise ConfigError(f"{run_dir} was trained with another lr schedule ({'; '.join(changes)}): resuming would "
-                          f"reshape it from step {marker.get('step')} on; pass --allow-schedule-change to continue "
-                          f"with the new one (it is recorded in metrics.jsonl), or use a new train.run_dir")
-    return changes
+    """:meth:`ResumeState.schedule_changes` of the run directory's newest checkpoint."""
+    return ResumeState.read(run_dir).schedule_changes(schedule, allow)
 
 
 def finished_step(run_dir, total_steps: int) -> Optional[int]:
-    """The step of the latest checkpoint if it has reached ``total_steps`` and is whole (the run is finished:
-    rerunning the command has nothing to do), else None. Answered before any engine or teacher exists; a final
-    checkpoint that fails its checksums is not a finished run (the resume falls back to the last good one)."""
-    tag = resumable_tag(run_dir)
-    marker = read_marker(run_dir, tag) if tag else None
-    step = (marker or {}).get("step")  # valid markers only: a whole number, the one the tag's name says
-    if not (isinstance(step, int) and step >= total_steps):
-        return None
-    return step if verify(run_dir, tag, checksums=True) is None else None
+    """:meth:`ResumeState.finished` of the run directory's newest checkpoint."""
+    return ResumeState.read(run_dir).finished(total_steps)
 
 
 def start_engine(model, optimizer, ds_config: dict, run_dir, train_cfg, world_size: int, rank0: bool,
-                 tokenizer: Optional[str] = None):
+                 tokenizer: Optional[str] = None, checked: bool = False):
     """The run's DeepSpeed engine, resumed from the newest complete checkpoint if there is one (see
     :func:`resume_point`) -> ``(engine, tag, marker, universal)``; ``tag`` None: a fresh start. A checkpoint
     written by another number of ranks is loaded through DeepSpeed's universal checkpoint (the optimizer state
@@ -802,7 +830,7 @@ def start_engine(model, optimizer, ds_config: dict, run_dir, train_cfg, world_si
     share."""
     from ..distributed import engine as ds_engine
 
-    tag, marker, universal = resume_point(run_dir, train_cfg, world_size, rank0, tokenizer)
+    tag, marker, universal = resume_point(run_dir, train_cfg, world_size, rank0, tokenizer, checked)
     if universal:
         ds_config["checkpoint"] = {"load_universal": True}
     engine = ds_engine.initialize(model, optimizer, ds_config)
@@ -830,12 +858,14 @@ def repair_universal_load(engine, groups):
             state["step"] = state["step"].clone()
 
 
-def resume_point(run_dir, train_cfg, world_size: int, rank0: bool, tokenizer: Optional[str] = None):
+def resume_point(run_dir, train_cfg, world_size: int, rank0: bool, tokenizer: Optional[str] = None,
+                 checked: bool = False):
     """What a (re)started run resumes from, decided before the engine exists: ``(tag, marker, universal)``.
     Refuses what :func:`check_resumable` refuses. When the world size changed (ZeRO > 0), the checkpoint is
     converted to DeepSpeed's universal format (rank 0, once) and ``universal`` is True: the engine must be built
     with ``{"checkpoint": {"load_universal": True}}``."""
-    check_resumable(run_dir, train_cfg, tokenizer)
+    if not checked:  # (``checked``: the caller's ResumeState.check ran on the same marker)
+        check_resumable(run_dir, train_cfg, tokenizer)
     tag = verified_latest_tag(run_dir, rank0)
     marker = read_marker(run_dir, tag) if tag else None
     if not tag:

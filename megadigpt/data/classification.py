@@ -21,8 +21,8 @@ import numpy as np
 import torch
 
 from ..distributed.engine import resolve_device
-from .dali_loader import (_PLACEHOLDER, _meta_to_torch, _view_to_torch, explain_failure, prepare, py_start_method,
-                          run_pipeline)
+from .dali_loader import (PLACEHOLDER, explain_failure, meta_to_torch, prepare, py_start_method, run_pipeline,
+                          view_to_torch)
 from .pretrain_loader import decode_problem, decode_rgb, random_resized_crop_box
 from .sources import Sample
 
@@ -174,7 +174,7 @@ class _LabelledSource:
         except OSError as e:
             data, reason = None, f"unreadable: {e.strerror or e}"
         if data is None:
-            return _PLACEHOLDER, (8, 8), reason
+            return PLACEHOLDER, (8, 8), reason
         return data, (w, h), None
 
     def draw(self, i: int, wh):
@@ -369,13 +369,13 @@ class DaliClassificationLoader:
                 self.source.start, rebuilds = b, rebuilds + 1
                 self.pipe = self._build(rebuilds)  # a failed DALI pipeline is unusable: go on from batch b
                 continue
-            x = _view_to_torch(img, self.device, torch.float32)
+            x = view_to_torch(img, self.device, torch.float32)
             keep = min(self.bs, self.n_items - b * self.bs)
-            valid = _meta_to_torch(valid).reshape(-1)[:keep].bool()
+            valid = meta_to_torch(valid).reshape(-1)[:keep].bool()
             index = torch.tensor(self.source.batch_indices(b)[:keep])
             bad = [(int(index[r]), self.epoch, np.array(reasons[r]).tobytes().decode(errors="replace"))
                    for r in torch.nonzero(~valid).reshape(-1).tolist()]
-            yield {"image": x[:keep], "label": _meta_to_torch(label).reshape(-1)[:keep], "valid": valid,
+            yield {"image": x[:keep], "label": meta_to_torch(label).reshape(-1)[:keep], "valid": valid,
                    "index": index, "bad": bad}
             b += 1
 

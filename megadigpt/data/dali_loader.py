@@ -57,7 +57,7 @@ def _placeholder_jpeg() -> bytes:
     return buf.getvalue()
 
 
-_PLACEHOLDER = _placeholder_jpeg()
+PLACEHOLDER = _placeholder_jpeg()  # an 8x8 black JPEG fed in place of a sample that cannot be read
 
 
 # what DALI's decoders (nvImageCodec) read; anything else Pillow reads goes the Pillow way. MPO is how Pillow
@@ -118,7 +118,7 @@ class _Source:
         except OSError as e:
             data, reason = None, f"unreadable: {e.strerror or e}"
         if data is None:
-            data, box, flip, valid = _PLACEHOLDER, (0, 0, 8, 8), False, False
+            data, box, flip, valid = PLACEHOLDER, (0, 0, 8, 8), False, False
         else:
             box = random_resized_crop_box(rng, h, w, st.scale, st.ratio)
             flip, valid = bool(st.hflip and rng.random() < 0.5), True
@@ -201,7 +201,7 @@ def run_pipeline(pipe, device: torch.device):
     return pipe.run()
 
 
-def _view_to_torch(tl, device, dtype=torch.uint8) -> torch.Tensor:
+def view_to_torch(tl, device, dtype=torch.uint8) -> torch.Tensor:
     """An image batch: GPU outputs are copied device-to-device, CPU outputs wrapped without a copy."""
     t = tl.as_tensor()
     if device.type == "cuda":
@@ -212,7 +212,8 @@ def _view_to_torch(tl, device, dtype=torch.uint8) -> torch.Tensor:
     return torch.from_numpy(np.array(t))
 
 
-def _meta_to_torch(tl) -> torch.Tensor:
+def meta_to_torch(tl) -> torch.Tensor:
+    """A per-sample metadata batch (labels, flags, indices) as a CPU tensor."""
     return torch.from_numpy(np.array(tl.as_tensor()))
 
 
@@ -259,7 +260,7 @@ def dali_decodes_placeholder(device_id) -> bool:
 
     @pipeline_def(batch_size=1, num_threads=1, device_id=device_id, prefetch_queue_depth=1, exec_dynamic=True)
     def pipe():
-        enc = fn.external_source(source=lambda i: [np.frombuffer(_PLACEHOLDER, dtype=np.uint8)], batch=True)
+        enc = fn.external_source(source=lambda i: [np.frombuffer(PLACEHOLDER, dtype=np.uint8)], batch=True)
         return fn.decoders.image(enc, device="mixed" if device_id is not None else "cpu", output_type=types.RGB)
 
     p = None
@@ -333,8 +334,8 @@ class DaliPretrainLoader:
             try:
                 while i < n:
                     out = run_pipeline(pipe, self.device)
-                    views = [_view_to_torch(out[k], self.device) for k in range(nviews)]
-                    order, valid, label, index, epoch = [_meta_to_torch(out[k]) for k in range(nviews, len(out) - 1)]
+                    views = [view_to_torch(out[k], self.device) for k in range(nviews)]
+                    order, valid, label, index, epoch = [meta_to_torch(out[k]) for k in range(nviews, len(out) - 1)]
                     valid, index, epoch = valid.bool().reshape(-1), index.reshape(-1), epoch.reshape(-1)
                     reasons = out[len(out) - 1]
                     bad = [(int(index[r]), int(epoch[r]), np.array(reasons[r]).tobytes().decode(errors="replace"))
@@ -464,7 +465,7 @@ class DaliStreamLoader:
                 pipe.build()
                 while done < n:
                     out = run_pipeline(pipe, self.device)
-                    views = [_view_to_torch(out[k], self.device) for k in range(nviews)]
+                    views = [view_to_torch(out[k], self.device) for k in range(nviews)]
                     b = pending.pop(0)
                     yield self._finish(b, views)
                     done += 1

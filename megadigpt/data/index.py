@@ -390,7 +390,7 @@ class SampleIndex:
 
     def __setstate__(self, state):
         if "root" in state:
-            self._store = _open_store(state["root"])
+            self._store = open_store(state["root"])
         else:
             self._store = _Store(state["cols"], state["unit"], state["sources"])
         self._rows = state["rows"]
@@ -669,7 +669,7 @@ def _damaged(root, why) -> ConfigError:
     return ConfigError(f"sample index {root} is damaged or not ours: {why} (rebuild it: megadigpt data index)")
 
 
-def _open_store(root) -> _Store:
+def open_store(root) -> _Store:
     """Open (once per process) and check an index folder: format, version, every file's dtype and length."""
     root = os.path.abspath(str(root))
     try:
@@ -738,7 +738,7 @@ def _open_store(root) -> _Store:
 def open_index(root, check_fresh: bool = True) -> SampleIndex:
     """The SampleIndex of an index folder; :class:`ConfigError` (one line) when damaged or (``check_fresh``) when
     one of its tar shards changed since it was written."""
-    st = _open_store(root)
+    st = open_store(root)
     if check_fresh:
         why = st.stale()
         if why:

@@ -25,7 +25,7 @@ from PIL import Image
 from .images import examine_image
 from .sources import Sample
 
-_INTERP = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR}
+INTERP = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR}
 
 
 @dataclass(frozen=True)
@@ -88,9 +88,9 @@ class PretrainStream(torch.utils.data.Dataset):
         self.sizes = sorted(set(sizes))
         self.num_segments, self.seed = num_segments, seed
         self.scale, self.ratio, self.hflip = tuple(scale), tuple(ratio), hflip
-        if interpolation not in _INTERP:
-            raise ValueError(f"interpolation must be one of {list(_INTERP)}")
-        self.interp, self.interp_name = _INTERP[interpolation], interpolation
+        if interpolation not in INTERP:
+            raise ValueError(f"interpolation must be one of {list(INTERP)}")
+        self.interp, self.interp_name = INTERP[interpolation], interpolation
         self._perm_cache: Dict[int, np.ndarray] = {}
         self._handles: Dict[str, object] = {}
 

@@ -90,7 +90,7 @@ def _folder_pairs(root: Path, split: Optional[str], problems: List[Problem]) -> 
 
 
 def _shard_pairs(shards: List[str], mask_ext: str, problems: List[Problem]) -> List[SegPair]:
-    from .sources import _scan_tar
+    from .sources import scan_tar
 
     mext = "." + mask_ext.lower().lstrip(".")
     pairs = []
@@ -102,7 +102,7 @@ def _shard_pairs(shards: List[str], mask_ext: str, problems: List[Problem]) -> L
             continue
         with f:
             size = os.fstat(f.fileno()).st_size
-            members = _scan_tar(shard, f, size, problems)
+            members = scan_tar(shard, f, size, problems)
         for key, parts in members.items():
             img = next((parts[e] for e in IMAGE_EXTS if e in parts and e != mext), None)
             if img is None or mext not in parts:
@@ -119,10 +119,10 @@ def _shard_pairs(shards: List[str], mask_ext: str, problems: List[Problem]) -> L
 
 def find_pairs(source, split: Optional[str] = None, mask_ext: str = "png") -> Tuple[List[SegPair], List[Problem]]:
     """-> (pairs, problems found while listing). ConfigError when the source holds no pair."""
-    from .sources import _resolve_paths
+    from .sources import resolve_paths
 
     problems: List[Problem] = []
-    kind, where = _resolve_paths(source, problems)
+    kind, where = resolve_paths(source, problems)
     if kind == "folder":
         pairs = _folder_pairs(Path(where), split, problems)
     elif kind == "tar":
@@ -138,9 +138,9 @@ def find_pairs(source, split: Optional[str] = None, mask_ext: str = "png") -> Tu
 
 def check_pairs_source(source, split: Optional[str] = None) -> None:
     """Cheap early check: the source exists and has a known layout (no shard is scanned)."""
-    from .sources import _resolve_paths
+    from .sources import resolve_paths
 
-    kind, where = _resolve_paths(source)
+    kind, where = resolve_paths(source)
     if kind == "missing":  # previewing (submit --dry-run): the source is not on this machine, and that was noted
         return
     if kind == "folder":

@@ -68,7 +68,7 @@ def demo_dir() -> Path:
     return Path(skimage.__file__).parent / "data"
 
 
-def _resolve_paths(source: Union[str, Sequence[str]], problems: Optional[List[Problem]] = None):
+def resolve_paths(source: Union[str, Sequence[str]], problems: Optional[List[Problem]] = None):
     """-> ('demo', [files]) | ('tar', [shards]) | ('folder', root) | ('list', file) | ('index', folder).
     Remote shards that cannot be read are skipped and added to ``problems`` (a ConfigError only when no shard at
     all is readable; without ``problems`` they are still skipped, e.g. for the early check)."""
@@ -139,11 +139,13 @@ def _resolve_paths(source: Union[str, Sequence[str]], problems: Optional[List[Pr
     return "tar", shards
 
 
+
+
 def check_source(source) -> str:
     """Cheap existence check for early validation; returns the source kind. An index folder is opened (its files
     checked) and its shards checked for freshness; a partly readable remote source passes (its unreadable shards
     are skipped later, and reported)."""
-    kind, where = _resolve_paths(source)
+    kind, where = resolve_paths(source)
     if kind == "index":
         from .index import open_index
 
@@ -323,7 +325,7 @@ def duplicate_reason(key: str) -> str:
     return f"duplicate key {key} in the shard (an earlier sample has it)"
 
 
-def _scan_tar(shard: str, f, file_size: int, problems: List[Problem]) -> Dict[str, Dict[str, Tuple[int, int]]]:
+def scan_tar(shard: str, f, file_size: int, problems: List[Problem]) -> Dict[str, Dict[str, Tuple[int, int]]]:
     """Walk the tar headers with :mod:`tarfile`, keeping every member read before any damage, and report the
     damage: tarfile itself stops silently at a header cut short or overwritten, and raises at a member whose data
     is cut, so where the walk stopped is checked against the end-of-archive blocks.
@@ -429,7 +431,7 @@ def scan_shard(shard: str, problems: List[Problem]):
                     continue
                 members[key] = {e: (off, size) for e, (off, size, _) in comps.items()}
         else:
-            members = _scan_tar(shard, f, file_size, problems)
+            members = scan_tar(shard, f, file_size, problems)
             expected = _manifest_count(shard)
             if expected is not None and expected > len(members):  # what a cut shard lost, where it is known
                 problems.append(Problem(shard, "", f"{expected - len(members)} of {expected} samples missing "
@@ -460,7 +462,7 @@ def _manifest_count(shard: str) -> Optional[int]:
 def _fresh_index_for(shards: List[str]):
     """(SampleIndex, problems) from the fresh ``index/`` of the one folder all ``shards`` lie in, covering every one
     of them; None where there is none (or it is stale: then the shards are scanned)."""
-    from .index import IndexVersionError, SampleIndex, _open_store, read_problems
+    from .index import IndexVersionError, SampleIndex, open_store, read_problems
 
     parents = {os.path.dirname(os.path.abspath(s)) for s in shards}
     if len(parents) != 1:
@@ -469,7 +471,7 @@ def _fresh_index_for(shards: List[str]):
     if not os.path.isfile(os.path.join(folder, "index.json")):
         return None
     try:
-        st = _open_store(folder)  # damaged or tampered: one line, not a silent rescan
+        st = open_store(folder)  # damaged or tampered: one line, not a silent rescan
     except IndexVersionError as e:  # written by an older megadigpt: as if stale
         log.warning("ignoring %s; scanning the shards", e)
         return None
@@ -561,7 +563,7 @@ def scan_source(source, max_member_bytes: Optional[int] = None):
     from .index import open_index, read_problems
 
     problems: List[Problem] = []
-    kind, where = _resolve_paths(source, problems)
+    kind, where = resolve_paths(source, problems)
     if kind == "tar":
         found = _fresh_index_for(where)
         if found is not None:
@@ -673,7 +675,7 @@ def label_names(source) -> Optional[List[str]]:
         first_item = expand_urls(os.path.expanduser(str(items[0])))[:1]
         if first_item and is_remote(first_item[0]):
             return _remote_classes(first_item[0])
-    kind, where = _resolve_paths(source)
+    kind, where = resolve_paths(source)
     if kind == "index":
         from .index import open_index
 

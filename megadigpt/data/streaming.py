@@ -63,7 +63,7 @@ import torch
 
 from ..config import ConfigError
 from ..distributed.engine import resolve_device
-from .pretrain_loader import _INTERP, collate, random_resized_crop_box, render_views
+from .pretrain_loader import INTERP, collate, random_resized_crop_box, render_views
 from .remote import RemoteError, expand_urls, is_remote, open_url, read_small
 from .sources import IMAGE_EXTS
 
@@ -329,7 +329,7 @@ class StreamDataset(torch.utils.data.IterableDataset):
         self.slots = self.world * self.workers
         self.buffer = max(1, int(shuffle_buffer))
         self.scale, self.ratio, self.hflip = tuple(scale), tuple(ratio), hflip
-        self.interp, self.interp_name = _INTERP[interpolation], interpolation
+        self.interp, self.interp_name = INTERP[interpolation], interpolation
         self.start = {int(k): tuple(v) for k, v in (start or {}).items()}
         self.encoded = encoded
         self.timeout_s, self.retries = timeout_s, retries
@@ -427,11 +427,11 @@ class StreamDataset(torch.utils.data.IterableDataset):
         return {**base, "views": views, "valid": reason is None, "box": box, "reason": reason}
 
     def _encoded(self, data, why, rng) -> dict:
-        from .dali_loader import _PLACEHOLDER, prepare
+        from .dali_loader import PLACEHOLDER, prepare
 
         enc, reason, w, h = (None, why, 0, 0) if why else prepare(data, False)
         if enc is None:
-            return {"encoded": _PLACEHOLDER, "box": (0, 0, 8, 8, False), "valid": False, "reason": reason}
+            return {"encoded": PLACEHOLDER, "box": (0, 0, 8, 8, False), "valid": False, "reason": reason}
         top, left, bh, bw = random_resized_crop_box(rng, h, w, self.scale, self.ratio)
         flip = bool(self.hflip and rng.random() < 0.5)
         return {"encoded": enc, "raw": data, "box": (top, left, bh, bw, flip), "valid": True, "reason": None}

@@ -198,14 +198,14 @@ def index_shards(source, out_dir, workers: int = 2, progress: bool = True) -> di
     list, URLs through the shard cache) in ``workers`` processes and write a sample index folder (atomically: a
     temporary folder renamed into place; a rerun replaces an old index) with ``problems.jsonl``."""
     from .index import IndexWriter
-    from .sources import _resolve_paths
+    from .sources import resolve_paths
 
     problems = []
     if isinstance(source, (list, tuple)) and source and all(str(s).endswith(".tar") and Path(s).is_file()
                                                               for s in source):
         shards = [str(s) for s in source]
     else:
-        kind, shards = _resolve_paths(source, problems)
+        kind, shards = resolve_paths(source, problems)
         if kind != "tar":
             raise ConfigError(f"data index needs tar shards; {source!r} is a{'n' if kind[0] in 'aeio' else ''} "
                               f"{kind} source")

@@ -60,12 +60,12 @@ def apply_compile(model, teacher=None, zero_stage: Optional[int] = None, backend
 
 
 def set_attention_backend(model, backend: str):
-    from ..model.attention import BACKENDS, _MultiHead
+    from ..model.attention import BACKENDS, MultiHead
 
     if backend not in BACKENDS:
         raise ValueError(f"unknown attention backend {backend!r}; choose one of {BACKENDS}")
     for m in model.modules():
-        if isinstance(m, _MultiHead):
+        if isinstance(m, MultiHead):
             m.backend = backend
     return model
 

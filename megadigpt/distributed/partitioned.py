@@ -70,11 +70,11 @@ def build_partitioned(build: Callable[..., torch.nn.Module], ds_config: dict) ->
             model = build(init_weights=False)
         for params, init in model.init_steps():
             with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
-                _init_in_fp32(params, init)
+                init_in_fp32(params, init)
     return model
 
 
-def _init_in_fp32(params, init) -> None:
+def init_in_fp32(params, init) -> None:
     """Run ``init`` on fp32 stand-ins of ``params`` on the CPU and round the result into them: the random draws and
     their arithmetic are the plain fp32 build's, whatever the engine's dtype (a bf16 engine casts the plain build
     the same way) and whatever the device. The plain build is made on the CPU and draws from the CPU's generator;
@@ -89,6 +89,8 @@ def _init_in_fp32(params, init) -> None:
     finally:
         for p, d in zip(params, held):
             p.data = d
+
+
 
 
 def full_shape(p: torch.Tensor) -> torch.Size:

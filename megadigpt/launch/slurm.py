@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 
-from ..config import ConfigError, _suggest, missing_path, preview_paths
+from ..config import ConfigError, suggest, missing_path, preview_paths
 from ..commands import build_parser, finetune_overrides, overrides_of, pretrain_overrides
 from ..safe_fs import open_append, write_atomic
 from ..train.runtime import requeue_after_signal  # noqa: F401 - re-exported (cli's exit path lives in commands)
@@ -78,14 +78,14 @@ class SlurmOptions:
     def check(self, where: str = "slurm"):
         from typing import get_type_hints
 
-        from ..config import _coerce
+        from ..config import coerce
 
         if isinstance(self.time, int) and not isinstance(self.time, bool):
             raise ConfigError(f"{where}: time {self.time} is a number: quote the time limit, e.g. \"48:00:00\" (YAML "
                               f"reads an unquoted 48:00:00 as seconds)")
         for f in fields(self):  # YAML chains may hold any type: a wrong one is an error, not a traceback later
             if f.name not in ("sbatch", "env"):
-                setattr(self, f.name, _coerce(getattr(self, f.name), get_type_hints(SlurmOptions)[f.name],
+                setattr(self, f.name, coerce(getattr(self, f.name), get_type_hints(SlurmOptions)[f.name],
                                               f"{where}: {f.name}"))
         if not _TIME.fullmatch(self.time):
             raise ConfigError(f"{where}: time {self.time!r} is not a SLURM time limit (minutes, MM:SS, HH:MM:SS, "
@@ -129,7 +129,7 @@ def slurm_options(values: Optional[dict], base: Optional[SlurmOptions] = None, w
     names = [f.name for f in fields(SlurmOptions)]
     for k in values:
         if k not in names:
-            raise ConfigError(f"unknown key {where}.{k}{_suggest(k, names)}; known: {', '.join(names)}")
+            raise ConfigError(f"unknown key {where}.{k}{suggest(k, names)}; known: {', '.join(names)}")
     return replace(base, **values)
 
 
@@ -435,7 +435,7 @@ def load_chain(path, run_root: Optional[str] = None, cli_slurm: Optional[dict] =
         raise ConfigError(f"{path}: a chain has `stages:` (a list) and optional `run_root:`, `slurm:`")
     for k in spec:
         if k not in _CHAIN_KEYS:
-            raise ConfigError(f"{path}: unknown key {k}{_suggest(k, _CHAIN_KEYS)}; known: {', '.join(_CHAIN_KEYS)}")
+            raise ConfigError(f"{path}: unknown key {k}{suggest(k, _CHAIN_KEYS)}; known: {', '.join(_CHAIN_KEYS)}")
     root = Path(run_root or spec.get("run_root") or "runs/" + Path(path).stem).resolve()
     defaults = slurm_options(spec.get("slurm"), where="slurm")
     stages, dirs = [], {}
@@ -445,7 +445,7 @@ def load_chain(path, run_root: Optional[str] = None, cli_slurm: Optional[dict] =
             raise ConfigError(f"{where} must be a mapping")
         for k in st:
             if k not in _STAGE_KEYS:
-                raise ConfigError(f"{where}: unknown key {k}{_suggest(k, _STAGE_KEYS)}; known: {', '.join(_STAGE_KEYS)}")
+                raise ConfigError(f"{where}: unknown key {k}{suggest(k, _STAGE_KEYS)}; known: {', '.join(_STAGE_KEYS)}")
         name, command = st.get("name"), st.get("command")
         if not name or not str(name).replace("_", "").replace("-", "").isalnum() or name in dirs:
             raise ConfigError(f"{where}: each stage needs a unique name (letters, digits, - and _), got {name!r}")

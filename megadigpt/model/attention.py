@@ -112,7 +112,7 @@ def masked_attention(q, k, v, mask: AttentionMask, backend: str) -> torch.Tensor
     raise ValueError(f"unknown attention backend {backend!r}; choose one of {BACKENDS}")
 
 
-class _MultiHead(nn.Module):
+class MultiHead(nn.Module):
     """Head count and backend name, shared by both attention kinds."""
 
     def __init__(self, dim: int, num_heads: int, backend: str):
@@ -123,7 +123,7 @@ class _MultiHead(nn.Module):
         self.backend = backend  # switchable after construction (distributed.parallelize.set_attention_backend)
 
 
-class Attention(_MultiHead):
+class Attention(MultiHead):
     """Multi-head self-attention with timm's parameter names (``qkv``, ``proj``)."""
 
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, backend: str = "sdpa"):
@@ -141,7 +141,7 @@ class Attention(_MultiHead):
         return self.proj(out.transpose(1, 2).reshape(B, L, C))
 
 
-class CrossAttention(_MultiHead):
+class CrossAttention(MultiHead):
     """Decoder queries attend to the encoder memory; separate ``q`` and ``kv`` projections (with bias)."""
 
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, backend: str = "sdpa"):

@@ -3,9 +3,11 @@ each in fresh processes, next to a reference-style baseline measured in the same
 
 A case is one point of model x teacher x ZeRO stage x activation checkpointing x attention backend x
 micro-batch (x precision, torch.compile, data path). Each case runs ``--ranks`` processes (gloo on CPU, NCCL on
-GPUs) through the same components as ``megadigpt pretrain`` (teacher outside the engine, the DeepSpeed engine
-from ``ds_configs/``, the same loss, ``train.compile``'s ``apply_compile`` of the student's blocks and the
-teacher), for ``--warmup`` untimed and ``--steps`` timed optimizer steps. The warm-up counts applied steps only:
+GPUs) through the task that ``megadigpt pretrain`` (or ``segment``) runs: the task builds the model and its
+optimizer (:class:`megadigpt.train.pretrain.PretrainTask`: the teacher outside the engine, the student partitioned
+under ZeRO-3, ``train.compile``'s ``apply_compile``; the DeepSpeed engine from ``ds_configs/``), and the timed step
+is the task's own ``inputs``, ``targets``, ``loss`` and ``after_step`` around the engine's backward and step (the
+harness's per-step bookkeeping is not timed), for ``--warmup`` untimed and ``--steps`` timed optimizer steps. The warm-up counts applied steps only:
 fp16's dynamic loss scale starts at 2^16 and DeepSpeed skips the update of every step that overflows while it
 lowers the scale, so the warm-up goes on until ``--warmup`` steps were really applied; a row records the skipped
 steps of its warm-up and of its timed passes (``skipped_warmup_steps``, ``skipped_timed_steps``). Every case
@@ -121,7 +123,8 @@ def case_config(case: Case, base: Optional[str], overrides: List[str], world: in
         f"model.attention={case.attention}", "model.taps=null", f"train.zero_stage={case.zero}",
         f"train.activation_checkpointing={str(case.ckpt).lower()}", f"train.micro_batch={case.micro_batch}",
         f"train.global_batch={case.micro_batch * world}", f"train.precision={case.precision}",
-        f"train.run_dir={run_dir}", "train.max_steps=1000000", "train.tensorboard=false", "train.progress=off"]
+        f"train.compile={str(case.compile).lower()}", f"train.run_dir={run_dir}", "train.max_steps=1000000",
+        "train.tensorboard=false", "train.progress=off"]
     if case.data != "synthetic":
         if not data_source:
             raise ConfigError(f"data path {case.data!r} needs --data-source (shards or an image folder)")
@@ -240,60 +243,85 @@ def _timer(device, times):
     return mark
 
 
+def _task_run(task, env, device):
+    """The harness's :class:`~megadigpt.train.harness.Run` of a benchmark case (nothing resumed, no run files)."""
+    from ..train.common import torch_dtype
+    from ..train.harness import Run
+
+    cfg = task.cfg
+    return Run(cfg, env, task.plan, Path(cfg.train.run_dir), env.rank == 0, None, device=device,
+               compute_dtype=torch_dtype(task.plan.precision))
+
+
+def _task_step(task, engine, device, it):
+    """One optimizer step of ``task`` as the harness runs it (its ``inputs``, ``targets``, ``loss`` and
+    ``after_step``, the engine's backward and step), phases timed into ``times`` when given. Not the harness's
+    non-finite agreement: DeepSpeed's own step (its fp16 overflow skip) is what the warm-up counts."""
+
+    def step(times=None):
+        mark = _timer(device, times)
+        t = time.perf_counter()
+        x = task.inputs(next(it))
+        t = mark("data", t)
+        targets = task.targets(x)
+        t = mark("teacher", t)
+        loss = task.loss(x, targets)[0]
+        t = mark("forward", t)
+        engine.backward(loss)
+        t = mark("backward", t)
+        engine.step()
+        task.after_step(engine.was_step_applied())
+        mark("optimizer", t)
+        return loss
+    return step
+
+
 def _pretrain_job(case: Case, base, overrides, env, run_dir, data_source, total_steps: int) -> _Job:
-    """The pretraining step, as ``megadigpt pretrain`` runs it: teacher outside the engine, student in it."""
+    """The pretraining step, as ``megadigpt pretrain`` runs it: :class:`~megadigpt.train.pretrain.PretrainTask`
+    builds the teacher, the student (partitioned under ZeRO-3, checkpointed and compiled as the config says) and
+    its optimizer; the timed step is the task's."""
     import torch
 
     from ..distributed import engine as ds_engine
-    from ..distributed.parallelize import apply_activation_checkpointing, apply_compile
-    from ..model import build_model
-    from ..targets import build_target, student_targets
-    from ..train.optim import build_optimizer, param_groups
-    from ..train.common import torch_dtype
-    from ..train.pretrain import _normalizer, plan_run
+    from ..train.optim import param_groups
+    from ..train.pretrain import PretrainTask
     from . import memory
 
     cfg = case_config(case, base, overrides, env.world_size, run_dir, data_source)
-    plan = plan_run(cfg, env.world_size)
+    task = PretrainTask(cfg)
+    task.plan = plan = task.plan_run(env)
     if case.offload and plan.device_type != "cuda":
         raise ConfigError("CPU offload is measured on GPUs only")
     device = ds_engine.start_processes(env, plan.device_type)
+    run = _task_run(task, env, device)
     mem = MemoryProbe(device)
     m = cfg.model
-
-    torch.manual_seed(0)
-    teacher = build_target(cfg.target, m, device=device, dtype=torch_dtype(plan.teacher_dtype))
-    spec = teacher.spec
+    task.build_teacher(run)
+    spec = task.spec
     sizes = memory.model_sizes(cfg)
     mem.start()
-    model = build_model(m, spec.dim, spec.grid, spec.classes)
-    if case.ckpt:
-        apply_activation_checkpointing(model)
-    ds_config = ds_engine.build_ds_config(cfg, env.world_size, plan.precision)
-    if case.compile:  # what train.compile does: the student's blocks and the teacher (ZeRO-3: whole-block graphs)
-        apply_compile(model, teacher, ds_config["zero_optimization"]["stage"])
+    model, ds_config = task.build(run)
     if case.offload:
         ds_config["zero_optimization"]["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
     if case.baseline and not case.offload:  # the reference: torch's per-parameter loop
         optimizer = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=1e-4,
                                       betas=tuple(cfg.optim.betas), foreach=False)
     else:  # what pretraining builds (fused where the device has the kernel; DeepSpeed's CPU Adam when offloaded)
-        optimizer = build_optimizer(model, cfg.optim, 1e-4, device.type, ds_config=ds_config)
-    engine = ds_engine.initialize(model, optimizer, ds_config)
+        optimizer = task.build_optimizer(run, model, ds_config)
+    run.engine = engine = ds_engine.initialize(model, optimizer, ds_config)
+    task.attach(run)
 
     # ---------------------------------------------------------------- inputs
     B = case.micro_batch
-    norm_s = _normalizer(cfg.data.mean, cfg.data.std, torch_dtype(plan.precision), device)
-    norm_t = _normalizer(spec.mean, spec.std, torch_dtype(plan.teacher_dtype), device)
     S = m.segment_grid ** 2
     if case.data == "synthetic":
         g = torch.Generator().manual_seed(env.rank)
-        fixed = [torch.randint(0, 256, (B, 3, s, s), dtype=torch.uint8, generator=g).to(device)
-                 for s in (m.img_size, spec.image_size)]
+        fixed = [torch.randint(0, 256, (B, 3, s, s), dtype=torch.uint8, generator=g).to(device) for s in task.sizes]
 
         def batches():
             while True:
-                yield {"views": fixed, "order": torch.stack([torch.randperm(S) for _ in range(B)])}
+                yield {"views": fixed, "order": torch.stack([torch.randperm(S) for _ in range(B)]),
+                       "valid": torch.ones(B, dtype=torch.bool)}
     else:
         from ..data import PretrainStream, build_pretrain_loader, find_samples
 
@@ -304,30 +332,8 @@ def _pretrain_job(case: Case, base, overrides, env, run_dir, data_source, total_
 
         def batches():
             return iter(loader)
-    it = batches()
     engine.train()
-
-    def step(times=None):
-        mark = _timer(device, times)
-        t = time.perf_counter()
-        b = next(it)
-        views = [v.to(device, non_blocking=True) for v in b["views"]]
-        xs, xt = norm_s(views[0]), norm_t(views[-1])
-        order = b["order"].to(device)
-        t = mark("data", t)
-        with torch.no_grad():
-            tokens, cls = teacher(xt)
-        tokens, cls = student_targets(tokens, cls, torch_dtype(plan.precision))
-        t = mark("teacher", t)
-        gen, dis = engine(xs, tokens, cls, order)
-        loss = gen.mean() + dis.mean()
-        t = mark("forward", t)
-        engine.backward(loss)
-        t = mark("backward", t)
-        engine.step()
-        mark("optimizer", t)
-        return loss
-
+    step = _task_step(task, engine, device, batches())
     planned = memory.plan_one(cfg, env.world_size, 1e9, case.zero, case.ckpt, case.offload, B, plan.precision,
                               plan.teacher_dtype, reserve_gib=0.0) if case.zero in (1, 2, 3) else None
     return _Job(cfg, device, mem, step, sizes, planned, plan.precision, plan.teacher_dtype, engine.was_step_applied)
@@ -362,77 +368,63 @@ def check_segment_case(case: Case, base, overrides, world: int, run_dir: str, de
 
 
 def _segment_job(case: Case, base, overrides, env, run_dir) -> _Job:
-    """The segmentation step, as ``megadigpt segment`` runs it: the Segmentor (ViT + neck + UperNet + auxiliary
-    FCN) in the engine, decode + aux cross-entropy at the label size, BatchNorm statistics averaged over the ranks
-    where there is no SyncBatchNorm. Inputs: a fixed synthetic batch of crops and masks on the device."""
+    """The segmentation step, as ``megadigpt segment`` runs it: :class:`~megadigpt.train.segment.SegmentTask`
+    builds the Segmentor (ViT + neck + UperNet + auxiliary FCN) and its optimizer; the timed step is the task's
+    (decode + aux cross-entropy, BatchNorm statistics averaged over the ranks where there is no SyncBatchNorm).
+    Inputs: a fixed synthetic batch of normalised crops and masks on the device."""
     import torch
 
     from ..distributed import engine as ds_engine
-    from ..model.segmentation import (average_bn_buffers, segment_param_groups, segmentation_loss,
-                                      sync_batchnorm)
-    from ..train.finetune import resolve_model
     from ..train.metrics import count_flops
-    from ..train.optim import build_optimizer
-    from ..train.common import torch_dtype
-    from ..train.pretrain import _normalizer
-    from ..train.segment import build_segmentor, segmentor_args
+    from ..train.segment import SegmentTask, build_segmentor
     from . import memory, segment_memory
 
     cfg, plan = check_segment_case(case, base, overrides, env.world_size, run_dir)
+    task = SegmentTask(cfg)
+    task.plan = plan
     device = ds_engine.start_processes(env, plan.device_type)
+    run = _task_run(task, env, device)
     mem = MemoryProbe(device)
-    m, o = cfg.model, cfg.optim
-    geom, _ = resolve_model(cfg)
-    args = segmentor_args(cfg, geom)
+    m = cfg.model
+    task.resolve()  # a fresh encoder of the case's arch: no weights
     with torch.device("meta"):  # per-image training-forward FLOPs (both heads), on the meta device (attention
-        meta = build_segmentor(args, cfg).train()  # counted), over 2 images: BatchNorm's 1x1 pool refuses 1
+        meta = build_segmentor(task.args, cfg).train()  # counted), over 2 images: BatchNorm's 1x1 pool refuses 1
         fwd = count_flops(meta, torch.empty(2, 3, m.crop_size, m.crop_size))
         fwd = fwd / 2 if fwd is not None else None
     n_meta = sum(p.numel() for p in meta.parameters() if p.requires_grad)
     sizes = memory.ModelSizes(n_meta, 0, 0, fwd, 0.0)
     mem.start()
-    torch.manual_seed(0)
-    model = build_segmentor(args, cfg, checkpointing=case.ckpt)
+    model, ds_config = task.build(run)
     if case.attention == "eager":  # the baseline: timm's attention without the fused kernel
         for blk in model.backbone.blocks:
             blk.attn.fused_attn = False
-    model = sync_batchnorm(model, plan.device_type, env.world_size)
-    ds_config = ds_engine.build_ds_config(cfg, env.world_size, plan.precision, params=n_meta)
     if case.offload:
         ds_config["zero_optimization"]["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
-    groups = segment_param_groups(model, o.weight_decay, o.layer_decay)
     if case.baseline and not case.offload:  # the reference: torch's per-parameter loop
-        optimizer = torch.optim.AdamW(groups, lr=1e-4, betas=tuple(o.betas), foreach=False)
+        from ..model.segmentation import segment_param_groups
+
+        optimizer = torch.optim.AdamW(segment_param_groups(model, cfg.optim.weight_decay, cfg.optim.layer_decay),
+                                      lr=1e-4, betas=tuple(cfg.optim.betas), foreach=False)
     else:  # what segmentation builds
-        optimizer = build_optimizer(model, o, 1e-4, device.type, groups, ds_config=ds_config)
-    engine = ds_engine.initialize(model, optimizer, ds_config)
-    average_bn = env.world_size > 1 and not plan.sync_bn
+        optimizer = task.build_optimizer(run, model, ds_config)
+    run.engine = engine = ds_engine.initialize(model, optimizer, ds_config)
+    task.attach(run)
 
     B, c = case.micro_batch, m.crop_size
     g = torch.Generator().manual_seed(env.rank)
     images = torch.randint(0, 256, (B, 3, c, c), dtype=torch.uint8, generator=g).to(device)
     masks = torch.randint(0, m.num_classes, (B, c, c), dtype=torch.uint8, generator=g).to(device)
     masks[:, : c // 8] = 255  # some ignored pixels, as real masks have
-    norm = _normalizer(cfg.data.mean, cfg.data.std, torch_dtype(plan.precision), device)
+    mean = torch.tensor(cfg.data.mean, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(cfg.data.std, device=device).view(1, 3, 1, 1)
+    batch = {"image": (images.float() / 255.0 - mean) / std, "mask": masks,  # normalised, as the loader gives them
+             "valid": torch.ones(B, dtype=torch.bool, device=device)}
+
+    def batches():
+        while True:
+            yield batch
     engine.train()
-
-    def step(times=None):
-        mark = _timer(device, times)
-        t = time.perf_counter()
-        x, y = norm(images), masks.long()
-        t = mark("data", t)
-        t = mark("teacher", t)  # (none)
-        out, aux = engine(x)
-        loss = segmentation_loss(out, aux, y, m.aux_weight)[0]
-        t = mark("forward", t)
-        engine.backward(loss)
-        t = mark("backward", t)
-        engine.step()
-        if average_bn:
-            average_bn_buffers(engine.module)
-        mark("optimizer", t)
-        return loss
-
+    step = _task_step(task, engine, device, batches())
     planned = segment_memory.plan_one(cfg, env.world_size, 1e9, case.zero, case.ckpt, case.offload, B,
                                       plan.precision, reserve_gib=0.0) if case.zero in (1, 2, 3) else None
     return _Job(cfg, device, mem, step, sizes, planned, plan.precision, None, engine.was_step_applied)

@@ -314,7 +314,7 @@ def teacher_host_bytes(tcfg, teacher_params: int) -> int:
     return 2 * DTYPE_BYTES["fp32"] * teacher_params
 
 
-def _ds_buffers(cfg, stage: int, params: int) -> ZeroBuffers:
+def ds_buffers(cfg, stage: int, params: int) -> ZeroBuffers:
     """The bucket sizes the engine will get: the template's, with "auto" resolved as ``build_ds_config`` does."""
     import json
 
@@ -335,7 +335,7 @@ def plan_one(cfg, world: int, gpu_gib: float, stage: int, ckpt: bool, offload: b
     fitting. ``classes``: plan a discrete target of that many ids before its tokenizer is fit."""
     sizes = model_sizes(cfg, classes)
     st = model_states(sizes.student_params, sizes.largest_module_params, world, stage, precision, offload,
-                      _ds_buffers(cfg, stage, sizes.student_params))
+                      ds_buffers(cfg, stage, sizes.student_params))
     a1 = trace_micro_step(cfg, 1, precision, teacher_dtype, ckpt, classes=classes)
     a2 = trace_micro_step(cfg, 2, precision, teacher_dtype, ckpt, classes=classes)
     per_image, fixed_act = a2 - a1, 2 * a1 - a2

@@ -17,7 +17,7 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from .memory import (GiB, RESERVE_GIB, LiveBytes, PlanRow, _ds_buffers, build_host_bytes, fused_attention_memory,
+from .memory import (GiB, RESERVE_GIB, LiveBytes, PlanRow, build_host_bytes, ds_buffers, fused_attention_memory,
                      markdown, model_states)
 
 _TRACES: Dict[tuple, int] = {}
@@ -78,7 +78,7 @@ def plan_one(cfg, world: int, gpu_gib: float, stage: int, ckpt: bool, offload: b
              patch: Optional[int] = None) -> PlanRow:
     geom = _geometry(cfg, arch, patch)
     P, largest = segment_params(cfg, geom)
-    st = model_states(P, largest, world, stage, precision, offload, _ds_buffers(cfg, stage, P))
+    st = model_states(P, largest, world, stage, precision, offload, ds_buffers(cfg, stage, P))
     # traced at 2 and 3 images (BatchNorm refuses 1 image in training outside SyncBatchNorm), linear in between
     a2 = trace_segment_step(cfg, geom, 2, precision, ckpt)
     a3 = trace_segment_step(cfg, geom, 3, precision, ckpt)

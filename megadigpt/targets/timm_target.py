@@ -9,7 +9,8 @@ from ..config import ConfigError
 from .base import Target, TargetSpec, resolved_layer
 
 
-def _create(tcfg, size, pretrained: bool):
+def create(tcfg, size, pretrained: bool):
+    """The timm model ``target.model`` at ``size`` px without a head; ``pretrained``: load ``target.weights``."""
     import timm
 
     kw = dict(num_classes=0, img_size=size)
@@ -41,7 +42,7 @@ def describe(tcfg, size: int) -> TargetSpec:
     if not timm.is_model(tcfg.model):
         raise ConfigError(f"unknown timm model {tcfg.model!r}")
     with torch.device("meta"):  # sizes only: nothing is allocated or initialised
-        m = _create(tcfg, size, pretrained=False)
+        m = create(tcfg, size, pretrained=False)
     pe = getattr(m, "patch_embed", None)
     if pe is None or getattr(pe, "grid_size", None) is None:
         raise ConfigError(f"timm model {tcfg.model!r} has no patch grid; only ViT-style teachers are supported")
@@ -61,7 +62,7 @@ class TimmTarget(Target):
     def __init__(self, spec, tcfg):
         super().__init__()
         self.spec = spec
-        self.net = _create(tcfg, spec.image_size, pretrained=True)
+        self.net = create(tcfg, spec.image_size, pretrained=True)
         self.prefix = getattr(self.net, "num_prefix_tokens", 1)
         self.block = None if resolved_layer(tcfg) == "final" else block_index(tcfg, len(self.net.blocks))
 

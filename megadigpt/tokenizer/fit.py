@@ -57,8 +57,7 @@ def fit_tokenizer(cfg: Config, k: Optional[int] = None, images: int = 10000, tok
     from ..data import PretrainStream, build_pretrain_loader, find_samples
     from ..distributed.engine import resolve_device
     from ..targets import build_target
-    from ..train.common import auto_precision, resolve_loader, torch_dtype
-    from ..train.pretrain import _normalizer
+    from ..train.common import auto_precision, normalizer, resolve_loader, torch_dtype
     from .codebook import Codebook, target_identity
     from .kmeans import kmeans
 
@@ -79,7 +78,7 @@ def fit_tokenizer(cfg: Config, k: Optional[int] = None, images: int = 10000, tok
 
     t0 = time.time()
     teacher = build_target(tcfg, cfg.model, device=dev, dtype=torch_dtype(tdtype))
-    norm = _normalizer(spec.mean, spec.std, torch_dtype(tdtype), dev)
+    norm = normalizer(spec.mean, spec.std, torch_dtype(tdtype), dev)
     stream = PretrainStream(samples, [spec.image_size], cfg.model.segment_grid ** 2, seed, cfg.data.crop_scale,
                             cfg.data.crop_ratio, cfg.data.interpolation, cfg.data.hflip)
     steps = math.ceil(images / batch)

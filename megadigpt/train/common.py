@@ -1,6 +1,7 @@
 """Settings every training loop resolves the same way: the device (``train.device``), the precision ``auto``
-stands for, the input loader (``data.loader``) and the torch dtype of a precision name. Shared by pretraining,
-fine-tuning, probing, segmentation, evaluation, the tokenizer fit and the benchmark; below all of them."""
+stands for, the input loader (``data.loader``), the torch dtype of a precision name and the uint8 -> normalised
+input transform. Shared by pretraining, fine-tuning, probing, segmentation, evaluation, the tokenizer fit and the
+benchmark; below all of them."""
 
 from typing import Optional
 
@@ -48,3 +49,12 @@ def torch_dtype(name):
     import torch
 
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+
+
+def normalizer(mean, std, dtype, device):
+    """uint8 (B, 3, H, W) -> normalised ``dtype``; the constants live on the device once, not per step."""
+    import torch
+
+    m = torch.tensor(mean, device=device).view(1, 3, 1, 1)
+    s = torch.tensor(std, device=device).view(1, 3, 1, 1)
+    return lambda x_uint8: ((x_uint8.float() / 255.0 - m) / s).to(dtype)

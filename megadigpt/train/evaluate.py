@@ -223,7 +223,7 @@ def run_set(model, samples, scorer, size: int, batch: int, device, dtype, kind: 
     import torch.distributed as dist
 
     from ..data.classification import build_classification_loader, shard_indices
-    from .finetune import eval_batches
+    from .transfer import eval_batches
 
     if limit:
         step = max(1, len(samples) // limit)

@@ -1,21 +1,24 @@
-"""D-iGPT pretraining under DeepSpeed.
+"""D-iGPT pretraining: the task the run harness (:mod:`megadigpt.train.harness`) runs for ``megadigpt pretrain``.
 
-    validate (cheap, before anything heavy) -> process group -> teacher (frozen, outside the engine)
-    -> student (plain PyTorch) -> activation checkpointing -> DeepSpeed engine -> resume -> loop -> checkpoints
+    plan_run (cheap, before anything heavy) -> the data listing (or the stream's shards) -> [harness: resume
+    state, processes, lock] -> teacher (frozen, outside the engine) -> student (plain PyTorch; partitioned
+    under ZeRO-3) -> activation checkpointing, compile -> [harness: DeepSpeed engine, resume] -> data loader
+    -> per micro-batch: two views -> teacher features -> generative + discriminative losses
 
 Run it with ``megadigpt pretrain --config <yaml> [section.key=value ...]`` under plain python, torchrun, the
 deepspeed launcher, mpirun or srun.
 """
 
 import functools
-import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional
 
-from ..config import Config, ConfigError, dump_config
-from ..safe_fs import announce_commands, pipe_commands, write_atomic
+from ..config import Config, ConfigError
 from ..distributed import env as dist_env
+from . import harness
+from .common import auto_precision, normalizer, resolve_device_type, resolve_loader, torch_dtype
+from .harness import Run, Schedule, Task
 
 # ============================================================================ validation (no torch work here)
 
@@ -154,35 +157,19 @@ def init_weights(model, path, partitioned: bool = False):
     model.load_state_dict({k: v for k, v in sd.items() if k in persistent}, strict=True)
 
 
-# re-exported: cli, tests and launch/slurm import these here
-from .common import auto_precision, resolve_device_type, resolve_loader, torch_dtype  # noqa: E402, F401
-from .runtime import Checkpointed, SignalFlag, TrainingDiverged  # noqa: E402, F401
-
-
-def _normalizer(mean, std, dtype, device):
-    """uint8 (B, 3, H, W) -> normalised ``dtype``; the constants live on the device once, not per step."""
-    import torch
-
-    m = torch.tensor(mean, device=device).view(1, 3, 1, 1)
-    s = torch.tensor(std, device=device).view(1, 3, 1, 1)
-    return lambda x_uint8: ((x_uint8.float() / 255.0 - m) / s).to(dtype)
-
-
-def _teacher_record(cfg: Config, run_dir: Path, rank0: bool) -> Optional[dict]:
+def _teacher_record(cfg: Config, marker: Optional[dict], rank0: bool) -> Optional[dict]:
     """The teacher weights' identity (path or tag, size, sha256: hashed on rank 0 only) for the start event and
-    the checkpoint markers; a resumed run must use the same teacher (every rank learns rank 0's verdict)."""
+    the checkpoint markers; a resumed run (``marker``: its checkpoint's) must use the same teacher (every rank
+    learns rank 0's verdict)."""
     import torch.distributed as dist
 
-    from .. import checkpoint as ckpt
     from ..targets.weights import identity, resume_mismatch
 
     problem, teacher_id = [None], None
     if rank0:
         try:  # never raised on rank 0 alone: the other ranks wait for the verdict in the broadcast
             teacher_id = identity(cfg.target)
-            tag = ckpt.latest_tag(run_dir)
-            problem[0] = resume_mismatch((ckpt.read_marker(run_dir, tag) or {}).get("teacher") if tag else None,
-                                         teacher_id)
+            problem[0] = resume_mismatch((marker or {}).get("teacher") if marker else None, teacher_id)
         except ConfigError as e:
             problem[0] = str(e)
     dist.broadcast_object_list(problem, src=0)
@@ -191,323 +178,268 @@ def _teacher_record(cfg: Config, run_dir: Path, rank0: bool) -> Optional[dict]:
     return teacher_id
 
 
-def pretrain(cfg: Config) -> dict:
-    """Run (or resume) pretraining; returns a summary of the run."""
-    env = dist_env.discover()
-    plan = plan_run(cfg, env.world_size)  # everything cheap is checked before anything heavy starts
+class PretrainTask(Task):
+    """D-iGPT pretraining: the frozen teacher outside the engine, the student (encoder + generative and
+    discriminative decoders) in it; batches of two views (student, teacher) and a segment order per image; the
+    loss is the sum of the two decoders' feature losses over the valid samples."""
 
-    import torch
-    import torch.distributed as dist
+    name = "pretraining"
 
-    from .. import checkpoint as ckpt
-    from ..config import check_resume_config
-    from ..testing import active as fault_active
-    from ..testing import fault
-    from ..data import PretrainStream, build_pretrain_loader, find_samples
-    from ..data.bad_samples import BadSampleLog
-    from ..data import streaming
-    from ..data.sources import scan_source
-    from ..testing import record_trained
-    from ..distributed import engine as ds_engine
-    from ..distributed.parallelize import apply_activation_checkpointing, apply_compile
-    from ..distributed.partitioned import build_partitioned, host_peak_bytes, reset_host_peak
-    from ..model import build_model
-    from ..targets import build_target, example_targets, student_targets
-    from .metrics import MetricsSink, count_flops, peak_tflops, teacher_flops, wandb_settings
-    from .optim import build_optimizer, lr_at
-    from .runtime import hold_run_dir, release
+    # ---------------------------------------------------------------- before anything heavy
+    def plan_run(self, env):
+        return plan_run(self.cfg, env.world_size)
 
-    t, m = cfg.train, cfg.model
-    run_dir = Path(t.run_dir)
-    # pipe: sources run shell commands: said once, before the first one runs, and recorded in the start event
-    commands = announce_commands(pipe_commands(*vars(cfg.data).values(), t.probe_train, t.probe_val), env.rank == 0)
-    stream_mode = plan.mode == "stream"
-    if stream_mode:  # read as it trains: no listing
-        samples, index_problems = [], []
-        stream_id = streaming.run_identity(plan.urls, env.world_size, cfg.data.num_workers, t.seed,
-                                           cfg.data.shuffle_buffer)
-    else:
-        samples, index_problems = scan_source(cfg.data.source)  # I/O only (tar headers): still before the heavy part
-    tokenizer = None
-    if cfg.target.tokenizer:  # discrete targets: a resumed run must keep its codebook
-        from ..tokenizer import load_codebook
+    def pipe_sources(self):
+        return (*vars(self.cfg.data).values(), self.cfg.train.probe_train, self.cfg.train.probe_val)
 
-        tokenizer = load_codebook(cfg.target.tokenizer).fingerprint()
-    ckpt.check_resumable(run_dir, t, tokenizer)
-    if ckpt.latest_tag(run_dir):  # a checkpoint of another network: one line now, not DeepSpeed's traceback later
-        check_resume_config(run_dir, cfg)
-        saved_stream = (ckpt.read_marker(run_dir, ckpt.latest_tag(run_dir)) or {}).get("stream")
-        if stream_mode:  # the read positions fit only the same readers over the same shards
-            streaming.check_resume_state(saved_stream, stream_id)
+    def prepare(self, env) -> Schedule:
+        from ..data import streaming
+        from ..data.sources import scan_source
+
+        cfg, plan, t = self.cfg, self.plan, self.cfg.train
+        self.stream_mode = self.counts_shards = plan.mode == "stream"
+        if self.stream_mode:  # read as it trains: no listing
+            self.samples, self.index_problems = [], []
+            self.stream_id = streaming.run_identity(plan.urls, env.world_size, cfg.data.num_workers, t.seed,
+                                                    cfg.data.shuffle_buffer)
+        else:
+            self.samples, self.index_problems = scan_source(cfg.data.source)  # I/O only (tar headers)
+        if cfg.target.tokenizer:  # discrete targets: a resumed run must keep its codebook
+            from ..tokenizer import load_codebook
+
+            self.tokenizer = load_codebook(cfg.target.tokenizer).fingerprint()
+        if t.probe_every > 0:
+            from ..data import find_samples
+            from ..data.sources import check_class_names
+            from .transfer import check_labels
+
+            self.probe_sets = (find_samples(t.probe_train), find_samples(t.probe_val))
+            self.probe_classes = check_labels(self.probe_sets[0], "train.probe_train")
+            check_labels(self.probe_sets[1], "train.probe_val", self.probe_classes)
+            check_class_names(t.probe_train, t.probe_val, "train.probe_train", "train.probe_val")
+        self.n = plan.epoch_size if self.stream_mode else len(self.samples)
+        steps_per_epoch = self.n / t.global_batch
+        total = t.max_steps if t.max_steps is not None else max(1, int(t.epochs * self.n // t.global_batch))
+        o = cfg.optim
+        warmup = o.warmup_steps if o.warmup_steps is not None else o.warmup_epochs * steps_per_epoch
+        self.total, self.warmup = total, min(warmup, total)
+        return Schedule(total, steps_per_epoch, self.warmup)
+
+    def check_resume(self, resume):
+        from ..data import streaming
+
+        saved_stream = resume.get("stream")
+        if self.stream_mode:  # the read positions fit only the same readers over the same shards
+            streaming.check_resume_state(saved_stream, self.stream_id)
         elif saved_stream is not None:
             raise ConfigError("the latest checkpoint was written in data.mode=stream; resuming it in indexed mode "
                               "would change the data order: use data.mode=stream or a new train.run_dir")
-    if t.probe_every > 0:
-        from .finetune import check_labels
 
-        probe_sets = (find_samples(t.probe_train), find_samples(t.probe_val))
-        probe_classes = check_labels(probe_sets[0], "train.probe_train")
-        check_labels(probe_sets[1], "train.probe_val", probe_classes)
-        from ..data.sources import check_class_names
+    def finished_line(self, run_dir, done, total):
+        return (f"{run_dir} is already finished: step {done} of {total}; nothing to do (export it with "
+                f"`megadigpt convert {run_dir} --to timm --out <dir>`)")
 
-        check_class_names(t.probe_train, t.probe_val, "train.probe_train", "train.probe_val")
-    n = plan.epoch_size if stream_mode else len(samples)
-    steps_per_epoch = n / t.global_batch
-    total_steps = t.max_steps if t.max_steps is not None else max(1, int(t.epochs * n // t.global_batch))
-    warmup = cfg.optim.warmup_steps if cfg.optim.warmup_steps is not None else cfg.optim.warmup_epochs * steps_per_epoch
-    warmup = min(warmup, total_steps)
-    schedule = {"total_steps": total_steps, "warmup_steps": round(float(warmup), 6), "peak_lr": plan.lr,
-                "min_lr": cfg.optim.min_lr}
-    schedule_changes = ckpt.check_schedule(run_dir, schedule, t.allow_schedule_change)  # before anything heavy
-    done = ckpt.finished_step(run_dir, total_steps)
-    if done is not None:  # rerunning a finished run: say so now, not after the engine and the teacher are built
-        if env.rank == 0:
-            print(f"megadigpt: {run_dir} is already finished: step {done} of {total_steps}; nothing to do "
-                  f"(export it with `megadigpt convert {run_dir} --to timm --out <dir>`)", flush=True)
-        return {"steps": done, "history": [], "run_dir": str(run_dir), "finished": True}
+    # ---------------------------------------------------------------- start-up
+    def started(self, run: Run):
+        self.teacher_id = _teacher_record(self.cfg, run.resume.marker, run.rank0)
 
-    # ---------------------------------------------------------------- processes and devices
-    device = ds_engine.start_processes(env, plan.device_type)
-    signals = SignalFlag()  # from here on a signal means: checkpoint after the first step that completes
-    rank0 = env.rank == 0
-    hold_run_dir(run_dir, rank0)  # one run per directory: a second one stops here, on every rank
-    teacher_id = _teacher_record(cfg, run_dir, rank0)
-    if rank0:
-        write_atomic(run_dir / "config.yaml", dump_config(cfg), root=run_dir, what="run config")
+    def build_teacher(self, run: Run):
+        """The teacher, frozen, outside the engine (its host peak measured for the start event)."""
+        import torch
 
-    # ---------------------------------------------------------------- teacher: frozen, outside the engine
-    torch.manual_seed(t.seed)
-    reset_host_peak()  # the teacher build's own host peak, for the start event (plan: teacher build host GiB)
-    teacher_host_before = host_peak_bytes()
-    teacher = build_target(cfg.target, m, device=device, dtype=torch_dtype(plan.teacher_dtype))
-    teacher_host_gib = ((host_peak_bytes() or 0) - (teacher_host_before or 0)) / 2 ** 30
-    spec = teacher.spec
+        from ..distributed.partitioned import host_peak_bytes, reset_host_peak
+        from ..targets import build_target
 
-    # ---------------------------------------------------------------- student
-    ds_config = ds_engine.build_ds_config(cfg, env.world_size, plan.precision)
-    partitioned = t.zero_stage == 3  # built in pieces: no rank ever holds the whole student
-    reset_host_peak()
-    host_before = host_peak_bytes()
-    torch.manual_seed(t.seed)  # identical initial weights on every rank, for every world size, partitioned or not
-    build = functools.partial(build_model, m, spec.dim, spec.grid, spec.classes)
-    model = build_partitioned(build, ds_config) if partitioned else build()
-    if t.init_from:
-        init_weights(model, t.init_from, partitioned)
-    host_build_gib = ((host_peak_bytes() or 0) - (host_before or 0)) / 2 ** 30
-    with torch.device("meta"):  # FLOPs of the dense-mask attention whatever the backend: MFU compares across them
-        meta_model = build_model(replace(m, attention="sdpa"), spec.dim, spec.grid, spec.classes)
-    x_meta = torch.zeros(1, 3, m.img_size, m.img_size, device="meta")
-    student_fwd = count_flops(meta_model, x_meta, *example_targets(spec, 1, "meta"),
-                              torch.arange(m.segment_grid ** 2, device="meta")[None])
-    del meta_model
-    teacher_fwd = teacher_flops(cfg)  # on meta: on real tensors the teacher's fused attention is not counted
-    if t.activation_checkpointing:
-        apply_activation_checkpointing(model)
-    if t.compile:  # after activation checkpointing, before the engine shards (torchtitan's order)
-        apply_compile(model, teacher, ds_config["zero_optimization"]["stage"])  # ZeRO-3: whole-block graphs
-    optimizer = build_optimizer(model, cfg.optim, plan.lr, plan.device_type, ds_config=ds_config)
+        torch.manual_seed(self.cfg.train.seed)
+        reset_host_peak()  # the teacher build's own host peak, for the start event (plan: teacher build host GiB)
+        before = host_peak_bytes()
+        self.teacher = build_target(self.cfg.target, self.cfg.model, device=run.device,
+                                    dtype=torch_dtype(self.plan.teacher_dtype))
+        self.teacher_host_gib = ((host_peak_bytes() or 0) - (before or 0)) / 2 ** 30
+        self.spec = self.teacher.spec
+        return self.teacher
 
-    # ---------------------------------------------------------------- what to resume from (before the engine)
-    # (a different number of ranks: DeepSpeed's universal checkpoint keeps the optimizer state)
-    engine, tag, marker, universal = ckpt.start_engine(model, optimizer, ds_config, run_dir, t, env.world_size,
-                                                       rank0, tokenizer)
-    compute_dtype = torch_dtype(plan.precision)
-    start_step = int(marker["step"]) if tag else 0
+    def build(self, run: Run):
+        import torch
 
-    # ---------------------------------------------------------------- data
-    stream_loader = None
-    if stream_mode:
-        state = streaming.read_state(ckpt.checkpoint_dir(run_dir) / tag, env.rank) if tag else None
-        if tag and state is None:
-            raise ConfigError(f"checkpoint {tag} holds no stream read positions for rank {env.rank} "
-                              f"({streaming.STATE_FILE.format(rank=env.rank)})")
-        dataset = streaming.StreamDataset(plan.urls, [m.img_size, spec.image_size], m.segment_grid ** 2, t.seed,
-                                          env.rank, env.world_size, cfg.data.num_workers, cfg.data.shuffle_buffer,
-                                          cfg.data.crop_scale, cfg.data.crop_ratio, cfg.data.interpolation,
-                                          cfg.data.hflip, start=streaming.start_cursors(state),
-                                          encoded=plan.loader == "dali")
-        loader = stream_loader = streaming.StreamLoader(dataset, t.micro_batch, (total_steps - start_step) * plan.accum,
-                                                        cfg.data.num_workers)
-        if plan.loader == "dali":
-            from ..data.dali_loader import DaliStreamLoader
+        from ..distributed import engine as ds_engine
+        from ..distributed.parallelize import apply_activation_checkpointing, apply_compile
+        from ..distributed.partitioned import build_partitioned, host_peak_bytes, reset_host_peak
+        from ..model import build_model
+        from ..targets import example_targets
+        from .metrics import count_flops, teacher_flops
 
-            loader = DaliStreamLoader(stream_loader, device, num_threads=max(1, cfg.data.num_workers))
-        sizes = dataset.sizes
-    else:
-        stream = PretrainStream(samples, [m.img_size, spec.image_size], m.segment_grid ** 2, t.seed,
-                                cfg.data.crop_scale, cfg.data.crop_ratio, cfg.data.interpolation, cfg.data.hflip)
-        loader = build_pretrain_loader(stream, t.global_batch, t.micro_batch, env.rank, env.world_size, start_step,
-                                       total_steps, cfg.data.num_workers, plan.loader, device)
-        sizes = stream.sizes
+        cfg, plan, t, m = self.cfg, self.plan, self.cfg.train, self.cfg.model
+        if getattr(self, "teacher", None) is None:
+            self.build_teacher(run)
+        spec = self.spec
+        ds_config = ds_engine.build_ds_config(cfg, run.world, plan.precision)
+        self.partitioned = t.zero_stage == 3  # built in pieces: no rank ever holds the whole student
+        reset_host_peak()
+        host_before = host_peak_bytes()
+        torch.manual_seed(t.seed)  # identical initial weights on every rank, for every world size, partitioned or not
+        build = functools.partial(build_model, m, spec.dim, spec.grid, spec.classes)
+        model = build_partitioned(build, ds_config) if self.partitioned else build()
+        if t.init_from:
+            init_weights(model, t.init_from, self.partitioned)
+        self.host_build_gib = ((host_peak_bytes() or 0) - (host_before or 0)) / 2 ** 30
+        with torch.device("meta"):  # FLOPs of the dense-mask attention whatever the backend: MFU compares across
+            meta_model = build_model(replace(m, attention="sdpa"), spec.dim, spec.grid, spec.classes)
+        x_meta = torch.zeros(1, 3, m.img_size, m.img_size, device="meta")
+        self.student_fwd = count_flops(meta_model, x_meta, *example_targets(spec, 1, "meta"),
+                                       torch.arange(m.segment_grid ** 2, device="meta")[None])
+        del meta_model
+        self.teacher_fwd = teacher_flops(cfg)  # on meta: on real tensors the teacher's fused attention is not counted
+        if t.activation_checkpointing:
+            apply_activation_checkpointing(model)
+        if t.compile:  # after activation checkpointing, before the engine shards (torchtitan's order)
+            apply_compile(model, self.teacher, ds_config["zero_optimization"]["stage"])  # ZeRO-3: whole-block graphs
+        return model, ds_config
 
-    peak, peak_src = peak_tflops(device, t.peak_tflops)
-    sink = MetricsSink(run_dir, rank0, t.tensorboard, t.progress, total_steps, start_step,
-                       wandb=wandb_settings(cfg) if t.wandb else None)
-    if schedule_changes and tag:
-        sink.event(event="schedule_change", step=start_step, changes=schedule_changes, schedule=schedule)
-    bad_log = BadSampleLog(run_dir, samples, env.rank, start_step, index_problems, device)  # bad_samples.jsonl
-    sink.event(event="resume" if tag else "start", step=start_step, world_size=env.world_size, **ds_engine.where(),
-               images=n, data_mode=plan.mode, pipe_commands=commands,
-               total_steps=total_steps, accum=plan.accum, precision=plan.precision, device=str(device),
-               loader=plan.loader,
-               flops_student_fwd=student_fwd, flops_teacher_fwd=teacher_fwd, peak_tflops=peak,
-               peak_tflops_source=peak_src, grad_accum_dtype=ds_config.get("data_types", {}).get(
-                   "grad_accum_dtype", plan.precision), partitioned_build=partitioned,
-               host_build_peak_gib=round(host_build_gib, 4), teacher_host_peak_gib=round(teacher_host_gib, 4),
-               teacher_param_bytes=sum(p.nbytes for p in teacher.parameters()), checkpoint=tag, universal=universal,
-               teacher=teacher_id)
+    def build_optimizer(self, run: Run, model, ds_config):
+        from .optim import build_optimizer
 
-    # ---------------------------------------------------------------- loop
-    step, micro = start_step, 0
-    acc = torch.zeros(5, dtype=torch.float64, device=device)  # gen sum, dis sum, valid count, bad count, bad shards
-    step_acc = torch.zeros(3, dtype=torch.float64, device=device)  # this step's: counted if it is applied
-    nonfinite = torch.zeros(1, device=device)  # this step's non-finite losses, agreed on at its end
-    bad_total = int((marker or {}).get("bad_samples", 0))
-    skipped_total = int((marker or {}).get("nonfinite_steps", 0))
-    shards_total = int((marker or {}).get("skipped_shards", 0))  # stream mode: shards skipped after their retries
-    streak_start, step_failed, last_save = None, False, time.monotonic()
-    t_last, steps_since = time.perf_counter(), 0
-    history = []
-    outcome = "done"
+        return build_optimizer(model, self.cfg.optim, self.plan.lr, self.plan.device_type, ds_config=ds_config)
 
-    def checkpoint_now():
-        nonlocal last_save
-        bad_log.flush()  # before the checkpoint: the records of the steps it covers are on disk
-        state = {"step": step, "global_batch": t.global_batch, "seed": t.seed, "world_size": env.world_size,
-                 "bad_samples": bad_total, "nonfinite_steps": skipped_total, "tokenizer": tokenizer,
-                 "teacher": teacher_id, "schedule": schedule}
-        extra = ()
-        if stream_loader is not None:  # each rank's read positions, as of the batches this checkpoint covers
-            state["stream"], state["skipped_shards"] = stream_id, shards_total
-            extra = [streaming.write_state(ckpt.checkpoint_dir(run_dir) / ckpt.ds_checkpoint.tag_for(step),
-                                           stream_loader)]
-        ckpt.save(engine, run_dir, step, state, keep=t.ckpt_keep, is_rank0=rank0, extra_files=extra)
-        last_save = time.monotonic()
-        sink.event(event="checkpoint", step=step)
+    def attach(self, run: Run):
+        m, spec, d = self.cfg.model, self.spec, self.cfg.data
+        self.engine, self.device, self.compute_dtype, self.world = run.engine, run.device, run.compute_dtype, run.world
+        self.sizes = sorted({m.img_size, spec.image_size})  # the views a batch holds (the loaders' order)
+        self.norm_student = normalizer(d.mean, d.std, run.compute_dtype, run.device)
+        self.norm_teacher = normalizer(spec.mean, spec.std, torch_dtype(self.plan.teacher_dtype), run.device)
 
-    norm_student = _normalizer(cfg.data.mean, cfg.data.std, compute_dtype, device)
-    norm_teacher = _normalizer(spec.mean, spec.std, torch_dtype(plan.teacher_dtype), device)
-    engine.train()
-    loop_start = time.perf_counter()
-    for batch in loader:
-        if micro == 0:
-            torch.manual_seed(t.seed * 1_000_003 + step * 1009 + env.rank)  # drop-path etc.: stateless per step
-            lr = lr_at(step, plan.lr, warmup, total_steps, cfg.optim.min_lr)
-            ds_engine.set_lr(engine, lr)
-        views = {s: v.to(device, non_blocking=True) for s, v in zip(sizes, batch["views"])}
-        student_in = norm_student(views[m.img_size])
-        teacher_in = norm_teacher(views[spec.image_size])
+    def resumed(self, run: Run):
+        from .. import checkpoint as ckpt
+        from ..data import PretrainStream, build_pretrain_loader, streaming
+        from .metrics import peak_tflops
+
+        cfg, plan, t, m, env, device = self.cfg, self.plan, self.cfg.train, self.cfg.model, run.env, run.device
+        spec, tag, start_step = self.spec, run.tag, run.start_step
+        self.stream_loader = None
+        if self.stream_mode:
+            state = streaming.read_state(ckpt.checkpoint_dir(run.run_dir) / tag, env.rank) if tag else None
+            if tag and state is None:
+                raise ConfigError(f"checkpoint {tag} holds no stream read positions for rank {env.rank} "
+                                  f"({streaming.STATE_FILE.format(rank=env.rank)})")
+            dataset = streaming.StreamDataset(plan.urls, [m.img_size, spec.image_size], m.segment_grid ** 2, t.seed,
+                                              env.rank, env.world_size, cfg.data.num_workers,
+                                              cfg.data.shuffle_buffer, cfg.data.crop_scale, cfg.data.crop_ratio,
+                                              cfg.data.interpolation, cfg.data.hflip,
+                                              start=streaming.start_cursors(state), encoded=plan.loader == "dali")
+            self.loader = self.stream_loader = streaming.StreamLoader(
+                dataset, t.micro_batch, (self.total - start_step) * plan.accum, cfg.data.num_workers)
+            if plan.loader == "dali":
+                from ..data.dali_loader import DaliStreamLoader
+
+                self.loader = DaliStreamLoader(self.stream_loader, device, num_threads=max(1, cfg.data.num_workers))
+            sizes = dataset.sizes
+        else:
+            stream = PretrainStream(self.samples, [m.img_size, spec.image_size], m.segment_grid ** 2, t.seed,
+                                    cfg.data.crop_scale, cfg.data.crop_ratio, cfg.data.interpolation, cfg.data.hflip)
+            self.loader = build_pretrain_loader(stream, t.global_batch, t.micro_batch, env.rank, env.world_size,
+                                                start_step, self.total, cfg.data.num_workers, plan.loader, device)
+            sizes = stream.sizes
+        if list(sizes) != self.sizes:
+            raise RuntimeError(f"the loader's views {list(sizes)} are not the step's {self.sizes}")
+        self.peak, self.peak_src = peak_tflops(device, t.peak_tflops)
+
+    def bad_sample_source(self):
+        return self.samples, self.index_problems
+
+    def start_fields(self, run: Run) -> dict:
+        plan, ds_config = self.plan, run.ds_config
+        return dict(images=self.n, data_mode=plan.mode, device=str(run.device), loader=plan.loader,
+                    flops_student_fwd=self.student_fwd, flops_teacher_fwd=self.teacher_fwd, peak_tflops=self.peak,
+                    peak_tflops_source=self.peak_src,
+                    grad_accum_dtype=ds_config.get("data_types", {}).get("grad_accum_dtype", plan.precision),
+                    partitioned_build=self.partitioned, host_build_peak_gib=round(self.host_build_gib, 4),
+                    teacher_host_peak_gib=round(self.teacher_host_gib, 4),
+                    teacher_param_bytes=sum(p.nbytes for p in self.teacher.parameters()), teacher=self.teacher_id)
+
+    # ---------------------------------------------------------------- the step
+    def batches(self, run: Run):
+        return iter(self.loader)
+
+    def lr_at(self, step: int) -> float:
+        from .optim import lr_at
+
+        o = self.cfg.optim
+        return lr_at(step, self.plan.lr, self.warmup, self.total, o.min_lr)
+
+    def inputs(self, batch):
+        from ..distributed import engine as ds_engine
+
+        views = {s: v.to(self.device, non_blocking=True) for s, v in zip(self.sizes, batch["views"])}
+        return {"student": self.norm_student(views[self.cfg.model.img_size]),
+                "teacher": self.norm_teacher(views[self.spec.image_size]),
+                "order": ds_engine.to_device(batch["order"], self.device),
+                "valid": ds_engine.to_device(batch["valid"], self.device).float()}
+
+    def targets(self, inputs):
+        import torch
+
+        from ..targets import student_targets
+
         with torch.no_grad():
-            tokens, cls = teacher(teacher_in)
-        tokens, cls = student_targets(tokens, cls, compute_dtype)
-        valid = ds_engine.to_device(batch["valid"], device).float()
-        bad_log.add(batch, step + 1)
-        record_trained(batch, step + 1, env.rank)
-        gen_per_sample, dis_per_sample = engine(student_in, tokens, cls, ds_engine.to_device(batch["order"], device))
+            tokens, cls = self.teacher(inputs["teacher"])
+        return student_targets(tokens, cls, self.compute_dtype)
+
+    def loss(self, inputs, targets):
+        import torch
+
+        tokens, cls = targets
+        valid = inputs["valid"]
+        gen_per_sample, dis_per_sample = self.engine(inputs["student"], tokens, cls, inputs["order"])
         n_valid = valid.sum().clamp(min=1.0)
         gen = (gen_per_sample * valid).sum() / n_valid
         dis = (dis_per_sample * valid).sum() / n_valid
-        if fault_active("nan", step + 1, env.rank, micro):
-            gen = gen * float("nan")
-        step_acc += torch.stack([gen.detach().double() * valid.sum(), dis.detach().double() * valid.sum(),
-                                 valid.sum().double()])
-        acc[3] += (1 - valid).sum().double()
-        if batch.get("shard_problems"):
-            acc[4] += len(batch["shard_problems"])
-        # every rank runs every backward; whether the step's update is applied, and the signal and clock flags
-        # (any rank's signal and rank 0's clock decide for everyone), are agreed once, at its end: one all-reduce
-        # and one host wait, behind the queued optimizer step
-        last = micro + 1 == plan.accum
-        flags = ()
-        if last:
-            fault("sleep", step + 1, env.rank)
-            fault("term", step + 1, env.rank)
-            fault("crash", step + 1, env.rank)
-            flags = (float(signals.code), float(rank0 and t.ckpt_every_minutes > 0 and
-                                                time.monotonic() - last_save >= 60 * t.ckpt_every_minutes))
-        end = ds_engine.micro_step(engine, gen + dis, nonfinite, last=last, flags=flags)
-        micro += 1
-        if micro < plan.accum:
-            continue
-        micro = 0
-        step_failed = not end.applied
-        signal_code, save_due = end.flags
-        if end.applied:  # a skipped step's micro-batches count in no loss
-            acc[:3] += step_acc
-        step_acc.zero_()
-        step += 1
-        steps_since += 1
-        sink.advance()
-        if t.compile and step == start_step + 1:  # the first step compiles every block: its time is the cold compile
-            sink.event(event="compiled", step=step, first_step_s=round(time.perf_counter() - loop_start, 3))
-        if step_failed:
-            skipped_total += 1
-            streak_start = streak_start or step
-            sink.event(event="nonfinite_loss", step=step, skipped_steps=skipped_total)
-            if step - streak_start + 1 > t.nan_tolerance:
-                good = [g for g in ckpt.complete_tags(run_dir) if int(g[5:]) < streak_start]
-                if rank0 and good:
-                    ckpt.set_latest(run_dir, good[-1])
-                sink.event(event="rollback", step=step, to=good[-1] if good else None)
-                outcome = "diverged"
-                msg = (f"non-finite loss at steps {streak_start}..{step}; "
-                       + (f"rolled back {run_dir}/checkpoints/latest to {good[-1]}" if good
-                          else "no checkpoint precedes the failures") + "; lower the lr or check the data, then "
-                       "run the same command to resume")
-                break
-        else:
-            streak_start = None
-        if step % t.log_every == 0 or step == total_steps:
-            dist.all_reduce(acc)
-            bad_log.flush()
-            if acc[2] > 0:
-                gen_l, dis_l = (acc[0] / acc[2]).item(), (acc[1] / acc[2]).item()
-            else:  # every step since the last line was skipped (non-finite) or every sample was bad
-                gen_l = dis_l = None
-            bad_total += int(acc[3].item())
-            shards_total += int(acc[4].item())
-            elapsed = time.perf_counter() - t_last
-            ips = steps_since * t.global_batch / elapsed
-            rec = {"gen_loss": gen_l, "dis_loss": dis_l, "loss": None if gen_l is None else gen_l + dis_l, "lr": lr,
-                   "grad_norm": ds_engine.grad_norm(engine), "images_per_s": ips, "bad_samples": bad_total,
-                   "nonfinite_steps": skipped_total, "epoch": step / steps_per_epoch,
-                   "step_time_s": elapsed / steps_since}
-            if stream_mode:
-                rec["skipped_shards"] = shards_total
-            if hasattr(loader, "failed_batches"):
-                rec["dali_fallback_batches"] = loader.failed_batches
-            if student_fwd and peak:
-                achieved = ips / env.world_size * 3 * student_fwd
-                rec["mfu_student"] = achieved / (peak * 1e12)
-                if teacher_fwd:
-                    rec["mfu_total"] = (achieved + ips / env.world_size * teacher_fwd) / (peak * 1e12)
-            sink.log(step, rec)
-            history.append((step, rec))
-            acc.zero_()
-            t_last, steps_since = time.perf_counter(), 0
-        if step % t.ckpt_every == 0 or step == total_steps or signal_code > 0 or save_due > 0:
-            checkpoint_now()
-        if t.probe_every > 0 and (step % t.probe_every == 0 or step == total_steps):
-            from .probe import knn_monitor
+        stats = torch.stack([gen.detach().double() * valid.sum(), dis.detach().double() * valid.sum(),
+                             valid.sum().double()])
+        return gen + dis, stats, valid
 
-            sink.log(step, knn_monitor(engine.module.encoder, *probe_sets, probe_classes, m.img_size, t.micro_batch,
-                                       device, compute_dtype, cfg.data.mean, cfg.data.std,
-                                       num_workers=cfg.data.num_workers))
-        if signal_code > 0 and step < total_steps:
-            outcome = "signal"
-            agreed = SignalFlag.name_of(signal_code)
-            sink.event(event="signal", step=step, signal=agreed)
-            break
-    signals.restore()
-    if outcome != "signal":  # the signal event, with its name, is already written
-        sink.event(event=outcome, step=step)
-    sink.close()
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
-    release(run_dir)
-    if outcome == "diverged":
-        raise TrainingDiverged(msg)
-    if outcome == "signal":
-        raise Checkpointed(step, agreed)
-    return {"steps": step, "history": history, "run_dir": str(run_dir)}
+    def log_fields(self, sums) -> dict:
+        if sums[2] > 0:
+            gen_l, dis_l = (sums[0] / sums[2]).item(), (sums[1] / sums[2]).item()
+        else:  # every step since the last line was skipped (non-finite) or every sample was bad
+            gen_l = dis_l = None
+        return {"gen_loss": gen_l, "dis_loss": dis_l, "loss": None if gen_l is None else gen_l + dis_l}
+
+    def log_extra(self, rec, images_per_s):
+        if hasattr(self.loader, "failed_batches"):
+            rec["dali_fallback_batches"] = self.loader.failed_batches
+        if self.student_fwd and self.peak:
+            achieved = images_per_s / self.world * 3 * self.student_fwd
+            rec["mfu_student"] = achieved / (self.peak * 1e12)
+            if self.teacher_fwd:
+                rec["mfu_total"] = (achieved + images_per_s / self.world * self.teacher_fwd) / (self.peak * 1e12)
+
+    def evaluate_due(self, step: int) -> bool:
+        every = self.cfg.train.probe_every
+        return every > 0 and (step % every == 0 or step == self.total)
+
+    def evaluate(self, run: Run, step: int):
+        from .probe import knn_monitor
+
+        cfg = self.cfg
+        run.sink.log(step, knn_monitor(self.engine.module.encoder, *self.probe_sets, self.probe_classes,
+                                       cfg.model.img_size, cfg.train.micro_batch, self.device, self.compute_dtype,
+                                       cfg.data.mean, cfg.data.std, num_workers=cfg.data.num_workers))
+
+    def client_state(self, run: Run) -> dict:
+        state = {"teacher": self.teacher_id}
+        if self.stream_mode:
+            state["stream"] = self.stream_id
+        return state
+
+    def checkpoint_files(self, run: Run, tag_dir):
+        if self.stream_loader is None:
+            return []
+        from ..data import streaming
+
+        return [streaming.write_state(tag_dir, self.stream_loader)]  # each rank's read positions, as of the
+        # batches this checkpoint covers
+
+
+def pretrain(cfg: Config) -> dict:
+    """Run (or resume) pretraining; returns a summary of the run."""
+    return harness.run(PretrainTask(cfg))

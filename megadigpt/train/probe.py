@@ -264,7 +264,7 @@ def knn_classify(train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tens
 def features_for(encoder, samples, img_size: int, micro_batch: int, layers, device, dtype, kind: str,
                  num_workers: int, mean, std, crop_pct: float):
     from ..data.classification import build_classification_loader
-    from .finetune import eval_batches
+    from .transfer import eval_batches
 
     rank = 0
     import torch.distributed as dist
@@ -306,7 +306,8 @@ def run_probe(cfg, weights: Optional[str], out_dir: str, random_init: bool = Fal
     """``megadigpt probe``: linear probes on every requested block + k-NN, from pretrained (or random) weights."""
     from ..config import ConfigError
     from ..distributed import env as dist_env
-    from .finetune import check_labels, plan_finetune, resolve_model
+    from .finetune import plan_finetune
+    from .transfer import check_labels, resolve_model
 
     if weights:
         cfg.train.init_from = weights

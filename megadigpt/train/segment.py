@@ -1,4 +1,5 @@
-"""Semantic segmentation transfer under DeepSpeed: UperNet on the ViT encoder, ADE20K's protocol (MAE/BEiT).
+"""Semantic segmentation transfer: UperNet on the ViT encoder, ADE20K's protocol (MAE/BEiT); the task the run
+harness (:mod:`megadigpt.train.harness`) runs for ``megadigpt segment``.
 
     validate (cheap) -> image+mask pairs -> pretrained encoder weights (any source fine-tuning reads)
     -> process group -> Segmentor (position embedding interpolated to the encoder grid) -> layer-wise lr decay
@@ -11,11 +12,11 @@ command: ``python -m megadigpt.train.segment ...``, the same arguments). Kill it
 command to resume: the data order and every augmentation are functions of (seed, epoch, image), the step's dropout
 and drop path of (seed, step, micro-batch, rank), so a resumed run reproduces the uninterrupted one.
 
-What is fine-tuning's and imported from it (not copied): the weight loading and fitting (``load_encoder_weights``,
-``fit_to_classifier``), geometry resolution (``resolve_model``), layer ids, AdamW / DeepSpeed CPU Adam choice,
-DeepSpeed config and micro-step (non-finite steps skipped on every rank), checkpoints (``megadigpt.checkpoint``),
-EMA and fp32-master exports (``distributed.sharded``), SIGTERM/SIGUSR1 handling (exit 75), the metrics sink and
-the bad-sample log. Under ZeRO-3 the model is built whole on each rank and partitioned when the engine starts
+What is shared and not copied: the loop, checkpoints, signals (exit 75), the non-finite policy, the metrics sink
+and the bad-sample log are the harness's; the checks before anything heavy (``check_transfer``), the geometry
+(``resolve_model``), the EMA, the best-so-far record and the exports' atomic folders are
+:mod:`megadigpt.train.transfer`'s; weight loading and fitting (``load_encoder_weights``, ``fit_to_classifier``),
+layer ids, the optimizer choice are the checkpoint, model and optim modules'. Under ZeRO-3 the model is built whole on each rank and partitioned when the engine starts
 (not built partitioned as fine-tuning's classifier: the segmentation models of the paper, B and L, fit a rank).
 
 BatchNorm (neck and heads): SyncBatchNorm on CUDA with several ranks, as BEiT/MAE; elsewhere (gloo on CPU,
@@ -24,19 +25,21 @@ every rank evaluates, saves and exports the same network.
 """
 
 import argparse
+import copy
 import json
 import math
-import os
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
 from ..commands import Parser, add_segment_parser, overrides_of, run  # overrides_of: re-exported
-from ..config import ConfigError, dump_config
-from ..safe_fs import announce_commands, pipe_commands, remove_entry, write_atomic
+from ..config import ConfigError
+from ..safe_fs import write_atomic
 from ..distributed import env as dist_env
+from . import harness
+from .harness import Run, Schedule, epoch_batches
+from .transfer import TransferTask, check_transfer, publish_folder, resolve_model
 from ..segment_config import SegmentRunConfig, load_segment_config
 
 if TYPE_CHECKING:  # the model module imports torch; the planner does not need it
@@ -75,16 +78,18 @@ def plan_segment(cfg: SegmentRunConfig, world_size: Optional[int] = None, need_t
                  device_type: Optional[str] = None, init_from_pending: bool = False,
                  need_data: bool = True) -> SegmentPlan:
     """Every check that needs no weights, no decoding and no process group: fine-tuning's
-    (``finetune.check_transfer``) with the segmentation's own geometry, data layout and per-rank batch.
+    (``transfer.check_transfer``) with the segmentation's own geometry, data layout and per-rank batch.
     ``need_data=False``: no data sources (``megadigpt bench``'s synthetic batches)."""
     from ..data.segmentation import check_pairs_source
-    from .finetune import check_transfer
 
     m, d, t, s = cfg.model, cfg.data, cfg.train, cfg.segment
     if m.patch_size and m.crop_size < m.patch_size:
         raise ConfigError(f"model.crop_size {m.crop_size} is smaller than model.patch_size {m.patch_size}")
     if len(d.scale) != 2:
         raise ConfigError(f"data.scale must be [long, short], got {list(d.scale)}")
+    if t.compile:
+        raise ConfigError("train.compile is not supported by segmentation (the Segmentor's neck and heads are not "
+                          "compiled blocks); set train.compile=false")
     if s.eval_mode == "slide" and s.eval_stride > m.crop_size:
         raise ConfigError(f"segment.eval_stride {s.eval_stride} is larger than model.crop_size {m.crop_size}: "
                           f"windows would leave gaps")
@@ -95,10 +100,10 @@ def plan_segment(cfg: SegmentRunConfig, world_size: Optional[int] = None, need_t
                               f"2 images per rank (SyncBatchNorm, CUDA with several ranks, counts the whole batch)")
 
     def check_data(source, which):
-        from ..data.sources import _resolve_paths
+        from ..data.sources import resolve_paths
 
         # a source not on this machine raises, or, previewing (submit --dry-run), is noted as a warning: "missing"
-        if _resolve_paths(source)[0] != "missing":
+        if resolve_paths(source)[0] != "missing":
             check_pairs_source(source, d.train_split if which == "train" else d.val_split)
 
     c = check_transfer(cfg, world_size, device_type, init_from_pending, need_train, check_data if need_data else None,
@@ -266,22 +271,15 @@ def export_segmentor(state, model_args: dict, out_dir: Path, metrics: dict, mean
     ``Segmentor(SegmentorArgs(**model_args))``), written beside ``out_dir`` and renamed into place."""
     from safetensors.torch import save_file
 
-    out_dir = Path(out_dir)
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    remove_entry(tmp)  # a planted link is unlinked, never followed
-    tmp.mkdir(parents=True)
-    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / "model.safetensors"))
     cfg = {"task": "semantic_segmentation", "architecture": "megadigpt_vit_upernet", "model_args": model_args,
            "preprocessing": {"mean": list(mean), "std": list(std)}, "class_names": class_names,
            "megadigpt": {"metrics": metrics}}
-    (tmp / "config.json").write_text(json.dumps(cfg, indent=1))
-    old = out_dir.with_name(out_dir.name + ".old")
-    remove_entry(old)
-    if out_dir.exists():
-        os.replace(out_dir, old)
-    os.replace(tmp, out_dir)
-    remove_entry(old)
-    return out_dir
+
+    def write(tmp):
+        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / "model.safetensors"))
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=1))
+
+    return publish_folder(out_dir, write)
 
 
 def load_export(folder):
@@ -303,307 +301,193 @@ def load_export(folder):
 # ============================================================================ the run
 
 
-def segment(cfg: SegmentRunConfig) -> dict:
-    env = dist_env.discover()
-    plan = plan_segment(cfg, env.world_size)
+class SegmentTask(TransferTask):
+    """Semantic segmentation: the Segmentor (ViT + neck + UperNet + auxiliary FCN) from the pretrained encoder,
+    mmseg's ADE20K augmentation, CE + weighted auxiliary CE, warm-up + poly; evaluated (and the EMA too) every
+    ``segment.eval_every`` steps, checkpointed at each evaluation, exported to ``best/`` and ``last/``."""
 
-    from ..checkpoint.convert import load_encoder_weights
-    from ..data.segmentation import SegAugment, find_pairs
-    from .finetune import resolve_model
+    name = "segmentation"
+    metric = "mIoU"
 
-    m, d, t, o, s = cfg.model, cfg.data, cfg.train, cfg.optim, cfg.segment
-    run_dir = Path(t.run_dir)
-    # pipe: sources run shell commands: said once, before the first one runs, and recorded in the start event
-    commands = announce_commands(pipe_commands(*vars(d).values()), env.rank == 0)
-    train_pairs, train_problems = find_pairs(d.train, d.train_split, d.mask_ext)
-    val_pairs, val_problems = find_pairs(d.val, d.val_split, d.mask_ext)
-    weights, info = load_encoder_weights(t.init_from) if t.init_from else (None, {})
-    geom, _ = resolve_model(cfg, weights, info)
-    args = segmentor_args(cfg, geom)
-    from ..checkpoint import latest_tag
+    # ---------------------------------------------------------------- before anything heavy
+    def plan_run(self, env):
+        return plan_segment(self.cfg, env.world_size)
 
-    if latest_tag(run_dir):  # resuming: the checkpoint must be this network
-        import copy
+    def prepare(self, env) -> Schedule:
+        from ..checkpoint.convert import load_encoder_weights
+        from ..data.segmentation import find_pairs
 
-        from ..config import check_resume_config
+        cfg = self.cfg
+        d, t = cfg.data, cfg.train
+        self.train_pairs, train_problems = find_pairs(d.train, d.train_split, d.mask_ext)
+        self.val_pairs, val_problems = find_pairs(d.val, d.val_split, d.mask_ext)
+        self.problems = train_problems + val_problems
+        self.resolve(*(load_encoder_weights(t.init_from) if t.init_from else (None, {})))
+        return self.epoch_schedule(len(self.train_pairs), env.world_size, "training pairs")
 
-        now = copy.deepcopy(cfg)
-        for k in ("embed_dim", "depth", "num_heads", "mlp_ratio", "patch_size"):
-            setattr(now.model, k, getattr(geom, k))
-        now.model.feature_blocks = [b + 1 for b in args.feature_blocks]
-        check_resume_config(run_dir, now)
+    def resolve(self, weights=None, info=None):
+        """The encoder's geometry from its weights (or the config's arch) and the Segmentor's arguments."""
+        self.weights = weights
+        self.geom, _ = resolve_model(self.cfg, weights, info or {})
+        self.args = segmentor_args(self.cfg, self.geom)
 
-    import numpy as np
-    import torch
-    import torch.distributed as dist
+    def resume_config(self):  # the checkpoint must be this network
+        return self.geometry_config(self.geom, feature_blocks=[b + 1 for b in self.args.feature_blocks])
 
-    from .. import checkpoint as ckpt
-    from ..checkpoint import ds_checkpoint as ckpt_files
-    from ..data.segmentation import train_loader
-    from ..distributed import engine as ds_engine
-    from ..distributed.sharded import LocalEMA, full_state_dict
-    from ..model.segmentation import (average_bn_buffers, load_backbone, segment_param_groups, segmentation_loss,
-                                      sync_batchnorm)
-    from ..testing import active as fault_active
-    from ..testing import fault
-    from .metrics import MetricsSink, wandb_settings
-    from .optim import build_optimizer
-    from .common import torch_dtype
-    from .runtime import Checkpointed, SignalFlag, TrainingDiverged
+    def run_config(self):
+        resolved = copy.deepcopy(self.cfg)
+        resolved.model.num_heads = self.geom.num_heads
+        resolved.model.feature_blocks = [b + 1 for b in self.args.feature_blocks]
+        return resolved
 
-    world = env.world_size
-    steps_per_epoch = (len(train_pairs) // world) // t.micro_batch // plan.accum
-    if steps_per_epoch < 1:
-        raise ConfigError(f"{len(train_pairs)} training pairs make no full step of train.global_batch "
-                          f"{t.global_batch} on {world} ranks")
-    total_steps = t.max_steps if t.max_steps is not None else max(1, int(round(t.epochs * steps_per_epoch)))
-    warmup = o.warmup_steps if o.warmup_steps is not None else o.warmup_epochs * steps_per_epoch
-    warmup = min(warmup, total_steps)
-    schedule = {"total_steps": total_steps, "warmup_steps": round(float(warmup), 6), "peak_lr": plan.lr,
-                "min_lr": o.min_lr}
-    schedule_changes = ckpt.check_schedule(run_dir, schedule, t.allow_schedule_change)
-    done = ckpt.finished_step(run_dir, total_steps)
-    if done is not None:
-        if env.rank == 0:
-            print(f"megadigpt: {run_dir} is already finished: step {done} of {total_steps} (its exports are in "
-                  f"{run_dir / 'last'}); nothing to do", flush=True)
-        return {"steps": done, "history": [], "run_dir": str(run_dir), "best": {}, "finished": True}
+    # ---------------------------------------------------------------- start-up
+    def build(self, run: Run):
+        import torch
 
-    # ---------------------------------------------------------------- processes, model
-    device = ds_engine.start_processes(env, plan.device_type)
-    signals = SignalFlag()
-    rank0 = env.rank == 0
-    from .runtime import hold_run_dir, release
+        from ..distributed import engine as ds_engine
+        from ..model.segmentation import load_backbone, sync_batchnorm
 
-    hold_run_dir(run_dir, rank0)
-    import copy
+        cfg, plan, t = self.cfg, self.plan, self.cfg.train
+        torch.manual_seed(t.seed)  # identical initial neck and heads on every rank
+        model = build_segmentor(self.args, cfg, checkpointing=t.activation_checkpointing)
+        self.load_report = load_backbone(model, self.weights) if self.weights is not None else None
+        self.weights = None
+        model = sync_batchnorm(model, plan.device_type, run.world)
+        n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        ds_config = ds_engine.build_ds_config(cfg, run.world, plan.precision, params=n_params)
+        return model, ds_config
 
-    resolved = copy.deepcopy(cfg)
-    resolved.model.num_heads = geom.num_heads
-    resolved.model.feature_blocks = [b + 1 for b in args.feature_blocks]
-    if rank0:
-        write_atomic(run_dir / "config.yaml", dump_config(resolved), root=run_dir, what="run config")
+    def build_optimizer(self, run: Run, model, ds_config):
+        from ..model.segmentation import segment_param_groups
+        from .optim import build_optimizer
 
-    torch.manual_seed(t.seed)  # identical initial neck and heads on every rank
-    model = build_segmentor(args, cfg, checkpointing=t.activation_checkpointing)
-    load_report = load_backbone(model, weights) if weights is not None else None
-    del weights
-    model = sync_batchnorm(model, plan.device_type, world)
-    n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    ds_config = ds_engine.build_ds_config(cfg, world, plan.precision, params=n_params)
-    groups = segment_param_groups(model, o.weight_decay, o.layer_decay)
-    optimizer = build_optimizer(model, o, plan.lr, plan.device_type, groups, ds_config=ds_config)
+        o = self.cfg.optim
+        groups = segment_param_groups(model, o.weight_decay, o.layer_decay)
+        return build_optimizer(model, o, self.plan.lr, self.plan.device_type, groups, ds_config=ds_config)
 
-    engine, tag, marker, universal = ckpt.start_engine(model, optimizer, ds_config, run_dir, t, world, rank0)
-    module = engine.module
-    ema = LocalEMA(module, s.ema_decay) if s.ema_decay > 0 else None
+    def attach(self, run: Run):
+        self.run, self.engine, self.device = run, run.engine, run.device
+        self.average_bn = run.world > 1 and not self.plan.sync_bn  # (no SyncBatchNorm: gloo, or one GPU per rank)
 
-    def ema_file(tag_name):
-        return ckpt.checkpoint_dir(run_dir) / tag_name / f"ema_rank{env.rank:05d}_of_{world:05d}.pt"
+    def resumed(self, run: Run):
+        from ..data.segmentation import SegAugment
 
-    ema_note = None
-    if ema is not None and tag:
-        shard = ema_file(tag)
-        if not (shard.is_file() and ema.load(shard)):
-            ema_note = "EMA restarted from the resumed weights (saved with another world size or missing)"
-    compute_dtype = torch_dtype(plan.precision)
-    start_step = int(marker["step"]) if tag else 0
-    best = dict(marker.get("best", {})) if tag else {}
-    aug = SegAugment(args.crop_size, tuple(d.scale), tuple(d.ratio_range), d.cat_max_ratio, d.hflip, d.photometric)
-    model_args = args.to_dict()
+        d = self.cfg.data
+        self.resume_ema(run, self.cfg.segment.ema_decay)
+        self.aug = SegAugment(self.args.crop_size, tuple(d.scale), tuple(d.ratio_range), d.cat_max_ratio, d.hflip,
+                              d.photometric)
+        self.model_args = self.args.to_dict()
 
-    sink = MetricsSink(run_dir, rank0, t.tensorboard, t.progress, total_steps, start_step,
-                       wandb=wandb_settings(cfg) if t.wandb else None)
-    if schedule_changes and tag:
-        sink.event(event="schedule_change", step=start_step, changes=schedule_changes, schedule=schedule)
-    from ..data.bad_samples import BadSampleLog
+    def bad_sample_source(self):
+        return [p.image for p in self.train_pairs], self.problems
 
-    bad_log = BadSampleLog(run_dir, [p.image for p in train_pairs], env.rank, start_step,
-                           train_problems + val_problems, device)
-    sink.event(event="resume" if tag else "start", step=start_step, world_size=world, **ds_engine.where(),
-               train_images=len(train_pairs), val_images=len(val_pairs), pipe_commands=commands, num_classes=args.num_classes,
-               total_steps=total_steps, steps_per_epoch=steps_per_epoch, accum=plan.accum,
-               precision=plan.precision, sync_bn=plan.sync_bn, init_from=t.init_from, load=load_report,
-               model_args=model_args, ema_note=ema_note)
+    def start_fields(self, run: Run) -> dict:
+        return dict(train_images=len(self.train_pairs), val_images=len(self.val_pairs),
+                    num_classes=self.args.num_classes, steps_per_epoch=self.steps_per_epoch,
+                    sync_bn=self.plan.sync_bn, init_from=self.cfg.train.init_from, load=self.load_report,
+                    model_args=self.model_args, ema_note=self.ema_note)
 
-    def run_eval(use_ema: bool):
+    # ---------------------------------------------------------------- the step
+    def batches(self, run: Run):
+        from ..data.segmentation import train_loader
+
+        d, t = self.cfg.data, self.cfg.train
+
+        def loader(epoch, skip):
+            return train_loader(self.train_pairs, run.env.rank, run.world, epoch, t.seed, t.micro_batch, self.aug,
+                                d.mean, d.std, d.reduce_zero_label, d.num_workers, skip_batches=skip,
+                                pin_memory=run.device.type == "cuda")
+
+        return epoch_batches(loader, self.steps_per_epoch, self.plan.accum, run.start_step)
+
+    def lr_at(self, step: int) -> float:
+        return lr_at(step, self.cfg.optim, self.plan.lr, self.warmup, self.total)
+
+    def inputs(self, batch):
+        from ..distributed import engine as ds_engine
+
+        return (ds_engine.to_device(batch["image"], self.device), ds_engine.to_device(batch["mask"], self.device).long(),
+                ds_engine.to_device(batch["valid"], self.device).float())
+
+    def loss(self, inputs, targets):
+        import torch
+
+        from ..model.segmentation import segmentation_loss
+
+        x, y, valid = inputs
+        out, aux = self.engine(x.to(self.run.compute_dtype))
+        loss, main, aux_loss = segmentation_loss(out, aux, y, self.cfg.model.aux_weight, weight=valid)
+        nv = valid.sum().double()
+        stats = torch.stack([loss.detach().double() * nv, main.detach().double() * nv,
+                             (aux_loss.detach().double() if aux_loss is not None else
+                              torch.zeros((), dtype=torch.float64, device=self.device)) * nv, nv])
+        return loss, stats, valid
+
+    def after_step(self, applied: bool):
+        if self.average_bn:  # no SyncBatchNorm (gloo): every rank keeps the ranks' mean statistics
+            from ..model.segmentation import average_bn_buffers
+
+            average_bn_buffers(self.engine.module)
+        super().after_step(applied)
+
+    def log_fields(self, sums) -> dict:
+        n = sums[3].item()
+        return {"train_loss": sums[0].item() / n if n else None, "decode_loss": sums[1].item() / n if n else None,
+                "aux_loss": sums[2].item() / n if n and self.cfg.model.aux_weight > 0 else None}
+
+    # ---------------------------------------------------------------- evaluation, exports
+    def evaluate_due(self, step: int) -> bool:
+        return step % self.cfg.segment.eval_every == 0 or step == self.total
+
+    def checkpoint_due(self, step: int) -> bool:
+        return self.evaluate_due(step)  # checkpointed at every evaluation
+
+    def evaluate(self, run: Run, step: int):
+        d = self.cfg.data
+
         def go():
-            return evaluate(module, val_pairs, cfg, args, device, compute_dtype, env.rank, world,
-                            lockstep=t.zero_stage == 3)
+            return evaluate(run.engine.module, self.val_pairs, self.cfg, self.args, run.device, run.compute_dtype,
+                            run.env.rank, run.world, lockstep=self.cfg.train.zero_stage == 3)
 
-        if use_ema:
-            with ema.swapped_in():
-                return go()
-        return go()
+        rec = {"epoch": run.epoch(step)}
+        res = go()
+        rec.update({f"val_{k}": v for k, v in summary(res).items()})
+        res_ema = None
+        if self.ema is not None:
+            res_ema = self.with_ema(go)
+            rec.update({f"val_ema_{k}": v for k, v in summary(res_ema).items()})
+        rec["val_images"] = res["images"]
+        run.sink.log(step, rec)
+        run.history.append((step, rec))
+        if run.rank0:
+            (run.run_dir / "eval").mkdir(exist_ok=True)
+            write_atomic(run.run_dir / "eval" / f"step{step:08d}.json", json.dumps(
+                {"step": step, "result": res, "ema": res_ema}, indent=1), root=run.run_dir, what="eval record")
 
-    def export(which: str, metrics: dict, with_ema: bool):
-        state = full_state_dict(module, rank0, ema if with_ema else None)
-        if rank0:  # (BatchNorm's running statistics are in it: full_state_dict adds the persistent buffers)
-            export_segmentor(state, model_args, run_dir / which, metrics, d.mean, d.std)
+        def export(which, r, use_ema, **more):
+            state = self.export_state(run, use_ema)
+            if run.rank0:  # (BatchNorm's running statistics are in it: full_state_dict adds the persistent buffers)
+                export_segmentor(state, self.model_args, run.run_dir / which,
+                                 {**summary(r), "IoU": r["IoU"], "step": step, **more}, d.mean, d.std)
 
-    def checkpoint_now(step):
-        bad_log.flush()
-        client = {"step": step, "global_batch": t.global_batch, "seed": t.seed, "world_size": world,
-                  "epoch": step / steps_per_epoch}
-        tag_name = ckpt_files.tag_for(step)
-        if ema is not None:
-            ema_file(tag_name).parent.mkdir(parents=True, exist_ok=True)
-            ema.save(ema_file(tag_name))
-        client["best"] = best
-        client["schedule"] = schedule
-        client["nonfinite_steps"] = skipped
-        ckpt.save(engine, run_dir, step, client, keep=t.ckpt_keep, is_rank0=rank0,
-                  extra_files=[ema_file(tag_name)] if ema is not None else ())
-        sink.event(event="checkpoint", step=step)
+        self.keep_best(run, step, [("best", res)] + ([("best_ema", res_ema)] if res_ema is not None else []),
+                       export)
+        export("last", res, False, best_mIoU=self.best["best"]["mIoU"])
+        if res_ema is not None:
+            export("last_ema", res_ema, True, best_mIoU=self.best["best_ema"]["mIoU"])
 
-    def summary(r):
-        return {"mIoU": r["mIoU"], "mAcc": r["mAcc"], "aAcc": r["aAcc"]}
+    def best_record(self, res, step: int) -> dict:
+        return {**summary(res), "step": step}
 
-    # ---------------------------------------------------------------- loop
-    step = start_step
-    outcome, msg, agreed = "done", "", None
-    acc = torch.zeros(5, dtype=torch.float64, device=device)  # loss, decode, aux (weighted sums), images, bad
-    step_acc = torch.zeros(4, dtype=torch.float64, device=device)
-    nonfinite = torch.zeros(1, device=device)
-    streak, skipped = 0, int((marker or {}).get("nonfinite_steps", 0))
-    t_last, steps_since = time.perf_counter(), 0
-    t_ckpt = time.monotonic()
-    history = []
-    engine.train()
-    average_bn = world > 1 and not plan.sync_bn
-    while step < total_steps and outcome == "done":
-        epoch = step // steps_per_epoch
-        first = (step % steps_per_epoch) * plan.accum
-        loader = train_loader(train_pairs, env.rank, world, epoch, t.seed, t.micro_batch, aug, d.mean, d.std,
-                              d.reduce_zero_label, d.num_workers, skip_batches=first,
-                              pin_memory=device.type == "cuda")
-        micro = 0
-        for b, batch in enumerate(loader):
-            if first + b >= steps_per_epoch * plan.accum:
-                break
-            if micro == 0:
-                lr = lr_at(step, o, plan.lr, warmup, total_steps)
-                ds_engine.set_lr(engine, lr)
-            rng_seed = (t.seed * 1_000_003 + step * 1009 + micro * 7 + env.rank) % (2 ** 32)
-            torch.manual_seed(rng_seed)  # drop path, dropout: stateless per (step, micro, rank)
-            np.random.seed(rng_seed)
-            x = ds_engine.to_device(batch["image"], device)
-            y = ds_engine.to_device(batch["mask"], device).long()
-            valid = ds_engine.to_device(batch["valid"], device).float()
-            bad_log.add(batch, step + 1)
-            out, aux = engine(x.to(compute_dtype))
-            loss, main, aux_loss = segmentation_loss(out, aux, y, m.aux_weight, weight=valid)
-            if fault_active("nan", step + 1, env.rank, micro):
-                loss = loss * float("nan")
-            nv = valid.sum().double()
-            step_acc += torch.stack([loss.detach().double() * nv, main.detach().double() * nv,
-                                     (aux_loss.detach().double() if aux_loss is not None else
-                                      torch.zeros((), dtype=torch.float64, device=device)) * nv, nv])
-            acc[4] += (1 - valid).sum().double()
-            # every rank runs every backward; whether the step's update is applied, any rank's signal and rank 0's
-            # clock are agreed once, at its end: one all-reduce and one host wait, behind the queued step
-            last = micro + 1 == plan.accum
-            flags = ()
-            if last:
-                fault("term", step + 1, env.rank)
-                fault("crash", step + 1, env.rank)
-                due = t.ckpt_every_minutes > 0 and time.monotonic() - t_ckpt > 60 * t.ckpt_every_minutes
-                flags = (float(signals.code), float(rank0 and due))
-            end = ds_engine.micro_step(engine, loss, nonfinite, last=last, flags=flags)
-            micro += 1
-            if micro < plan.accum:
-                continue
-            micro = 0
-            applied = end.applied
-            signal_code, save_due = end.flags
-            if applied:
-                acc[:4] += step_acc
-            step_acc.zero_()
-            if average_bn:
-                average_bn_buffers(module)
-            step += 1
-            steps_since += 1
-            sink.advance()
-            if ema is not None and applied:
-                ema.update()
-            if not applied:
-                skipped += 1
-                streak += 1
-                sink.event(event="nonfinite_loss", step=step, skipped_steps=skipped)
-                if streak > t.nan_tolerance:
-                    outcome = "diverged"
-                    msg = (f"non-finite loss for {streak} steps up to step {step}; the last checkpoint "
-                           f"({ckpt.latest_tag(run_dir)}) is untouched: lower the lr, then run the same command")
-                    break
-            else:
-                streak = 0
-            if step % t.log_every == 0 or step == total_steps:
-                dist.all_reduce(acc)
-                bad_log.flush()
-                elapsed = time.perf_counter() - t_last
-                n = acc[3].item()
-                rec = {"train_loss": acc[0].item() / n if n else None,
-                       "decode_loss": acc[1].item() / n if n else None,
-                       "aux_loss": acc[2].item() / n if n and m.aux_weight > 0 else None, "lr": lr,
-                       "grad_norm": ds_engine.grad_norm(engine), "bad_samples": int(acc[4].item()),
-                       "nonfinite_steps": skipped, "epoch": step / steps_per_epoch,
-                       "images_per_s": steps_since * t.global_batch / elapsed, "step_time_s": elapsed / steps_since}
-                sink.log(step, rec)
-                history.append((step, rec))
-                acc.zero_()
-                t_last, steps_since = time.perf_counter(), 0
-            eval_now = step % s.eval_every == 0 or step == total_steps
-            if eval_now:
-                rec = {"epoch": step / steps_per_epoch}
-                res = run_eval(False)
-                rec.update({f"val_{k}": v for k, v in summary(res).items()})
-                res_ema = None
-                if ema is not None:
-                    res_ema = run_eval(True)
-                    rec.update({f"val_ema_{k}": v for k, v in summary(res_ema).items()})
-                rec["val_images"] = res["images"]
-                sink.log(step, rec)
-                history.append((step, rec))
-                if rank0:
-                    (run_dir / "eval").mkdir(exist_ok=True)
-                    write_atomic(run_dir / "eval" / f"step{step:08d}.json", json.dumps(
-                        {"step": step, "result": res, "ema": res_ema}, indent=1), root=run_dir, what="eval record")
-                for which, r, use_ema in (("best", res, False),) + ((("best_ema", res_ema, True),)
-                                                                     if ema is not None else ()):
-                    if r["mIoU"] > best.get(which, {}).get("mIoU", -1.0):
-                        best[which] = {**summary(r), "step": step}
-                        export(which, {**summary(r), "IoU": r["IoU"], "step": step}, use_ema)
-                        sink.event(event=f"new_{which}", step=step, mIoU=r["mIoU"])
-                export("last", {**summary(res), "IoU": res["IoU"], "step": step,
-                                "best_mIoU": best["best"]["mIoU"]}, False)
-                if ema is not None:
-                    export("last_ema", {**summary(res_ema), "IoU": res_ema["IoU"], "step": step,
-                                        "best_mIoU": best["best_ema"]["mIoU"]}, True)
-            if eval_now or step % t.ckpt_every == 0 or signal_code > 0 or save_due > 0:
-                checkpoint_now(step)
-                t_ckpt = time.monotonic()
-            if signal_code > 0 and step < total_steps:
-                outcome = "signal"
-                agreed = SignalFlag.name_of(signal_code)
-                sink.event(event="signal", step=step, signal=agreed)
-                break
-            if step >= total_steps:
-                break
-        if outcome == "done" and step < total_steps and step % steps_per_epoch:
-            raise RuntimeError(f"the epoch {epoch} loader ended early at step {step}")
-    signals.restore()
-    if outcome != "signal":
-        sink.event(event=outcome, step=step)
-    sink.close()
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
-    release(run_dir)
-    if outcome == "diverged":
-        raise TrainingDiverged(msg)
-    if outcome == "signal":
-        raise Checkpointed(step, agreed)
-    return {"steps": step, "history": history, "run_dir": str(run_dir), "best": best}
+
+def summary(r) -> dict:
+    """The headline numbers of an evaluation result."""
+    return {"mIoU": r["mIoU"], "mAcc": r["mAcc"], "aAcc": r["aAcc"]}
+
+
+def segment(cfg: SegmentRunConfig) -> dict:
+    """Run (or resume) segmentation training; returns a summary with the best results."""
+    return harness.run(SegmentTask(cfg))
 
 
 # ============================================================================ command line
