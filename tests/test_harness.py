@@ -1,6 +1,8 @@
 """The run harness (``megadigpt.train.harness``): what it does the same way for every task, and the two behaviours
 that changed on purpose when the three loops became one (issue 29):
 
+* the per-micro-batch seeds are drawn from numpy's SeedSequence of (seed, step, micro-batch, rank): the former
+  arithmetic gave different (micro-batch, rank) pairs the same seed from 8 ranks on;
 * fine-tuning and segmentation now roll ``checkpoints/latest`` back after more than ``train.nan_tolerance``
   non-finite steps in a row, as pretraining did (before, their last checkpoint was left as it was, even one
   written during the streak);
@@ -53,11 +55,33 @@ def test_epoch_batches_resume_tail_and_early_end():
         list(it)
 
 
-def test_step_seeds_are_the_loops_seeds():
-    from megadigpt.train.harness import step_seed
+def test_step_seeds_never_collide_and_seed_every_generator():
+    """Deliberate change: the seeds were ``seed * 1_000_003 + step * 1009 + micro * 7 + rank`` in the transfer loops
+    (without ``micro * 7`` in pretraining's), under which rank 7's first micro-batch drew the drop-path masks and
+    mixup parameters of rank 0's second, and rank 1009 those of the next step. Now: no two (step, micro-batch,
+    rank) of 50 steps x 4 micro-batches x 1024 ranks share a seed, and the same tuple gives the same draws."""
+    import random
 
-    assert step_seed(5, 3, 1, 1) == (5 * 1_000_003 + 3 * 1009 + 1 * 7 + 1) % 2 ** 32  # fine-tuning's, segmentation's
-    assert step_seed(0, 3, 0, 1) == 0 * 1_000_003 + 3 * 1009 + 1  # accumulation 1: pretraining's seeds unchanged
+    import numpy as np
+    import torch
+
+    from megadigpt.train.harness import seed_everything, step_seed
+
+    old = {(s * 1009 + m * 7 + r) % 2 ** 32 for s in range(50) for m in range(4) for r in range(1024)}
+    assert len(old) < 50 * 4 * 1024  # (the former formula's collisions, the reason for the change)
+    seeds = {step_seed(0, s, m, r) for s in range(50) for m in range(4) for r in range(1024)}
+    assert len(seeds) == 50 * 4 * 1024 and all(0 <= x < 2 ** 64 for x in seeds)
+    assert step_seed(1, 0, 0, 0) != step_seed(0, 0, 0, 0)
+
+    def draws():
+        return torch.rand(3).tolist(), np.random.rand(3).tolist(), [random.random() for _ in range(3)]
+
+    seed_everything(step_seed(0, 3, 1, 7))
+    a = draws()
+    seed_everything(step_seed(0, 3, 1, 6))
+    b = draws()
+    seed_everything(step_seed(0, 3, 1, 7))
+    assert draws() == a and all(x != y for x, y in zip(a, b))
 
 
 def test_finetune_rolls_back_after_repeated_nonfinite_steps(cifar_small, tmp_path):

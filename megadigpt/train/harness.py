@@ -28,9 +28,11 @@
 
 What the harness decides the same way for every task:
 
-- **Seeds**: before each micro-batch torch's, numpy's and Python's generators are seeded with
-  ``(seed * 1_000_003 + step * 1009 + micro * 7 + rank) mod 2**32``: drop path, dropout, mixup, erasing are
-  functions of (seed, step, micro-batch, rank), so a resumed run reproduces the uninterrupted one.
+- **Seeds**: before each micro-batch torch's, numpy's and Python's generators are seeded with 64 bits drawn
+  from numpy's ``SeedSequence([seed, step, micro, rank])`` (:func:`step_seed`): drop path, dropout, mixup, erasing
+  are functions of (seed, step, micro-batch, rank), so a resumed run reproduces the uninterrupted one, and no two
+  (step, micro-batch, rank) share a seed (the loops' former ``seed * 1_000_003 + step * 1009 + micro * 7 + rank``
+  gave rank 7's first micro-batch the seed of rank 0's second, and rank 1009 the seed of the next step).
 - **Non-finite losses**: a step whose loss is non-finite on any rank is skipped on every rank
   (:func:`megadigpt.distributed.engine.micro_step`); more than ``train.nan_tolerance`` in a row roll
   ``checkpoints/latest`` back to the last checkpoint before the streak and stop with :class:`TrainingDiverged`
@@ -247,7 +249,22 @@ def epoch_batches(make_loader, steps_per_epoch: int, accum: int, start_step: int
 
 
 def step_seed(seed: int, step: int, micro: int, rank: int) -> int:
-    return (seed * 1_000_003 + step * 1009 + micro * 7 + rank) % (2 ** 32)
+    """A 64-bit seed for one micro-batch of one rank: numpy's SeedSequence hashes the four numbers, so distinct
+    tuples collide only by chance (about n^2 / 2^65 for n tuples), for any number of ranks and micro-batches."""
+    import numpy as np
+
+    lo, hi = np.random.SeedSequence([seed, step, micro, rank]).generate_state(2)  # (train.seed: 0 .. 2^32-1)
+    return int(lo) | int(hi) << 32
+
+
+def seed_everything(seed: int):
+    """torch's (CPU and every device), numpy's legacy global and Python's generators, from one 64-bit seed."""
+    import numpy as np
+    import torch
+
+    torch.manual_seed(seed)  # drop path, dropout, erasing
+    np.random.seed([seed & 0xFFFFFFFF, seed >> 32])  # timm's Mixup draws from numpy's global generator
+    random.seed(seed)  # RandomErasing from Python's
 
 
 def run(task: Task) -> dict:
@@ -327,7 +344,6 @@ def run(task: Task) -> dict:
 
 def _loop(task: Task, r: Run, signals: SignalFlag, schedule: dict, schedule_changes: list, commands) -> tuple:
     """The steps, from ``r.start_step`` to the end, a signal or a divergence -> (outcome, detail)."""
-    import numpy as np
     import torch
     import torch.distributed as dist
 
@@ -383,10 +399,7 @@ def _loop(task: Task, r: Run, signals: SignalFlag, schedule: dict, schedule_chan
             if micro == 0:
                 lr = task.lr_at(step)
                 ds_engine.set_lr(engine, lr)
-            seed = step_seed(t.seed, step, micro, env.rank)
-            torch.manual_seed(seed)  # drop path, dropout, erasing: stateless per (step, micro-batch, rank)
-            np.random.seed(seed)  # timm's Mixup draws from numpy
-            random.seed(seed)  # RandomErasing from Python's
+            seed_everything(step_seed(t.seed, step, micro, env.rank))  # stateless per (step, micro-batch, rank)
             bad_log.add(batch, step + 1)
             record_trained(batch, step + 1, env.rank)
             inputs = task.inputs(batch)
