@@ -6,7 +6,11 @@ segmentation; its docstring says what each run is). The six runs share one 2-ran
 
 The values are compared as floats with ``==`` (recorded as ``repr``: exact). A recording is only valid for the
 torch and DeepSpeed it was made with: under others the test skips, saying to re-record on the commit before the
-change. A difference means the change altered what the loops compute; it names the run, the key and the step."""
+change. A difference means the change altered what the loops compute; it names the run, the key and the step.
+
+History (the file's ``history``): recorded on 872d134, before the one run harness; the harness (797ad6b) reproduced
+every value; re-recorded on 0dd8005, which changed the per-micro-batch seeds on purpose (pretraining's values
+unchanged, the transfer tasks' new draws)."""
 
 import json
 from pathlib import Path
