@@ -7,7 +7,7 @@ from pathlib import Path
 
 # the table of commands lives in commands.py; ArgumentError, RESERVE_GIB and *_overrides are re-exported here
 from .commands import ArgumentError, RESERVE_GIB, finetune_overrides, pretrain_overrides  # noqa: F401
-from .commands import fail, is_plan_json, parse_csv, parse_models, parse_onoff, rank0, run
+from .commands import fail, is_plan_json, overrides_of, parse_csv, parse_models, parse_onoff, rank0, run
 from .commands import build_parser as _build_table
 from .config import ConfigError
 
@@ -24,17 +24,22 @@ def cmd_finetune(args) -> int:
     from .config import FinetuneRunConfig, load_config
     from .train.finetune import finetune
 
-    res = finetune(load_config(args.config, finetune_overrides(args), root=FinetuneRunConfig))
-    if rank0() and res.get("best"):
-        b = res["best"]["best"]
-        print(f"best top-1 {b['top1']:.2f} (step {b['step']}); exports in {res['run_dir']}/best and /last")
-    return 0
+    finetune(load_config(args.config, finetune_overrides(args), root=FinetuneRunConfig))  # (its closing line:
+    return 0  # the harness's)
 
 
 def cmd_segment(args) -> int:
     from .train.segment import cli_main
 
     return cli_main(args)
+
+
+def cmd_clip(args) -> int:
+    from .clip_config import load_clip_config
+    from .train.clip import clip
+
+    clip(load_clip_config(args.config, overrides_of(args)))  # (its closing line: the harness's)
+    return 0
 
 
 def _announce_pipes(*sources) -> None:
@@ -66,13 +71,16 @@ def cmd_probe(args) -> int:
 def cmd_eval(args) -> int:
     from .train.evaluate import evaluate_sets
 
+    from .train.evaluate import parse_set_specs
+
     folders = {k: getattr(args, k) for k in ("imagenet", "real", "v2", "a", "r", "sketch", "c") if getattr(args, k)}
+    named = parse_set_specs(args.sets)  # --set NAME=SOURCE
     if args.out:
         from .checkpoint.convert import guard_output
         from .train.evaluate import OUTPUT_FILES
 
         guard_output(args.out, "dir", "--out", force=args.force, files=OUTPUT_FILES,
-                     inputs=[args.model, args.real_labels, *folders.values()])
+                     inputs=[args.model, args.real_labels, *folders.values(), *named.values()])
     model = Path(args.model) / args.which if (Path(args.model) / args.which).is_dir() else Path(args.model)
     if model.is_dir():  # a damaged or truncated model.safetensors: named now, from its header
         from .config import check_weights_file
@@ -81,9 +89,9 @@ def cmd_eval(args) -> int:
     from .data import remote
 
     remote.configure(args.cache_dir, args.io_timeout, args.io_retries)  # before any source is read
-    _announce_pipes(*folders.values())
+    _announce_pipes(*folders.values(), *named.values())
     evaluate_sets(args.model, folders, args.out, which=args.which, batch=args.batch, limit=args.limit,
-                  loader=args.loader, num_workers=args.workers, real_labels_path=args.real_labels)
+                  loader=args.loader, num_workers=args.workers, real_labels_path=args.real_labels, named=named)
     return 0
 
 
@@ -233,7 +241,8 @@ def cmd_tokenizer_fit(args) -> int:
 
 
 def cmd_show_config(args) -> int:
-    from . import segment_config  # noqa: F401 (its tree joins config.TREES)
+    from . import segment_config  # noqa: F401 (its tree joins config.TREES: segmentation's third, ...)
+    from . import clip_config  # noqa: F401,I001 (... and the image-text tree fourth)
     from .config import CONFIG_DIR, TREES, config_layers, dump_config, load_config, parse_overrides, tree_of
 
     if args.list:
@@ -258,16 +267,15 @@ def cmd_show_config(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from .train.report import report
-
     from .checkpoint.convert import guard_output
-    from .train.report import OUTPUT_FILES
+    from .train.report import default_out, output_files, report
 
-    guard_output(args.out or Path(args.run_dir) / "report", "dir", "--out", force=args.force, files=OUTPUT_FILES,
-                 inputs=[Path(args.run_dir) / "metrics.jsonl", Path(args.run_dir) / "config.yaml", args.probe,
-                         Path(args.probe) / "results.json" if args.probe else None])
-    res = report(args.run_dir, args.out, args.probe)
-    print(f"{len(res['plots'])} plots ({', '.join(res['plots'])}) and summary.md in {res['out']}")
+    runs, probes = [Path(d) for d in args.run_dir], args.probe or []
+    guard_output(args.out or default_out(runs), "dir", "--out", force=args.force, files=output_files(runs),
+                 inputs=[f for d in runs for f in (d / "metrics.jsonl", d / "config.yaml", d / "results.json")] +
+                 [f for p in probes for f in (p, Path(p) / "results.json")])
+    res = report(runs, args.out, probes, smoothing=args.smoothing)
+    print(f"{len(res['plots'])} plots ({', '.join(res['plots'])}), report.json and summary.md in {res['out']}")
     return 0
 
 

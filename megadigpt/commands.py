@@ -110,7 +110,7 @@ def finetune_overrides(args):
 def overrides_of(args) -> List[str]:
     overrides = list(args.overrides)
     for flag, key in (("train", "data.train"), ("val", "data.val"), ("run_dir", "train.run_dir"),
-                      ("init_from", "train.init_from")):
+                      ("init_from", "train.init_from"), ("zeroshot", "data.zeroshot")):
         v = getattr(args, flag, None)
         if v:
             overrides.append(f"{key}={v}")
@@ -188,6 +188,11 @@ def _remote_args(p) -> None:
     p.add_argument("--io-retries", type=NONNEG_INT, default=3, help="retries of a remote shard")
 
 
+OVERRIDES_HELP = ("config overrides, after or between the options: train.max_steps=100 data.num_workers=4 (every key: "
+                  "docs/config.md, megadigpt show-config; quote values the shell would expand: "
+                  "data.source='dir/{000000..000009}.tar')")
+
+
 def add_segment_parser(sub) -> argparse.ArgumentParser:
     """``megadigpt segment``'s subparser (``build_parser`` and ``python -m megadigpt.train.segment``)."""
     sg = sub.add_parser("segment", help="semantic segmentation transfer: UperNet on the encoder, ADE20K protocol "
@@ -200,10 +205,11 @@ def add_segment_parser(sub) -> argparse.ArgumentParser:
     sg.add_argument("--allow-schedule-change", action="store_true",
                     help="resume with another lr schedule (max_steps, lr, warm-up); recorded in metrics.jsonl")
     sg.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
-    sg.add_argument("overrides", nargs="*", metavar="section.key=value")
+    sg.add_argument("overrides", nargs="*", metavar="section.key=value", help=OVERRIDES_HELP)
     return sg
 
 
+SUBMITTABLE = ("pretrain", "finetune", "segment", "probe", "eval")  # the commands `megadigpt submit` queues
 RESERVE_GIB = 4.0  # megadigpt.perf.memory.RESERVE_GIB (not imported here: it would load torch for every command)
 
 
@@ -228,7 +234,7 @@ def build_parser(handlers: Optional[Dict[str, Callable]] = None) -> argparse.Arg
     pt.add_argument("--allow-schedule-change", action="store_true",
                     help="resume with another lr schedule (max_steps, epochs, lr, warm-up); recorded in metrics.jsonl")
     pt.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
-    pt.add_argument("overrides", nargs="*", metavar="section.key=value")
+    pt.add_argument("overrides", nargs="*", metavar="section.key=value", help=OVERRIDES_HELP)
     pt.set_defaults(fn=h.get("cmd_pretrain"))
 
     ft = sub.add_parser("finetune", help="classification fine-tuning (resumes automatically from its run directory)")
@@ -240,10 +246,25 @@ def build_parser(handlers: Optional[Dict[str, Callable]] = None) -> argparse.Arg
     ft.add_argument("--allow-schedule-change", action="store_true",
                     help="resume with another lr schedule (max_steps, epochs, lr, warm-up); recorded in metrics.jsonl")
     ft.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
-    ft.add_argument("overrides", nargs="*", metavar="section.key=value")
+    ft.add_argument("overrides", nargs="*", metavar="section.key=value", help=OVERRIDES_HELP)
     ft.set_defaults(fn=h.get("cmd_finetune"))
 
     add_segment_parser(sub).set_defaults(fn=h.get("cmd_segment"))  # ADE20K-style semantic segmentation (UperNet)
+
+    cl = sub.add_parser("clip", help="image-text contrastive fine-tuning of the encoder with an OpenCLIP text tower "
+                                     "(the paper's zero-shot stage; resumes automatically from its run directory)")
+    cl.add_argument("--config", default="clip_vitl14_laion", help="a YAML file or a built-in clip config")
+    cl.add_argument("--train", default=None, help="shortcut for data.train=...: image-text shards (<key>.jpg + <key>.txt)")
+    cl.add_argument("--val", default=None, help="shortcut for data.val=...: held-out pairs for retrieval R@1/5/10")
+    cl.add_argument("--zeroshot", default=None, help="shortcut for data.zeroshot=...: a labelled set with class names")
+    cl.add_argument("--init-from", dest="init_from", default=None, help="shortcut for train.init_from=...: the image "
+                                                                        "tower's encoder")
+    cl.add_argument("--run-dir", default=None, help="shortcut for train.run_dir=...")
+    cl.add_argument("--allow-schedule-change", action="store_true",
+                    help="resume with another lr schedule (max_steps, lr, warm-up); recorded in metrics.jsonl")
+    cl.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    cl.add_argument("overrides", nargs="*", metavar="section.key=value", help=OVERRIDES_HELP)
+    cl.set_defaults(fn=h.get("cmd_clip"))
     pr = sub.add_parser("probe", help="linear probe of every block (best block reported) and k-NN")
     pr.add_argument("weights", nargs="?", default=None, help="a pretraining run/checkpoint, a timm folder, a "
                                                              ".safetensors or a reference .pth")
@@ -255,10 +276,11 @@ def build_parser(handlers: Optional[Dict[str, Callable]] = None) -> argparse.Arg
     pr.add_argument("--force", action="store_true", help="replace results files megadigpt did not write")
     pr.add_argument("--knn-layers", default=None, help="shortcut for probe.knn_layers=...")
     pr.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
-    pr.add_argument("overrides", nargs="*", metavar="section.key=value")
+    pr.add_argument("overrides", nargs="*", metavar="section.key=value", help=OVERRIDES_HELP)
     pr.set_defaults(fn=h.get("cmd_probe"))
 
-    ev = sub.add_parser("eval", help="ImageNet val, ReaL, V2, A, R, Sketch, C (mCE) for a fine-tuned classifier")
+    ev = sub.add_parser("eval", help="top-1/top-5 of a fine-tuned classifier on any labelled set (--set NAME=SOURCE) "
+                                     "and ImageNet val, ReaL, V2, A, R, Sketch, C (mCE)")
     ev.add_argument("model", help="a fine-tuning run directory (its best/) or an exported classifier folder")
     ev.add_argument("--which", default="best", help="in a run directory: best | last | best_ema | last_ema")
     src = "a source: class folders, shards, an index folder, a sample list, or URLs (https://, s3://, pipe:)"
@@ -270,13 +292,19 @@ def build_parser(handlers: Optional[Dict[str, Callable]] = None) -> argparse.Arg
     ev.add_argument("--c", default=None, help="ImageNet-C: a <corruption>/<severity>/ tree of sources, or a template "
                                               "with {corruption} and {severity} (e.g. https://host/c/{corruption}/"
                                               "{severity}/{000000..000009}.tar)")
+    ev.add_argument("--set", dest="sets", action="append", default=None, metavar="NAME=SOURCE",
+                    help="any labelled set, scored top-1/top-5 under its own NAME (repeatable), e.g. "
+                         "cifar10=data/cifar10/test-{000000..000001}.tar; " + src + "; its classes (classes.txt "
+                         "beside the shards, or class folders) must be the model's head: as many and, where both "
+                         "have names, the same names in the same order")
     ev.add_argument("--real-labels", default=None, help="real.json (default: timm's bundled copy)")
     ev.add_argument("--out", default=None, help="folder for eval.json / eval.md")
     ev.add_argument("--force", action="store_true", help="replace eval files megadigpt did not write")
-    ev.add_argument("--batch", type=POS_INT, default=64)
+    ev.add_argument("--batch", type=POS_INT, default=64, help="images per forward pass, per GPU")
     ev.add_argument("--limit", type=POS_INT, default=None, help="at most this many images per set (a quick look)")
-    ev.add_argument("--loader", default="auto", choices=["auto", "dali", "torch"])
-    ev.add_argument("--workers", type=NONNEG_INT, default=4)
+    ev.add_argument("--loader", default="auto", choices=["auto", "dali", "torch"],
+                    help="image decoding: NVIDIA DALI or torch DataLoader workers (auto: DALI where it is installed)")
+    ev.add_argument("--workers", type=NONNEG_INT, default=4, help="data-loading workers (DALI threads) per GPU")
     _remote_args(ev)
     ev.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     ev.set_defaults(fn=h.get("cmd_eval"))
@@ -285,19 +313,23 @@ def build_parser(handlers: Optional[Dict[str, Callable]] = None) -> argparse.Arg
                                              "segmentation); --list names the built-in configs")
     sc.add_argument("--config", default="demo", help="a built-in config's name or a YAML path (default: demo)")
     sc.add_argument("--list", action="store_true", help="name the built-in configs, one line each, by tree")
-    sc.add_argument("overrides", nargs="*", metavar="section.key=value")
+    sc.add_argument("overrides", nargs="*", metavar="section.key=value", help=OVERRIDES_HELP)
     sc.set_defaults(fn=h.get("cmd_show_config"))
 
     cv = sub.add_parser("convert", help="DeepSpeed checkpoint -> timm / reference D-iGPT / fp32, and back")
     cv.add_argument("input", help="a run dir, a checkpoint dir, a megadigpt .safetensors, or a reference .pth")
-    cv.add_argument("--to", required=True, choices=["timm", "reference", "fp32"])
-    cv.add_argument("--out", required=True, help="timm: a folder; reference: a .pth; fp32: a .safetensors (never "
-                                                 "inside a run's checkpoints/, never the input)")
+    cv.add_argument("--to", required=True, choices=["timm", "reference", "fp32"],
+                    help="timm: a folder timm loads (local-dir:); reference: the D-iGPT reference code's .pth; fp32: "
+                         "one .safetensors of the consolidated weights")
+    cv.add_argument("--out", required=True, help="timm: a folder (not named like a file, x.safetensors); reference: "
+                                                 "a .pth; fp32: a .safetensors (never inside a run's checkpoints/, "
+                                                 "never the input)")
     cv.add_argument("--force", action="store_true", help="replace existing files megadigpt did not write")
     cv.add_argument("--tag", default=None, help="checkpoint tag (default: the newest complete one)")
     cv.add_argument("--num-heads", type=POS_INT, default=None, help="timm: heads (default: from the run or the width)")
     cv.add_argument("--segment-grid", type=_at_least(2), default=2, help="reference: the segment grid (its mask buffer)")
-    cv.add_argument("--no-final-norm", action="store_true", help="timm: export without timm's final LayerNorm")
+    cv.add_argument("--no-final-norm", action="store_true",
+                    help="timm: no fc_norm after the mean-pooling (model(x) is then the probe's features)")
     cv.set_defaults(fn=h.get("cmd_convert"))
 
     data = sub.add_parser("data", help="dataset tooling: validate, build shards, index shards, merge, ImageNet-21K "
@@ -306,17 +338,17 @@ def build_parser(handlers: Optional[Dict[str, Callable]] = None) -> argparse.Arg
     v = dsub.add_parser("validate", help="decode every sample; write clean.jsonl and bad.jsonl (and clean shards)")
     v.add_argument("source", help="shards, an image folder, or a sample list (.jsonl)")
     v.add_argument("--out", required=True, help="folder for clean.jsonl / bad.jsonl")
-    v.add_argument("--workers", type=POS_INT, default=os.cpu_count() or 1)
+    v.add_argument("--workers", type=POS_INT, default=os.cpu_count() or 1, help="decoding processes")
     v.add_argument("--shards", default=None, help="also write clean shards to this folder")
-    v.add_argument("--shard-size", type=POS_INT, default=10000)
+    v.add_argument("--shard-size", type=POS_INT, default=10000, help="samples per clean shard")
     _remote_args(v)
     v.set_defaults(fn=h.get("cmd_data"))
     b = dsub.add_parser("build", help="write webdataset shards + DALI indexes + manifest.json + the sample index "
                                       "<out>/index (restartable)")
     b.add_argument("source", help="an image folder, a file list (.txt: path [label]), shards, or a sample list")
-    b.add_argument("--out", required=True)
-    b.add_argument("--shard-size", type=POS_INT, default=10000)
-    b.add_argument("--prefix", default="shard")
+    b.add_argument("--out", required=True, help="the folder for the shards, their DALI indexes and manifest.json")
+    b.add_argument("--shard-size", type=POS_INT, default=10000, help="samples per shard")
+    b.add_argument("--prefix", default="shard", help="shard file names: <prefix>-000000.tar, ...")
     _remote_args(b)
     b.set_defaults(fn=h.get("cmd_data"))
     ix = dsub.add_parser("index", help="scan tar shards written elsewhere (e.g. img2dataset's) into a sample index "
@@ -331,44 +363,56 @@ def build_parser(handlers: Optional[Dict[str, Callable]] = None) -> argparse.Arg
     mg.add_argument("spec", help="YAML: sources [{name, source, weight, expected_count}], total, "
                                  "exclude_duplicates_of")
     mg.add_argument("--out", required=True, help="the merged index folder (or a .jsonl sample list)")
-    mg.add_argument("--seed", type=NONNEG_INT, default=0)
+    mg.add_argument("--seed", type=NONNEG_INT, default=0, help="the seed of the weighted sampling")
     _remote_args(mg)
     mg.set_defaults(fn=h.get("cmd_data"))
     lab = dsub.add_parser("in21k-labels", help="ImageNet-21K class indices from the synset folders present")
     lab.add_argument("root", help="folder of nXXXXXXXX synset folders")
-    lab.add_argument("--variant", choices=["fall11", "winter21"], required=True)
-    lab.add_argument("--out", required=True)
+    lab.add_argument("--variant", choices=["fall11", "winter21"], required=True,
+                     help="the ImageNet-21K release: fall11 (21841 classes) or winter21 (19167)")
+    lab.add_argument("--out", required=True, help="the JSON file of class indices")
     lab.add_argument("--force", action="store_true", help="replace an existing file megadigpt did not write")
     lab.set_defaults(fn=h.get("cmd_data"))
 
     sm = sub.add_parser("submit", help="SLURM: validate, snapshot the code, write the sbatch script into the run "
                                        "directory and submit it; or a chain of stages (afterok)",
-                        description="megadigpt submit [options] pretrain|finetune|probe|eval <that command's "
-                                    "arguments>, or megadigpt submit [options] <chain.yaml | built-in chain>. "
-                                    "Options given here override the chain's for every stage.")
+                        description=f"megadigpt submit [options] {'|'.join(SUBMITTABLE)} <that command's "
+                                    f"arguments>, or megadigpt submit [options] <chain.yaml | built-in chain>. "
+                                    f"Options given here override the chain's for every stage; --setup lines run "
+                                    f"after the chain's. The job runs `srun python -m megadigpt <command> ...` "
+                                    f"with the code snapshot on PYTHONPATH.")
     sm.add_argument("--dry-run", action="store_true", help="print the scripts and sbatch commands; submit nothing")
     sm.add_argument("--after", default=None, help="a job id the first stage waits for (afterok)")
     sm.add_argument("--from", dest="from_stage", default=None, help="chain: start at this stage")
     sm.add_argument("--run-root", default=None, help="chain: the folder of the stages' run directories")
-    sm.add_argument("--nodes", type=POS_INT, default=None)
-    sm.add_argument("--gpus-per-node", dest="gpus_per_node", type=NONNEG_INT, default=None, help="0 on a CPU partition")
-    sm.add_argument("--ntasks-per-node", dest="ntasks_per_node", type=POS_INT, default=None)
-    sm.add_argument("--cpus-per-task", dest="cpus_per_task", type=POS_INT, default=None)
-    sm.add_argument("--mem", default=None)
-    sm.add_argument("--time", default=None, help="the time limit, e.g. 48:00:00")
+    sm.add_argument("--nodes", type=POS_INT, default=None, help="nodes per stage (default 1)")
+    sm.add_argument("--gpus-per-node", dest="gpus_per_node", type=NONNEG_INT, default=None,
+                    help="GPUs per node, one task each (default 8; eval 1); 0 on a CPU partition")
+    sm.add_argument("--ntasks-per-node", dest="ntasks_per_node", type=POS_INT, default=None,
+                    help="tasks per node (default: one per GPU; 1 without GPUs)")
+    sm.add_argument("--cpus-per-task", dest="cpus_per_task", type=POS_INT, default=None,
+                    help="CPUs per task: data.num_workers + 1 is a good start (SLURM's default is 1)")
+    sm.add_argument("--mem", default=None, help="memory per node, e.g. 200G; 0: all of it")
+    sm.add_argument("--time", default=None, help="the time limit, e.g. 48:00:00 (default 24:00:00; eval 02:00:00, "
+                                                 "probe 08:00:00)")
     for k in ("partition", "account", "qos", "constraint", "reservation"):
-        sm.add_argument(f"--{k}", default=None)
-    sm.add_argument("--exclusive", action="store_true", default=None)
+        sm.add_argument(f"--{k}", default=None, help=f"sbatch --{k}")
+    sm.add_argument("--exclusive", action="store_true", default=None, help="whole nodes (sbatch --exclusive)")
     sm.add_argument("--signal-seconds", dest="signal_seconds", type=NONNEG_INT, default=None,
                     help="SIGUSR1 this long before the time limit: checkpoint, requeue, resume (default 300)")
     sm.add_argument("--no-requeue", action="store_true", help="checkpoint on the signal but do not requeue")
-    sm.add_argument("--job-name", dest="job_name", default=None)
+    sm.add_argument("--job-name", dest="job_name", default=None, help="the job's name (default: megadigpt-<stage>)")
     sm.add_argument("--sbatch", action="append", default=None, metavar="OPTION",
                     help="one more sbatch option, verbatim (repeatable): --sbatch=--mail-type=END")
     sm.add_argument("--env", action="append", default=None, metavar="KEY=VALUE",
                     help="exported before srun (repeatable): --env NCCL_SOCKET_IFNAME=ib0")
-    sm.add_argument("what", help="pretrain | finetune | segment | probe | eval, or a chain YAML / built-in chain name")
-    sm.add_argument("rest", nargs=argparse.REMAINDER, help="the command's arguments")
+    sm.add_argument("--setup", action="append", default=None, metavar="LINE",
+                    help="a shell line run before the launch line (repeatable, in order): --setup 'module load "
+                         "cuda/12.4' --setup 'source ~/venvs/megadigpt/bin/activate' (none: the python running "
+                         "submit is put first on PATH)")
+    sm.add_argument("what", metavar="|".join(SUBMITTABLE) + "|CHAIN",
+                    help=f"{' | '.join(SUBMITTABLE)}, or a chain YAML / built-in chain name")
+    sm.add_argument("rest", nargs=argparse.REMAINDER, metavar="ARGS", help="the command's arguments")
     sm.set_defaults(fn=h.get("cmd_submit"))
 
     pl = sub.add_parser("plan", help="per-GPU memory of ViT-B..ViT-e under ZeRO-1/2/3, +- activation checkpointing "
@@ -378,12 +422,14 @@ def build_parser(handlers: Optional[Dict[str, Callable]] = None) -> argparse.Arg
                                                    "config's patch)")
     pl.add_argument("--gpus", type=POS_INT, default=8, help="data-parallel ranks (GPUs in all)")
     pl.add_argument("--gpu-mem", dest="gpu_mem", type=POS_FLOAT, default=80.0, help="GiB per GPU")
-    pl.add_argument("--zero", default="1,2,3")
+    pl.add_argument("--zero", default="1,2,3", help="ZeRO stages to plan, comma-separated: 1,2,3")
     pl.add_argument("--ckpt", default="off,on", help="activation checkpointing: off,on")
     pl.add_argument("--offload", default="off,on", help="optimizer CPU offload: off,on")
     pl.add_argument("--micro-batch", dest="micro_batch", type=POS_INT, default=None, help="default: the config's")
-    pl.add_argument("--precision", default="bf16", choices=["bf16", "fp16", "fp32"])
-    pl.add_argument("--teacher-dtype", dest="teacher_dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
+    pl.add_argument("--precision", default="bf16", choices=["bf16", "fp16", "fp32"],
+                    help="the student's training precision (train.precision)")
+    pl.add_argument("--teacher-dtype", dest="teacher_dtype", default="bf16", choices=["bf16", "fp16", "fp32"],
+                    help="the frozen teacher's dtype (target.dtype)")
     pl.add_argument("--reserve", type=NONNEG_FLOAT, default=RESERVE_GIB,
                     help=f"GiB per GPU outside torch's tensors (CUDA context, NCCL communicators, DALI pools, "
                          f"allocator slack; default {RESERVE_GIB:g}, see docs/benchmarks.md)")
@@ -392,7 +438,7 @@ def build_parser(handlers: Optional[Dict[str, Callable]] = None) -> argparse.Arg
                          "before it is fit)")
     pl.add_argument("--json", default=None, help="also write the rows as JSON")
     pl.add_argument("--force", action="store_true", help="replace an existing --json file megadigpt did not write")
-    pl.add_argument("overrides", nargs="*", metavar="section.key=value")
+    pl.add_argument("overrides", nargs="*", metavar="section.key=value", help=OVERRIDES_HELP)
     pl.set_defaults(fn=h.get("cmd_plan"))
 
     be = sub.add_parser("bench", help="images/s, step-time breakdown, peak memory and MFU over a grid of "
@@ -404,10 +450,11 @@ def build_parser(handlers: Optional[Dict[str, Callable]] = None) -> argparse.Arg
                     help="default 224; with a segmentation --config: the crop, default its model.crop_size")
     be.add_argument("--teacher", default="efficientnet_lite0",
                     help="efficientnet_lite0 | pixels | open_clip:<arch> | timm:<name> (random weights), comma list")
-    be.add_argument("--zero", default="1")
+    be.add_argument("--zero", default="1", help="ZeRO stages, comma-separated: 1,3")
     be.add_argument("--ckpt", default="off", help="activation checkpointing: off,on")
     be.add_argument("--attention", default="sdpa", help="sdpa,flex,eager")
-    be.add_argument("--micro-batch", dest="micro_batch", default="32")
+    be.add_argument("--micro-batch", dest="micro_batch", default="32",
+                    help="images per GPU per micro-step, comma-separated: 16,32")
     be.add_argument("--precision", default="auto", help="auto | bf16 | fp16 | fp32, comma list")
     be.add_argument("--compile", default="off",
                     help="torch.compile of each block and of the teacher (as train.compile): off,on")
@@ -424,7 +471,7 @@ def build_parser(handlers: Optional[Dict[str, Callable]] = None) -> argparse.Arg
     be.add_argument("--out", required=True, help="folder for bench.json, bench.md, bench.png and per-case logs "
                                                  "(new, empty, or an earlier bench's)")
     be.add_argument("--force", action="store_true", help="write into a folder that holds other files")
-    be.add_argument("overrides", nargs="*", metavar="section.key=value")
+    be.add_argument("overrides", nargs="*", metavar="section.key=value", help=OVERRIDES_HELP)
     be.set_defaults(fn=h.get("cmd_bench"))
 
     tk = sub.add_parser("tokenizer", help="discrete targets: fit a k-means codebook (iGPT palette, DiGIT tokens)")
@@ -440,20 +487,27 @@ def build_parser(handlers: Optional[Dict[str, Callable]] = None) -> argparse.Arg
     tf.add_argument("--iters", type=POS_INT, default=30, help="Lloyd iterations at most")
     tf.add_argument("--seed", type=NONNEG_INT, default=0, help="sample, augmentation and k-means++ seed")
     tf.add_argument("--batch", type=POS_INT, default=64, help="images per teacher forward")
-    tf.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    tf.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                    help="where the teacher and k-means run (auto: CUDA when there is a GPU)")
     tf.add_argument("--force", action="store_true", help="replace an existing tokenizer file")
     tf.add_argument("--progress", default="auto", choices=["auto", "on", "off"],
                     help="progress bars (auto: when stderr is a terminal)")
-    tf.add_argument("overrides", nargs="*", metavar="section.key=value")
+    tf.add_argument("overrides", nargs="*", metavar="section.key=value", help=OVERRIDES_HELP)
     tf.set_defaults(fn=h.get("cmd_tokenizer_fit"))
 
     cr = sub.add_parser("config-reference", help="print the config reference (markdown)")
     cr.set_defaults(fn=h.get("cmd_config_reference"))
-    rp = sub.add_parser("report", help="PNG plots of a run (losses, lr, images/s, k-NN / val top-1, per-block "
-                                       "probe) and a markdown summary")
-    rp.add_argument("run_dir", help="a pretraining or fine-tuning run directory (its metrics.jsonl)")
-    rp.add_argument("--out", default=None, help="folder for the plots and summary.md (default: <run_dir>/report)")
-    rp.add_argument("--probe", default=None, help="a `megadigpt probe --out` folder: also plot top-1 per block")
+    rp = sub.add_parser("report", help="PNG plots of one or more runs, overlaid (one per metric: losses, lr "
+                                       "schedule, grad norm, images/s, step time, MFU, memory, k-NN / validation "
+                                       "top-1, per-block probe), report.json and a markdown summary")
+    rp.add_argument("run_dir", nargs="+", help="run directories (their metrics.jsonl and config.yaml); several are "
+                                               "overlaid, the legend naming each directory")
+    rp.add_argument("--out", default=None, help="folder for the plots, report.json and summary.md (default for one "
+                                                "run: <run_dir>/report; required for several)")
+    rp.add_argument("--probe", default=None, action="append",
+                    help="a `megadigpt probe --out` folder: also plot top-1 per block (repeatable)")
+    rp.add_argument("--smoothing", type=float, default=0.6,
+                    help="EMA weight of the smoothed line, as TensorBoard's slider: 0 (raw only) to <1 (default: 0.6)")
     rp.add_argument("--force", action="store_true", help="replace plots or summary.md that megadigpt did not write")
     rp.set_defaults(fn=h.get("cmd_report"))
     return p

@@ -11,6 +11,7 @@ import dataclasses
 import difflib
 import math
 import os
+import re
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -187,9 +188,13 @@ class RunConfig:
     nan_tolerance: int = 3  # consecutive non-finite steps skipped before rolling back and stopping
     log_every: int = 10  # optimizer steps between metric lines
     tensorboard: bool = True
-    wandb: bool = False  # also log to Weights & Biases (pip install wandb); the W&B run id is kept in the run directory
-    wandb_project: str = "megadigpt"
-    wandb_mode: str = "online"  # online | offline (written under <run_dir>/wandb; `wandb sync` later)
+    wandb: bool = False  # also log to Weights & Biases (pip install wandb), from rank 0; the W&B run id is kept in the run directory. W&B's environment (WANDB_MODE, WANDB_PROJECT, WANDB_ENTITY, WANDB_DIR, ...) applies to every key below left unset; WANDB_MODE=disabled switches it off
+    wandb_mode: Optional[str] = None  # online | offline (for `wandb sync` later) | disabled; default: $WANDB_MODE (or `wandb offline`), else online. online needs credentials ($WANDB_API_KEY or `wandb login`), checked before anything starts
+    wandb_project: Optional[str] = None  # default: $WANDB_PROJECT, else megadigpt
+    wandb_entity: Optional[str] = None  # the W&B user or team; default: $WANDB_ENTITY, else your W&B default entity
+    wandb_group: Optional[str] = None  # groups runs in the W&B UI (a pretraining and its fine-tunes); default: $WANDB_RUN_GROUP
+    wandb_tags: Optional[Union[str, List[str]]] = None  # a list, or one comma-separated string; default: $WANDB_TAGS
+    wandb_name: Optional[str] = None  # the run's display name; default: $WANDB_NAME, else the run directory's name
     progress: str = "auto"  # auto (a bar when stderr is a terminal) | on | off
 
 
@@ -420,7 +425,7 @@ RULES: Dict[type, Dict[str, Rule]] = {
                     device=one_of("auto", "cpu", "cuda"), precision=one_of(*PRECISIONS),
                     zero_stage=one_of(0, 1, 2, 3), ckpt_every=POSITIVE, ckpt_every_minutes=NON_NEGATIVE,
                     ckpt_keep=NON_NEGATIVE, nan_tolerance=NON_NEGATIVE, log_every=POSITIVE,
-                    progress=one_of("auto", "on", "off"), wandb_mode=one_of("online", "offline")),
+                    progress=one_of("auto", "on", "off"), wandb_mode=one_of("online", "offline", "disabled")),
     TrainConfig: dict(peak_tflops=POSITIVE, probe_every=NON_NEGATIVE),
     ClassifierConfig: dict(arch=one_of(lambda: ("auto",) + vit_archs()), patch_size=POSITIVE, img_size=POSITIVE,
                            embed_dim=POSITIVE, depth=POSITIVE, num_heads=POSITIVE, mlp_ratio=POSITIVE,
@@ -658,11 +663,34 @@ def resolve_config_path(name_or_path: str) -> Path:
                       f"built-in: {', '.join(names)}")
 
 
+def expanded_pattern_hint(words: List[str]) -> str:
+    """The end of the bad-override line when words that are not overrides look like files: the shell expanded an
+    unquoted brace pattern or glob (``--data x-{000000..000009}.tar``: the option took the first file, the rest
+    landed among the overrides)."""
+    files = [w for w in words if "=" not in w and (os.path.exists(w) or "://" in w or "/" in w or
+                                                   re.search(r"\.(tar|jsonl|jpe?g|png|webp)$", w, re.I))]
+    shapes: Dict[tuple, List[int]] = {}
+    for w in files:
+        m = re.fullmatch(r"(.*?)(\d+)(\D*)", w)
+        if m:
+            shapes.setdefault((m.group(1), len(m.group(2)), m.group(3)), []).append(int(m.group(2)))
+    if shapes and max(len(v) for v in shapes.values()) >= 2:
+        (pre, width, suf), nums = max(shapes.items(), key=lambda kv: len(kv[1]))
+        lo, hi = max(0, min(nums) - 1), max(nums)  # (the first file of the pattern went to the option before)
+        return (f"; {len(nums)} arguments look like the files of a pattern the shell expanded ({shorten(files[0], 60)}"
+                f" ...): put the pattern in quotes so that megadigpt expands it, e.g. '{pre}{{{lo:0{width}d}.."
+                f"{hi:0{width}d}}}{suf}'")
+    if files:
+        return "; if the shell expanded a pattern ({000000..000009}, *) into files, put the pattern in quotes"
+    return ""
+
+
 def parse_overrides(items: List[str]) -> Dict[str, Dict[str, Any]]:
     out: Dict[str, Dict[str, Any]] = {}
     for item in items:
         if "=" not in item or "." not in item.split("=", 1)[0]:
-            raise ConfigError(f"override {shorten(item)} is not of the form section.key=value")
+            raise ConfigError(f"override {shorten(item)} is not of the form section.key=value"
+                              f"{expanded_pattern_hint(items)}")
         key, raw = item.split("=", 1)
         section, name = key.split(".", 1)
         try:
@@ -873,6 +901,7 @@ def reference_markdown() -> str:
     import re
 
     importlib.import_module("megadigpt.segment_config")  # segmentation's tree registers itself in TREES
+    importlib.import_module("megadigpt.clip_config")  # and the image-text stage's
 
     out = []
     for title, root, _ in TREES:

@@ -21,13 +21,21 @@ def _parse():
     return out
 
 
-_FAULTS = _parse()
+_PARSED = {}  # MEGADIGPT_FAULTS text -> its parse: read at each check, so a process that runs several commands
+# (tests/config_matrix_runner.py) arms each with its own value
+
+
+def _faults() -> dict:
+    text = os.environ.get("MEGADIGPT_FAULTS", "")
+    if text not in _PARSED:
+        _PARSED[text] = _parse()
+    return _PARSED[text]
 
 
 def active(name: str, step: int, rank: int = 0, micro: int = None) -> bool:
     """``STEP``, ``STEP:RANK`` or ``STEP:RANK:MICRO`` (an empty RANK: every rank; MICRO: the micro-batch of the
     step, from 0, where the caller passes ``micro``; without it every micro-batch)."""
-    for arg in _FAULTS.get(name, []):
+    for arg in _faults().get(name, []):
         s, _, rest = arg.partition(":")
         r, _, m = rest.partition(":")
         if int(s) == step and (r == "" or int(r) == rank) and (m == "" or micro is None or int(m) == micro):

@@ -76,8 +76,8 @@ def test_wandb_offline_and_report_on_a_real_run(tmp_path):
     assert len(offline) == 1 and list(offline[0].glob("*.wandb"))
     assert offline[0].name.endswith((run / "wandb_id.txt").read_text().strip())
     p = run_cli(["report", str(run)])
-    for name in ("loss.png", "lr.png", "throughput.png"):
+    for name in ("gen_loss.png", "lr.png", "images_per_s.png"):
         assert (run / "report" / name).read_bytes()[:4] == b"\x89PNG"
     summary = (run / "report" / "summary.md").read_text()
-    assert "| gen_loss |" in summary and "last 3 of 3" in summary
+    assert "gen_loss, last / min" in summary and "| 3 of 3 |" in summary
     assert str(run / "report") in p.stdout

@@ -126,6 +126,8 @@ def test_show_config_knows_every_tree_and_lists_the_builtins():
         shown = yaml.safe_load(out)
         if name.startswith("segment_"):
             assert "segment" in shown and shown["model"]["crop_size"] > 0, name
+        if name.startswith("clip_"):
+            assert "clip" in shown and shown["text"]["model"], name
     code, out, err = _cli(["show-config", "--config", "segment_ade20k_vitb16", "model.crop_size=256"])
     assert code == 0 and yaml.safe_load(out)["model"]["crop_size"] == 256
     code, out, _ = _cli(["show-config", "--list"])
@@ -133,7 +135,7 @@ def test_show_config_knows_every_tree_and_lists_the_builtins():
     listed = [ln.split()[0] for ln in out.splitlines() if ln.startswith("  ")]
     assert sorted(listed) == names  # each once
     trees = [ln for ln in out.splitlines() if not ln.startswith("  ")]
-    assert len(trees) == 3 and "segment" in trees[2]
+    assert len(trees) == 4 and "segment" in trees[2] and "clip" in trees[3]
     assert all(len(ln) < 140 for ln in out.splitlines())
 
 

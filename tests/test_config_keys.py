@@ -27,11 +27,12 @@ COMMANDS = {
                           ("megadigpt.train.probe", "megadigpt.train.evaluate", "megadigpt.launch.slurm")),
     "SegmentRunConfig": ("megadigpt.train.segment",
                          ("megadigpt.perf.bench", "megadigpt.perf.segment_memory", "megadigpt.launch.slurm")),
+    "ClipRunConfig": ("megadigpt.train.clip", ()),
 }
 SHARED = ("megadigpt.train.harness",)  # the training loops' shared harness, where it exists: every tree's
-DEFINERS = {"megadigpt.config", "megadigpt.segment_config"}  # define and validate every key: no evidence of a read
+DEFINERS = {"megadigpt.config", "megadigpt.segment_config", "megadigpt.clip_config"}  # define and validate every key: no evidence of a read
 DISPATCHERS = {"megadigpt.cli"}  # load configs only to hand them to the modules in COMMANDS
-LOADERS = ("load_config", "load_segment_config")
+LOADERS = ("load_config", "load_segment_config", "load_clip_config")
 
 
 @functools.lru_cache(maxsize=None)
@@ -88,7 +89,8 @@ def unread_keys(root, tree: str):
 
 
 def _trees():
-    import megadigpt.segment_config  # noqa: F401 (its tree joins TREES)
+    import megadigpt.clip_config  # noqa: F401 (the trees of segmentation and image-text join TREES)
+    import megadigpt.segment_config  # noqa: F401
     from megadigpt.config import TREES
 
     return TREES

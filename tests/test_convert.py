@@ -4,6 +4,7 @@ network (same losses as a transcription of its forward) and one tensor perturbed
 uses it for; bad inputs are refused."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -106,18 +107,17 @@ def test_timm_loads_strictly_with_identical_features(runs, tmp_path, final_norm)
     exported = load_file(str(out / "model.safetensors"))
     plain.load_state_dict(exported, strict=True)  # every key matched
     encoder = {k[len("encoder."):]: v for k, v in load_any(runs / "z3").items() if k.startswith("encoder.")}
-    assert {k: v for k, v in exported.items() if not k.startswith("norm.")}.keys() == encoder.keys()
+    assert {k: v for k, v in exported.items() if not k.startswith("fc_norm.")}.keys() == encoder.keys()
     for k in encoder:  # and back: the timm tensors are megadigpt's encoder tensors, bit for bit
         assert torch.equal(exported[k], encoder[k]), k
     tm = load_timm(out).eval()  # timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=...))
     ours = _model(runs / "z3")
     ours.load_state_dict(load_any(runs / "z3"))
     x = torch.randn(2, 3, 32, 32)
-    with torch.no_grad():
-        mine = ours.encoder.forward_features(x)
-        if final_norm:
-            mine = torch.nn.functional.layer_norm(mine, mine.shape[-1:], eps=1e-6)
-        torch.testing.assert_close(tm.forward_features(x), mine, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():  # the raw trunk either way: with avg pooling timm's norm is an Identity (fc_norm pools)
+        torch.testing.assert_close(tm.forward_features(x), ours.encoder.forward_features(x), rtol=1e-5, atol=1e-5)
+    assert tm.global_pool == "avg" and isinstance(tm.norm, torch.nn.Identity)
+    assert isinstance(tm.fc_norm, torch.nn.LayerNorm) == final_norm
 
 
 @pytest.fixture(scope="module")
@@ -183,6 +183,72 @@ def load_reference_file_from(runs, tmp_path):
     return to_reference(load_any(runs / "z3"))
 
 
+def _card_example(card: str, folder, image) -> dict:
+    """Run the model card's own "How to use" example (its first python block) on one image file; its variables."""
+    code = card.split("## How to use", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    code = re.sub(r"path/to/megadigpt_vit\w+", str(folder), code).replace('"image.jpg"', repr(str(image)))
+    scope = {}
+    exec(compile(code, "README.md", "exec"), scope)  # noqa: S102 - the card megadigpt itself wrote
+    return scope
+
+
+@pytest.mark.parametrize("final_norm", [True, False])
+def test_card_example_gives_the_probes_and_finetunings_features(runs, cifar_dir, tmp_path, final_norm):
+    """Issue 30: the timm export pools as megadigpt measures. The card's own example, run as written on real
+    CIFAR-10 test images (PIL + timm's transform from the export's preprocessing), gives the probe's features
+    (the mean of the last block's patch tokens, through the probe's loader and classifier:
+    ``pooled_block_features``) to fp32 tolerance, and its ``pooled`` (= ``model(x)``) is the fine-tuning head's
+    input (avg pool + fc_norm); without the final norm ``model(x)`` is the probe's features themselves."""
+    from megadigpt.checkpoint.convert import geometry_of, load_encoder_weights
+    from megadigpt.config import FinetuneDataConfig
+    from megadigpt.data import find_samples
+    from megadigpt.data.classification import build_classification_loader
+    from megadigpt.model.classifier import build_classifier
+    from megadigpt.train.finetune import load_into_classifier
+    from megadigpt.train.probe import pooled_block_features
+
+    out = tmp_path / "enc"
+    run_cli(["convert", str(runs / "z3"), "--to", "timm", "--out", str(out)] +
+            ([] if final_norm else ["--no-final-norm"]))
+    card = (out / "README.md").read_text()
+    samples = find_samples(str(cifar_dir / "test-000000.tar"))[:8]
+    feats, pooled, direct = [], [], []
+    for i, smp in enumerate(samples):
+        image = tmp_path / f"{i}.jpg"
+        image.write_bytes(smp.read())
+        got = _card_example(card, out, image)
+        feats.append(got["features"])
+        pooled.append(got["pooled"] if final_norm else got["model"](got["x"]))
+        direct.append(got["model"](got["x"]).detach())
+    feats, pooled, direct = torch.cat(feats), torch.cat(pooled), torch.cat(direct)
+
+    # the probe, as ``megadigpt probe`` runs it: the run's weights in its classifier, its loader and defaults
+    sd, info = load_encoder_weights(runs / "z3")
+    geom, _ = geometry_of(sd, info.get("num_heads"))
+    d = FinetuneDataConfig()
+    loader = build_classification_loader(samples, False, 32, 8, 0, 1, kind="torch", device=torch.device("cpu"),
+                                         num_workers=0, mean=d.mean, std=d.std, crop_pct=d.crop_pct)
+    x = next(iter(loader))["image"]
+    probe_model = build_classifier(geom, 32, 0, "avg", 0.0).eval()
+    load_into_classifier(probe_model, sd, 0.0)
+    finetune_model = build_classifier(geom, 32, 10, "avg", 0.0).eval()  # the paper's head, as fine-tuning builds it
+    load_into_classifier(finetune_model, sd, 2e-5)
+    ours = _model(runs / "z3")
+    ours.load_state_dict(load_any(runs / "z3"))
+    with torch.no_grad():
+        probe = pooled_block_features(probe_model, x)[-1]
+        torch.testing.assert_close(feats, probe, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(feats, pooled_block_features(ours.encoder, x)[-1], rtol=1e-5, atol=1e-5)
+        head_input = finetune_model.forward_head(finetune_model.forward_features(x), pre_logits=True)
+    torch.testing.assert_close(direct, pooled, rtol=0, atol=0)  # model(x) is the card's pooled
+    if final_norm:
+        torch.testing.assert_close(pooled, head_input, rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(pooled, probe, atol=1e-3)  # (the norm is there: the two are told apart)
+    else:
+        torch.testing.assert_close(pooled, probe, rtol=1e-5, atol=1e-5)
+    assert feats.abs().max() > 0.1 and feats.std(0).mean() > 1e-3  # real, varied features, not a constant
+
+
 def test_standard_size_loads_by_its_timm_name(tmp_path):
     """A ViT-Ti/16 at 224 exports under timm's own name and loads with the plain call (num_classes=0 for
     features or N to fine-tune: a pretrained encoder has no classifier head)."""
@@ -196,14 +262,15 @@ def test_standard_size_loads_by_its_timm_name(tmp_path):
                                     decoder_heads=2), 48, 14).eval()
     out = timm_export(model.state_dict(), 3, tmp_path / "ti")
     assert json.loads((out / "config.json").read_text())["architecture"] == "vit_tiny_patch16_224"
-    tm = timm.create_model("vit_tiny_patch16_224", pretrained=True,
+    tm = timm.create_model("vit_tiny_patch16_224", pretrained=True, global_pool="avg",  # megadigpt's pooling
                            pretrained_cfg_overlay=dict(file=str(out / "model.safetensors")), num_classes=0).eval()
     x = torch.randn(1, 3, 224, 224)
     with torch.no_grad():
         mine = model.encoder.forward_features(x)
-        torch.testing.assert_close(tm.forward_features(x), torch.nn.functional.layer_norm(mine, (192,), eps=1e-6),
+        torch.testing.assert_close(tm.forward_features(x), mine, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(tm(x), torch.nn.functional.layer_norm(mine[:, 1:].mean(1), (192,), eps=1e-6),
                                    rtol=1e-5, atol=1e-5)
-    fine = timm.create_model("vit_tiny_patch16_224", pretrained=True, num_classes=10,
+    fine = timm.create_model("vit_tiny_patch16_224", pretrained=True, num_classes=10, global_pool="avg",
                              pretrained_cfg_overlay=dict(file=str(out / "model.safetensors")))
     assert fine.head.out_features == 10 and torch.equal(fine.blocks[0].attn.qkv.weight,
                                                          model.encoder.blocks[0].attn.qkv.weight)

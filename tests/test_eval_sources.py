@@ -4,6 +4,7 @@ map (A/R subsets, V2's index-named classes) and the same numbers from every sour
 
 import io
 import json
+import re
 import tarfile
 from pathlib import Path
 
@@ -108,6 +109,7 @@ def test_eval_reads_http_shards_comma_sets_pipe_and_c_templates(eval_data, tmp_p
     assert c["missing_corruptions"] and "v2: the source names no classes" in json.loads(
         (out / "eval.json").read_text())["note"]
     assert "73 corruption/severity sources could not be read" in (out / "eval.md").read_text()
+    assert "not ImageNet synsets" in (out / "eval.md").read_text()  # a CIFAR-named model under ImageNet flags: said
 
     # the C tree on disk gives the same errors; its unreadable list is empty
     from megadigpt.train.evaluate import evaluate_sets
@@ -257,3 +259,115 @@ def test_commands_without_a_config_take_the_remote_options(eval_data, tmp_path, 
         assert cli.main(["data", "index", srv.url("val-{000000..000001}.tar"), "--out", str(tmp_path / "idx"),
                          "--cache-dir", str(tmp_path / "mine"), "--io-retries", "1", "--workers", "1"]) == 0
     assert len(list((tmp_path / "mine").rglob("*.tar"))) == 2 and remote.options()["retries"] == 1
+
+
+# ----------------------------------------------------------------------------------------- any labelled set (issue 30)
+
+def _main(capsys, argv):
+    """``megadigpt <argv>`` in this process: (exit code, the stderr lines)."""
+    from megadigpt.cli import main
+
+    code = main([str(a) for a in argv])
+    return code, [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+
+
+def test_eval_scores_any_labelled_set_under_its_own_name(eval_data, cifar_dir, tmp_path, clean_env, capsys):
+    """``--set NAME=SOURCE``: real CIFAR-10 shards (classes.txt beside them), the same 64 test images as class
+    folders and as two shards, each reported under its own name with top-1 and top-5 in eval.json and eval.md
+    (no ImageNet label anywhere), the numbers those of the model run by hand (timm ``local-dir:`` and the
+    export's preprocessing); a model without label names takes a set's names or a nameless set's indices."""
+    import io
+
+    import timm
+    from PIL import Image
+
+    root, names, items = eval_data
+    out = tmp_path / "eval"
+    code, err = _main(capsys, ["eval", root / "model", "--set", f"cifar10={cifar_dir / 'test-000000.tar'}",
+                               "--set", f"cifar10-folders={root / 'folders'}",
+                               "--set", f"cifar10-shards={root / 'served'}/val-{{000000..000001}}.tar",
+                               "--limit", "200", "--out", out, "--loader", "torch", "--workers", "0", "--batch", "50"])
+    assert code == 0, err
+    res = json.loads((out / "eval.json").read_text())
+    sets = res["sets"]
+    assert list(sets) == ["cifar10", "cifar10-folders", "cifar10-shards"]
+    for name, r in sets.items():
+        assert r["label"] == name and r["classes"] == 10 and r["class_names"] == "the source's"
+        assert 0 <= r["top1"] <= r["top5"] <= 100 and r["loss"] > 0
+    assert sets["cifar10"]["images"] == 200 and sets["cifar10-folders"]["images"] == 64
+    assert sets["cifar10"]["source"].endswith("test-000000.tar") and res["note"] is None
+    for k in ("top1", "top5", "loss", "images"):
+        assert sets["cifar10-folders"][k] == pytest.approx(sets["cifar10-shards"][k], rel=1e-9), k
+
+    model = timm.create_model(f"local-dir:{root / 'model'}", pretrained=True).eval()  # by hand, the card's route
+    tf = timm.data.create_transform(**timm.data.resolve_data_config({}, model=model))
+    x = torch.stack([tf(Image.open(io.BytesIO(data)).convert("RGB")) for _, data, _ in items])
+    y = torch.tensor([label for _, _, label in items])
+    with torch.no_grad():
+        top = model(x).topk(5, dim=1).indices
+    assert sets["cifar10-folders"]["top1"] == pytest.approx(100 * (top[:, 0] == y).double().mean().item(), abs=1e-9)
+    assert sets["cifar10-folders"]["top5"] == pytest.approx(100 * (top == y[:, None]).any(1).double().mean().item(),
+                                                            abs=1e-9)
+    md = (out / "eval.md").read_text()
+    assert md.splitlines()[0] == "| set | top-1 (%) | top-5 (%) | loss | images |" and "ImageNet" not in md
+    row = next(ln for ln in md.splitlines() if ln.startswith("| cifar10-folders |"))
+    assert row.split(" | ")[1:3] == [f"{sets['cifar10-folders']['top1']:.2f}", f"{sets['cifar10-folders']['top5']:.2f}"]
+
+    # the same weights without label names: a named set gives its names (count checked), a nameless one its indices
+    from safetensors.torch import load_file
+
+    from megadigpt.train.finetune import export_classifier
+
+    meta = json.loads((root / "model" / "config.json").read_text())
+    export_classifier(load_file(str(root / "model" / "model.safetensors")), meta["model_args"], tmp_path / "anon",
+                      label_names=None, run_config={})
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / "val-000000.tar").write_bytes((root / "served" / "val-000000.tar").read_bytes())  # no classes.txt
+    from megadigpt.train.evaluate import evaluate_sets
+
+    got = evaluate_sets(str(tmp_path / "anon"), {}, named={"named": str(root / "served" / "val-000000.tar"),
+                                                         "bare": str(bare / "val-000000.tar")},
+                        loader="torch", num_workers=0, batch=16)
+    assert got["sets"]["named"]["top1"] == got["sets"]["bare"]["top1"] and got["sets"]["bare"]["images"] == 40
+    assert got["sets"]["bare"]["class_names"].startswith("none") and "--set bare: the source names no classes" in \
+        got["note"]
+
+
+def test_eval_refuses_a_set_outside_the_models_label_space(eval_data, tmp_path, clean_env, capsys, monkeypatch):
+    """A set whose classes do not fit the model's head - another count, other names, the same names numbered
+    otherwise, a nameless label beyond the head - and a malformed ``--set``: one ``megadigpt: error:`` line, exit
+    2, before the weights are loaded and before anything is written."""
+    from megadigpt.train import evaluate
+
+    root, names, _ = eval_data
+
+    def no_weights(*a, **k):
+        raise AssertionError("the weights were loaded before the set's label space was checked")
+
+    monkeypatch.setattr(evaluate, "load_classifier", no_weights)
+    _cls_folders(tmp_path / "few", names[:3])
+    _cls_folders(tmp_path / "other", [n + "s" for n in names])
+    perm = tmp_path / "perm"
+    perm.mkdir()
+    (perm / "val-000000.tar").write_bytes((root / "served" / "val-000000.tar").read_bytes())
+    (perm / "classes.txt").write_text("\n".join(names[::-1]) + "\n")
+    _write_shard(tmp_path / "wide.tar", [("k0", b"", 3), ("k1", b"", 12)])  # no classes.txt: labels are indices
+    cases = [(f"few={tmp_path / 'few'}", r"has 3 classes \('airplane', 'automobile', 'bird'\), the model's head "
+                                         r"has 10"),
+             (f"other={tmp_path / 'other'}", r"names other classes than the model: only the set has 'airplanes'.*"
+                                             r"only the model has 'airplane'"),
+             (f"perm={perm / 'val-000000.tar'}", r"numbers its classes otherwise than the model: 'truck' is 0 in the "
+                                                 r"set, 9 in the model"),
+             (f"wide={tmp_path / 'wide.tar'}", r"label 12 does not fit the model's 10-class head"),
+             ("cifar10", r"--set takes NAME=SOURCE"), (f"imagenet={tmp_path / 'few'}", r"name of an ImageNet set"),
+             (f"a b={tmp_path / 'few'}", r"a set's name is letters")]
+    for spec, pattern in cases:
+        code, err = _main(capsys, ["eval", root / "model", "--set", spec, "--out", tmp_path / "o", "--loader",
+                                   "torch", "--workers", "0"])
+        assert code == 2 and len(err) == 1 and err[0].startswith("megadigpt: error: "), (spec, err)
+        assert re.search(pattern, err[0]), (spec, err[0])
+    code, err = _main(capsys, ["eval", root / "model", "--set", f"x={tmp_path / 'few'}", "--set",
+                               f"x={tmp_path / 'other'}"])
+    assert code == 2 and "given twice" in err[0]
+    assert not (tmp_path / "o" / "eval.json").exists()

@@ -125,10 +125,10 @@ def test_standard_and_custom_sizes_are_named_honestly(tmp_path):
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["architecture"] == "vit_tiny_patch16_224" and cfg["megadigpt"]["standard_timm_name"] is True
     assert cfg["model_name"] == "megadigpt_vit_d12_w192_h3_p16_s224"
-    m = timm.create_model("vit_tiny_patch16_224", pretrained=True, num_classes=0,
+    m = timm.create_model("vit_tiny_patch16_224", pretrained=True, num_classes=0, global_pool="avg",
                           pretrained_cfg=dict(cfg["pretrained_cfg"], file=str(out / "model.safetensors")))
-    stock = timm.create_model("vit_tiny_patch16_224", pretrained=True, num_classes=0,  # today's README recipe
-                              pretrained_cfg_overlay=dict(file=str(out / "model.safetensors")))
+    stock = timm.create_model("vit_tiny_patch16_224", pretrained=True, num_classes=0, global_pool="avg",
+                              pretrained_cfg_overlay=dict(file=str(out / "model.safetensors")))  # stock preprocessing
     assert list(_data_cfg(m)["mean"]) == cfg["pretrained_cfg"]["mean"] != list(_data_cfg(stock)["mean"])
     assert torch.equal(m.blocks[11].attn.proj.weight, std["encoder.blocks.11.attn.proj.weight"])
 
@@ -164,6 +164,47 @@ def test_model_card_names_the_architecture_and_the_training(export):
         assert needle in card, needle
     assert cfg["megadigpt"]["step"] == 3 and cfg["megadigpt"]["parameters"] == n
     assert "gen_loss" in cfg["megadigpt"]["metrics"]  # the run's metrics at the exported step
+
+
+def test_model_card_is_publishable(export, run):
+    """Issue 30: the resolved precision (the run said auto; its start event says fp32), metrics by name with the
+    step they were logged at (no ``gen_loss_step | 3`` rows), no local path, the D-iGPT citation, a licence in the
+    front matter (megadigpt declares none: ``other``, said in the card), and megadigpt's pooling."""
+    import yaml
+
+    card = (export / "README.md").read_text()
+    cfg = json.loads((export / "config.json").read_text())
+    assert yaml.safe_load((run / "config.yaml").read_text())["train"]["precision"] == "auto"
+    assert "**Precision:** fp32" in card and "auto" not in card
+    front = yaml.safe_load(card.split("---\n")[1])
+    assert front["license"] == "other" and front["license_name"] == "none-declared"
+    assert front["library_name"] == "timm" and "arxiv:2312.02147" in front["tags"]
+    assert "## Licence" in card and "megadigpt declares no licence" in card
+    assert "Rejuvenating image-GPT as Strong Visual Representation Learners" in card and "@article{" in card
+    rows = card.split("## Metrics", 1)[1].split("##", 1)[0]
+    assert "| generative loss (training, last logged) |" in rows and "| step 3 |" in rows
+    assert "_step" not in rows and "gen_loss" not in rows
+    for text in (card, json.dumps(cfg)):
+        assert str(run) not in text and str(export) not in text and str(run.parent) not in text
+    assert "**Exported from:** `.../pre`" in card
+    assert cfg["model_args"]["global_pool"] == "avg" and cfg["global_pool"] == "avg"
+    assert "model.num_prefix_tokens:].mean(1)" in card and "forward_head(tokens, pre_logits=True)" in card
+
+
+def test_out_named_as_the_other_kind_is_refused(run, tmp_path, capsys):
+    """Issue 30: ``convert --to timm --out x.safetensors`` would make a folder of that name; a file output named
+    as a folder (a trailing /) would make a file of it: one line, exit 2, nothing written."""
+    from megadigpt.cli import main
+
+    for to, out, says in (("timm", tmp_path / "enc.safetensors", "names a .safetensors file, but this writes a "
+                                                                   "folder"),
+                          ("timm", tmp_path / "enc.pth", "give a folder, e.g."),
+                          ("fp32", f"{tmp_path / 'full'}/", "names a folder (it ends with /)"),
+                          ("reference", f"{tmp_path / 'ref'}/", "writes one file")):
+        code = main(["convert", str(run), "--to", to, "--out", str(out)])
+        lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+        assert code == 2 and len(lines) == 1 and lines[0].startswith("megadigpt: error: --out") and says in lines[0]
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_finetune_export_has_the_same_properties(export, tmp_path):
@@ -208,11 +249,20 @@ def test_finetune_export_has_the_same_properties(export, tmp_path):
     assert meta["megadigpt"]["metrics"]["step"] == 40
     card = (out / "README.md").read_text()
     for needle in ("# megadigpt_vit_d4_w64_h2_p4_s48_cls3", "**Depth:** 4 blocks", "**Width:** 64",
-                   "| val top-1 (%) | 61.5 |", "**steps:** 40", "**Classes:** 3", "**Steps:** 3",  # pretraining's steps
+                   "| val top-1 (%) | 61.5 | step 40 (epoch 2) |", "| best val top-1 (%) | 61.5 | the run's best",
+                   "**steps:** 40", "**Classes:** 3", "**Steps:** 3",  # pretraining's steps
                    "**Teacher / target:** pixels", "mean (0.4, 0.5, 0.6)", "crop_pct 0.9",
-                   "https://example.com/train-{000..009}.tar"):
+                   "https://example.com/train-{000..009}.tar", "**init from:** .../enc", "**Precision:** fp32",
+                   "license: other", "@article{ren2023rejuvenating", "then `fc_norm` (LayerNorm) and the head"):
         assert needle in card, needle
     assert "secret" not in card and "sig=abc" not in card and "secret" not in json.dumps(meta)
+    assert str(export) not in card and str(export) not in json.dumps(meta)  # no local path
+    assert "| step |" not in card and "| epoch |" not in card
+    assert "**precision:** auto (the run's log does not say" in card  # this run dir has no metrics.jsonl
+    (run_dir / "metrics.jsonl").write_text(json.dumps({"event": "start", "step": 0, "precision": "bf16"}) + "\n")
+    out = export_classifier(model.state_dict(), geom.model_args(48, 3, "avg", 0.1), run_dir / "last", names,
+                            {"top1": 61.5, "top5": 97.0, "step": 40}, cfg.data.mean, cfg.data.std, cfg.data.crop_pct)
+    assert "**precision:** bf16" in (out / "README.md").read_text()  # the run's resolved precision, not auto
 
 
 def test_convert_never_destroys_what_it_points_at(run, tmp_path, capsys):

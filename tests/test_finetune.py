@@ -286,14 +286,15 @@ def test_encoder_weights_from_every_source(tmp_path):
     a, _ = load_encoder_weights(tmp_path / "full.safetensors")
     b, info = load_encoder_weights(tmp_path / "timm")
     c, _ = load_encoder_weights(tmp_path / "ref.pth")
-    assert info["num_heads"] == 2 and set(a) == set(c) and set(b) == set(a) | {"norm.weight", "norm.bias"}
+    assert info["num_heads"] == 2 and set(a) == set(c) and set(b) == set(a) | {"fc_norm.weight", "fc_norm.bias"}
     for k in a:
         assert torch.equal(a[k], b[k]) and torch.equal(a[k], c[k]), k
     model = build_classifier(GEOM, 32, 10)  # the TINY trunk: width 64, depth 4, patch 4
     from megadigpt.train.finetune import load_into_classifier
 
     rep = load_into_classifier(model, b, 2e-5)
-    assert set(rep["dropped"]) == {"norm.weight", "norm.bias"} and "fc_norm.weight" in rep["fresh"]
+    assert rep["dropped"] == [] and "head.weight" in rep["fresh"]  # the export's fc_norm: the (1, 0) of a fresh one
+    assert torch.equal(model.fc_norm.weight, torch.ones(64)) and torch.equal(model.fc_norm.bias, torch.zeros(64))
     assert torch.equal(model.blocks[2].mlp.fc1.weight, a["blocks.2.mlp.fc1.weight"])
     big = build_classifier(GEOM, 64, 10)  # 448-px style: a bigger grid, position embeddings interpolated
     assert load_into_classifier(big, a, 2e-5)["interpolated"] == "8x8 -> 16x16"

@@ -30,6 +30,8 @@ WORLD, STEPS, TERM_AT = 2, 3, 2
 
 def kind_of(name: str) -> str:
     top = yaml.safe_load((REPO / "megadigpt" / "configs" / f"{name}.yaml").read_text())
+    if "text" in top or "clip" in top:
+        return "clip"
     return "segment" if "segment" in top else "finetune" if "finetune" in top else "pretrain"
 
 
@@ -41,6 +43,10 @@ def load(name: str):
         from megadigpt.segment_config import load_segment_config
 
         return kind, load_segment_config(name)
+    if kind == "clip":
+        from megadigpt.clip_config import load_clip_config
+
+        return kind, load_clip_config(name)
     return kind, load_config(name, root=FinetuneRunConfig if kind == "finetune" else None)
 
 
@@ -67,8 +73,10 @@ def gpu_settings(name: str) -> dict:
         s.update(attention=cfg.model.attention, objective=cfg.model.objective, target=tg.kind,
                  target_dtype="bf16" if tg.dtype == "auto" else tg.dtype, tokenizer=tg.tokenizer is not None,
                  layer=tg.layer, target_patch=tg.patch_size)
-    else:
+    elif kind in ("finetune", "segment"):
         s["ema"] = bool(getattr(cfg.finetune if kind == "finetune" else cfg.segment, "ema_decay", 0) or 0)
+    else:
+        s.update(ema=False, text=cfg.text.model)
     return s
 
 
@@ -120,6 +128,16 @@ def segment_args(name: str, s: dict, init: Path, composite: Path) -> list:
             f"segment.eval_every={STEPS}", f"segment.eval_stride={3 * p}", "segment.eval_batch=2"]
 
 
+def clip_args(name: str, s: dict, init: Path, pairs: Path) -> list:
+    """The shipped image-text config from a pretraining run, on captioned CIFAR-10 pairs (also its zero-shot set),
+    with a 1-layer 32-wide text tower of random weights."""
+    p = s["patch"]
+    return ["--config", name, "--init-from", str(init), "--train", str(pairs), "--val", str(pairs), "--zeroshot",
+            str(pairs), f"model.img_size={8 * p}", "text.weights=null", "text.random_weights=true", "text.width=32",
+            "text.layers=1", "text.heads=2", "text.embed_dim=16", "text.context_length=16", "data.num_workers=0",
+            "optim.warmup_steps=1", "clip.zeroshot_every=0"]
+
+
 def common(run_dir: Path, micro: int, accum: bool, steps: int, extra=()) -> list:
     return ["--run-dir", str(run_dir), f"train.micro_batch={micro}", f"train.global_batch={micro * WORLD * (2 if accum else 1)}",
             f"train.max_steps={steps}", "train.log_every=1", "train.ckpt_every=1000", "train.tensorboard=false",
@@ -154,6 +172,14 @@ def matrix(cifar_small, cifar_dir, tmp_path_factory):
         if not (composite_seg.FASHION_DIR / "train-images-idx3-ubyte.gz").is_file():
             pytest.fail("Fashion-MNIST absent (apt-get install dataset-fashion-mnist): the segmentation configs")
         comp = composite_seg.build(root / "composite", cifar_dir, n_train=16, n_val=3, size=64)
+    pairs = None
+    if any(kind_of(n) == "clip" for n in CONFIGS):
+        from open_clip.zero_shot_metadata import SIMPLE_IMAGENET_TEMPLATES
+
+        from megadigpt.data.captions import caption_labelled
+
+        pairs = caption_labelled(str(cifar_dir / "train-000000.tar"), root / "pairs", SIMPLE_IMAGENET_TEMPLATES,
+                                 limit=32, name="pairs")[0]
     leads = groups()
     settings = {n: gpu_settings(n) for n in leads}
 
@@ -168,7 +194,7 @@ def matrix(cifar_small, cifar_dir, tmp_path_factory):
                                                           str(tok), *shrunk, "target.tokenizer=null"]})
             settings[name]["tok"] = str(tok)
     plan, runs = [], {}
-    order = sorted(settings, key=lambda n: ["pretrain", "finetune", "segment"].index(settings[n]["kind"]))
+    order = sorted(settings, key=lambda n: ["pretrain", "finetune", "segment", "clip"].index(settings[n]["kind"]))
     inits = {}  # patch size -> a pretraining run's directory (finetune and segment start from it)
     for name in order:
         s = settings[name]
@@ -182,7 +208,8 @@ def matrix(cifar_small, cifar_dir, tmp_path_factory):
                 if init is None:
                     pytest.fail(f"{name}: no built-in pretraining config of patch {s['patch']} to start from")
                 args = (finetune_args(name, s, init, cifar_small) if s["kind"] == "finetune" else
-                        segment_args(name, s, init, comp))
+                        segment_args(name, s, init, comp) if s["kind"] == "segment" else
+                        clip_args(name, s, init, pairs))
                 micro = 2
             steps = STEPS if variant == "gpu" else 2
             argv = [s["kind"], *args, *common(run_dir, micro, s["accum"], steps, prec)]
@@ -265,6 +292,9 @@ def test_shipped_config_trains_preempts_and_resumes_in_its_own_settings(matrix, 
             assert STEPS in _records(run, "val_ema_top1")
     if s["kind"] == "segment":
         assert STEPS in _records(run, "val_mIoU")
+    if s["kind"] == "clip":
+        assert (run / "last" / "model.safetensors").is_file()
+        assert STEPS in _records(run, "zeroshot_top1") and STEPS in _records(run, "val_recall_mean")
 
 
 @pytest.mark.parametrize("name", CONFIGS)

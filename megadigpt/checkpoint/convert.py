@@ -9,9 +9,18 @@
   ``pretrained_cfg``. Never use ``pretrained_cfg_overlay=dict(file=...)`` on a timm name: it keeps timm's stock
   config for that name (mean/std 0.5, crop 0.9 for the standard ViTs). Layout choices: CLS is first (timm's order;
   the pretraining appended it last, which changes nothing for full attention); ``pos_embed`` is the fixed sin-cos
-  table, CLS slot zero, exported as timm's learnable parameter; timm's final LayerNorm is exported at its initial
-  (1, 0) values (pretraining has no final norm), so timm matches every key; pass ``final_norm=False`` for the raw
-  trunk.
+  table, CLS slot zero, exported as timm's learnable parameter.
+
+  Pooling: the export pools as megadigpt measures its numbers, ``global_pool='avg'`` (the mean of the patch tokens,
+  CLS left out), never timm's default CLS token. The probe (:func:`megadigpt.train.probe.pooled_block_features`)
+  and the k-NN monitor score that mean of the last block's patch tokens, un-normalised; fine-tuning (the paper's
+  head, ``ClassifierConfig.global_pool``) puts ``fc_norm`` (a LayerNorm) and ``head`` on it. So ``fc_norm`` is
+  exported at its initial (1, 0) values (pretraining has no final norm: these are the values a fine-tune starts
+  from): ``create_model(..., num_classes=N)`` builds the fine-tuning model, ``forward_head(pre_logits=True)``
+  gives that head's input, and the card gives the probe's features as ``forward_features(x)[:,
+  num_prefix_tokens:].mean(1)`` (``forward_features`` is the raw trunk: with ``avg`` pooling timm's ``norm`` is
+  an Identity). ``final_norm=False`` (``--no-final-norm``) exports no ``fc_norm``: ``model(x)`` is then the
+  probe's features themselves. Fine-tuning exports keep the run's own ``model.global_pool``.
 
   ``pretrained_cfg`` holds what the weights were trained with: ``input_size`` (the weights' own grid x patch),
   ``mean``/``std``/``interpolation`` from the run's ``config.yaml`` (``data.*``; megadigpt's defaults, said so in
@@ -34,8 +43,12 @@
   builder, given ``config.json`` alone, makes a model whose parameter names and shapes are the file's.
 
   The model card (:func:`model_card`, plain string formatting: nothing in it is evaluated) gives the architecture
-  and parameter count, the preprocessing, the pretraining (config.yaml, checkpoint step, teacher, data source with
-  URL credentials and query strings removed: :func:`_public`), the metrics at that step, and how to load it.
+  and parameter count, the preprocessing, the pretraining (config.yaml, checkpoint step, teacher, data source:
+  URLs without credentials or query strings, local paths reduced to their base names, :func:`_public`), the
+  precision the run resolved (its start event in ``metrics.jsonl``, not ``auto``), the metrics with their names
+  and the step they were measured at, how to load it and get the features the numbers were measured on, the
+  D-iGPT citation, and a licence in its front matter (:func:`card_license`: the package's declared licence;
+  megadigpt declares none, which the card says).
   Fine-tuning exports (:func:`megadigpt.train.finetune.export_classifier`) are the same kind of folder.
 
   Files follow the umask (0644 under 022), as ``open()`` would make them: safetensors >= 0.8 writes through a
@@ -213,6 +226,27 @@ def _names(names, limit=6) -> str:
     return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
+# Names that say "a file": an output folder named like this (``--out x.safetensors`` for a timm folder) is a slip
+FILE_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt", ".pkl", ".npz", ".npy", ".onnx", ".h5", ".json",
+                 ".jsonl", ".yaml", ".yml", ".md", ".txt", ".csv", ".tar", ".gz", ".tgz", ".zip", ".png", ".jpg",
+                 ".html")
+
+
+def check_output_name(text: str, kind: str, what: str = "--out", files: Iterable[str] = ()) -> None:
+    """Refuse (one line) an output named as the other kind: a folder output (``kind`` "dir") whose name ends like a
+    file (:data:`FILE_SUFFIXES`) and is not an existing folder, or a file output named with a trailing ``/``."""
+    text = str(text)
+    name = Path(text)
+    if kind == "dir" and name.suffix.lower() in FILE_SUFFIXES and not name.is_dir():
+        files = list(files)
+        inside = f" ({_names(files)})" if files else ""
+        raise ConfigError(f"{what} {shorten(text)} names a {name.suffix} file, but this writes a folder{inside}: "
+                          f"give a folder, e.g. {shorten(str(name.with_suffix('')))}")
+    if kind == "file" and text.endswith(("/", os.sep)):
+        raise ConfigError(f"{what} {shorten(text)} names a folder (it ends with /), but this writes one file: give "
+                          f"the file's path")
+
+
 def guard_output(path, kind: str, what: str = "--out", *, force: bool = False, inputs: Iterable = (),
                  files: Iterable[str] = (), whole_folder: bool = False,
                  own: Optional[Callable[[Path], bool]] = None) -> Path:
@@ -223,6 +257,8 @@ def guard_output(path, kind: str, what: str = "--out", *, force: bool = False, i
     new, empty, or megadigpt-written folder."""
     text = check_path_text(path, what)
     p = check_output(text, kind, what)
+    files = list(files)
+    check_output_name(text, kind, what, files)
     ck = checkpoints_folder_of(p)
     if ck is not None:
         raise ConfigError(f"{what} {shorten(text)} is inside the run's checkpoint folder {ck}; megadigpt never "
@@ -332,29 +368,69 @@ def checkpoint_step(src, tag: Optional[str] = None) -> Optional[int]:
     return int(m.group(1)) if m else None
 
 
-def _run_metrics(src, step: Optional[int]) -> dict:
-    """The run's last k-NN monitor result and losses at or before ``step`` from its ``metrics.jsonl`` (a damaged
-    line is skipped: the card is informative, the weights are what matters)."""
-    found = {}
+def _run_log(src) -> Optional[Path]:
+    """The ``metrics.jsonl`` of the run that ``src`` is (inside of), or None."""
     for d in (Path(src), *list(Path(src).resolve().parents)[:3]):
         f = d / "metrics.jsonl"
-        if not f.is_file():
+        if f.is_file():
+            return f
+        if (d / "config.yaml").is_file():  # the run directory, without a log
+            return None
+    return None
+
+
+def _log_records(log: Optional[Path]):
+    """The JSON objects of a ``metrics.jsonl`` (a damaged line is skipped: a card is informative, the weights are
+    what matters)."""
+    if log is None:
+        return
+    try:
+        text = log.read_text(errors="replace")
+    except OSError:
+        return
+    for line in text.splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:
             continue
-        for line in f.read_text(errors="replace").splitlines():
-            try:
-                rec = json.loads(line)
-            except ValueError:
-                continue
-            if not isinstance(rec, dict) or not isinstance(rec.get("step"), int):
-                continue
-            if step is not None and rec["step"] > step:
-                continue
-            for k in ("gen_loss", "dis_loss", "knn_top1", "knn_top5"):
-                if isinstance(rec.get(k), (int, float)):
-                    found[k] = rec[k]
-                    found[f"{k}_step"] = rec["step"]
-        break
+        if isinstance(rec, dict) and isinstance(rec.get("step"), int):
+            yield rec
+
+
+def _run_metrics(src, step: Optional[int]) -> dict:
+    """From the run's ``metrics.jsonl``, at or before ``step``: the last logged training losses and k-NN monitor
+    result, each with the step it was logged at (``<name>_step``), and the best k-NN top-1 (``best_knn_top1``)."""
+    found = {}
+    for rec in _log_records(_run_log(src)):
+        if "event" in rec or (step is not None and rec["step"] > step):
+            continue
+        for k in ("gen_loss", "dis_loss", "knn_top1", "knn_top5"):
+            if isinstance(rec.get(k), (int, float)):
+                found[k] = rec[k]
+                found[f"{k}_step"] = rec["step"]
+        if isinstance(rec.get("knn_top1"), (int, float)) and rec["knn_top1"] >= found.get("best_knn_top1", -1.0):
+            found["best_knn_top1"], found["best_knn_top1_step"] = rec["knn_top1"], rec["step"]
     return found
+
+
+def resolved_precision(src, step: Optional[int] = None) -> Optional[str]:
+    """The precision the run actually trained in (``train.precision: auto`` resolved): the last ``start`` /
+    ``resume`` event at or before ``step`` in its ``metrics.jsonl``; None where not logged."""
+    found = None
+    for rec in _log_records(_run_log(src)):
+        if rec.get("event") in ("start", "resume") and (step is None or rec["step"] <= step) and \
+                isinstance(rec.get("precision"), str):
+            found = rec["precision"]
+    return found
+
+
+def _precision_text(configured, resolved: Optional[str]) -> Optional[str]:
+    """What a card says: the resolved precision; ``auto`` only with a note that the run did not record which."""
+    if resolved:
+        return resolved
+    if configured == "auto":
+        return "auto (the run's log does not say which precision it resolved to)"
+    return configured
 
 
 def load_deepspeed(path, tag: Optional[str] = None) -> Dict[str, torch.Tensor]:
@@ -515,27 +591,35 @@ def encoder_geometry(enc: Dict[str, torch.Tensor]) -> dict:
 
 def timm_export(sd: Dict[str, torch.Tensor], num_heads: int, out_dir, final_norm: bool = True,
                 run_config: Optional[dict] = None, step: Optional[int] = None, metrics: Optional[dict] = None,
-                source: Optional[str] = None) -> Path:
+                source: Optional[str] = None, precision: Optional[str] = None) -> Path:
     """Write ``model.safetensors`` + ``config.json`` + ``README.md`` (the model card); returns the folder.
 
     ``run_config``: the pretraining run's resolved ``config.yaml`` (plain dict): preprocessing, objective, teacher,
     data for ``pretrained_cfg`` and the card (None: megadigpt's defaults, and the card says they were not recorded).
-    ``step``: the checkpoint's optimizer step; ``metrics``: e.g. the run's last k-NN top-1 at that step."""
+    ``step``: the checkpoint's optimizer step; ``metrics``: e.g. the run's last k-NN top-1 at that step;
+    ``precision``: the one the run resolved (its start event), where ``train.precision`` says ``auto``.
+
+    Pooled as the probe and fine-tuning measure (module docstring): ``global_pool`` is fine-tuning's default
+    (``avg``), and with ``final_norm`` its ``fc_norm`` at the initial (1, 0) values a fine-tune starts from."""
+    from ..config import ClassifierConfig
+
     enc = encoder_state(sd)
     g = encoder_geometry(enc)
     if g["embed_dim"] % num_heads:
         raise ConfigError(f"width {g['embed_dim']} is not divisible by --num-heads {num_heads}")
     state = {k: v.contiguous() for k, v in enc.items()}
-    if final_norm:
-        state["norm.weight"] = torch.ones(g["embed_dim"])
-        state["norm.bias"] = torch.zeros(g["embed_dim"])
+    pool = ClassifierConfig().global_pool  # "avg": the paper's head; the probe's mean of the patch tokens
+    if final_norm:  # timm names the norm after the pooling fc_norm, the one before it (CLS pooling) norm
+        norm = "fc_norm" if pool == "avg" else "norm"
+        state[f"{norm}.weight"] = torch.ones(g["embed_dim"])
+        state[f"{norm}.bias"] = torch.zeros(g["embed_dim"])
     model_args = {"img_size": g["img_size"], "patch_size": g["patch_size"], "embed_dim": g["embed_dim"],
                   "depth": g["depth"], "num_heads": num_heads, "mlp_ratio": g["mlp_ratio"], "qkv_bias": True,
-                  "class_token": True, "global_pool": "token", "final_norm": final_norm, "num_classes": 0}
+                  "class_token": True, "global_pool": pool, "final_norm": final_norm, "num_classes": 0}
     pre, recorded = pretraining_preprocessing(run_config, g["img_size"])
     record = {"kind": "encoder", "step": step, "metrics": metrics or {}, "source": _public(source),
               "preprocessing_from": "the run's config.yaml" if recorded else "megadigpt's defaults (not recorded)",
-              "pretraining": _pretraining_summary(run_config, step)}
+              "pretraining": _pretraining_summary(run_config, step, precision)}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     write_timm_folder(out, state, model_args, pre, record)
@@ -616,8 +700,7 @@ def write_timm_folder(out: Path, state: Dict[str, torch.Tensor], model_args: dic
             ("" if standard else f"; not a standard timm model: {arch} is only the builder, every size is set "
                                  f"by model_args"))
     pretrained_cfg = {**preprocessing, "fixed_input_size": True, "num_classes": n, "first_conv": "patch_embed.proj",
-                      "classifier": "head", "tag": name, "description": desc,
-                      "license": "see the training data's terms"}
+                      "classifier": "head", "tag": name, "description": desc, "license": card_license()[0]}
     cfg = {"architecture": arch, "model_name": name, "num_classes": n, "num_features": model_args["embed_dim"],
            "global_pool": model_args.get("global_pool", "token"), "model_args": model_args,
            "pretrained_cfg": pretrained_cfg}
@@ -674,7 +757,9 @@ def follow_umask(*paths) -> None:
 
 def _public(text):
     """A source for a card or config that may be published: URLs lose their credentials and query strings
-    (``https://user:token@host/x?sig=...`` -> ``https://host/x``), ``pipe:`` commands all but their program."""
+    (``https://user:token@host/x?sig=...`` -> ``https://host/x``), ``pipe:`` commands all but their program, and a
+    local path (absolute or relative) all but its base name, marked as cut (``/home/me/data/train-{0..9}.tar`` ->
+    ``.../train-{0..9}.tar``): it says nothing to a reader elsewhere and may name a user or a site's layout."""
     if text is None:
         return None
     if isinstance(text, (list, tuple)):
@@ -683,41 +768,57 @@ def _public(text):
 
     s = str(text)
     if s.startswith("pipe:"):  # a shell command may carry a token (curl -H ...): only its program is kept
-        return "pipe:" + (s[5:].split() or ["?"])[0] + " ..."
+        return "pipe:" + (s[5:].split() or ["?"])[0].rsplit("/", 1)[-1] + " ..."
     if "://" not in s:
+        base = s.rstrip("/" + os.sep)
+        if "{" in base:  # a brace set: the name is what follows the last separator before the braces
+            head, brace = base.split("{", 1)
+            cut = max(head.rfind("/"), head.rfind(os.sep))
+            return s if cut < 0 else ".../" + base[cut + 1:]
+        if "/" in base or os.sep in base or base.startswith("~"):
+            return ".../" + os.path.basename(base) if os.path.basename(base) else "..."
         return s
     u = urlsplit(s)
     return urlunsplit((u.scheme, u.hostname + (f":{u.port}" if u.port else "") if u.hostname else u.netloc, u.path,
                        "", ""))
 
 
-def _pretraining_summary(run_config: Optional[dict], step: Optional[int]) -> Optional[dict]:
-    """What a card needs from a pretraining run's config: objective, teacher, data, schedule."""
+def _pretraining_summary(run_config: Optional[dict], step: Optional[int],
+                         precision: Optional[str] = None) -> Optional[dict]:
+    """What a card needs from a pretraining run's config: objective, teacher, data, schedule; ``precision`` the
+    resolved one (:func:`resolved_precision`), else the config's."""
     if not run_config:
         return None
     model, target = run_config.get("model") or {}, run_config.get("target") or {}
     data, train, optim = run_config.get("data") or {}, run_config.get("train") or {}, run_config.get("optim") or {}
     gb = train.get("global_batch")
     return {"objective": model.get("objective"), "arch": model.get("arch"),
-            "target": {k: target.get(k) for k in ("kind", "model", "layer", "image_size", "tokenizer")
-                       if target.get(k) is not None},
+            "target": {k: _public(target.get(k)) if k in ("model", "tokenizer") else target.get(k)
+                       for k in ("kind", "model", "layer", "image_size", "tokenizer") if target.get(k) is not None},
             "data_source": _public(data.get("source")), "data_mode": data.get("mode"),
             "steps": step, "max_steps": train.get("max_steps"), "epochs": train.get("epochs"), "global_batch": gb,
             "images_seen": step * gb if step is not None and gb else None, "lr": optim.get("lr"),
-            "blr": optim.get("blr"), "weight_decay": optim.get("weight_decay"), "precision": train.get("precision"),
-            "segment_grid": model.get("segment_grid"), "decoder_dim": model.get("decoder_dim"),
+            "blr": optim.get("blr"), "weight_decay": optim.get("weight_decay"),
+            "precision": _precision_text(train.get("precision"), precision), "segment_grid": model.get("segment_grid"),
+            "decoder_dim": model.get("decoder_dim"),
             "decoder_depth": model.get("decoder_depth"), "seed": train.get("seed")}
 
 
 def read_run_config(run_dir) -> Optional[dict]:
-    """A run directory's resolved ``config.yaml`` as plain (safe) YAML, or None."""
+    """A run directory's resolved ``config.yaml`` as plain (safe) YAML, or None; ``train.precision: auto`` replaced
+    by the precision the run resolved (its start event in ``metrics.jsonl``), where logged."""
     import yaml
 
     try:
         cfg = yaml.safe_load((Path(run_dir) / "config.yaml").read_text())
     except (OSError, UnicodeDecodeError, yaml.YAMLError):
         return None
-    return cfg if isinstance(cfg, dict) else None
+    if not isinstance(cfg, dict):
+        return None
+    train = cfg.get("train")
+    if isinstance(train, dict) and train.get("precision") == "auto":
+        train["precision"] = _precision_text("auto", resolved_precision(run_dir))
+    return cfg
 
 
 def pretraining_record(src) -> Optional[dict]:
@@ -735,7 +836,8 @@ def pretraining_record(src) -> Optional[dict]:
         if _is_ds_dir(p):
             cfg = _run_yaml(p)
             if cfg and "target" in cfg:
-                return _pretraining_summary(cfg, checkpoint_step(p))
+                step = checkpoint_step(p)
+                return _pretraining_summary(cfg, step, resolved_precision(p, step))
     except (ConfigError, OSError, AttributeError):
         return None
     return None
@@ -754,7 +856,8 @@ def finetune_record(run_config: Optional[dict], metrics: Optional[dict]) -> dict
               "weight_decay": optim.get("weight_decay"), "drop_path": model.get("drop_path"),
               "mixup": ft.get("mixup"), "cutmix": ft.get("cutmix"), "label_smoothing": ft.get("smoothing"),
               "random_erasing": ft.get("reprob"), "auto_augment": data.get("auto_augment"),
-              "ema_decay": ft.get("ema_decay"), "precision": train.get("precision"), "seed": train.get("seed")}
+              "ema_decay": ft.get("ema_decay"), "precision": _precision_text(train.get("precision"), None),
+              "seed": train.get("seed")}
     return {"kind": "classifier", "step": m.get("step"), "metrics": dict(m),
             "preprocessing_from": "the fine-tuning run's config" if run_config else "the export's arguments",
             "finetuning": {k: v for k, v in recipe.items() if v is not None} if run_config else None,
@@ -769,33 +872,102 @@ def _fmt(v) -> str:
     return str(v)
 
 
-_METRIC_LABELS = {"top1": "val top-1 (%)", "top5": "val top-5 (%)", "best_top1": "best val top-1 (%)",
-                  "knn_top1": "k-NN top-1 (%)", "knn_top5": "k-NN top-5 (%)", "gen_loss": "Gen loss",
-                  "dis_loss": "Dis loss"}
+_METRIC_LABELS = {"top1": "val top-1 (%)", "top5": "val top-5 (%)", "loss": "val loss",
+                  "best_top1": "best val top-1 (%)", "knn_top1": "k-NN top-1 (%, the monitor)",
+                  "knn_top5": "k-NN top-5 (%, the monitor)", "best_knn_top1": "best k-NN top-1 (%, the monitor)",
+                  "gen_loss": "generative loss (training, last logged)",
+                  "dis_loss": "discriminative loss (training, last logged)"}
+
+# The paper megadigpt implements (../README.md): its arXiv record, cited in every card
+PAPER_ARXIV = "2312.02147"
+CITATION = """@article{ren2023rejuvenating,
+  title   = {Rejuvenating image-GPT as Strong Visual Representation Learners},
+  author  = {Ren, Sucheng and Wang, Zeyu and Zhu, Hongru and Xiao, Junfei and Yuille, Alan and Xie, Cihang},
+  journal = {arXiv preprint arXiv:2312.02147},
+  year    = {2023}
+}"""
+
+
+def card_license():
+    """``(front-matter id, sentence)``: the licence megadigpt's package declares (its metadata: ``setup.py``'s
+    ``license``), lower-cased as the Hugging Face ids are (``apache-2.0``, ``mit``); where it declares none (today:
+    no LICENSE file, no ``license`` in setup.py), ``other`` and a sentence that says so. Either way the training
+    data's and the teacher's own terms also bind the weights."""
+    lic = None
+    try:
+        from importlib import metadata
+
+        meta = metadata.metadata("megadigpt")
+        lic = meta.get("License-Expression") or meta.get("License")
+    except Exception:  # noqa: BLE001 - not installed as a distribution (a source checkout on PYTHONPATH)
+        lic = None
+    terms = "the terms of the training data and of the teacher model also apply to these weights"
+    if lic and lic.strip() and lic.strip().upper() not in ("UNKNOWN", "NONE"):
+        return lic.strip().lower(), f"megadigpt is released under {lic.strip()}; {terms}."
+    return "other", ("megadigpt declares no licence (no LICENSE file, no licence in its setup.py), so none is "
+                     f"granted here: ask the weights' authors before reuse; {terms}.")
+
+
+def _metric_rows(mets: dict) -> list:
+    """The card's metrics table: each value with its name and the step it was measured at (``<name>_step``, or
+    the export's ``step`` / ``epoch`` for a fine-tune's validation numbers); no bare ``step`` rows."""
+    step, epoch = mets.get("step"), mets.get("epoch")
+    at_export = f"step {step}" + (f" (epoch {_fmt(epoch)})" if epoch is not None else "") if step is not None else "-"
+    rows = ["| metric | value | measured at |", "|---|---|---|"]
+    for k, v in mets.items():
+        if v is None or k in ("step", "epoch") or k.endswith("_step") or isinstance(v, (dict, list)):
+            continue
+        if f"{k}_step" in mets:
+            when = f"step {mets[f'{k}_step']}"
+        elif k.startswith("best_"):
+            when = f"the run's best, up to step {step}" if step is not None else "the run's best"
+        else:
+            when = at_export
+        rows.append(f"| {_METRIC_LABELS.get(k, k.replace('_', ' '))} | {_fmt(v)} | {when} |")
+    return rows if len(rows) > 2 else []
+
+
+def _pooling_text(args: dict, n: int) -> str:
+    pool, norm = args.get("global_pool", "token"), args.get("final_norm", True)
+    if pool == "avg":
+        text = "the mean of the patch tokens (`global_pool='avg'`, CLS left out)"
+        if not norm:
+            return text + ", no norm: `model(x)` is megadigpt's probe / k-NN features"
+        if n:
+            return text + ", then `fc_norm` (LayerNorm) and the head: the paper's fine-tuning head"
+        return (text + ", then `fc_norm` (a LayerNorm at its initial values 1, 0: where a fine-tune starts; "
+                "pretraining has no final norm): the paper's fine-tuning head's input. megadigpt's probe and k-NN "
+                "score the mean before the norm (see How to use)")
+    return (f"`global_pool='{pool}'`" + (" after the final LayerNorm" if norm else " (no final LayerNorm: the raw "
+                                                                                  "trunk)"))
 
 
 def model_card(cfg: dict) -> str:
-    """The folder's ``README.md``, in the layout of timm's Hugging Face cards: details, training, metrics, usage.
-    Plain string formatting of the config's values (no template engine: nothing in a card is evaluated)."""
+    """The folder's ``README.md``, in the layout of timm's Hugging Face cards: front matter (library, licence,
+    tags with the paper's arXiv id), details, training, metrics, usage, citation, licence. Plain string formatting
+    of the config's values (no template engine: nothing in a card is evaluated)."""
     meta, args, pcfg = cfg.get("megadigpt", {}), cfg["model_args"], cfg["pretrained_cfg"]
     name, arch, n = cfg["model_name"], cfg["architecture"], int(cfg.get("num_classes") or 0)
     folder = "path/to/" + name
     task = "image-classification" if n else "image-feature-extraction"
-    lines = ["---", "library_name: timm", "tags:", f"- {task}", "- timm", "- megadigpt", "- d-igpt", "---", "",
-             f"# {name}", "",
-             (f"A {n}-class image classifier fine-tuned with megadigpt from a D-iGPT-pretrained ViT." if n else
-              "A ViT encoder pretrained with megadigpt's D-iGPT recipe (an image feature backbone: no classifier "
-              "head)."), "", "## Model details", "",
-             f"- **Model type:** {'image classification' if n else 'image feature backbone'}",
-             f"- **Parameters:** {meta.get('parameters', 0) / 1e6:.2f} M ({meta.get('parameters', 0):,})",
-             f"- **Depth:** {args['depth']} blocks", f"- **Width:** {args['embed_dim']}",
-             f"- **Heads:** {args['num_heads']}", f"- **MLP ratio:** {_fmt(float(args['mlp_ratio']))}",
-             f"- **Patch size:** {args['patch_size']}",
-             f"- **Image size:** {args['img_size']} x {args['img_size']} "
-             f"({(args['img_size'] // args['patch_size']) ** 2} patches + CLS)",
-             f"- **Pooling:** {args.get('global_pool', 'token')}"
-             f"{'' if args.get('final_norm', True) else ' (no final LayerNorm: the raw trunk)'}",
-             f"- **Classes:** {n}" if n else "- **Classes:** none (features: `num_classes=0`)"]
+    lic_id, lic_text = card_license()
+    front = ["---", "library_name: timm", f"license: {lic_id}"]
+    if lic_id == "other":
+        front.append("license_name: none-declared")
+    lines = front + ["tags:", f"- {task}", "- timm", "- megadigpt", "- d-igpt", f"- arxiv:{PAPER_ARXIV}", "---", "",
+                     f"# {name}", "",
+                     (f"A {n}-class image classifier fine-tuned with megadigpt from a D-iGPT-pretrained ViT." if n
+                      else "A ViT encoder pretrained with megadigpt's D-iGPT recipe (an image feature backbone: no "
+                           "classifier head)."), "", "## Model details", "",
+                     f"- **Model type:** {'image classification' if n else 'image feature backbone'}",
+                     f"- **Parameters:** {meta.get('parameters', 0) / 1e6:.2f} M ({meta.get('parameters', 0):,})",
+                     f"- **Depth:** {args['depth']} blocks", f"- **Width:** {args['embed_dim']}",
+                     f"- **Heads:** {args['num_heads']}", f"- **MLP ratio:** {_fmt(float(args['mlp_ratio']))}",
+                     f"- **Patch size:** {args['patch_size']}",
+                     f"- **Image size:** {args['img_size']} x {args['img_size']} "
+                     f"({(args['img_size'] // args['patch_size']) ** 2} patches + CLS)",
+                     f"- **Pooling:** {_pooling_text(args, n)}",
+                     f"- **Classes:** {n}" if n else "- **Classes:** none (features: `num_classes=0`)"]
     if meta.get("standard_timm_name"):
         lines.append(f"- **timm architecture:** `{arch}` (timm's standard model of this geometry)")
     else:
@@ -805,23 +977,23 @@ def model_card(cfg: dict) -> str:
               f"{_fmt(pcfg['input_size'])}, mean ({_fmt(pcfg['mean'])}), std ({_fmt(pcfg['std'])}), "
               f"{pcfg['interpolation']} interpolation, crop_pct {_fmt(pcfg['crop_pct'])}"]
     if meta.get("source"):
-        lines.append(f"- **Exported from:** `{_fmt(meta['source'])}`")
+        lines.append(f"- **Exported from:** `{_fmt(_public(meta['source']))}`")
     pre = meta.get("pretraining")
     lines += ["", "## Pretraining", ""]
     if pre:
         t = pre.get("target") or {}
-        teacher = t.get("kind", "?") + (f" ({t['model']})" if t.get("model") else "") + \
-            (f", layer {t['layer']}" if t.get("layer") else "") + (f", tokenizer {t['tokenizer']}"
+        teacher = t.get("kind", "?") + (f" ({_public(t['model'])})" if t.get("model") else "") + \
+            (f", layer {t['layer']}" if t.get("layer") else "") + (f", tokenizer {_public(t['tokenizer'])}"
                                                                  if t.get("tokenizer") else "")
         rows = [("Pretrained encoder", pre.get("model_name")), ("Objective", pre.get("objective")),
                 ("Teacher / target", teacher),
-                ("Data source", pre.get("data_source")), ("Steps", pre.get("steps")),
+                ("Data source", _public(pre.get("data_source"))), ("Steps", pre.get("steps")),
                 ("Global batch", pre.get("global_batch")), ("Images seen", pre.get("images_seen")),
                 ("Planned", f"max_steps {pre['max_steps']}" if pre.get("max_steps") else
                  (f"{_fmt(pre['epochs'])} epochs" if pre.get("epochs") is not None else None)),
                 ("Learning rate", pre.get("lr") if pre.get("lr") is not None else
                  (f"blr {_fmt(pre['blr'])} per 256 images" if pre.get("blr") is not None else None)),
-                ("Weight decay", pre.get("weight_decay")), ("Precision", pre.get("precision")),
+                ("Weight decay", pre.get("weight_decay")), ("Precision", _precision_text(pre.get("precision"), None)),
                 ("Decoders", f"width {pre['decoder_dim']}, depth {pre['decoder_depth']}"
                  if pre.get("decoder_dim") else None), ("Segment grid", pre.get("segment_grid")),
                 ("Seed", pre.get("seed"))]
@@ -831,31 +1003,47 @@ def model_card(cfg: dict) -> str:
     ft = meta.get("finetuning")
     if ft:
         lines += ["", "## Fine-tuning", ""]
-        lines += [f"- **{k.replace('_', ' ')}:** {_fmt(v)}" for k, v in ft.items() if v is not None]
-    mets = {k: v for k, v in (meta.get("metrics") or {}).items() if v is not None}
-    if mets:
-        lines += ["", "## Metrics", "", "| metric | value |", "|---|---|"]
-        lines += [f"| {_METRIC_LABELS.get(k, k)} | {_fmt(v)} |" for k, v in mets.items()]
+        lines += [f"- **{k.replace('_', ' ')}:** "
+                  f"{_fmt(_public(v) if k in ('init_from', 'train_data', 'val_data') else v)}"
+                  for k, v in ft.items() if v is not None]
+    rows = _metric_rows({k: v for k, v in (meta.get("metrics") or {}).items() if v is not None})
+    if rows:
+        lines += ["", "## Metrics", ""] + rows
     lines += ["", "## How to use", "", "```python", "import timm", "import torch", "from PIL import Image", "",
               f'model = timm.create_model("local-dir:{folder}", pretrained=True).eval()',
               "cfg = timm.data.resolve_data_config({}, model=model)  # this card's preprocessing",
               "transform = timm.data.create_transform(**cfg)",
               'x = transform(Image.open("image.jpg").convert("RGB")).unsqueeze(0)', "with torch.no_grad():"]
-    lines += (["    probs = model(x).softmax(-1)  # (1, %d)" % n] if n else
-              ["    features = model.forward_features(x)  # (1, tokens, %d)" % args["embed_dim"],
-               "    pooled = model(x)  # (1, %d)" % args["embed_dim"]])
+    c = args["embed_dim"]
+    if n:
+        lines += ["    probs = model(x).softmax(-1)  # (1, %d)" % n,
+                  "    features = model.forward_head(model.forward_features(x), pre_logits=True)  # (1, %d): the "
+                  "head's input" % c]
+    elif args.get("global_pool") == "avg":
+        lines += ["    tokens = model.forward_features(x)  # (1, 1 + patches, %d): the last block's tokens, CLS first"
+                  % c,
+                  "    features = tokens[:, model.num_prefix_tokens:].mean(1)  # (1, %d): megadigpt's probe / k-NN "
+                  "features" % c]
+        lines += (["    pooled = model.forward_head(tokens, pre_logits=True)  # = model(x): fc_norm(features), the "
+                   "fine-tuning head's input"] if args.get("final_norm", True) else
+                  ["    assert torch.allclose(model(x), features)  # no norm: model(x) is those features"])
+    else:
+        lines += ["    features = model.forward_features(x)  # (1, tokens, %d)" % c,
+                  "    pooled = model(x)  # (1, %d)" % c]
     lines += ["```", "",
               "`pretrained=True` loads `model.safetensors` from this folder; without it timm builds random weights. "
               + ("For a new task pass `num_classes=N` (a fresh head). " if n else
-                 "To fine-tune, pass `num_classes=N` (a fresh head). ")
-              + "By name, with the same preprocessing:", "", "```python", "import json",
+                 "To fine-tune, pass `num_classes=N`: a fresh head on this pooling, the paper's fine-tuning model. ")
+              + "By name, with the same preprocessing (and pooling: `model_args`):", "", "```python", "import json",
               f'cfg = json.load(open("{folder}/config.json"))',
               'model = timm.create_model(cfg["architecture"], pretrained=True, **cfg["model_args"],',
               '                          pretrained_cfg=dict(cfg["pretrained_cfg"],',
               f'                                              file="{folder}/model.safetensors"))',
               "```", "", "## Files", "", "- `model.safetensors`: the weights (timm's parameter names)",
               "- `config.json`: timm's hub config (`architecture`, `model_args`, `pretrained_cfg`) and megadigpt's "
-              "record (`megadigpt`)", "- `README.md`: this card", ""]
+              "record (`megadigpt`)", "- `README.md`: this card", "", "## Citation", "",
+              f"D-iGPT, the method these weights were trained with (arXiv:{PAPER_ARXIV}):", "", "```bibtex",
+              CITATION, "```", "", "## Licence", "", lic_text, ""]
     return "\n".join(lines)
 
 
@@ -1054,7 +1242,8 @@ def convert(src, to: str, out, tag: Optional[str] = None, num_heads: Optional[in
             run_cfg = None  # not a pretraining run's config
         step = checkpoint_step(src, tag)
         return timm_export(sd, heads, out, final_norm=final_norm, run_config=run_cfg, step=step,
-                           metrics=_run_metrics(src, step) if step is not None else {}, source=str(src))
+                           metrics=_run_metrics(src, step) if step is not None else {}, source=str(src),
+                           precision=resolved_precision(src, step) if step is not None else None)
     if to == "reference":
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         ref = dict(to_reference(sd, segment_grid), megadigpt=REFERENCE_SIGNATURE)  # (their loader reads "model")

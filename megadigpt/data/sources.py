@@ -307,7 +307,7 @@ class _BoundedFile:
         return self.pos
 
 
-def _member_key(name: str):
+def member_key(name: str):
     """``dir/abc.jpg`` -> (``dir/abc``, ``.jpg``); None for names without an extension."""
     base = os.path.basename(name)
     if "." not in base:
@@ -370,7 +370,7 @@ def scan_tar(shard: str, f, file_size: int, problems: List[Problem]) -> Dict[str
                 bad_names += 1
                 first_bad = first_bad or m.name.encode("utf-8", "surrogateescape")
                 continue
-            split = _member_key(m.name)
+            split = member_key(m.name)
             if split is None:
                 continue
             key, ext = split

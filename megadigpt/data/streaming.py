@@ -154,8 +154,11 @@ def _read_manifest(urls: Sequence[str]) -> Tuple[Optional[dict], Optional[str]]:
     return (data if isinstance(data, dict) else None), None
 
 
-def epoch_size(urls: Sequence[str], configured: Optional[int]) -> int:
-    """Samples per epoch: the manifest's counts of these shards, else ``data.epoch_size``."""
+def epoch_size(urls: Sequence[str], configured: Optional[int], needed_for: Optional[str] = "train.epochs"
+               ) -> Optional[int]:
+    """Samples per epoch: the manifest's counts of these shards, else ``data.epoch_size``, else None where nothing
+    needs it (``needed_for`` None: a run of ``train.max_steps`` with its warm-up in steps; the epoch counter is then
+    unknown), else one line naming what needs it."""
     manifest, why = _read_manifest(urls)
     if manifest:
         try:
@@ -169,8 +172,11 @@ def epoch_size(urls: Sequence[str], configured: Optional[int]) -> int:
         if why:
             log.warning("stream mode: %s; using data.epoch_size=%s", why, configured)
         return int(configured)
-    raise ConfigError(f"stream mode needs the epoch size: no manifest.json beside {urls[0]} lists these shards"
-                      f"{f' ({why})' if why else ''}, and data.epoch_size is not set")
+    if needed_for is None:
+        return None
+    raise ConfigError(f"stream mode needs the epoch size for {needed_for}: no manifest.json beside {urls[0]} lists "
+                      f"these shards{f' ({why})' if why else ''}, and data.epoch_size is not set (or give "
+                      f"train.max_steps and optim.warmup_steps: then no epoch size is needed)")
 
 
 def probe_shards(urls: Sequence[str]) -> int:

@@ -9,8 +9,11 @@ limit itself, preemption) checkpoints too but never requeues: stopping a job mus
 
 ``megadigpt submit`` (``submit``) validates a stage (its config, its batch geometry on the requested world size,
 its paths) before anything is queued, snapshots the code into the run directory (``snapshot.py``), writes the
-script there and submits it; a chain YAML (``slurm/chains/``) submits several stages, each ``afterok`` on the one
-before, with ``--kill-on-invalid-dep=yes`` so a failed stage cancels the rest instead of leaving them pending.
+script there and submits it. The script runs the site's set-up lines (``setup:`` of the chain and the stage,
+``--setup``: ``module load``, conda or venv activation), puts the snapshot on ``PYTHONPATH`` and launches ``srun
+python -m megadigpt <command> ...``, as a user would write it. A chain YAML (``slurm/chains/``) submits several
+stages, each ``afterok`` on the one before, with ``--kill-on-invalid-dep=yes`` so a failed stage cancels the rest
+instead of leaving them pending.
 The scripts in ``slurm/*.sbatch`` are this module's ``TEMPLATES``, rendered (``python -m megadigpt.launch.slurm
 --templates slurm/``; a test keeps them in step)."""
 
@@ -28,15 +31,19 @@ from typing import Dict, List, Optional
 
 
 from ..config import ConfigError, suggest, missing_path, preview_paths
-from ..commands import build_parser, finetune_overrides, overrides_of, pretrain_overrides
+from ..commands import SUBMITTABLE, build_parser, finetune_overrides, overrides_of, pretrain_overrides
 from ..safe_fs import open_append, write_atomic
 from ..train.runtime import requeue_after_signal  # noqa: F401 - re-exported (cli's exit path lives in commands)
 
-COMMANDS = ("pretrain", "finetune", "segment", "probe", "eval")
+COMMANDS = SUBMITTABLE  # pretrain, finetune, segment, probe, eval
 _PKG = Path(__file__).resolve().parent.parent
 # setup.py installs the top-level slurm/ as megadigpt/slurm; a source checkout has it beside the package
 SLURM_DIR = next((d for d in (_PKG / "slurm", _PKG.parent / "slurm") if d.is_dir()), _PKG.parent / "slurm")
-_FROM_SNAPSHOT = "import sys; sys.path.insert(0, sys.argv.pop(1)); from megadigpt.cli import main; sys.exit(main())"
+# run in the batch shell before srun: the python the set-up left on PATH imports the snapshot, not another copy
+_CHECK_SNAPSHOT = ('import os, sys, megadigpt; f = os.path.realpath(megadigpt.__file__); sys.exit(0 if f.startswith('
+                   'os.path.realpath(sys.argv[1]) + os.sep) else "megadigpt: python imports " + f + ", not the code '
+                   'snapshot " + sys.argv[1] + " (python < 3.11 puts the working directory first: submit from '
+                   'another folder)")')
 EXIT_CODES = "0 done, 2 bad input, 3 diverged, 75 checkpointed on a signal"
 
 
@@ -66,6 +73,10 @@ class SlurmOptions:
     job_name: Optional[str] = None
     sbatch: List[str] = field(default_factory=list)  # more #SBATCH options, verbatim: ["--mail-type=END"]
     env: Dict[str, str] = field(default_factory=dict)  # exported before srun: NCCL_SOCKET_IFNAME, NCCL_IB_HCA, ...
+    # shell lines run before the launch line (module load, conda activate, source venv/bin/activate); in a chain
+    # `setup:` of the chain, then of the stage, then --setup of the command line. None given: the python that ran
+    # `megadigpt submit` is put first on PATH
+    setup: List[str] = field(default_factory=list)
 
     @property
     def tasks_per_node(self) -> int:
@@ -84,7 +95,7 @@ class SlurmOptions:
             raise ConfigError(f"{where}: time {self.time} is a number: quote the time limit, e.g. \"48:00:00\" (YAML "
                               f"reads an unquoted 48:00:00 as seconds)")
         for f in fields(self):  # YAML chains may hold any type: a wrong one is an error, not a traceback later
-            if f.name not in ("sbatch", "env"):
+            if f.name not in ("sbatch", "env", "setup"):
                 setattr(self, f.name, coerce(getattr(self, f.name), get_type_hints(SlurmOptions)[f.name],
                                               f"{where}: {f.name}"))
         if not _TIME.fullmatch(self.time):
@@ -106,6 +117,7 @@ class SlurmOptions:
         for k in self.env:
             if not isinstance(k, str) or not k.isidentifier():
                 raise ConfigError(f"{where}: env name {k!r} is not a shell variable name")
+        self.setup = setup_lines(self.setup, where)
         if self.nodes < 1 or self.tasks_per_node < 1 or self.gpus_per_node < 0:
             raise ConfigError(f"{where}: nodes and tasks per node must be >= 1 and gpus_per_node >= 0")
         if self.gpus_per_node and self.ntasks_per_node and self.ntasks_per_node != self.gpus_per_node:
@@ -115,9 +127,35 @@ class SlurmOptions:
             raise ConfigError(f"{where}: signal_seconds must be >= 0")
         if self.requeue and not self.signal_seconds:
             raise ConfigError(f"{where}: requeue needs the warning signal (signal_seconds > 0)")
-        if not isinstance(self.sbatch, list) or not isinstance(self.env, dict):
-            raise ConfigError(f"{where}: sbatch is a list of options and env a mapping")
         return self
+
+
+def setup_lines(value, where: str) -> List[str]:
+    """A ``setup:`` value: shell lines (a single string is one line), each one line of text (no NUL, newline or
+    other control character: it goes into the script as it is)."""
+    from ..config import check_text
+
+    if value is None:
+        return []
+    lines = [value] if isinstance(value, str) else value
+    if not isinstance(lines, list) or not all(isinstance(x, str) for x in lines):
+        raise ConfigError(f"{where}: setup is a list of shell lines (strings), e.g. [\"module load cuda/12.4\", "
+                          f"\"source ~/venvs/megadigpt/bin/activate\"]")
+    for line in lines:
+        check_text(line, f"{where}: setup line")
+    return list(lines)
+
+
+# What each kind of stage reserves unless the chain, the stage or the command line says otherwise. eval and probe
+# run once over their sets, are not resumable, and get no warning signal; eval scores one model: one GPU.
+STAGE_DEFAULTS = {
+    "eval": dict(gpus_per_node=1, time="02:00:00", signal_seconds=0, requeue=False),
+    "probe": dict(time="08:00:00", signal_seconds=0, requeue=False),
+}
+
+
+def stage_defaults(command: str) -> SlurmOptions:
+    return replace(SlurmOptions(), **STAGE_DEFAULTS.get(command, {}))
 
 
 def slurm_options(values: Optional[dict], base: Optional[SlurmOptions] = None, where: str = "slurm") -> SlurmOptions:
@@ -126,8 +164,11 @@ def slurm_options(values: Optional[dict], base: Optional[SlurmOptions] = None, w
     values = values or {}
     if not isinstance(values, dict):
         raise ConfigError(f"{where} must be a mapping of sbatch options")
-    names = [f.name for f in fields(SlurmOptions)]
+    names = [f.name for f in fields(SlurmOptions) if f.name != "setup"]
     for k in values:
+        if k == "setup":
+            raise ConfigError(f"{where}.setup: setup is a key of the chain or of the stage, beside slurm: (not "
+                              f"inside it)")
         if k not in names:
             raise ConfigError(f"unknown key {where}.{k}{suggest(k, names)}; known: {', '.join(names)}")
     return replace(base, **values)
@@ -236,7 +277,10 @@ def validate_stage(stage: Stage) -> dict:
 
         if not ns.weights and not ns.random_init:
             raise ConfigError(f"stage {stage.name}: probe needs the weights to probe (or --random-init)")
+        from ..train.probe import check_labelled_sources
+
         cfg = load_config(ns.config, finetune_overrides(ns), root=FinetuneRunConfig)
+        check_labelled_sources(cfg)
         cfg.train.init_from = ns.weights
         cfg.train.run_dir = stage.run_dir  # (probe writes only to --out)
         cfg.train.global_batch = cfg.train.micro_batch * o.world_size
@@ -246,13 +290,14 @@ def validate_stage(stage: Stage) -> dict:
     else:  # eval
         if not pending(ns.model) and not Path(ns.model).exists():
             missing_path(f"stage {stage.name}: the model to evaluate is not found: {ns.model}")
-        sets = [k for k in ("imagenet", "real", "v2", "a", "r", "sketch", "c") if getattr(ns, k)]
+        sets = [(k, getattr(ns, k)) for k in ("imagenet", "real", "v2", "a", "r", "sketch", "c") if getattr(ns, k)]
+        sets += [("set", str(v).partition("=")[2] or str(v)) for v in getattr(ns, "sets", None) or []]  # NAME=SOURCE
         if not sets:
-            raise ConfigError(f"stage {stage.name}: eval needs at least one set (--imagenet, --v2, ...)")
+            raise ConfigError(f"stage {stage.name}: eval needs at least one set (--set NAME=SOURCE, --imagenet, "
+                              f"--v2, ...)")
         from ..data.remote import expand_urls, is_remote
 
-        for k in sets:  # a local source must be there; remote ones and ImageNet-C templates are read by the job
-            src = getattr(ns, k)
+        for k, src in sets:  # a local source must be there; remote ones and ImageNet-C templates are read by the job
             first = (expand_urls(src) or [src])[0]
             if not is_remote(first) and "{corruption}" not in src and not Path(first).exists():
                 missing_path(f"stage {stage.name}: --{k}: source not found: {src}")
@@ -296,8 +341,13 @@ def sbatch_filename(path: str) -> str:
 
 def render(stage: Stage, python: Optional[str] = None, code_dir: Optional[str] = None, log: Optional[str] = None,
            pass_args: bool = False, note: str = "") -> str:
-    """The sbatch script of a stage. ``python``: the interpreter (default: ``$MEGADIGPT_PYTHON`` or ``python`` on
-    the job's PATH); ``pass_args``: append ``"$@"`` (the static templates: ``sbatch script.sbatch key=value ...``)."""
+    """The sbatch script of a stage: the set-up lines, then ``srun python -m megadigpt <command> <args>``.
+    ``python``: the interpreter ``megadigpt submit`` ran with, put first on PATH when the stage has no set-up lines
+    (its folder holds ``python``: a venv or conda env; else it is named in full); ``code_dir``: the code snapshot,
+    first on ``PYTHONPATH``; ``pass_args``: append ``"$@"`` (the static templates: ``sbatch script.sbatch
+    key=value ...``)."""
+    from ..config import check_text
+
     o = stage.slurm
     script_text(stage.name, "stage name")
     sb = [f"--job-name={sbatch_value(o.job_name or 'megadigpt-' + stage.name, 'job name')}", f"--nodes={o.nodes}",
@@ -319,11 +369,23 @@ def render(stage: Stage, python: Optional[str] = None, code_dir: Optional[str] =
     sb.append("--requeue" if o.requeue else "--no-requeue")
     sb += ["--open-mode=append", f"--output={sbatch_value(log or 'slurm-%x-%j.out', 'the job log path')}"]
     sb += [script_text(a, "sbatch option") for a in o.sbatch]  # verbatim, one line each
-    py = shlex.quote(script_text(python, "python")) if python else '"${MEGADIGPT_PYTHON:-python}"'
-    # with a snapshot, not `-m megadigpt`: that puts the working directory first on sys.path, and a job submitted
-    # from a checkout would import the checkout instead of the snapshot
-    entry = (["-c", shlex.quote(_FROM_SNAPSHOT), '"$MEGADIGPT_CODE"'] if code_dir else ["-m", "megadigpt"])
-    cmd = " ".join([py, *entry, shlex.quote(script_text(stage.command, "command"))] +
+    py = "python"
+    setup = [check_text(line, f"stage {stage.name}: setup line") for line in o.setup]
+    if setup:
+        setup = ["# set-up (setup: of the chain and the stage, --setup of megadigpt submit)",
+                 "set +u  # activation scripts (conda, venv, environment modules) may read unset variables",
+                 *setup, "set -u"]
+    elif python:
+        bin_dir = Path(script_text(python, "python")).parent
+        if (bin_dir / "python").exists():
+            setup = [f"export PATH={shlex.quote(str(bin_dir))}${{PATH:+:$PATH}}  # the python megadigpt submit ran "
+                     f"with (no setup: lines given)"]
+        else:  # e.g. /usr/bin/python3 without /usr/bin/python
+            py = shlex.quote(str(python))
+    else:  # the static templates
+        setup = ["# set-up, if the shell that runs sbatch has not done it (sbatch exports its environment):",
+                 "# module load ...; source ~/venvs/megadigpt/bin/activate"]
+    cmd = " ".join([py, "-m", "megadigpt", shlex.quote(script_text(stage.command, "command"))] +
                    [shlex.quote(script_text(a, f"stage {stage.name}: argument")) for a in stage.args])
     if pass_args:
         cmd += ' "$@"'
@@ -333,9 +395,14 @@ def render(stage: Stage, python: Optional[str] = None, code_dir: Optional[str] =
     env = "".join(f"export {k}={shlex.quote(script_text(v, f'env {k}'))}\n" for k, v in o.env.items())
     if not o.requeue:
         env += "export MEGADIGPT_REQUEUE=0\n"
-    code = (f"MEGADIGPT_CODE={shlex.quote(script_text(code_dir, 'the code snapshot folder'))}  # the code snapshot "
-            f"taken at submission\n"
-            f"export PYTHONPATH=\"$MEGADIGPT_CODE${{PYTHONPATH:+:$PYTHONPATH}}\"\n") if code_dir else ""
+    env += "".join(line + "\n" for line in setup)
+    # the snapshot first on the import path; PYTHONSAFEPATH (python >= 3.11): `-m` does not put the working
+    # directory first, where a checkout the job was submitted from would win over the snapshot
+    code = (f"# the code snapshot taken at submission\n"
+            f"MEGADIGPT_CODE={shlex.quote(script_text(code_dir, 'the code snapshot folder'))}\n"
+            f"export PYTHONPATH=\"$MEGADIGPT_CODE${{PYTHONPATH:+:$PYTHONPATH}}\"\n"
+            f"export PYTHONSAFEPATH=1\n"
+            f"{py} -c {shlex.quote(_CHECK_SNAPSHOT)} \"$MEGADIGPT_CODE\" || exit 2\n") if code_dir else ""
     head = "\n".join(f"#SBATCH {a}" for a in sb)
     return f"""#!/bin/bash
 # megadigpt {stage.command} ({stage.name}){note}
@@ -361,18 +428,20 @@ exit $rc
 
 
 # The scripts in slurm/: the paper's ViT-L/14 path. Data paths and weights come as key=value arguments.
+# cpus_per_task: the config's data.num_workers + 1 per GPU (digpt_vitl14_merged: 10 workers)
 TEMPLATES = {
     "pretrain_merged": ("pretraining on the merged ~36M-image dataset", "pretrain",
-                        ["--config", "digpt_vitl14_merged"], dict(nodes=8, cpus_per_task=10, time="48:00:00")),
+                        ["--config", "digpt_vitl14_merged"], dict(nodes=8, cpus_per_task=11, time="48:00:00")),
     "finetune_in21k": ("ImageNet-21K intermediate fine-tuning at 448 px", "finetune",
                        ["--config", "finetune_vitl14_in21k_448"], dict(nodes=4, cpus_per_task=10,
                                                                         time="48:00:00")),
     "finetune_in1k": ("ImageNet-1K fine-tuning at 448 px", "finetune", ["--config", "finetune_vitl14_in1k_448"],
                       dict(nodes=2, cpus_per_task=10, time="24:00:00")),
     "probe": ("linear probe of every block + k-NN", "probe", ["--config", "finetune_vitb16_in1k"],
-              dict(nodes=1, cpus_per_task=10, time="08:00:00", signal_seconds=0, requeue=False)),
+              dict(nodes=1, cpus_per_task=10, time="08:00:00")),
+    # one GPU: ImageNet-C's 3.75M images dominate (a ViT-L/14 at 448 px: ~2 h on one H100)
     "eval": ("ImageNet val, ReaL, V2, A, R, Sketch, C", "eval", [],
-             dict(nodes=1, cpus_per_task=10, time="04:00:00", signal_seconds=0, requeue=False)),
+             dict(nodes=1, gpus_per_node=1, cpus_per_task=10, time="03:00:00")),
     # 8 GPUs x micro-batch 2 = the recipe's batch 16 (SyncBatchNorm across the GPUs)
     "segment_ade20k": ("ADE20K semantic segmentation, UperNet, 160k iterations at batch 16", "segment",
                        ["--config", "segment_ade20k_vitl14"], dict(nodes=1, cpus_per_task=10, time="48:00:00")),
@@ -389,7 +458,7 @@ _TEMPLATE_USE = {
 
 def render_template(name: str) -> str:
     title, command, args, opts = TEMPLATES[name]
-    stage = Stage(name, command, args, "", slurm_options(opts))
+    stage = Stage(name, command, args, "", slurm_options(opts, stage_defaults(command)))
     use = _TEMPLATE_USE[command].format(path=f"slurm/{name}.sbatch")
     note = (f": {title}\n# written by megadigpt/launch/slurm.py (TEMPLATES); `megadigpt submit` writes the same "
             f"script with a code snapshot.\n#   {use}\n# sbatch options on the command line override the lines below.")
@@ -421,23 +490,28 @@ def resolve_chain_path(name_or_path: str) -> Path:
     raise ConfigError(f"chain not found: {name_or_path} (a YAML file, or one of: {', '.join(known) or 'none'})")
 
 
-_STAGE_KEYS = ("name", "command", "config", "run_dir", "init_from", "weights", "model", "args", "slurm")
-_CHAIN_KEYS = ("run_root", "slurm", "stages")
+_STAGE_KEYS = ("name", "command", "config", "run_dir", "init_from", "weights", "model", "args", "setup", "slurm")
+_CHAIN_KEYS = ("run_root", "setup", "slurm", "stages")
 
 
 def load_chain(path, run_root: Optional[str] = None, cli_slurm: Optional[dict] = None):
-    """A chain YAML -> (stages in order, the chain's root folder). ``{name}`` in a stage's strings is that earlier stage's run directory.
-    Options given on the command line (``cli_slurm``) win over the YAML's, for every stage."""
+    """A chain YAML -> (stages in order, the chain's root folder). ``{name}`` in a stage's strings is that earlier
+    stage's run directory. A stage's sbatch options: its command's defaults (``STAGE_DEFAULTS``), then the chain's
+    ``slurm:``, then its own; options given on the command line (``cli_slurm``) win over the YAML's, for every
+    stage. Its set-up lines: the chain's ``setup:``, then its own, then the command line's."""
     from ..config import read_yaml
 
     spec = read_yaml(path, "chain")  # safe tags only; binary, empty, duplicate keys: one line
     if not isinstance(spec, dict) or not isinstance(spec.get("stages"), list) or not spec["stages"]:
-        raise ConfigError(f"{path}: a chain has `stages:` (a list) and optional `run_root:`, `slurm:`")
+        raise ConfigError(f"{path}: a chain has `stages:` (a list) and optional `run_root:`, `setup:`, `slurm:`")
     for k in spec:
         if k not in _CHAIN_KEYS:
             raise ConfigError(f"{path}: unknown key {k}{suggest(k, _CHAIN_KEYS)}; known: {', '.join(_CHAIN_KEYS)}")
     root = Path(run_root or spec.get("run_root") or "runs/" + Path(path).stem).resolve()
-    defaults = slurm_options(spec.get("slurm"), where="slurm")
+    slurm_options(spec.get("slurm"), where="slurm")  # its keys checked once, before any stage
+    chain_setup = setup_lines(spec.get("setup"), f"{path}: setup")
+    cli = dict(cli_slurm or {})
+    cli_setup = cli.pop("setup", None) or []
     stages, dirs = [], {}
     for i, st in enumerate(spec["stages"]):
         where = f"{path}: stages[{i}]"
@@ -483,9 +557,9 @@ def load_chain(path, run_root: Optional[str] = None, cli_slurm: Optional[dict] =
                       ("model", ("eval",))):
             if st.get(k) and command not in ok:
                 raise ConfigError(f"{where}: {k} is for {' / '.join(ok)} stages")
-        opts = slurm_options(st.get("slurm"), defaults, where=f"{where}.slurm")
-        if cli_slurm:
-            opts = replace(opts, **cli_slurm)
+        opts = slurm_options(spec.get("slurm"), stage_defaults(command), where="slurm")
+        opts = slurm_options(st.get("slurm"), opts, where=f"{where}.slurm")
+        opts = replace(opts, **cli, setup=chain_setup + setup_lines(st.get("setup"), f"{where}: setup") + cli_setup)
         stages.append(Stage(name, command, args, run_dir, opts, list(dirs.values())))
         dirs[name] = run_dir
     return stages, root
@@ -511,7 +585,8 @@ def single_stage(command: str, args: List[str], cli_slurm: dict) -> Stage:
                           f"there)")
     run_dir = str(Path(out).resolve())
     opt = "--out" if command in ("probe", "eval") else "--run-dir"
-    return Stage(command, command, _with_option(args, opt, run_dir), run_dir, replace(SlurmOptions(), **cli_slurm))
+    return Stage(command, command, _with_option(args, opt, run_dir), run_dir,
+                 replace(stage_defaults(command), **cli_slurm))
 
 
 def chain_from(stages: List[Stage], first: str) -> List[Stage]:

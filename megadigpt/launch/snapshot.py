@@ -4,8 +4,10 @@ code it was submitted with, not whatever the checkout holds by then.
 ``<root>/code/<hash>/megadigpt/`` is a copy of the importable package (with ``ds_configs/``), named by the hash of
 its content; ``SNAPSHOT.json`` beside it records where it came from (git commit and dirty state when the source is
 a git checkout, the hash, the versions of the main packages), ``git.diff`` any uncommitted changes. A job's script
-names its snapshot and puts it first on ``sys.path``. Snapshots are never changed or removed: a running or
-requeued job keeps its code when the run is submitted again with other code (which gets a snapshot of its own)."""
+names its snapshot and puts it first on ``PYTHONPATH`` (with ``PYTHONSAFEPATH=1``: a job started in a checkout
+still imports the snapshot), then runs ``srun python -m megadigpt ...``. Snapshots are never changed or removed: a
+running or requeued job keeps its code when the run is submitted again with other code (which gets a snapshot of its
+own)."""
 
 import hashlib
 import json
@@ -69,7 +71,7 @@ def _copy_package(dest: Path) -> None:
 
 def snapshot(root, dry_run: bool = False) -> dict:
     """Copy the running megadigpt into ``<root>/code/<hash>`` (an identical snapshot already there is reused).
-    Returns the record, with ``path`` (the folder to put on sys.path)."""
+    Returns the record, with ``path`` (the folder to put on ``PYTHONPATH``)."""
     root = Path(root)
     src = package_dir()
     if dry_run:

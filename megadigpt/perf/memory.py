@@ -287,6 +287,7 @@ class PlanRow:
     host_gib: float  # per rank, with CPU offload
     build_host_gib: float = 0.0  # host memory per rank while the fp32 student is built (ZeRO-3: partitioned)
     teacher_host_gib: float = 0.0  # host memory per rank while the teacher is built (teacher_host_bytes)
+    global_batch: int = 0  # train.global_batch the micro-batch was recommended for (0: not known)
 
 
 def build_host_bytes(P: int, largest: int, world: int, stage: int) -> int:
@@ -362,7 +363,7 @@ def plan_one(cfg, world: int, gpu_gib: float, stage: int, ckpt: bool, offload: b
                    st["optimizer"] / GiB, st["buckets"] / GiB, st["fp32_grads"] / GiB, act(micro_batch) / GiB,
                    teacher / GiB, tb / GiB, tb <= budget, best, rec, st["host"] / GiB,
                    build_host_bytes(sizes.student_params, sizes.largest_module_params, world, stage) / GiB,
-                   teacher_host_bytes(cfg.target, sizes.teacher_params) / GiB)
+                   teacher_host_bytes(cfg.target, sizes.teacher_params) / GiB, cfg.train.global_batch)
 
 
 def plan(cfg, world: int, gpu_gib: float, archs: Sequence[str], stages=(1, 2, 3), ckpts=(False, True),
@@ -388,7 +389,7 @@ def markdown(rows: List[PlanRow], world: int, gpu_gib: float) -> str:
     out = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         out.append(f"| {r.arch}/{r.patch} | {r.stage} | {'on' if r.checkpointing else 'off'} | "
-                   f"{'cpu' if r.offload else 'off'} | {r.micro_batch} | {r.params_gib:.2f} | {r.grads_gib:.2f} | "
+                   f"{'on' if r.offload else 'off'} | {r.micro_batch} | {r.params_gib:.2f} | {r.grads_gib:.2f} | "
                    f"{r.optimizer_gib:.2f} | {r.buffers_gib:.2f} | {r.activations_gib:.2f} | "
                    f"{r.fp32_grads_gib:.2f} | {r.teacher_gib:.2f} | {r.total_gib:.2f} | {'yes' if r.fits else 'no'} | "
                    f"{r.max_micro_batch} | {r.recommended_micro_batch} | {r.host_gib:.2f} | "
@@ -402,4 +403,43 @@ def markdown(rows: List[PlanRow], world: int, gpu_gib: float) -> str:
                "fp32 student is built (ZeRO-3 builds it partitioned); teacher build host GiB/GPU: host memory "
                "while the teacher is built, before the student (open_clip: its image tower's tensors read from the "
                "weights file, none for a random one)")
+    out += [""] + recommendations(rows, world)
     return "\n".join(out)
+
+
+def recommend(rows: List[PlanRow]) -> Optional[PlanRow]:
+    """Of one model's rows, the configuration to train with: among those whose recommended micro-batch (the
+    largest that fits and divides the per-GPU batch) exists, no CPU offload first (it moves the optimizer step to
+    the host), then no activation checkpointing (it recomputes every block's forward: about a third more compute),
+    then the smallest ZeRO stage (less communication), then the largest micro-batch (the fewest accumulation
+    steps). None when nothing fits."""
+    ok = [r for r in rows if r.recommended_micro_batch > 0]
+    return min(ok, key=lambda r: (r.offload, r.checkpointing, r.stage, -r.recommended_micro_batch), default=None)
+
+
+def recommendations(rows: List[PlanRow], world: int) -> List[str]:
+    """One line per model (in the order of ``rows``): what to train it with, as overrides to paste."""
+    out, models = [], {}
+    for r in rows:
+        models.setdefault((r.arch, r.patch), []).append(r)
+    for (arch, patch), group in models.items():
+        r, gb = recommend(group), group[0].global_batch
+        if r is None:
+            if gb and gb % world:
+                out.append(f"recommended {arch}/{patch}: none: global batch {gb} does not divide over {world} GPUs")
+            else:
+                out.append(f"recommended {arch}/{patch}: none: no configuration here fits micro-batch 1 (try more "
+                           f"GPUs, activation checkpointing, ZeRO-3 or CPU offload)")
+            continue
+        mb = r.recommended_micro_batch
+        accum = gb // (world * mb) if gb else None
+        how = (f"ZeRO-{r.stage}, activation checkpointing {'on' if r.checkpointing else 'off'}, offload "
+               f"{'on' if r.offload else 'off'}, micro-batch {mb}")
+        if accum:
+            how += f", accumulation {accum} ({world} GPUs x {mb} x {accum} = global batch {gb})"
+        keys = (f"train.zero_stage={r.stage} train.activation_checkpointing={str(r.checkpointing).lower()} "
+                f"train.micro_batch={mb}")
+        if r.offload:
+            keys += " train.ds_config=<a DeepSpeed config with offload_optimizer, e.g. ds_configs/zero3_offload.json>"
+        out.append(f"recommended {arch}/{patch}: {how}: {keys}")
+    return out

@@ -124,6 +124,21 @@ def read_visual_state(path: str, convert=None) -> dict:
     return {k[cut + 7:]: convert(k[cut + 7:], v) for k, v in sd.items() if k[cut:].startswith("visual.")}
 
 
+def read_text_state(path: str) -> dict:
+    """The text tower's tensors of a CLIP weights file (every key but ``visual.*``, ``module.`` dropped), read as
+    :func:`read_visual_state` reads the image tower's (no code runs). For ``megadigpt clip``."""
+    if Path(path).suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(path, framework="pt", device="cpu") as f:
+            keys = list(f.keys())
+            cut = _strip_module(keys)
+            return {k[cut:]: f.get_tensor(k) for k in keys if not k[cut:].startswith("visual.")}
+    sd = _torch_state(path)
+    cut = _strip_module(sd)
+    return {k[cut:]: v for k, v in sd.items() if not k[cut:].startswith("visual.")}
+
+
 def _torch_state(path: str) -> dict:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)

@@ -25,6 +25,16 @@ Each set's class map (what its class names mean), as the sets are distributed:
 
 The model's classes are its ``label_names`` (written by ``megadigpt finetune`` from ImageNet's synset folders); a
 1000-class model without names is taken to be in the standard (sorted-synset) order, which is said in the results.
+
+Any other labelled set: ``--set NAME=SOURCE`` (repeatable; e.g. ``--set cifar10=.../test-{000000..000001}.tar``),
+scored top-1 / top-5 over the model's whole head and reported under its own name. Its label space must be the
+model's: the source's class names (its ``classes.txt`` or class folders) are as many as the head's classes and,
+where the model has names too, the same names in the same order; a source without names has labels that are
+taken as the model's class indices, each below its class count. A mismatch is one line before any weights or
+images are read (labels are class indices: a set numbered otherwise would be scored against the wrong classes).
+
+Every set's top-1 and top-5 (and loss, images) go to ``eval.json`` and ``eval.md`` (ReaL, a re-labelling, has a
+top-1 only; ImageNet-C reports its mCE).
 """
 
 import json
@@ -37,7 +47,7 @@ from typing import Dict, List, Optional
 import numpy as np
 import torch
 
-from ..config import ConfigError
+from ..config import ConfigError, shorten
 
 # AlexNet's top-1 error per corruption, averaged over the 5 severities (hendrycks/robustness), the mCE baseline
 ALEXNET_ERR = {
@@ -48,6 +58,67 @@ ALEXNET_ERR = {
 }
 log = logging.getLogger(__name__)
 SETS = ("imagenet", "real", "v2", "a", "r", "sketch", "c")
+SET_LABELS = {"imagenet": "ImageNet-1K val", "real": "ImageNet ReaL", "v2": "ImageNet-V2", "a": "ImageNet-A",
+              "r": "ImageNet-R", "sketch": "ImageNet-Sketch", "c": "ImageNet-C"}
+_SET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}")
+
+
+def parse_set_specs(specs) -> Dict[str, str]:
+    """``--set NAME=SOURCE`` values -> {name: source}, in the order given. A name is a word (letters, digits,
+    ``_ . + -``, up to 64), not one of the ImageNet sets' names, given once; the source is everything after the
+    first ``=`` (a URL may hold more)."""
+    out: Dict[str, str] = {}
+    for spec in specs or ():
+        name, eq, source = str(spec).partition("=")
+        name, source = name.strip(), source.strip()
+        if not eq or not name or not source:
+            raise ConfigError(f"--set takes NAME=SOURCE (e.g. cifar10=data/cifar10/test-{{000000..000001}}.tar), "
+                              f"got {shorten(spec, 80)}")
+        if not _SET_NAME.fullmatch(name):
+            raise ConfigError(f"--set {shorten(name, 80)}: a set's name is letters, digits and _ . + - (it labels "
+                              f"the results), up to 64 characters")
+        if name.lower() in SETS:
+            raise ConfigError(f"--set {name}: {name} is the name of an ImageNet set; use --{name.lower()} for it, "
+                              f"or another name for this one")
+        if name in out:
+            raise ConfigError(f"--set {name} is given twice ({shorten(out[name], 60)} and {shorten(source, 60)})")
+        out[name] = source
+    return out
+
+
+def _few(items, n: int = 4) -> str:
+    items = list(items)
+    return ", ".join(shorten(i, 40) if isinstance(i, str) else str(i) for i in items[:n]) + (
+        f" and {len(items) - n} more" if len(items) > n else "")
+
+
+def check_label_space(name: str, source, model_classes: Optional[List[str]], num_classes: int) -> Optional[List[str]]:
+    """The class names of set ``name``'s ``source`` (None where it names none), refused (one line) where they do
+    not fit the model's head: another class count, or - where the model has names too - other names, or the same
+    names numbered otherwise. Reads only the names (``classes.txt``, folder names): no images, no weights."""
+    from ..data.sources import label_names
+
+    names = label_names(source)
+    what = f"--set {name}"
+    if names is None:
+        return None
+    if len(names) != num_classes:
+        raise ConfigError(f"{what}: {shorten(source, 80)} has {len(names)} classes ({_few(names)}), the model's head "
+                          f"has {num_classes}: evaluate a model fine-tuned on this label space")
+    if model_classes is None or list(model_classes) == names:
+        return names
+    model_classes = list(model_classes)
+    only_set = [c for c in names if c not in set(model_classes)]
+    only_model = [c for c in model_classes if c not in set(names)]
+    if only_set or only_model:
+        raise ConfigError(f"{what}: {shorten(source, 80)} names other classes than the model: "
+                          + "; ".join(([f"only the set has {_few(only_set)}"] if only_set else []) +
+                                      ([f"only the model has {_few(only_model)}"] if only_model else [])))
+    moved = [f"{shorten(c, 40)} is {i} in the set, {model_classes.index(c)} in the model" for i, c in enumerate(names)
+             if model_classes.index(c) != i]
+    raise ConfigError(f"{what}: {shorten(source, 80)} numbers its classes otherwise than the model: "
+                      f"{', '.join(moved[:3])}{f' and {len(moved) - 3} more' if len(moved) > 3 else ''} "
+                      f"(labels are class indices: give the set the model's class order, e.g. a classes.txt)")
 
 
 def imagenet_synsets() -> List[str]:
@@ -77,22 +148,12 @@ def load_set(name: str, source, classes: List[str], num_classes: int) -> EvalSet
     """The samples of ``source`` (any source :func:`megadigpt.data.sources.find_samples` reads) and their class
     map for set ``name`` (``imagenet``, ``sketch``, ``v2``, ``a``, ``r``, or ``c/<corruption>/<severity>``, which
     reads as ``imagenet``). See the module docstring for what each set's class names mean."""
-    from ..data.sources import label_names, scan_source
+    from ..data.sources import label_names
 
     kind = "imagenet" if name.startswith("c/") else name
     what = _source_label(name)
-    samples, problems = scan_source(source)
-    lost = [q for q in problems if not q.key]  # whole shards: a 404, a download that failed, a damaged tar
-    if lost:
-        more = f" (and {len(lost) - 1} more)" if len(lost) > 1 else ""
-        raise ConfigError(f"{what}: shard {lost[0].path} could not be read: {lost[0].reason}{more}; an evaluation "
-                          f"scores every image of its set: fix the source or name only the shards you mean")
+    samples, labels = _scan(what, source)
     names = label_names(source)
-    labels = np.asarray(samples.labels)
-    if len(labels) and labels.min() < 0:
-        i = int(np.argmax(labels < 0))
-        raise ConfigError(f"{what} {source}: {samples[i].key or samples[i].path} has no class (images belong in "
-                          f"class folders, shards need a cls member)")
     present = sorted(set(np.unique(labels).tolist()))
     note = None
     if names is None:
@@ -128,6 +189,40 @@ def load_set(name: str, source, classes: List[str], num_classes: int) -> EvalSet
         raise ConfigError(f"{what} {source}: {len(names)} classes, the model has {len(classes)} (this set covers "
                           f"all of them)")
     return EvalSet(samples, np.array([index[n] for n in names], dtype=np.int64))
+
+
+def _scan(what: str, source):
+    """A set's samples; a shard that could not be read is an error (an evaluation scores every image of its set)."""
+    from ..data.sources import scan_source
+
+    samples, problems = scan_source(source)
+    lost = [q for q in problems if not q.key]  # whole shards: a 404, a download that failed, a damaged tar
+    if lost:
+        more = f" (and {len(lost) - 1} more)" if len(lost) > 1 else ""
+        raise ConfigError(f"{what}: shard {lost[0].path} could not be read: {lost[0].reason}{more}; an evaluation "
+                          f"scores every image of its set: fix the source or name only the shards you mean")
+    labels = np.asarray(samples.labels)
+    if len(labels) and labels.min() < 0:
+        i = int(np.argmax(labels < 0))
+        raise ConfigError(f"{what} {source}: {samples[i].key or samples[i].path} has no class (images belong in "
+                          f"class folders, shards need a cls member)")
+    return samples, labels
+
+
+def load_named_set(name: str, source, names: Optional[List[str]], num_classes: int) -> EvalSet:
+    """A ``--set NAME=SOURCE``: its samples, scored over the model's whole head (labels are the model's class
+    indices: :func:`check_label_space` has checked the names)."""
+    what = f"--set {name}"
+    samples, labels = _scan(what, source)
+    top = int(labels.max()) if len(labels) else -1
+    note = None
+    if names is None:
+        note = f"{what}: the source names no classes: its labels were taken as the model's class indices"
+        if top >= num_classes:
+            raise ConfigError(f"{what} {source}: label {top} does not fit the model's {num_classes}-class head")
+    elif top >= len(names):
+        raise ConfigError(f"{what} {source}: label {top} but only {len(names)} class names")
+    return EvalSet(samples, np.arange(num_classes, dtype=np.int64), None, note)
 
 
 _VAL_INDEX = re.compile(r"ILSVRC2012_val_(\d{8})")
@@ -190,11 +285,9 @@ def mce(errors: Dict[str, Dict[int, float]]) -> Dict:
 # ============================================================================ running a model over a set
 
 
-def load_classifier(path, which: str = "best"):
-    """A fine-tuned classifier: an exported timm folder, or a fine-tuning run directory (its ``best/``)."""
-    from safetensors.torch import load_file
-    from timm.models.vision_transformer import VisionTransformer
-
+def read_classifier(path, which: str = "best"):
+    """``(folder, config)`` of a fine-tuned classifier (an exported timm folder, or a fine-tuning run directory's
+    ``best/``), from its ``config.json`` alone: no weights read."""
     p = Path(path)
     if (p / which / "config.json").is_file():
         p = p / which
@@ -209,6 +302,15 @@ def load_classifier(path, which: str = "best"):
         raise ConfigError(f"{p / 'config.json'}: not a megadigpt/timm classifier export (no model_args)")
     if not meta.get("num_classes"):
         raise ConfigError(f"{path}: an encoder without a classifier head; fine-tune it first")
+    return p, meta
+
+
+def load_classifier(path, which: str = "best"):
+    """A fine-tuned classifier: an exported timm folder, or a fine-tuning run directory (its ``best/``)."""
+    from safetensors.torch import load_file
+    from timm.models.vision_transformer import VisionTransformer
+
+    p, meta = read_classifier(path, which)
     model = VisionTransformer(**meta["model_args"])
     model.load_state_dict(load_file(str(p / "model.safetensors")), strict=True)
     return model.eval(), meta
@@ -302,18 +404,27 @@ OUTPUT_FILES = ("eval.json", "eval.md")  # what --out receives
 
 def evaluate_sets(model_path: str, folders: Dict[str, str], out_dir: Optional[str] = None, which: str = "best",
                   batch: int = 64, limit: Optional[int] = None, loader: str = "auto", num_workers: int = 4,
-                  real_labels_path: Optional[str] = None, device: str = "auto", precision: str = "auto") -> dict:
-    """``megadigpt eval``. ``folders``: set name -> its source (see the module doc). Returns and writes the table.
-    Remote reads follow :func:`megadigpt.data.remote.configure` (the CLI sets it from ``--cache-dir`` ...)."""
+                  real_labels_path: Optional[str] = None, device: str = "auto", precision: str = "auto",
+                  named: Optional[Dict[str, str]] = None) -> dict:
+    """``megadigpt eval``. ``folders``: ImageNet set name -> its source; ``named``: any other labelled set, name ->
+    source (``--set NAME=SOURCE``); see the module doc. Returns and writes the table. Every check that can fail
+    (sources found, label spaces, the sets listed) runs before the weights are loaded. Remote reads follow
+    :func:`megadigpt.data.remote.configure` (the CLI sets it from ``--cache-dir`` ...)."""
     from ..data.sources import check_source
     from ..distributed import env as dist_env
     from .common import auto_precision, resolve_device_type, resolve_loader, torch_dtype
 
+    named = dict(named or {})
     unknown = set(folders) - set(SETS)
     if unknown:
-        raise ConfigError(f"unknown evaluation sets {sorted(unknown)}; choose from {', '.join(SETS)}")
-    if not folders:
-        raise ConfigError("give at least one evaluation set (--imagenet, --v2, --a, --r, --sketch, --c)")
+        raise ConfigError(f"unknown evaluation sets {sorted(unknown)}; choose from {', '.join(SETS)}, or name your "
+                          f"own with --set NAME=SOURCE")
+    clash = sorted(n for n in named if n.lower() in SETS)
+    if clash:
+        raise ConfigError(f"--set {clash[0]}: the name of an ImageNet set; use --{clash[0].lower()} for it")
+    if not folders and not named:
+        raise ConfigError("give at least one evaluation set (--set NAME=SOURCE for any labelled set; --imagenet, "
+                          "--v2, --a, --r, --sketch, --c for the ImageNet family)")
     if "real" in folders and "imagenet" not in folders:
         folders["imagenet"] = folders["real"]
     if "real" in folders and folders["real"] != folders["imagenet"]:
@@ -322,22 +433,33 @@ def evaluate_sets(model_path: str, folders: Dict[str, str], out_dir: Optional[st
     for name, src in folders.items():  # every source found (remote shards fetched) before the model is loaded
         if name not in ("c", "real"):
             check_source(src)
+    for src in named.values():
+        check_source(src)
     kind = resolve_loader(loader)
     dev_type = resolve_device_type(device)
-    model, meta = load_classifier(model_path, which)
+    _, meta = read_classifier(model_path, which)  # its config alone: the label spaces are checked before weights
     num_classes = meta["num_classes"]
-    classes = meta.get("label_names")
+    own_names = meta.get("label_names")
+    named_names = {n: check_label_space(n, src, own_names, num_classes) for n, src in named.items()}
+    classes = own_names
     notes = []
-    if not classes:
-        if num_classes != 1000:
-            raise ConfigError(f"the model has {num_classes} unnamed classes: the ImageNet sets need a 1000-class "
-                              f"ImageNet model (fine-tuned on synset folders)")
-        classes = imagenet_synsets()
-        notes.append("the model has no label names: the standard sorted-synset order was assumed")
+    if folders:  # the ImageNet family: the model's classes by name (synsets)
+        if not classes:
+            if num_classes != 1000:
+                raise ConfigError(f"the model has {num_classes} unnamed classes: the ImageNet sets need a 1000-class "
+                                  f"ImageNet model (fine-tuned on synset folders); for another label space use "
+                                  f"--set NAME=SOURCE")
+            classes = imagenet_synsets()
+            notes.append("the model has no label names: the standard sorted-synset order was assumed")
+        elif not all(re.fullmatch(r"n\d{8}", c) for c in classes):
+            notes.append(f"the model's classes are not ImageNet synsets ({_few(classes, 3)}): its scores are labelled "
+                         f"with ImageNet set names; for its own label space use --set NAME=SOURCE")
     labels_real = real_labels(real_labels_path) if "real" in folders else None
     sets = {name: load_set(name, folders[name], classes, num_classes)
             for name in SETS if name in folders and name not in ("real", "c")}
+    sets.update({n: load_named_set(n, src, named_names[n], num_classes) for n, src in named.items()})
     notes += [e.note for e in sets.values() if e.note]
+    model, meta = load_classifier(model_path, which)
 
     env = dist_env.discover()
     from ..distributed.engine import init_distributed, pick_device
@@ -354,15 +476,20 @@ def evaluate_sets(model_path: str, folders: Dict[str, str], out_dir: Optional[st
     common = dict(size=size, batch=batch, device=device, dtype=dtype, kind=kind, num_workers=num_workers,
                   mean=cfg.get("mean", (0.485, 0.456, 0.406)), std=cfg.get("std", (0.229, 0.224, 0.225)),
                   crop_pct=cfg.get("crop_pct", 0.875), limit=limit)
-    results = {"model": str(model_path), "note": None, "img_size": size, "limit": limit,
-               "sources": {k: str(v) for k, v in folders.items()}, "sets": {}}
+    results = {"model": str(model_path), "note": None, "img_size": size, "limit": limit, "precision": prec,
+               "sources": {**{k: str(v) for k, v in folders.items()}, **{k: str(v) for k, v in named.items()}},
+               "sets": {}}
     for name, es in sets.items():
         c, used = run_set(model, es.samples, topk_scorer(es.subset), label_map=es.label_map, **common)
         if name == "imagenet" and "real" in folders:
             r, _ = run_set(model, es.samples, real_scorer(used, labels_real), label_map=es.label_map, **common)
-            results["sets"]["real"] = {"top1": 100 * r[0].item() / max(r[1].item(), 1), "images": int(r[1].item())}
-        entry = results["sets"].setdefault(name, {})
-        if es.subset is not None:
+            results["sets"]["real"] = {"label": SET_LABELS["real"], "top1": 100 * r[0].item() / max(r[1].item(), 1),
+                                       "top5": None, "images": int(r[1].item())}
+        entry = results["sets"].setdefault(name, {"label": SET_LABELS.get(name, name)})
+        if name in named:
+            entry.update({"source": str(named[name]), "classes": num_classes,
+                          "class_names": "the source's" if named_names[name] else "none (labels = class indices)"})
+        elif es.subset is not None:
             entry["classes"] = len(es.subset)
         entry.update({"top1": 100 * c[0].item() / max(c[2].item(), 1), "top5": 100 * c[1].item() / max(c[2].item(), 1),
                       "loss": c[3].item() / max(c[2].item(), 1), "images": int(c[2].item())})
@@ -382,7 +509,7 @@ def evaluate_sets(model_path: str, folders: Dict[str, str], out_dir: Optional[st
                 errors.setdefault(corr, {})[sev] = 1 - cc[0].item() / max(cc[2].item(), 1)
         if not errors:
             raise ConfigError(f"--c {folders['c']}: no corruption and severity could be read")
-        results["sets"]["c"] = {**mce(errors), "errors": errors, "unreadable": unreadable}
+        results["sets"]["c"] = {"label": SET_LABELS["c"], **mce(errors), "errors": errors, "unreadable": unreadable}
     results["note"] = "; ".join(dict.fromkeys(notes)) or None
     if env.rank == 0:
         text = table(results)
@@ -400,22 +527,31 @@ def evaluate_sets(model_path: str, folders: Dict[str, str], out_dir: Optional[st
 
 
 def table(results: dict) -> str:
-    names = {"imagenet": "ImageNet-1K val", "real": "ImageNet ReaL", "v2": "ImageNet-V2", "a": "ImageNet-A",
-             "r": "ImageNet-R", "sketch": "ImageNet-Sketch", "c": "ImageNet-C"}
-    lines = ["| set | metric | value | images |", "|---|---|---|---|"]
-    for k in SETS:
-        r = results["sets"].get(k)
-        if r is None:
-            continue
+    """``eval.md``: one row per set with its name, top-1, top-5, loss and images scored (ReaL: top-1 only), then
+    ImageNet-C's mCE, and the notes."""
+    def pct(v):
+        return "-" if v is None else f"{v:.2f}"
+
+    lines = ["| set | top-1 (%) | top-5 (%) | loss | images |", "|---|---|---|---|---|"]
+    order = list(results["sets"])
+    for k in sorted(order, key=lambda k: (SETS.index(k) if k in SETS else len(SETS), order.index(k))):
+        r = results["sets"][k]
         if k == "c":
-            lines.append(f"| {names[k]} | mCE (lower is better) | {r['mCE']:.2f} | - |" if r["mCE"] is not None else
-                         f"| {names[k]} | mCE | - | - |")
-        else:
-            lines.append(f"| {names[k]} | top-1 | {r['top1']:.2f} | {r.get('images', '-')} |")
-    c = results["sets"].get("c") or {}
-    if c.get("unreadable"):
-        lines.append(f"\nImageNet-C: {len(c['unreadable'])} corruption/severity sources could not be read "
-                     f"(left out): {', '.join(c['unreadable'][:5])}{' ...' if len(c['unreadable']) > 5 else ''}")
+            continue
+        label = r.get("label") or SET_LABELS.get(k, k)
+        if r.get("classes") and k in ("a", "r"):
+            label += f" ({r['classes']} classes)"
+        loss = f"{r['loss']:.4f}" if r.get("loss") is not None else "-"
+        lines.append(f"| {label} | {pct(r.get('top1'))} | {pct(r.get('top5'))} | {loss} | {r.get('images', '-')} |")
+    c = results["sets"].get("c")
+    if c is not None:
+        lines.append("")
+        lines.append(f"ImageNet-C: mCE {c['mCE']:.2f} (lower is better), mean top-1 error {c['mean_error']:.2f}% over "
+                     f"{len(c['errors'])} corruptions" if c.get("mCE") is not None else
+                     "ImageNet-C: mCE - (no corruption of the 15 could be scored against AlexNet's)")
+        if c.get("unreadable"):
+            lines.append(f"\nImageNet-C: {len(c['unreadable'])} corruption/severity sources could not be read "
+                         f"(left out): {', '.join(c['unreadable'][:5])}{' ...' if len(c['unreadable']) > 5 else ''}")
     if results.get("note"):
         lines.append(f"\nNote: {results['note']}")
     return "\n".join(lines)

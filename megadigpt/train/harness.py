@@ -54,6 +54,7 @@ with a task overriding only the step, and lingua's / big_vision's library owning
 """
 
 import random
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,11 +69,13 @@ from .runtime import Checkpointed, SignalFlag, TrainingDiverged
 @dataclass
 class Schedule:
     """What :meth:`Task.prepare` resolves: the run's length in optimizer steps, an epoch's (a float where the
-    epoch is counted in images, pretraining) and the warm-up."""
+    epoch is counted in images, pretraining; None where it is unknown) and the warm-up (at most the run's length;
+    ``warmup_requested``: the configured warm-up before that clamp, said once where it was longer)."""
 
     total_steps: int
-    steps_per_epoch: float
+    steps_per_epoch: Optional[float]
     warmup: float
+    warmup_requested: Optional[float] = None
 
 
 @dataclass
@@ -98,12 +101,17 @@ class Run:
     compute_dtype: Any = None
     sink: Any = None
     history: List[tuple] = field(default_factory=list)
+    wandb: Optional[dict] = None  # the W&B run's settings (metrics.wandb_preflight), None: no W&B
+    start_notes: dict = field(default_factory=dict)  # fields the harness adds to the start event (warm-up clamped)
 
     @property
     def world(self) -> int:
         return self.env.world_size
 
-    def epoch(self, step: Optional[int] = None) -> float:
+    def epoch(self, step: Optional[int] = None) -> Optional[float]:
+        """Epochs done at ``step`` (None where the epoch's size is unknown: a stream without one)."""
+        if not self.schedule.steps_per_epoch:
+            return None
         return (self.step if step is None else step) / self.schedule.steps_per_epoch
 
 
@@ -112,6 +120,7 @@ class Task:
     ``name`` (said in messages) and override what is their own; the defaults do nothing."""
 
     name = "task"
+    loss_key = "loss"  # the metrics.jsonl key of the training loss: the progress bar, the summary line, HParams
     tokenizer: Optional[str] = None  # a discrete target's codebook fingerprint (pretraining), kept in the markers
     counts_shards = False  # the loader skips whole shards (stream mode): counted in the metrics and the markers
 
@@ -225,6 +234,20 @@ class Task:
     def summary(self) -> dict:
         return {}
 
+    @property
+    def val_metric(self) -> Optional[str]:
+        """The metrics.jsonl key of the run's validation number (fine-tuning ``val_top1``, segmentation
+        ``val_mIoU``, pretraining with the k-NN monitor ``knn_top1``; None: none): on the progress bar, in the
+        summary line and as an HParams metric."""
+        return None
+
+    def best_value(self) -> Optional[tuple]:
+        """(best :attr:`val_metric`, its step) over the whole run, where the task keeps that record across resumes
+        (the transfer tasks' best-so-far); None: the summary line says the best this process logged."""
+        best = (self.summary().get("best") or {}).get("best") or {}
+        key = (self.val_metric or "").removeprefix("val_")  # (the best-so-far record's own key)
+        return (best[key], best.get("step")) if key in best else None
+
 
 def epoch_batches(make_loader, steps_per_epoch: int, accum: int, start_step: int) -> Iterator[dict]:
     """Micro-batches over epochs from ``start_step`` on: ``make_loader(epoch, skip)`` builds an epoch's loader that
@@ -274,9 +297,13 @@ def run(task: Task) -> dict:
     from .. import checkpoint as ckpt
     from ..config import check_resume_config
 
+    from .metrics import wandb_preflight
+
+    t_start = time.monotonic()
     cfg, env = task.cfg, dist_env.discover()
     t = cfg.train
     task.plan = plan = task.plan_run(env)  # everything cheap is checked before anything heavy starts
+    wandb = wandb_preflight(cfg)  # an online W&B run without credentials: one line now, not after the engine
     run_dir = Path(t.run_dir)
     rank0 = env.rank == 0
     # pipe: sources run shell commands: said once, before the first one runs, and recorded in the start event
@@ -296,11 +323,15 @@ def run(task: Task) -> dict:
             print(f"megadigpt: {task.finished_line(run_dir, done, sched.total_steps)}", flush=True)
         return {"steps": done, "history": [], "run_dir": str(run_dir), "finished": True, **task.summary()}
 
+    notes = {}  # (said once training starts, in _loop: a refused run says only why it was refused)
+    if sched.warmup_requested is not None and sched.warmup_requested > sched.total_steps:
+        notes["warmup_clamped_from"] = round(float(sched.warmup_requested), 6)
+
     from ..distributed import engine as ds_engine
     from .common import torch_dtype
     from .runtime import hold_run_dir, release
 
-    r = Run(cfg, env, plan, run_dir, rank0, sched, resume)
+    r = Run(cfg, env, plan, run_dir, rank0, sched, resume, wandb=wandb, start_notes=notes)
     r.device = ds_engine.start_processes(env, plan.device_type)
     signals = SignalFlag()  # from here on a signal means: checkpoint after the first step that completes
     locked = clean = False
@@ -326,7 +357,7 @@ def run(task: Task) -> dict:
     finally:
         signals.restore()
         if r.sink is not None:
-            r.sink.close()
+            r.sink.close(failed=not clean)
         if clean:
             import torch.distributed as dist
 
@@ -339,6 +370,12 @@ def run(task: Task) -> dict:
         raise TrainingDiverged(detail)
     if outcome == "signal":
         raise Checkpointed(r.step, detail)
+    if rank0:  # a clean end (a signal or a divergence ends with its own line: where it stopped, how to go on)
+        from .metrics import summary_line
+
+        best = task.best_value() or r.sink.best_val  # the task's record over resumes, else this process's
+        print("megadigpt: " + summary_line(task.name, r.step, sched.total_steps, r.history, task.loss_key,
+                                           task.val_metric, best, time.monotonic() - t_start, run_dir), flush=True)
     return {"steps": r.step, "history": r.history, "run_dir": str(run_dir), **task.summary()}
 
 
@@ -352,20 +389,27 @@ def _loop(task: Task, r: Run, signals: SignalFlag, schedule: dict, schedule_chan
     from ..distributed import engine as ds_engine
     from ..testing import active as fault_active
     from ..testing import fault, record_trained
-    from .metrics import MetricsSink, wandb_settings
+    from .metrics import MetricsSink
 
     cfg, env, plan, device, engine = r.cfg, r.env, r.plan, r.device, r.engine
     t, run_dir, rank0 = cfg.train, r.run_dir, r.rank0
     total, start_step = r.schedule.total_steps, r.start_step
-    r.sink = sink = MetricsSink(run_dir, rank0, t.tensorboard, t.progress, total, start_step,
-                                wandb=wandb_settings(cfg) if t.wandb else None)
+    r.sink = sink = MetricsSink(run_dir, rank0, t.tensorboard, t.progress, total, start_step, wandb=r.wandb,
+                                config=task.run_config().to_dict() if rank0 else None, loss_key=task.loss_key,
+                                val_metric=task.val_metric)
     if schedule_changes and r.tag:
         sink.event(event="schedule_change", step=start_step, changes=schedule_changes, schedule=schedule)
     samples, problems = task.bad_sample_source()
     bad_log = BadSampleLog(run_dir, samples, env.rank, start_step, problems, device)  # bad_samples.jsonl
     sink.event(event="resume" if r.tag else "start", step=start_step, world_size=env.world_size,
                **ds_engine.where(), pipe_commands=commands, total_steps=total, accum=plan.accum,
-               precision=plan.precision, checkpoint=r.tag, universal=r.universal, **task.start_fields(r))
+               precision=plan.precision, checkpoint=r.tag, universal=r.universal, schedule=schedule,
+               wandb=({k: v for k, v in r.wandb.items() if k in ("mode", "project", "entity", "group", "name")}
+                      if r.wandb else None), **r.start_notes, **task.start_fields(r))
+    if rank0 and "warmup_clamped_from" in r.start_notes:  # the lr rises over the whole run, never decays: said
+        print(f"megadigpt: warning: the warm-up ({r.start_notes['warmup_clamped_from']:g} steps) is longer than the "
+              f"run ({total} steps); it is clamped to the run: the lr rises for the whole run and never decays "
+              f"(shorten optim.warmup_steps / optim.warmup_epochs)", file=sys.stderr, flush=True)
 
     marker = r.marker or {}
     bad_total = int(marker.get("bad_samples", 0))

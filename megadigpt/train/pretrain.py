@@ -35,7 +35,7 @@ class Plan:
     loader: str  # dali | torch
     mode: str = "indexed"  # indexed (random access, exact resume) | stream (sequential shard reads)
     urls: tuple = ()  # stream mode: the shard list
-    epoch_size: Optional[int] = None  # stream mode: samples per epoch (manifest.json or data.epoch_size)
+    epoch_size: Optional[int] = None  # stream mode: samples per epoch (manifest.json, data.epoch_size; else unknown)
 
 
 def plan_run(cfg: Config, world_size: Optional[int] = None, device_type: Optional[str] = None,
@@ -88,7 +88,9 @@ def plan_run(cfg: Config, world_size: Optional[int] = None, device_type: Optiona
     if mode == "stream":  # nothing is downloaded: the shard count, the epoch size and one shard that opens
         urls = tuple(streaming.stream_urls(cfg.data.source))
         streaming.check_slots(len(urls), world, cfg.data.num_workers)
-        n_epoch = streaming.epoch_size(urls, cfg.data.epoch_size)
+        o = cfg.optim  # the epoch size is needed only to count epochs: a run of max_steps with a warm-up in steps
+        n_epoch = streaming.epoch_size(urls, cfg.data.epoch_size, "train.epochs" if t.max_steps is None else
+                                       "optim.warmup_epochs" if o.warmup_steps is None and o.warmup_epochs else None)
         streaming.probe_shards(urls)
     else:
         check_source(cfg.data.source)
@@ -185,6 +187,10 @@ class PretrainTask(Task):
 
     name = "pretraining"
 
+    @property
+    def val_metric(self):
+        return "knn_top1" if self.cfg.train.probe_every > 0 else None  # the k-NN monitor's
+
     # ---------------------------------------------------------------- before anything heavy
     def plan_run(self, env):
         return plan_run(self.cfg, env.world_size)
@@ -217,13 +223,16 @@ class PretrainTask(Task):
             self.probe_classes = check_labels(self.probe_sets[0], "train.probe_train")
             check_labels(self.probe_sets[1], "train.probe_val", self.probe_classes)
             check_class_names(t.probe_train, t.probe_val, "train.probe_train", "train.probe_val")
-        self.n = plan.epoch_size if self.stream_mode else len(self.samples)
-        steps_per_epoch = self.n / t.global_batch
-        total = t.max_steps if t.max_steps is not None else max(1, int(t.epochs * self.n // t.global_batch))
+        self.n = plan.epoch_size if self.stream_mode else len(self.samples)  # None: a stream of unknown size
+        steps_per_epoch = self.n / t.global_batch if self.n is not None else None  # (then no epoch counter)
         o = cfg.optim
-        warmup = o.warmup_steps if o.warmup_steps is not None else o.warmup_epochs * steps_per_epoch
+        if self.n is None and (t.max_steps is None or (o.warmup_steps is None and o.warmup_epochs)):
+            raise ConfigError("the epoch size of this stream is unknown: give train.max_steps and optim.warmup_steps "
+                              "(or data.epoch_size)")
+        total = t.max_steps if t.max_steps is not None else max(1, int(t.epochs * self.n // t.global_batch))
+        warmup = o.warmup_steps if o.warmup_steps is not None else o.warmup_epochs * (steps_per_epoch or 0)
         self.total, self.warmup = total, min(warmup, total)
-        return Schedule(total, steps_per_epoch, self.warmup)
+        return Schedule(total, steps_per_epoch, self.warmup, warmup)
 
     def check_resume(self, resume):
         from ..data import streaming

@@ -302,6 +302,21 @@ def knn_monitor(encoder, train_samples, val_samples, num_classes: int, img_size:
 OUTPUT_FILES = ("results.json", "results.md")  # what --out receives
 
 
+def check_labelled_sources(cfg) -> None:
+    """``data.train`` / ``data.val`` that name a megadigpt run directory (its report's plots would be read as one
+    class of images, and its labels would not fit): one line saying so, and where the weights go instead."""
+    from ..config import ConfigError
+
+    for what, source in (("data.train", cfg.data.train), ("data.val", cfg.data.val)):
+        if not isinstance(source, str) or "://" in source:
+            continue
+        p = Path(source).expanduser()
+        if p.is_dir() and ((p / "metrics.jsonl").is_file() or (p / "checkpoints").is_dir()):
+            raise ConfigError(f"{what}: no images found in {source}: it is a megadigpt run directory, not labelled "
+                              f"images (class folders, shards with .cls members, a sample list); the weights to "
+                              f"probe go first: megadigpt probe {source} --train IMAGES --val IMAGES --out DIR")
+
+
 def run_probe(cfg, weights: Optional[str], out_dir: str, random_init: bool = False) -> dict:
     """``megadigpt probe``: linear probes on every requested block + k-NN, from pretrained (or random) weights."""
     from ..config import ConfigError
@@ -314,6 +329,7 @@ def run_probe(cfg, weights: Optional[str], out_dir: str, random_init: bool = Fal
     elif not random_init:
         raise ConfigError("give the weights to probe (a run, checkpoint, timm folder or .safetensors), or "
                           "--random-init")
+    check_labelled_sources(cfg)
     env = dist_env.discover()
     cfg.train.global_batch = cfg.train.micro_batch * env.world_size  # extraction only: no optimizer batch
     cfg.train.run_dir = out_dir  # (the checks create train.run_dir; a probe writes only to --out)

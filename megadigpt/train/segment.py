@@ -36,7 +36,6 @@ from typing import TYPE_CHECKING, Optional
 from ..commands import Parser, add_segment_parser, overrides_of, run  # overrides_of: re-exported
 from ..config import ConfigError
 from ..safe_fs import write_atomic
-from ..distributed import env as dist_env
 from . import harness
 from .harness import Run, Schedule, epoch_batches
 from .transfer import TransferTask, check_transfer, publish_folder, resolve_model
@@ -494,11 +493,8 @@ def segment(cfg: SegmentRunConfig) -> dict:
 
 
 def cli_main(args) -> int:
-    """``megadigpt segment``: train, evaluate, export; prints the best mIoU."""
-    res = segment(load_segment_config(args.config, overrides_of(args)))
-    if dist_env.discover().rank == 0 and res.get("best"):
-        b = res["best"]["best"]
-        print(f"best mIoU {b['mIoU']:.2f} (step {b['step']}); exports in {res['run_dir']}/best and /last")
+    """``megadigpt segment``: train, evaluate, export (the closing line, with the best mIoU, is the harness's)."""
+    segment(load_segment_config(args.config, overrides_of(args)))
     return 0
 
 

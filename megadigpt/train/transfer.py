@@ -167,6 +167,15 @@ class TransferTask(Task):
     the loss and ``evaluate``; this class keeps the EMA, the best-so-far record and the exports."""
 
     metric = "top1"
+    loss_key = "train_loss"
+
+    @property
+    def val_metric(self):
+        """``metric`` as evaluate() logs it (the progress bar's and the summary line's validation number):
+        ``val_<metric>``, or the key itself where it has its own evaluation prefix (``zeroshot_top1``)."""
+        if not self.metric:
+            return None
+        return self.metric if self.metric.startswith(("val_", "zeroshot_")) else f"val_{self.metric}"
 
     def __init__(self, cfg):
         super().__init__(cfg)
@@ -183,7 +192,7 @@ class TransferTask(Task):
         total = t.max_steps if t.max_steps is not None else max(1, int(round(t.epochs * steps_per_epoch)))
         warmup = o.warmup_steps if o.warmup_steps is not None else o.warmup_epochs * steps_per_epoch
         self.steps_per_epoch, self.total, self.warmup = steps_per_epoch, total, min(warmup, total)
-        return Schedule(total, steps_per_epoch, self.warmup)
+        return Schedule(total, steps_per_epoch, self.warmup, warmup)
 
     def geometry_config(self, geom, **resolved):
         """A copy of the config with the weights' geometry (and ``resolved`` model keys) filled in."""
