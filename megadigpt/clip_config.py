@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple, Union
 
 from . import config as _config
+from . import segment_config  # noqa: F401 (its tree registers first: TREES keeps one order whatever imports first)
 from .config import (FRACTION_BELOW_1, NON_NEGATIVE, POSITIVE, FinetuneDataConfig, FinetuneOptimConfig,
                      FinetuneTrainConfig, at_least, one_of, plain)
 

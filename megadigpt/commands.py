@@ -95,28 +95,25 @@ def pretrain_overrides(args):
     return overrides
 
 
-def finetune_overrides(args):
-    overrides = list(args.overrides)
-    for flag, key in (("train", "data.train"), ("val", "data.val"), ("run_dir", "train.run_dir"),
-                      ("init_from", "train.init_from"), ("knn_layers", "probe.knn_layers")):
-        v = getattr(args, flag, None)
-        if v:
-            overrides.append(f"{key}={v}")
-    if getattr(args, "allow_schedule_change", False):
-        overrides.append("train.allow_schedule_change=true")
-    return overrides
+# the shortcut flags of the training commands and the keys they set (a flag a command lacks is skipped)
+SHORTCUTS = (("train", "data.train"), ("val", "data.val"), ("zeroshot", "data.zeroshot"), ("run_dir", "train.run_dir"),
+             ("init_from", "train.init_from"), ("knn_layers", "probe.knn_layers"))
 
 
 def overrides_of(args) -> List[str]:
+    """The overrides a fine-tuning, probe, eval, segment or clip command line means: its ``section.key=value``
+    words, then its shortcut flags (:data:`SHORTCUTS`) and ``--allow-schedule-change``."""
     overrides = list(args.overrides)
-    for flag, key in (("train", "data.train"), ("val", "data.val"), ("run_dir", "train.run_dir"),
-                      ("init_from", "train.init_from"), ("zeroshot", "data.zeroshot")):
+    for flag, key in SHORTCUTS:
         v = getattr(args, flag, None)
         if v:
             overrides.append(f"{key}={v}")
     if getattr(args, "allow_schedule_change", False):
         overrides.append("train.allow_schedule_change=true")
     return overrides
+
+
+finetune_overrides = overrides_of  # (the name cli and launch/slurm use for fine-tuning's)
 
 
 def parse_csv(text, conv=str, what="--values", positive=False):
@@ -201,12 +198,18 @@ def add_segment_parser(sub) -> argparse.ArgumentParser:
     sg.add_argument("--train", default=None, help="shortcut for data.train=...")
     sg.add_argument("--val", default=None, help="shortcut for data.val=...")
     sg.add_argument("--init-from", dest="init_from", default=None, help="shortcut for train.init_from=...")
-    sg.add_argument("--run-dir", default=None, help="shortcut for train.run_dir=...")
-    sg.add_argument("--allow-schedule-change", action="store_true",
-                    help="resume with another lr schedule (max_steps, lr, warm-up); recorded in metrics.jsonl")
-    sg.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
-    sg.add_argument("overrides", nargs="*", metavar="section.key=value", help=OVERRIDES_HELP)
-    return sg
+    return add_run_arguments(sg)
+
+
+def add_run_arguments(parser) -> argparse.ArgumentParser:
+    """What every training command takes last: ``--run-dir``, ``--allow-schedule-change``, the deepspeed
+    launcher's ``--local_rank`` (hidden) and the ``section.key=value`` overrides."""
+    parser.add_argument("--run-dir", default=None, help="shortcut for train.run_dir=...")
+    parser.add_argument("--allow-schedule-change", action="store_true",
+                        help="resume with another lr schedule (max_steps, lr, warm-up); recorded in metrics.jsonl")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("overrides", nargs="*", metavar="section.key=value", help=OVERRIDES_HELP)
+    return parser
 
 
 SUBMITTABLE = ("pretrain", "finetune", "segment", "probe", "eval")  # the commands `megadigpt submit` queues
@@ -259,12 +262,7 @@ def build_parser(handlers: Optional[Dict[str, Callable]] = None) -> argparse.Arg
     cl.add_argument("--zeroshot", default=None, help="shortcut for data.zeroshot=...: a labelled set with class names")
     cl.add_argument("--init-from", dest="init_from", default=None, help="shortcut for train.init_from=...: the image "
                                                                         "tower's encoder")
-    cl.add_argument("--run-dir", default=None, help="shortcut for train.run_dir=...")
-    cl.add_argument("--allow-schedule-change", action="store_true",
-                    help="resume with another lr schedule (max_steps, lr, warm-up); recorded in metrics.jsonl")
-    cl.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
-    cl.add_argument("overrides", nargs="*", metavar="section.key=value", help=OVERRIDES_HELP)
-    cl.set_defaults(fn=h.get("cmd_clip"))
+    add_run_arguments(cl).set_defaults(fn=h.get("cmd_clip"))
     pr = sub.add_parser("probe", help="linear probe of every block (best block reported) and k-NN")
     pr.add_argument("weights", nargs="?", default=None, help="a pretraining run/checkpoint, a timm folder, a "
                                                              ".safetensors or a reference .pth")

@@ -277,9 +277,10 @@ _CANDIDATES = [0, -1, 2 ** 40, -0.5, 0.0, 1.0, 1.5, 1e12, "nope", [0], [0.9, 0.2
 
 
 def _sections():
-    from megadigpt.segment_config import SegmentRunConfig  # (its import adds its sections' rules to RULES)
+    from megadigpt.clip_config import ClipRunConfig  # (their imports add their sections' rules to RULES)
+    from megadigpt.segment_config import SegmentRunConfig
 
-    for root in (Config, FinetuneRunConfig, SegmentRunConfig):
+    for root in (Config, FinetuneRunConfig, SegmentRunConfig, ClipRunConfig):
         for f in __import__("dataclasses").fields(root):
             yield root, f.name, f.default_factory
 

@@ -105,18 +105,14 @@ def test_loss_is_openclips_on_the_features_gathered_across_ranks(tmp_path):
 
 @pytest.fixture(scope="module")
 def resumed_runs(pairs, tmp_path_factory):
-    """ZeRO-1 and ZeRO-3 on 2 gloo ranks, each uninterrupted ("a") and stopped by SIGTERM after step 2, then resumed
-    by the same command ("b"): one process pair for the six runs (tests/config_matrix_runner.py)."""
+    """2 gloo ranks, one process pair for the three runs (tests/config_matrix_runner.py): ZeRO-1 uninterrupted,
+    and ZeRO-3 stopped by SIGTERM after step 2, then resumed by the same command."""
     root = tmp_path_factory.mktemp("clip_runs")
-    plan = []
-    for zero in (1, 3):
-        a, b = root / f"zero{zero}.a", root / f"zero{zero}.b"
-        plan.append({"name": f"zero{zero}.a", "argv": _args(pairs, a, f"train.zero_stage={zero}"),
-                     "env": {"MEGADIGPT_FAULTS": ""}})
-        plan.append({"name": f"zero{zero}.b.preempted", "argv": _args(pairs, b, f"train.zero_stage={zero}"),
-                     "env": {"MEGADIGPT_FAULTS": "term=2"}})
-        plan.append({"name": f"zero{zero}.b.resumed", "argv": _args(pairs, b, f"train.zero_stage={zero}"),
-                     "env": {"MEGADIGPT_FAULTS": ""}})
+    a, b = root / "zero1", root / "zero3"
+    plan = [{"name": "zero1", "argv": _args(pairs, a, "train.zero_stage=1"), "env": {"MEGADIGPT_FAULTS": ""}},
+            {"name": "zero3.preempted", "argv": _args(pairs, b, "train.zero_stage=3"),
+             "env": {"MEGADIGPT_FAULTS": "term=2"}},
+            {"name": "zero3.resumed", "argv": _args(pairs, b, "train.zero_stage=3"), "env": {"MEGADIGPT_FAULTS": ""}}]
     (root / "plan.json").write_text(json.dumps(plan))
     out = root / "results.json"
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
@@ -127,29 +123,30 @@ def resumed_runs(pairs, tmp_path_factory):
     return root, results
 
 
-@pytest.mark.parametrize("zero", [1, 3])
-def test_two_rank_run_resumes_after_sigterm_with_the_same_losses(resumed_runs, zero):
-    """ZeRO-1 and ZeRO-3 on 2 gloo ranks: a run stopped by SIGTERM after step 2 (checkpoint, exit 75) and resumed
-    by the same command logs the uninterrupted run's losses; zero-shot top-1 and retrieval are logged, best/ and
-    last/ exported and loadable."""
+def test_two_rank_runs_under_zero1_and_zero3_resume_after_sigterm_with_the_same_losses(resumed_runs):
+    """2 gloo ranks, fp32: ZeRO-3 stopped by SIGTERM after step 2 (checkpoint, exit 75) and resumed by the same
+    command logs the losses of the uninterrupted ZeRO-1 run (the ZeRO stage changes no numerics in fp32); zero-shot
+    top-1 and retrieval are logged, best/ and last/ exported and loadable."""
     import torch
 
     from megadigpt.train.clip import load_export
 
     root, res = resumed_runs
-    assert res[f"zero{zero}.a"]["exit"] == 0, res[f"zero{zero}.a"]
-    assert res[f"zero{zero}.b.preempted"]["exit"] == 75, res[f"zero{zero}.b.preempted"]
-    assert res[f"zero{zero}.b.resumed"]["exit"] == 0, res[f"zero{zero}.b.resumed"]
-    a, b = _losses(root / f"zero{zero}.a"), _losses(root / f"zero{zero}.b")
-    assert sorted(a) == [1, 2, 3, 4] and a == pytest.approx(b, abs=1e-6), (a, b)
-    recs = [json.loads(ln) for ln in (root / f"zero{zero}.a" / "metrics.jsonl").read_text().splitlines()]
-    last = [r for r in recs if "zeroshot_top1" in r and "event" not in r][-1]
-    assert last["step"] == 4 and last["zeroshot_images"] == 16 and last["val_pairs"] == 16
-    assert 0 <= last["zeroshot_top1"] <= last["zeroshot_top5"] <= 100
-    model, tokenizer = load_export(root / f"zero{zero}.a" / "last")
-    with torch.no_grad():
-        f = model.encode_text(tokenizer(["a photo of a cat."]), normalize=True)
-    assert f.shape == (1, 16) and torch.isfinite(f).all()
+    assert res["zero1"]["exit"] == 0, res["zero1"]
+    assert res["zero3.preempted"]["exit"] == 75, res["zero3.preempted"]
+    assert res["zero3.resumed"]["exit"] == 0, res["zero3.resumed"]
+    a, b = _losses(root / "zero1"), _losses(root / "zero3")
+    assert sorted(a) == [1, 2, 3, 4] and sorted(b) == [1, 2, 3, 4]
+    assert a == pytest.approx(b, rel=1e-5, abs=1e-6), (a, b)
+    for run in ("zero1", "zero3"):
+        recs = [json.loads(ln) for ln in (root / run / "metrics.jsonl").read_text().splitlines()]
+        last = [r for r in recs if "zeroshot_top1" in r and "event" not in r][-1]
+        assert last["step"] == 4 and last["zeroshot_images"] == 16 and last["val_pairs"] == 16
+        assert 0 <= last["zeroshot_top1"] <= last["zeroshot_top5"] <= 100
+        model, tokenizer = load_export(root / run / "last")
+        with torch.no_grad():
+            f = model.encode_text(tokenizer(["a photo of a cat."]), normalize=True)
+        assert f.shape == (1, 16) and torch.isfinite(f).all()
 
 
 def test_zero_shot_of_a_planted_case_is_exact():

@@ -17,6 +17,7 @@ import json
 import os
 import shlex
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -156,8 +157,15 @@ STUBS = {
     "scontrol": '#!/bin/bash\nif [ "$2" = hostnames ]; then echo node1; else echo "NodeName=node1 NodeAddr=127.0.0.1 '
                 'x=y"; fi\n',
     "srun": '#!/bin/bash\nprintf \'%s\\0\' "$@" > "$STUB_OUT/srun.args"\nprintf \'%s\' "$EVIL_ENV" > '
-            '"$STUB_OUT/env"\n',
+            '"$STUB_OUT/env"\nprintf \'%s\' "$PYTHONPATH" > "$STUB_OUT/pythonpath"\n',
 }
+
+
+def _snapshot(code_dir) -> None:
+    """A stand-in code snapshot: the script checks, before srun, that python imports megadigpt from it."""
+    pkg = Path(code_dir) / "megadigpt"
+    pkg.mkdir(parents=True, exist_ok=True)
+    (pkg / "__init__.py").write_text("")
 
 
 def _run_script(script: str, tmp_path: Path) -> list:
@@ -185,11 +193,13 @@ def test_hostile_values_are_quoted_in_the_script(tmp_path):
     stage = slurm.Stage("ev", "eval", [str(tmp_path / "m $(touch x)"), "--out", run_dir, "--imagenet", evil],
                         run_dir, opts)
     code_dir = str(tmp_path / f"code {evil}")
-    script = slurm.render(stage, python="/usr/bin/env", code_dir=code_dir, log=slurm._job_log(stage))
+    _snapshot(code_dir)
+    script = slurm.render(stage, python=sys.executable, code_dir=code_dir, log=slurm._job_log(stage))
     args = _run_script(script, tmp_path)
     assert not list(tmp_path.glob("pwned*")) and not (tmp_path / "x").exists()
-    assert args[0] == "--kill-on-bad-exit=1" and args[1] == "/usr/bin/env"
-    assert args[4:] == [code_dir, "eval", str(tmp_path / "m $(touch x)"), "--out", run_dir, "--imagenet", evil]
+    assert args[0] == "--kill-on-bad-exit=1" and args[2:4] == ["-m", "megadigpt"]  # (python: on PATH or absolute)
+    assert args[4:] == ["eval", str(tmp_path / "m $(touch x)"), "--out", run_dir, "--imagenet", evil]
+    assert (tmp_path / "pythonpath").read_text().split(":")[0] == code_dir  # the snapshot first, verbatim
     assert (tmp_path / "env").read_text() == evil
     sb = {}
     for line in script.splitlines():
@@ -250,6 +260,7 @@ def test_dry_run_of_hostile_values_renders_a_safe_script(tmp_path, capsys):
     code, out, err = _cli(["submit", "--dry-run", chain], capsys)
     assert code == 0, err
     script = out[out.index("#!/bin/bash"):]
+    _snapshot(tmp_path / "root" / "code" / "<hash>")  # (a dry run names the snapshot it would take)
     args = _run_script(script, tmp_path)
     assert not list(tmp_path.glob("pwned*"))
     assert args[args.index("--out") + 1] == str(tmp_path / evil) and args[-1] == evil
