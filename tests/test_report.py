@@ -122,8 +122,8 @@ def test_a_pretraining_report_names_units_schedule_and_mfu(pretrain_run, tmp_pat
     rep = run / "report"
     assert "report.json and summary.md in" in out
     names = sorted(p.name for p in rep.glob("*.png"))
-    assert names == ["dis_loss.png", "gen_loss.png", "images_per_s.png", "loss.png", "lr.png", "mfu_student.png",
-                     "step_time_s.png"], names
+    assert names == ["dis_loss.png", "gen_loss.png", "host_peak_gib.png", "images_per_s.png", "loss.png", "lr.png",
+                     "mfu_student.png", "step_time_s.png"], names  # host_peak_gib: the harness's memory field
     doc = json.loads((rep / "report.json").read_text())
     plots = doc["plots"]
     assert plots["mfu_student.png"]["title"] == "MFU (%): student FLOPs only"

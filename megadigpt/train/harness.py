@@ -501,7 +501,7 @@ def _loop(task: Task, r: Run, signals: SignalFlag, schedule: dict, schedule_chan
                 ips = steps_since * t.global_batch / elapsed
                 rec = {**task.log_fields(acc[:-2]), "lr": lr, "grad_norm": ds_engine.grad_norm(engine),
                        "images_per_s": ips, "bad_samples": bad_total, "nonfinite_steps": skipped_total,
-                       "epoch": r.epoch(step), "step_time_s": elapsed / steps_since}
+                       "epoch": r.epoch(step), "step_time_s": elapsed / steps_since, **_memory(device)}
                 task.log_extra(rec, ips)
                 if task.counts_shards:
                     rec["skipped_shards"] = shards_total
@@ -525,6 +525,19 @@ def _loop(task: Task, r: Run, signals: SignalFlag, schedule: dict, schedule_chan
             batches.close()
     sink.event(event="done", step=step)
     return "done", None
+
+
+def _memory(device) -> dict:
+    """This rank's peak memory so far, in GiB: the host's resident set (``getrusage``: the process's high-water
+    mark) and, on a GPU, the allocator's peak (``max_memory_allocated``): what ``megadigpt report`` plots."""
+    import resource
+
+    out = {"host_peak_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20, 4)}  # KiB (Linux)
+    if getattr(device, "type", None) == "cuda":
+        import torch
+
+        out["device_peak_gib"] = round(torch.cuda.max_memory_allocated(device) / 2 ** 30, 4)
+    return out
 
 
 def _roll_back(r: Run, streak_start: int, step: int) -> str:
