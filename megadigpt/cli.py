@@ -75,12 +75,13 @@ def cmd_eval(args) -> int:
 
     folders = {k: getattr(args, k) for k in ("imagenet", "real", "v2", "a", "r", "sketch", "c") if getattr(args, k)}
     named = parse_set_specs(args.sets)  # --set NAME=SOURCE
+    pairs = parse_set_specs(args.pairs, "--pairs")  # --pairs NAME=SOURCE
     if args.out:
         from .checkpoint.convert import guard_output
         from .train.evaluate import OUTPUT_FILES
 
         guard_output(args.out, "dir", "--out", force=args.force, files=OUTPUT_FILES,
-                     inputs=[args.model, args.real_labels, *folders.values(), *named.values()])
+                     inputs=[args.model, args.real_labels, *folders.values(), *named.values(), *pairs.values()])
     model = Path(args.model) / args.which if (Path(args.model) / args.which).is_dir() else Path(args.model)
     if model.is_dir():  # a damaged or truncated model.safetensors: named now, from its header
         from .config import check_weights_file
@@ -89,9 +90,10 @@ def cmd_eval(args) -> int:
     from .data import remote
 
     remote.configure(args.cache_dir, args.io_timeout, args.io_retries)  # before any source is read
-    _announce_pipes(*folders.values(), *named.values())
+    _announce_pipes(*folders.values(), *named.values(), *pairs.values())
     evaluate_sets(args.model, folders, args.out, which=args.which, batch=args.batch, limit=args.limit,
-                  loader=args.loader, num_workers=args.workers, real_labels_path=args.real_labels, named=named)
+                  loader=args.loader, num_workers=args.workers, real_labels_path=args.real_labels, named=named,
+                  pairs=pairs, templates=args.templates)
     return 0
 
 
@@ -154,6 +156,10 @@ def cmd_plan(args) -> int:
 
     if is_segment_config(args.config):  # the segmentation step (UperNet at the crop size)
         return cmd_plan_segment(args)
+    from .perf.clip_memory import cmd_plan_clip, is_clip_config
+
+    if is_clip_config(args.config):  # the image-text step (both towers)
+        return cmd_plan_clip(args)
 
     from .config import load_config
     from .model.vit import VIT_SIZES

@@ -55,12 +55,15 @@ class ClipDataConfig(FinetuneDataConfig):
     train: Optional[Union[str, List[str]]] = None  # image-text pairs: shards with <key>.jpg + <key>.txt (img2dataset), or images with a .txt beside each
     val: Optional[Union[str, List[str]]] = None  # held-out image-text pairs: image->text and text->image retrieval (R@1/5/10)
     zeroshot: Optional[Union[str, List[str]]] = None  # a labelled set (shards with .cls and classes.txt, or class folders) scored zero-shot
-    loader: str = "torch"  # torch (image-text pairs are read by torch workers; DALI does not read captions)
+    loader: str = "torch"  # auto (DALI where installed, else torch) | dali (images decoded and augmented by DALI, captions read beside them; indexed mode) | torch
     crop_scale: Tuple[float, float] = (0.9, 1.0)  # RandomResizedCrop scale range (OpenCLIP's training transform)
     auto_augment: str = "none"  # timm RandAugment policy; none = off (OpenCLIP trains without)
     crop_pct: float = 1.0  # eval: resize the shorter side to img_size / crop_pct, then centre crop (OpenCLIP: 1.0)
     mean: Tuple[float, float, float] = CLIP_MEAN
     std: Tuple[float, float, float] = CLIP_STD
+    mode: str = "auto"  # data.train: auto (stream for remote URLs, indexed otherwise) | indexed (random access, exact resume) | stream (sequential shard reads, resumes without repeating a pair)
+    shuffle_buffer: int = 2000  # stream mode: pairs per DataLoader worker held and drawn from at random
+    epoch_size: Optional[int] = None  # stream mode: pairs per epoch where no manifest.json beside the shards counts them
 
 
 @dataclass
@@ -79,14 +82,16 @@ class ClipTrainConfig(FinetuneTrainConfig):
     epochs: float = 10.0
     global_batch: int = 4096
     ckpt_every: int = 2000  # optimizer steps between checkpoints (and every epoch, on a signal, at the end)
+    peak_tflops: Optional[float] = None  # per-device peak for MFU (`megadigpt bench`); default: known GPUs, or a measured CPU matmul
 
 
 @dataclass
 class ClipConfig:
-    loss: str = "clip"  # clip (OpenCLIP's ClipLoss: softmax over the gathered batch)
+    loss: str = "clip"  # clip (OpenCLIP's ClipLoss: softmax over the gathered batch) | siglip (open_clip's SigLipLoss: a sigmoid per pair, texts passed between neighbouring ranks, a learnt bias)
     local_loss: bool = True  # OpenCLIP's local loss: each rank's images against all texts (and the reverse)
     gather_with_grad: bool = True  # OpenCLIP's: gradients flow through the gathered features
-    init_temperature: float = 0.07  # the learnable temperature's start (logit scale = 1 / temperature)
+    init_temperature: Optional[float] = None  # the learnable temperature's start (logit scale = 1 / temperature); default 0.07 (clip), 0.1 (siglip: SigLIP's log-scale 10)
+    init_bias: float = -10.0  # siglip: the learnable logit bias's start (SigLIP's -10)
     max_logit_scale: float = 100.0  # OpenCLIP clamps the logit scale to this
     image: str = "train"  # train | freeze: the image tower (its projection always trains)
     text: str = "train"  # train | freeze: the text tower (its projection included)
@@ -116,18 +121,24 @@ _config.RULES.update({
                           mlp_ratio=POSITIVE, drop_path=FRACTION_BELOW_1, global_pool=one_of("avg", "token")),
     ClipTextConfig: dict(embed_dim=POSITIVE, width=POSITIVE, layers=POSITIVE, heads=POSITIVE,
                          context_length=at_least(2)),
-    ClipDataConfig: dict(loader=one_of("torch")),
-    ClipConfig: dict(loss=one_of("clip"), init_temperature=POSITIVE, max_logit_scale=POSITIVE,
+    ClipDataConfig: dict(loader=one_of("auto", "dali", "torch"), mode=one_of("auto", "indexed", "stream"), shuffle_buffer=POSITIVE,
+                         epoch_size=POSITIVE),
+    ClipTrainConfig: dict(peak_tflops=POSITIVE),
+    ClipConfig: dict(loss=one_of("clip", "siglip"), init_temperature=POSITIVE, max_logit_scale=POSITIVE,
                      image=one_of("train", "freeze"), text=one_of("train", "freeze"), text_lr_scale=NON_NEGATIVE,
                      templates=one_of("simple", "openai"), zeroshot_every=NON_NEGATIVE),
 })
 # keys whose change makes a run directory's checkpoint another network (check_resume_config)
 _config.RESUME_KEYS["ClipRunConfig"] = {"model": ("patch_size", "img_size", "embed_dim", "depth", "num_heads",
                                                   "mlp_ratio", "global_pool"),
-                                        "text": ("model", "embed_dim", "width", "layers", "heads", "context_length")}
+                                        "text": ("model", "embed_dim", "width", "layers", "heads", "context_length"),
+                                        "clip": ("loss",)}  # siglip's model holds a logit bias
 
 
-def init_logit_scale(temperature: float) -> float:
+def init_logit_scale(temperature: Optional[float], loss: str = "clip") -> float:
+    """The logit scale's start: log(1 / temperature); with no temperature set, CLIP's 0.07 or SigLIP's 0.1."""
+    if temperature is None:
+        temperature = 0.1 if loss == "siglip" else 0.07
     return math.log(1 / temperature)
 
 

@@ -212,7 +212,7 @@ def add_run_arguments(parser) -> argparse.ArgumentParser:
     return parser
 
 
-SUBMITTABLE = ("pretrain", "finetune", "segment", "probe", "eval")  # the commands `megadigpt submit` queues
+SUBMITTABLE = ("pretrain", "finetune", "segment", "clip", "probe", "eval")  # the commands `megadigpt submit` queues
 RESERVE_GIB = 4.0  # megadigpt.perf.memory.RESERVE_GIB (not imported here: it would load torch for every command)
 
 
@@ -277,9 +277,11 @@ def build_parser(handlers: Optional[Dict[str, Callable]] = None) -> argparse.Arg
     pr.add_argument("overrides", nargs="*", metavar="section.key=value", help=OVERRIDES_HELP)
     pr.set_defaults(fn=h.get("cmd_probe"))
 
-    ev = sub.add_parser("eval", help="top-1/top-5 of a fine-tuned classifier on any labelled set (--set NAME=SOURCE) "
-                                     "and ImageNet val, ReaL, V2, A, R, Sketch, C (mCE)")
-    ev.add_argument("model", help="a fine-tuning run directory (its best/) or an exported classifier folder")
+    ev = sub.add_parser("eval", help="top-1/top-5 of a fine-tuned classifier, or zero-shot and retrieval of a clip "
+                                     "model, on any labelled set (--set NAME=SOURCE) and ImageNet val, ReaL, V2, A, R, "
+                                     "Sketch, C (mCE)")
+    ev.add_argument("model", help="a fine-tuning or clip run directory (its best/) or an exported classifier or "
+                                  "clip folder")
     ev.add_argument("--which", default="best", help="in a run directory: best | last | best_ema | last_ema")
     src = "a source: class folders, shards, an index folder, a sample list, or URLs (https://, s3://, pipe:)"
     for name, what in (("imagenet", "ImageNet-1K val, 1000 synset classes"),
@@ -295,6 +297,12 @@ def build_parser(handlers: Optional[Dict[str, Callable]] = None) -> argparse.Arg
                          "cifar10=data/cifar10/test-{000000..000001}.tar; " + src + "; its classes (classes.txt "
                          "beside the shards, or class folders) must be the model's head: as many and, where both "
                          "have names, the same names in the same order")
+    ev.add_argument("--pairs", action="append", default=None, metavar="NAME=SOURCE",
+                    help="image-text models: held-out pairs (.jpg + .txt, as megadigpt clip reads them) scored by "
+                         "image->text and text->image R@1/5/10 under NAME (repeatable); " + src)
+    ev.add_argument("--templates", default=None, choices=["openai", "simple"],
+                    help="image-text models: zero-shot prompts, open_clip's 80 openai or 18 simple templates of each "
+                         "class name (default: the clip run's clip.templates)")
     ev.add_argument("--real-labels", default=None, help="real.json (default: timm's bundled copy)")
     ev.add_argument("--out", default=None, help="folder for eval.json / eval.md")
     ev.add_argument("--force", action="store_true", help="replace eval files megadigpt did not write")
@@ -415,7 +423,8 @@ def build_parser(handlers: Optional[Dict[str, Callable]] = None) -> argparse.Arg
 
     pl = sub.add_parser("plan", help="per-GPU memory of ViT-B..ViT-e under ZeRO-1/2/3, +- activation checkpointing "
                                      "and CPU offload; the micro-batch that fits")
-    pl.add_argument("--config", default="digpt_vitl14_merged", help="teacher, decoder, global batch, ... from here")
+    pl.add_argument("--config", default="digpt_vitl14_merged", help="teacher, decoder, global batch, ... from here; a "
+                                                                   "segmentation or clip config plans that step")
     pl.add_argument("--models", default=None, help="e.g. vit_base/16,vit_large/14 (default: B, L, H, g, e at the "
                                                    "config's patch)")
     pl.add_argument("--gpus", type=POS_INT, default=8, help="data-parallel ranks (GPUs in all)")
@@ -442,10 +451,12 @@ def build_parser(handlers: Optional[Dict[str, Callable]] = None) -> argparse.Arg
     be = sub.add_parser("bench", help="images/s, step-time breakdown, peak memory and MFU over a grid of "
                                       "configurations, beside a reference-style baseline")
     be.add_argument("--config", default=None, help="base config (decoder, data settings; default: built-in); a "
-                                                   "segmentation config (segment_ade20k_vitb16) measures that step")
+                                                   "segmentation (segment_ade20k_vitb16) or clip config (clip_cifar10) "
+                                                   "measures that step")
     be.add_argument("--models", default="vit_base/16", help="comma-separated arch/patch")
     be.add_argument("--img-size", dest="img_size", type=POS_INT, default=None,
-                    help="default 224; with a segmentation --config: the crop, default its model.crop_size")
+                    help="default 224; with a segmentation --config: the crop, default its model.crop_size; with a "
+                         "clip --config: its model.img_size")
     be.add_argument("--teacher", default="efficientnet_lite0",
                     help="efficientnet_lite0 | pixels | open_clip:<arch> | timm:<name> (random weights), comma list")
     be.add_argument("--zero", default="1", help="ZeRO stages, comma-separated: 1,3")

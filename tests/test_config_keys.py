@@ -27,7 +27,8 @@ COMMANDS = {
                           ("megadigpt.train.probe", "megadigpt.train.evaluate", "megadigpt.launch.slurm")),
     "SegmentRunConfig": ("megadigpt.train.segment",
                          ("megadigpt.perf.bench", "megadigpt.perf.segment_memory", "megadigpt.launch.slurm")),
-    "ClipRunConfig": ("megadigpt.train.clip", ()),
+    "ClipRunConfig": ("megadigpt.train.clip",
+                      ("megadigpt.perf.bench", "megadigpt.perf.clip_memory", "megadigpt.launch.slurm")),
 }
 SHARED = ("megadigpt.train.harness",)  # the training loops' shared harness, where it exists: every tree's
 DEFINERS = {"megadigpt.config", "megadigpt.segment_config", "megadigpt.clip_config"}  # define and validate every key: no evidence of a read

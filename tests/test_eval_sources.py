@@ -370,4 +370,6 @@ def test_eval_refuses_a_set_outside_the_models_label_space(eval_data, tmp_path, 
     code, err = _main(capsys, ["eval", root / "model", "--set", f"x={tmp_path / 'few'}", "--set",
                                f"x={tmp_path / 'other'}"])
     assert code == 2 and "given twice" in err[0]
+    code, err = _main(capsys, ["eval", root / "model", "--pairs", f"held={tmp_path / 'few'}"])
+    assert code == 2 and len(err) == 1 and "--pairs and --templates are for an image-text model" in err[0], err
     assert not (tmp_path / "o" / "eval.json").exists()

@@ -283,7 +283,7 @@ def test_memory_plan_of_the_segmentation_step(capsys):
     off, on = rows
     assert off.teacher_gib == 0 and off.params_gib > 0 and off.fits and off.max_micro_batch > 2
     assert on.activations_gib < off.activations_gib
-    geom = segment_memory._geometry(cfg, "vit_base", 16)
+    geom = segment_memory.encoder_geometry(cfg, "vit_base", 16)
     P, _ = segment_memory.segment_params(cfg, geom)
     model = Segmentor(SegmentorArgs(64, 2, 2, 4.0, 16, 128, 150, tuple(default_feature_blocks(2)), channels=32))
     assert P == sum(p.numel() for p in model.parameters())

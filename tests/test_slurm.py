@@ -377,7 +377,7 @@ def test_setup_lines_and_what_each_stage_reserves(tmp_path):
     assert p.returncode == 2 and "control character" in p.stderr and p.stderr.count("\n") == 1, p.stderr
 
 
-@pytest.mark.parametrize("chain", ["vitl14_merged", "vitl14_ade20k"])
+@pytest.mark.parametrize("chain", ["vitl14_merged", "vitl14_ade20k", "vitl14_zeroshot"])
 def test_shipped_chains_pass_submits_checks_without_notes(chain):
     p = _submit(["--dry-run", chain], subprocess_env(), check=False)
     assert p.returncode == 0, p.stderr[-3000:]

@@ -190,7 +190,7 @@ def test_submit_help_lists_every_stage():
                        timeout=60, env=subprocess_env())
     assert p.returncode == 0
     text = " ".join(p.stdout.split())
-    assert set(COMMANDS) == {"pretrain", "finetune", "segment", "probe", "eval"}
+    assert set(COMMANDS) == {"pretrain", "finetune", "segment", "clip", "probe", "eval"}
     for c in COMMANDS:
         assert c in text.split("positional arguments")[0], c  # in the usage / description
     assert "--setup LINE" in text and "srun python -m megadigpt" in text

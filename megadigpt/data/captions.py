@@ -22,6 +22,7 @@ import torch
 
 from .samples import Sample, open_regular
 from .sources import member_key
+from .streaming import StreamDataset
 
 MAX_CAPTION_BYTES = 1 << 16  # 64 KiB: LAION's longest captions are a few KiB
 MAX_MEMBERS_AFTER = 8  # members of the same sample walked after the image's
@@ -91,6 +92,12 @@ def read_caption(sample: Sample, handles=None) -> str:
         finally:
             if handles is None:
                 f.close()
+    return caption_text(data)
+
+
+def caption_text(data: bytes) -> str:
+    """A caption member's bytes -> its stripped text; :class:`CaptionError` where it is larger than
+    :data:`MAX_CAPTION_BYTES`, not UTF-8 or empty."""
     if len(data) > MAX_CAPTION_BYTES:
         raise CaptionError(f"caption larger than {MAX_CAPTION_BYTES} bytes")
     try:
@@ -100,6 +107,16 @@ def read_caption(sample: Sample, handles=None) -> str:
     if not text:
         raise CaptionError("empty caption")
     return text
+
+
+def _seed_all(key) -> None:
+    """Python's, numpy's and torch's generators from one key (timm's transforms draw from all three)."""
+    import random
+
+    k = int(np.random.SeedSequence(list(key)).generate_state(1)[0])
+    random.seed(k)
+    np.random.seed(k)
+    torch.manual_seed(k)
 
 
 class CaptionedImages(torch.utils.data.Dataset):
@@ -123,12 +140,7 @@ class CaptionedImages(torch.utils.data.Dataset):
         index = self.indices[i]
         s = self.samples[index]
         if self.seed is not None:
-            import random
-
-            k = int(np.random.SeedSequence([*self.seed, index]).generate_state(1)[0])
-            random.seed(k)
-            np.random.seed(k)
-            torch.manual_seed(k)
+            _seed_all([*self.seed, index])
         data = None
         try:
             data = s.read(self.handles)
@@ -157,6 +169,105 @@ def pair_loader(samples, indices, transform, tokenize, size: int, context_length
     return torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=False, drop_last=train,
                                        num_workers=num_workers, collate_fn=collate, pin_memory=pin_memory,
                                        persistent_workers=False)
+
+
+class DaliPairLoader:
+    """Image-text micro-batches with the images decoded and augmented by NVIDIA DALI (on the GPU where there is
+    one): fine-tuning's :class:`megadigpt.data.classification.DaliClassificationLoader` (each image's crop and flip
+    from (seed, epoch, index), so a resumed epoch sees the same pairs; images DALI cannot decode go to Pillow, then
+    to the bad samples) over this rank's ``indices``, without RandAugment, and the captions read and tokenised here
+    for the same indices (a bad caption makes its pair a bad sample with the reason, as in :class:`CaptionedImages`).
+    DALI's readers do not hand over a caption member, so the captions are read beside them, from the image's
+    offset (:func:`read_caption`)."""
+
+    def __init__(self, samples, indices, tokenize, context_length: int, train: bool, size: int, batch_size: int,
+                 mean, std, device, crop_pct: float, num_threads: int, seed: int, epoch: int, scale):
+        from .classification import DaliClassificationLoader
+
+        self.samples, self.tokenize, self.context_length, self.epoch = samples, tokenize, context_length, epoch
+        self.images = DaliClassificationLoader(samples, indices, train, size, batch_size, mean, std, device, crop_pct,
+                                               max(1, num_threads), seed, epoch, tuple(scale), rand_aug=False,
+                                               py_workers=(num_threads + 1) // 2)
+        self.handles = {}
+
+    def __len__(self):
+        return len(self.images)
+
+    def close(self):
+        self.images.close()
+        for f in self.handles.values():
+            f.close()
+        self.handles = {}
+
+    def __iter__(self):
+        for b in self.images:
+            valid, bad, texts = b["valid"].clone(), list(b["bad"]), []
+            for r, i in enumerate(b["index"].tolist()):
+                tokens = torch.zeros(self.context_length, dtype=torch.long)
+                if bool(valid[r]):
+                    try:
+                        tokens = self.tokenize([read_caption(self.samples[i], self.handles)])[0]
+                    except CaptionError as e:
+                        valid[r] = False
+                        bad.append((i, self.epoch, str(e)))
+                texts.append(tokens)
+            yield {"image": b["image"], "text": torch.stack(texts), "valid": valid, "index": b["index"], "bad": bad}
+
+
+class PairStreamDataset(StreamDataset):
+    """Stream mode (``data.mode: stream``) for image-text pairs: :class:`megadigpt.data.streaming.StreamDataset`'s
+    readers, shard order, shuffle buffer, read cursors and shard faults, with each sample's ``.txt`` member read
+    beside its image (at most :data:`MAX_CAPTION_BYTES`; a larger one is not read) and made into (image, tokens).
+    Each pair's augmentation is drawn from (seed, epoch, shard, ordinal), as pretraining's stream draws its crops."""
+
+    extra = {".txt": MAX_CAPTION_BYTES}
+
+    def __init__(self, urls, transform, tokenize, size: int, context_length: int, seed: int, rank: int, world: int,
+                 workers: int, shuffle_buffer: int, start=None):
+        super().__init__(urls, [size], 1, seed, rank, world, workers, shuffle_buffer, start=start)
+        self.transform, self.tokenize, self.size, self.context_length = transform, tokenize, size, context_length
+
+    @staticmethod
+    def collate(items):
+        return stream_pair_collate(items)
+
+    def _item(self, rec, slot, cursor, problems):
+        sid, ordinal, epoch = rec["shard"], rec["ordinal"], rec["epoch"]
+        data, _, reason = self._rec_image(rec)
+        item = {"index": -1, "epoch": epoch, "url": self.urls[sid], "key": rec["key"], "id": (sid, ordinal),
+                "slot": slot, "cursor": cursor, "problems": list(problems)}
+        caption = rec["parts"].get(".txt")
+        if reason is None and ".txt" in rec.get("oversize", {}):
+            reason = f"caption of {rec['oversize']['.txt']} bytes (more than {MAX_CAPTION_BYTES})"
+        elif reason is None and caption is None:
+            reason = "no caption (no .txt member with the image's key)"
+        if reason is None:
+            from .pretrain_loader import decode_problem, decode_rgb
+
+            _seed_all([self.seed, epoch, sid, ordinal])
+            try:
+                tokens = self.tokenize([caption_text(caption)])[0]
+                image = self.transform(decode_rgb(data))
+                return {**item, "image": image, "text": tokens, "valid": True, "reason": None}
+            except CaptionError as e:
+                reason = str(e)
+            except Exception as e:  # noqa: BLE001 - a bad image is flagged, not fatal
+                reason = decode_problem(data, e)
+        return {**item, "image": torch.zeros(3, self.size, self.size),
+                "text": torch.zeros(self.context_length, dtype=torch.long), "valid": False, "reason": reason}
+
+
+def stream_pair_collate(items):
+    """A stream-mode micro-batch of pairs: :func:`collate`'s fields and what stream mode tracks (as
+    :func:`megadigpt.data.streaming.stream_collate`)."""
+    out = {"image": torch.stack([it["image"] for it in items]), "text": torch.stack([it["text"] for it in items]),
+           "valid": torch.tensor([it["valid"] for it in items]), "index": torch.tensor([it["index"] for it in items]),
+           "bad": []}
+    out["bad_stream"] = [(it["url"], it["key"], it["epoch"], it["reason"]) for it in items if not it["valid"]]
+    out["ids"] = [(it["id"][0], it["key"]) for it in items]
+    out["cursor"] = (items[-1]["slot"], list(items[-1]["cursor"]))
+    out["shard_problems"] = [p for it in items for p in it["problems"]]
+    return out
 
 
 def write_captioned_shard(path, pairs) -> None:

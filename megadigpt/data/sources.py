@@ -85,6 +85,14 @@ def resolve_paths(source: Union[str, Sequence[str]], problems: Optional[List[Pro
     for item in items:
         item = os.path.expanduser(str(item))
         expanded = expand_urls(item)  # {000..009} ranges and {train,val} comma sets (braceexpand)
+        if len(expanded) > 1:  # the shards of a brace set that are not there: one line, not one per shard
+            gone = [e for e in expanded if not is_remote(e) and not any(ch in e for ch in "*?[") and
+                    not os.path.exists(e)]
+            if gone:
+                more = f" (and {len(gone) - 1} more of {item})" if len(gone) > 1 else ""
+                missing.append(missing_path(f"data source not found: {gone[0]}{more}"))  # raises unless previewing
+                gone = set(gone)
+                expanded = [e for e in expanded if e not in gone]
         for e in expanded:
             if is_remote(e):  # http(s)://, s3://, gs://, pipe: - read through a local copy (remote.cache_shard)
                 try:

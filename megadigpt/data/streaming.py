@@ -239,7 +239,8 @@ HEADER_LIMIT = 1 << 20  # bytes of one pax header or GNU long name (real ones ar
 
 
 def iter_shard(url: str, offset: int = 0, ordinal: int = 0, timeout_s: float = None,
-               retries: int = None, max_member_bytes: int = None) -> Iterator[dict]:
+               retries: int = None, max_member_bytes: int = None, extra: Optional[Dict[str, int]] = None
+               ) -> Iterator[dict]:
     """The samples of one shard from byte ``offset`` (a sample's first header) on, numbered from ``ordinal``:
     dicts with ``key``, ``ordinal``, ``offset`` (its first header), ``next`` (the next sample's first header; None
     after the last), ``parts`` ({ext: bytes} of its image and ``.cls`` members; None for a member seen, not read)
@@ -250,7 +251,10 @@ def iter_shard(url: str, offset: int = 0, ordinal: int = 0, timeout_s: float = N
     than ``max_member_bytes`` (default ``data.max_member_bytes``; its bytes are skipped, never held), and a sample
     whose key an earlier sample of the shard had (the first is kept; a member repeating an extension of the
     sample being grouped starts such a duplicate too). Keys are remembered from ``offset`` on: after a resume
-    mid-shard, a duplicate of a key before the cursor is not recognised."""
+    mid-shard, a duplicate of a key before the cursor is not recognised.
+
+    ``extra``: {ext: most bytes} of more members to read (``{".txt": 65536}``: a pair's caption); one declared
+    larger is not read (``parts[ext]`` None) and its size is in the sample's ``oversize`` ({ext: bytes})."""
     from .remote import member_too_large
 
     f = open_url(url, offset, timeout_s, retries)
@@ -259,7 +263,8 @@ def iter_shard(url: str, offset: int = 0, ordinal: int = 0, timeout_s: float = N
             tf = tarfile.open(fileobj=_HeaderReads(f), mode="r:")
         except tarfile.TarError as e:
             raise ShardDamaged(f"not a readable tar stream at byte {offset} ({e})") from None
-        group, key, start, prev_exts, bad = {}, None, offset, None, None
+        extra = dict(extra or {})
+        group, key, start, prev_exts, bad, oversize = {}, None, offset, None, None, {}
         seen = set()
         damage = None
         while True:
@@ -281,17 +286,28 @@ def iter_shard(url: str, offset: int = 0, ordinal: int = 0, timeout_s: float = N
             if k != key or ext in group:
                 if key is not None:
                     yield {"key": key, "ordinal": ordinal, "offset": start, "next": m.offset, "parts": group,
-                           "bad": bad}
+                           "bad": bad, "oversize": oversize}
                     prev_exts = set(group)
                     ordinal += 1
                     seen.add(key)
-                group, key, start, bad = {}, k, m.offset, None
+                group, key, start, bad, oversize = {}, k, m.offset, None, {}
                 if k in seen:
                     bad = f"duplicate key {k} in the shard (an earlier sample has it)"
             if bad is None and ((ext in IMAGE_EXTS and not any(e in IMAGE_EXTS for e in group)) or ext == ".cls"):
                 too_large = member_too_large(m.name, m.size, max_member_bytes)
                 if too_large:
                     bad = too_large
+                    group[ext] = None
+                    continue
+                f.seek(m.offset_data)
+                data = f.read(m.size)
+                if len(data) < m.size:
+                    damage = f"truncated: member {k}{ext} cut at byte {f.tell()}"
+                    break
+                group[ext] = data
+            elif bad is None and ext in extra and ext not in group:
+                if m.size > extra[ext]:
+                    oversize[ext] = m.size
                     group[ext] = None
                     continue
                 f.seek(m.offset_data)
@@ -311,7 +327,8 @@ def iter_shard(url: str, offset: int = 0, ordinal: int = 0, timeout_s: float = N
                 damage = f"invalid tar header at byte {tf.offset}"
         if key is not None and (damage is None or (prev_exts is not None and set(group) >= prev_exts)):
             # before damage, the last sample counts only if it has the members the one before it had
-            yield {"key": key, "ordinal": ordinal, "offset": start, "next": None, "parts": group, "bad": bad}
+            yield {"key": key, "ordinal": ordinal, "offset": start, "next": None, "parts": group, "bad": bad,
+                   "oversize": oversize}
         if damage is not None:
             raise ShardDamaged(damage)
 
@@ -322,7 +339,12 @@ def iter_shard(url: str, offset: int = 0, ordinal: int = 0, timeout_s: float = N
 class StreamDataset(torch.utils.data.IterableDataset):
     """One rank's slots (one per DataLoader worker) as an endless stream of samples; see the module docstring.
     ``encoded``: yield what the DALI source hands DALI (bytes, box, flip) instead of decoded views.
-    ``start``: {slot: cursor} to resume from (absent slots start at the beginning)."""
+    ``start``: {slot: cursor} to resume from (absent slots start at the beginning). A subclass makes other
+    samples from the same records (:class:`megadigpt.data.captions.PairStream`: image-text pairs) by its own
+    ``_item``, ``extra`` (members :func:`iter_shard` reads besides the image and ``.cls``) and ``collate``."""
+
+    extra: Dict[str, int] = {}
+    collate = None  # (stream_collate, set below where it is defined)
 
     def __init__(self, urls: Sequence[str], sizes: Sequence[int], num_segments: int, seed: int, rank: int,
                  world: int, workers: int, shuffle_buffer: int, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3),
@@ -376,7 +398,7 @@ class StreamDataset(torch.utils.data.IterableDataset):
                 sid = shards[pos]
                 url = self.urls[sid]
                 try:
-                    for rec in iter_shard(url, offset, ordinal, self.timeout_s, self.retries):
+                    for rec in iter_shard(url, offset, ordinal, self.timeout_s, self.retries, extra=self.extra):
                         read += 1
                         rec.update(shard=sid, epoch=epoch)
                         buf.append(rec)
@@ -466,6 +488,9 @@ def stream_collate(items: List[dict]) -> dict:
     return out
 
 
+StreamDataset.collate = staticmethod(stream_collate)
+
+
 # ============================================================================ the loader
 
 
@@ -483,7 +508,7 @@ class StreamLoader:
 
     def _batches(self):
         return iter(torch.utils.data.DataLoader(
-            self.dataset, batch_size=self.micro, num_workers=self.num_workers, collate_fn=stream_collate,
+            self.dataset, batch_size=self.micro, num_workers=self.num_workers, collate_fn=self.dataset.collate,
             persistent_workers=False, pin_memory=torch.cuda.is_available(),
             prefetch_factor=2 if self.num_workers > 0 else None))
 

@@ -35,7 +35,8 @@ from ..commands import SUBMITTABLE, build_parser, finetune_overrides, overrides_
 from ..safe_fs import open_append, write_atomic
 from ..train.runtime import requeue_after_signal  # noqa: F401 - re-exported (cli's exit path lives in commands)
 
-COMMANDS = SUBMITTABLE  # pretrain, finetune, segment, probe, eval
+COMMANDS = SUBMITTABLE  # pretrain, finetune, segment, clip, probe, eval
+TRAINING = ("pretrain", "finetune", "segment", "clip")  # the stages with a run directory (resumable)
 _PKG = Path(__file__).resolve().parent.parent
 # setup.py installs the top-level slurm/ as megadigpt/slurm; a source checkout has it beside the package
 SLURM_DIR = next((d for d in (_PKG / "slurm", _PKG.parent / "slurm") if d.is_dir()), _PKG.parent / "slurm")
@@ -180,7 +181,7 @@ def slurm_options(values: Optional[dict], base: Optional[SlurmOptions] = None, w
 @dataclass
 class Stage:
     name: str
-    command: str  # pretrain | finetune | segment | probe | eval
+    command: str  # pretrain | finetune | segment | clip | probe | eval
     args: List[str]  # the command's own arguments, as `megadigpt <command>` takes them
     run_dir: str  # where the stage writes (its --run-dir, or --out for probe / eval): absolute
     slurm: SlurmOptions
@@ -224,7 +225,7 @@ def _with_option(args: List[str], option: str, value: str) -> List[str]:
 
 
 def stage_outputs(command: str, ns) -> Optional[str]:
-    """Where the stage writes: --run-dir (pretrain, finetune, segment: else the config's train.run_dir) or
+    """Where the stage writes: --run-dir (pretrain, finetune, segment, clip: else the config's train.run_dir) or
     --out."""
     if command in ("probe", "eval"):
         return ns.out
@@ -272,6 +273,13 @@ def validate_stage(stage: Stage) -> dict:
         cfg = load_segment_config(ns.config, overrides_of(ns))
         plan = plan_segment(cfg, o.world_size, device_type=device(cfg), init_from_pending=pending(cfg.train.init_from))
         summary.update(accum=plan.accum, workers=cfg.data.num_workers)
+    elif stage.command == "clip":
+        from ..clip_config import load_clip_config
+        from ..train.clip import plan_clip
+
+        cfg = load_clip_config(ns.config, overrides_of(ns))
+        plan = plan_clip(cfg, o.world_size, device_type=device(cfg), init_from_pending=pending(cfg.train.init_from))
+        summary.update(accum=plan.accum, workers=cfg.data.num_workers)
     elif stage.command == "probe":
         from ..train.finetune import plan_finetune
 
@@ -292,9 +300,10 @@ def validate_stage(stage: Stage) -> dict:
             missing_path(f"stage {stage.name}: the model to evaluate is not found: {ns.model}")
         sets = [(k, getattr(ns, k)) for k in ("imagenet", "real", "v2", "a", "r", "sketch", "c") if getattr(ns, k)]
         sets += [("set", str(v).partition("=")[2] or str(v)) for v in getattr(ns, "sets", None) or []]  # NAME=SOURCE
+        sets += [("pairs", str(v).partition("=")[2] or str(v)) for v in getattr(ns, "pairs", None) or []]
         if not sets:
             raise ConfigError(f"stage {stage.name}: eval needs at least one set (--set NAME=SOURCE, --imagenet, "
-                              f"--v2, ...)")
+                              f"--v2, ..., --pairs NAME=SOURCE)")
         from ..data.remote import expand_urls, is_remote
 
         for k, src in sets:  # a local source must be there; remote ones and ImageNet-C templates are read by the job
@@ -445,6 +454,10 @@ TEMPLATES = {
     # 8 GPUs x micro-batch 2 = the recipe's batch 16 (SyncBatchNorm across the GPUs)
     "segment_ade20k": ("ADE20K semantic segmentation, UperNet, 160k iterations at batch 16", "segment",
                        ["--config", "segment_ade20k_vitl14"], dict(nodes=1, cpus_per_task=10, time="48:00:00")),
+    # 128 x 8 GPUs x micro-batch 32 = clip_vitl14_laion's 32,768 pairs per step, all contrasted with each other;
+    # on fewer nodes the steps accumulate and each micro-step contrasts micro-batch x ranks pairs (said at start)
+    "clip_laion": ("image-text fine-tuning on LAION with an OpenCLIP text tower (zero-shot)", "clip",
+                   ["--config", "clip_vitl14_laion"], dict(nodes=128, cpus_per_task=9, time="48:00:00")),
 }
 
 _TEMPLATE_USE = {
@@ -453,6 +466,8 @@ _TEMPLATE_USE = {
     "probe": "sbatch {path} WEIGHTS --train /data/train --val /data/val --out DIR",
     "eval": "sbatch {path} runs/finetune_vitl14_in1k_448 --which best_ema --imagenet /data/imagenet/val --out DIR",
     "segment": "sbatch {path} --init-from RUN --train /data/ADEChallengeData2016 --val /data/ADEChallengeData2016",
+    "clip": "sbatch [--nodes N] {path} --init-from RUN --train '/data/laion/{{00000..41407}}.tar' "
+            "--zeroshot /data/imagenet/val text.weights=/weights/open_clip_vitl14.pt",
 }
 
 
@@ -490,6 +505,7 @@ def resolve_chain_path(name_or_path: str) -> Path:
     raise ConfigError(f"chain not found: {name_or_path} (a YAML file, or one of: {', '.join(known) or 'none'})")
 
 
+_STAGE_REF = re.compile(r"\{([A-Za-z0-9_-]+)\}")  # {name}: a stage name (letters, digits, - and _)
 _STAGE_KEYS = ("name", "command", "config", "run_dir", "init_from", "weights", "model", "args", "setup", "slurm")
 _CHAIN_KEYS = ("run_root", "setup", "slurm", "stages")
 
@@ -527,14 +543,16 @@ def load_chain(path, run_root: Optional[str] = None, cli_slurm: Optional[dict] =
             raise ConfigError(f"{where}: command must be one of {', '.join(COMMANDS)}, got {command!r}")
 
         def expand(v, what):
-            v = str(v)
-            try:
-                return v.format(**dirs)
-            except KeyError as e:
-                raise ConfigError(f"{where}: {what} refers to {{{e.args[0]}}}, which is not an earlier stage "
-                                  f"(earlier: {', '.join(dirs) or 'none'})")
-            except (ValueError, IndexError):
-                raise ConfigError(f"{where}: {what}: bad {{...}} reference in {v!r}")
+            """``{name}`` -> that earlier stage's run directory; a brace set (``{00000..41407}``, ``{a,b}``) is left
+            as it is, for the command to expand; ``{{`` and ``}}`` stand for single braces."""
+            def ref(m):
+                if m.group(1) not in dirs:
+                    raise ConfigError(f"{where}: {what} refers to {{{m.group(1)}}}, which is not an earlier stage "
+                                      f"(earlier: {', '.join(dirs) or 'none'})")
+                return dirs[m.group(1)]
+
+            parts = re.split(r"(\{\{|\}\})", str(v))  # escaped braces are not references
+            return "".join({"{{": "{", "}}": "}"}.get(p) or _STAGE_REF.sub(ref, p) for p in parts)
 
         run_dir = str(Path(expand(st.get("run_dir", root / name), "run_dir")).resolve())
         args = [expand(a, "args") for a in (st.get("args") or [])]
@@ -542,18 +560,18 @@ def load_chain(path, run_root: Optional[str] = None, cli_slurm: Optional[dict] =
             raise ConfigError(f"{where}: args is a list")
         if st.get("config"):
             args = _with_option(args, "--config", expand(st["config"], "config"))
-        if command in ("pretrain", "finetune", "segment"):
+        if command in TRAINING:
             args = _with_option(args, "--run-dir", run_dir)
             if st.get("init_from"):
                 val = expand(st["init_from"], "init_from")
-                args = (_with_option(args, "--init-from", val) if command in ("finetune", "segment")
+                args = (_with_option(args, "--init-from", val) if command != "pretrain"
                         else args + [f"train.init_from={val}"])
         else:
             args = _with_option(args, "--out", run_dir)
             first = st.get("weights") if command == "probe" else st.get("model")
             if first:
                 args = [expand(first, "weights" if command == "probe" else "model")] + args
-        for k, ok in (("init_from", ("pretrain", "finetune", "segment")), ("weights", ("probe",)),
+        for k, ok in (("init_from", TRAINING), ("weights", ("probe",)),
                       ("model", ("eval",))):
             if st.get(k) and command not in ok:
                 raise ConfigError(f"{where}: {k} is for {' / '.join(ok)} stages")
@@ -566,8 +584,8 @@ def load_chain(path, run_root: Optional[str] = None, cli_slurm: Optional[dict] =
 
 
 def single_stage(command: str, args: List[str], cli_slurm: dict) -> Stage:
-    """``megadigpt submit <command> <args>``: the stage writes to its --run-dir / --out (pretrain, finetune and
-    segment: else the config's train.run_dir), made absolute."""
+    """``megadigpt submit <command> <args>``: the stage writes to its --run-dir / --out (pretrain, finetune, segment
+    and clip: else the config's train.run_dir), made absolute."""
     from ..config import FinetuneRunConfig, load_config
 
     ns = parse_stage_args(command, args)
@@ -580,6 +598,10 @@ def single_stage(command: str, args: List[str], cli_slurm: dict) -> Stage:
         from ..segment_config import load_segment_config
 
         out = load_segment_config(ns.config, overrides_of(ns)).train.run_dir
+    elif out is None and command == "clip":
+        from ..clip_config import load_clip_config
+
+        out = load_clip_config(ns.config, overrides_of(ns)).train.run_dir
     if out is None:
         raise ConfigError(f"megadigpt submit {command}: give --out (the job's results, logs and code snapshot go "
                           f"there)")

@@ -81,7 +81,7 @@ class Case:
     data: str = "synthetic"  # synthetic (uint8 on the device) | torch | dali (loaders on --data-source)
     baseline: bool = False
     offload: bool = False
-    task: str = "pretrain"  # pretrain | segment (``megadigpt segment``'s step; a segmentation --config)
+    task: str = "pretrain"  # pretrain | segment | clip (``megadigpt segment``'s / ``clip``'s step; their --config)
 
     @property
     def label(self) -> str:
@@ -430,6 +430,96 @@ def _segment_job(case: Case, base, overrides, env, run_dir) -> _Job:
     return _Job(cfg, device, mem, step, sizes, planned, plan.precision, None, engine.was_step_applied)
 
 
+def clip_case_config(case: Case, base: Optional[str], overrides: List[str], world: int, run_dir: str):
+    """The ``megadigpt clip`` config of an image-text case: the image tower at the case's size, the config's text
+    tower with random weights (the step's speed and memory do not depend on them)."""
+    from ..clip_config import load_clip_config
+
+    return load_clip_config(base, list(overrides) + [
+        f"model.arch={case.arch}", f"model.patch_size={case.patch}", f"model.img_size={case.img_size}",
+        f"train.zero_stage={case.zero}", f"train.activation_checkpointing={str(case.ckpt).lower()}",
+        f"train.micro_batch={case.micro_batch}", f"train.global_batch={case.micro_batch * world}",
+        f"train.precision={case.precision}", f"train.run_dir={run_dir}", "train.tensorboard=false",
+        "train.progress=off", "text.weights=null", "text.random_weights=true"])
+
+
+def check_clip_case(case: Case, base, overrides, world: int, run_dir: str, device_type: Optional[str] = None):
+    """``plan_clip``'s checks of an image-text case (synthetic inputs: no data) and the grid's dimensions that do
+    not apply to it. -> (config, plan)."""
+    from ..train.clip import plan_clip
+
+    if case.data != "synthetic":
+        raise ConfigError(f"the image-text step is measured on synthetic inputs only (--data {case.data})")
+    if case.compile or case.attention not in ("sdpa", "eager"):
+        raise ConfigError("the image-text step is measured with timm's and open_clip's attention (sdpa, or eager "
+                          "for the baseline) and without torch.compile")
+    if case.offload and (device_type or "cuda") != "cuda":
+        raise ConfigError("CPU offload is measured on GPUs only")
+    cfg = clip_case_config(case, base, overrides, world, run_dir)
+    return cfg, plan_clip(cfg, world, device_type=device_type, need_data=False)
+
+
+def _clip_job(case: Case, base, overrides, env, run_dir) -> _Job:
+    """The image-text step, as ``megadigpt clip`` runs it: :class:`~megadigpt.train.clip.ClipTask` builds both
+    towers (open_clip's CLIP with megadigpt's image tower) and their optimizer (layer decay over the image tower,
+    the text tower's lr scale); the timed step is the task's (both towers, OpenCLIP's loss over the features
+    gathered from every rank). Inputs: a fixed synthetic batch of normalised images and random token ids."""
+    import torch
+
+    from ..distributed import engine as ds_engine
+    from ..sizing import count_flops
+    from ..train.clip import ClipTask, build_clip, freeze_towers, open_clip_config
+    from ..train.transfer import resolve_model
+    from . import clip_memory, memory
+
+    cfg, plan = check_clip_case(case, base, overrides, env.world_size, run_dir)
+    task = ClipTask(cfg)
+    task.plan = plan
+    task.weights, (task.geom, _) = None, resolve_model(cfg)  # a fresh image tower of the case's arch
+    task.oc = open_clip_config(cfg)
+    device = ds_engine.start_processes(env, plan.device_type)
+    run = _task_run(task, env, device)
+    mem = MemoryProbe(device)
+    ctx = task.oc["text_cfg"]["context_length"]
+    s = cfg.model.img_size
+    with torch.device("meta"):  # per-pair training-forward FLOPs of both towers, on the meta device
+        meta, _ = build_clip(cfg, task.geom, device="meta")
+        fwd = count_flops(meta, torch.empty(1, 3, s, s), torch.zeros(1, ctx, dtype=torch.long))
+    freeze_towers(meta, cfg.clip)
+    sizes = memory.ModelSizes(sum(p.numel() for p in meta.parameters() if p.requires_grad), 0, 0, fwd, 0.0)
+    mem.start()
+    model, ds_config = task.build(run)
+    if case.attention == "eager":  # the baseline: timm's attention without the fused kernel
+        for blk in model.visual.blocks:
+            blk.attn.fused_attn = False
+    if case.offload:
+        ds_config["zero_optimization"]["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+    if case.baseline and not case.offload:  # the reference: torch's per-parameter loop
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4,
+                                      betas=tuple(cfg.optim.betas), foreach=False)
+    else:  # what megadigpt clip builds
+        optimizer = task.build_optimizer(run, model, ds_config)
+    run.engine = engine = ds_engine.initialize(model, optimizer, ds_config)
+    task.attach(run)
+    B = case.micro_batch
+    g = torch.Generator().manual_seed(env.rank)
+    images = torch.randint(0, 256, (B, 3, s, s), dtype=torch.uint8, generator=g).to(device)
+    mean = torch.tensor(cfg.data.mean, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(cfg.data.std, device=device).view(1, 3, 1, 1)
+    batch = {"image": (images.float() / 255.0 - mean) / std,  # normalised, as the loader gives them
+             "text": torch.randint(1, 1000, (B, ctx), generator=g).to(device),
+             "valid": torch.ones(B, dtype=torch.bool, device=device)}
+
+    def batches():
+        while True:
+            yield batch
+    engine.train()
+    step = _task_step(task, engine, device, batches())
+    planned = clip_memory.plan_one(cfg, env.world_size, 1e9, case.zero, case.ckpt, case.offload, B, plan.precision,
+                                   reserve_gib=0.0) if case.zero in (1, 2, 3) else None
+    return _Job(cfg, device, mem, step, sizes, planned, plan.precision, None, engine.was_step_applied)
+
+
 def run_case(case: Case, base: Optional[str], overrides: List[str], steps: int, warmup: int,
              data_source: Optional[str], comm_steps: int = 2) -> dict:
     import torch
@@ -443,6 +533,8 @@ def run_case(case: Case, base: Optional[str], overrides: List[str], steps: int, 
     run_dir = tempfile.mkdtemp(prefix="megadigpt-bench-")
     if case.task == "segment":
         job = _segment_job(case, base, overrides, env, run_dir)
+    elif case.task == "clip":
+        job = _clip_job(case, base, overrides, env, run_dir)
     else:
         # the loader's batches: room for the warm-up's skipped steps too (see warm_up)
         job = _pretrain_job(case, base, overrides, env, run_dir, data_source,
@@ -690,8 +782,8 @@ def markdown(rows: List[dict]) -> str:
     out = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         c, x = r["case"], r["result"]
-        seg = c.get("task") == "segment"
-        name = (("seg:" if seg else "") + f"{c['arch']}/{c['patch']}" +
+        seg = c.get("task") in ("segment", "clip")
+        name = ({"segment": "seg:", "clip": "clip:"}.get(c.get("task"), "") + f"{c['arch']}/{c['patch']}" +
                 (f"@{c['img_size']}" if c["img_size"] != 224 or seg else ""))
         label = Case(**c).label
         if x["status"] != "ok":
@@ -762,8 +854,14 @@ def as_task(cases: List[Case], base: Optional[str], overrides=()) -> List[Case]:
     """The cases for ``base``'s task: a segmentation config (``megadigpt segment``'s, it has a ``segment:``
     section) measures the segmentation step (no teacher; the image size, default the config's crop, is the crop);
     any other the pretraining step (default image size 224)."""
+    from .clip_memory import is_clip_config
     from .segment_memory import is_segment_config
 
+    if is_clip_config(base):
+        from ..clip_config import load_clip_config
+
+        size = load_clip_config(base, list(overrides)).model.img_size
+        return [replace(c, task="clip", teacher="none", img_size=c.img_size or size) for c in cases]
     if not is_segment_config(base):
         return [replace(c, img_size=c.img_size or 224) for c in cases]
     from ..segment_config import load_segment_config
@@ -794,6 +892,9 @@ def run_bench(cases: List[Case], ranks: int, out: Path, base=None, overrides=(),
         for c in cases:
             if c.task == "segment":
                 check_segment_case(c, base, list(overrides), ranks, tmp, device_type)
+                continue
+            if c.task == "clip":
+                check_clip_case(c, base, list(overrides), ranks, tmp, device_type)
                 continue
             if c.offload and device_type != "cuda":
                 raise ConfigError("CPU offload is measured on GPUs only")

@@ -290,6 +290,45 @@ class PlanRow:
     global_batch: int = 0  # train.global_batch the micro-batch was recommended for (0: not known)
 
 
+def linear_plan_row(name: str, patch: int, P: int, largest: int, world: int, gpu_gib: float, stage: int,
+                    ckpt: bool, offload: bool, micro_batch: int, global_batch: int, precision: str, reserve_gib: float,
+                    buffers, trace, lo: int = 1, frozen: int = 0) -> PlanRow:
+    """A plan row of a step without a teacher (segmentation, image-text) whose activation peak is traced at ``lo``
+    and ``lo + 1`` images (``trace(b)`` -> bytes) and taken as linear in the micro-batch in between and beyond:
+    ZeRO's model states of ``P`` trainable parameters (``model_states``), the largest micro-batch that fits the
+    budget and the largest that also divides ``global_batch / world``; ``frozen`` parameters count as weights only.
+    The model is built whole on each rank."""
+    st = model_states(P, largest, world, stage, precision, offload, buffers)
+    a_lo, a_hi = trace(lo), trace(lo + 1)
+    per_image, fixed = a_hi - a_lo, a_lo - lo * (a_hi - a_lo)
+    states = st["params"] + st["gathered_params"] + st["grads"] + st["optimizer"] + st["buckets"]
+
+    def total(b):
+        return states + max(fixed + per_image * b, st["fp32_grads"])
+
+    if frozen:  # weights that do not train (a frozen tower): in the model's dtype, partitioned and gathered too
+        h = DTYPE_BYTES[precision]
+        st["params"] += h * (frozen if stage < 3 else math.ceil(frozen / world))
+        st["gathered_params"] += h * frozen if stage == 3 and world > 1 else 0
+        states += h * (frozen if stage < 3 else math.ceil(frozen / world)) + (h * frozen if stage == 3 and world > 1
+                                                                              else 0)
+    budget = (gpu_gib - reserve_gib) * GiB
+    per_rank = global_batch // world if global_batch % world == 0 else 0
+    best = max(0, int((budget - states - fixed) // per_image)) if per_image > 0 else 0
+    while best > 0 and total(best) > budget:
+        best -= 1
+    best = min(best, 1 << 16)
+    rec = max([b for b in range(1, min(best, per_rank) + 1) if per_rank % b == 0] or [0])
+    tb = total(micro_batch)
+    return PlanRow(arch=name, patch=patch, stage=stage, checkpointing=ckpt, offload=offload, micro_batch=micro_batch,
+                   params_gib=(st["params"] + st["gathered_params"]) / GiB, grads_gib=st["grads"] / GiB,
+                   optimizer_gib=st["optimizer"] / GiB, buffers_gib=st["buckets"] / GiB,
+                   fp32_grads_gib=st["fp32_grads"] / GiB, activations_gib=(fixed + per_image * micro_batch) / GiB,
+                   teacher_gib=0.0, total_gib=tb / GiB, fits=tb <= budget, max_micro_batch=best,
+                   recommended_micro_batch=rec, host_gib=st["host"] / GiB,
+                   build_host_gib=build_host_bytes(P, largest, world, 0) / GiB)
+
+
 def build_host_bytes(P: int, largest: int, world: int, stage: int) -> int:
     """Host memory per rank while the fp32 student is built: the whole of it (4 P) for ZeRO 0-2; under ZeRO-3
     (``distributed.partitioned``) this rank's partitions (4 P / N) plus one block in full, the most that

@@ -17,13 +17,12 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from .memory import (GiB, RESERVE_GIB, LiveBytes, PlanRow, build_host_bytes, ds_buffers, fused_attention_memory,
-                     markdown, model_states)
+from .memory import RESERVE_GIB, LiveBytes, PlanRow, ds_buffers, fused_attention_memory, linear_plan_row, markdown
 
 _TRACES: Dict[tuple, int] = {}
 
 
-def _geometry(cfg, arch: Optional[str] = None, patch: Optional[int] = None):
+def encoder_geometry(cfg, arch: Optional[str] = None, patch: Optional[int] = None):
     from ..model.classifier import EncoderGeometry
     from ..model.vit import VIT_SIZES
 
@@ -76,34 +75,14 @@ def trace_segment_step(cfg, geom, batch: int, precision: str = "bf16", checkpoin
 def plan_one(cfg, world: int, gpu_gib: float, stage: int, ckpt: bool, offload: bool, micro_batch: int,
              precision: str = "bf16", reserve_gib: float = RESERVE_GIB, arch: Optional[str] = None,
              patch: Optional[int] = None) -> PlanRow:
-    geom = _geometry(cfg, arch, patch)
+    geom = encoder_geometry(cfg, arch, patch)
     P, largest = segment_params(cfg, geom)
-    st = model_states(P, largest, world, stage, precision, offload, ds_buffers(cfg, stage, P))
-    # traced at 2 and 3 images (BatchNorm refuses 1 image in training outside SyncBatchNorm), linear in between
-    a2 = trace_segment_step(cfg, geom, 2, precision, ckpt)
-    a3 = trace_segment_step(cfg, geom, 3, precision, ckpt)
-    per_image, fixed = a3 - a2, 3 * a2 - 2 * a3
-    states = st["params"] + st["gathered_params"] + st["grads"] + st["optimizer"] + st["buckets"]
-
-    def total(b):
-        return states + max(fixed + per_image * b, st["fp32_grads"])
-
-    budget = (gpu_gib - reserve_gib) * GiB
-    per_rank = cfg.train.global_batch // world if cfg.train.global_batch % world == 0 else 0
-    best = max(0, int((budget - states - fixed) // per_image)) if per_image > 0 else 0
-    while best > 0 and total(best) > budget:
-        best -= 1
-    best = min(best, 1 << 16)
-    rec = max([b for b in range(1, min(best, per_rank) + 1) if per_rank % b == 0] or [0])
-    tb = total(micro_batch)
-    name = arch or cfg.model.arch
-    return PlanRow(arch=f"seg:{name}", patch=geom.patch_size, stage=stage, checkpointing=ckpt, offload=offload,
-                   micro_batch=micro_batch, params_gib=(st["params"] + st["gathered_params"]) / GiB,
-                   grads_gib=st["grads"] / GiB, optimizer_gib=st["optimizer"] / GiB, buffers_gib=st["buckets"] / GiB,
-                   fp32_grads_gib=st["fp32_grads"] / GiB, activations_gib=(fixed + per_image * micro_batch) / GiB,
-                   teacher_gib=0.0, total_gib=tb / GiB, fits=tb <= budget, max_micro_batch=best,
-                   recommended_micro_batch=rec, host_gib=st["host"] / GiB,
-                   build_host_gib=build_host_bytes(P, largest, world, 0) / GiB)  # built whole (see train.segment)
+    # traced at 2 and 3 images (BatchNorm refuses 1 image in training outside SyncBatchNorm), linear in between;
+    # built whole on each rank (see train.segment)
+    return linear_plan_row(f"seg:{arch or cfg.model.arch}", geom.patch_size, P, largest, world, gpu_gib, stage, ckpt,
+                           offload, micro_batch, cfg.train.global_batch, precision, reserve_gib,
+                           ds_buffers(cfg, stage, P),
+                           lambda b: trace_segment_step(cfg, geom, b, precision, ckpt), lo=2)
 
 
 def plan(cfg, world: int, gpu_gib: float, models: Sequence[tuple], stages=(1, 2, 3), ckpts=(False, True),

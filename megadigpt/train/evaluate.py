@@ -1,5 +1,5 @@
-"""``megadigpt eval``: ImageNet-1K val and the robustness sets of the paper's Table 2, from any source megadigpt
-reads.
+"""``megadigpt eval``: ImageNet-1K val and the robustness sets of the paper's Table 2, any labelled set and (for
+image-text models) zero-shot classification and retrieval, from any source megadigpt reads.
 
 Each set is a data source like any other (:mod:`megadigpt.data.sources`): a class-folder tree, local tar shards, an
 index folder, a sample list, or remote shards (``https://.../val-{000000..000063}.tar``, ``s3://...``, ``pipe:...``,
@@ -33,6 +33,16 @@ where the model has names too, the same names in the same order; a source withou
 taken as the model's class indices, each below its class count. A mismatch is one line before any weights or
 images are read (labels are class indices: a set numbered otherwise would be scored against the wrong classes).
 
+An image-text model (a ``megadigpt clip`` run directory, its ``best/`` or ``last/``) is scored zero-shot: each
+set's classes are open_clip's prompts (``--templates``: ``openai``, the 80 of CLIP's ImageNet protocol, or
+``simple``, open_clip's 18; default: the run's ``clip.templates``) of its class names, the image scored by its
+cosine similarity to each class's mean prompt feature (open_clip's ``build_zero_shot_classifier``). The ImageNet
+family's class names are open_clip's ``IMAGENET_CLASSNAMES`` (in the synset order above, so ``--a``/``--r``
+restrict to their 200 as for a classifier); a ``--set`` is scored against its own class names (its
+``classes.txt`` or class folders, required). ``--pairs NAME=SOURCE`` (repeatable): held-out image-text pairs (as
+``megadigpt clip`` reads them: ``.jpg`` + ``.txt``), scored by image->text and text->image R@1/5/10 over all of
+them; pairs without a readable caption or image are left out and counted.
+
 Every set's top-1 and top-5 (and loss, images) go to ``eval.json`` and ``eval.md`` (ReaL, a re-labelling, has a
 top-1 only; ImageNet-C reports its mCE).
 """
@@ -63,25 +73,25 @@ SET_LABELS = {"imagenet": "ImageNet-1K val", "real": "ImageNet ReaL", "v2": "Ima
 _SET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}")
 
 
-def parse_set_specs(specs) -> Dict[str, str]:
-    """``--set NAME=SOURCE`` values -> {name: source}, in the order given. A name is a word (letters, digits,
-    ``_ . + -``, up to 64), not one of the ImageNet sets' names, given once; the source is everything after the
-    first ``=`` (a URL may hold more)."""
+def parse_set_specs(specs, option: str = "--set") -> Dict[str, str]:
+    """``--set NAME=SOURCE`` (or ``--pairs``) values -> {name: source}, in the order given. A name is a word
+    (letters, digits, ``_ . + -``, up to 64), for ``--set`` not one of the ImageNet sets' names, given once; the
+    source is everything after the first ``=`` (a URL may hold more)."""
     out: Dict[str, str] = {}
     for spec in specs or ():
         name, eq, source = str(spec).partition("=")
         name, source = name.strip(), source.strip()
         if not eq or not name or not source:
-            raise ConfigError(f"--set takes NAME=SOURCE (e.g. cifar10=data/cifar10/test-{{000000..000001}}.tar), "
+            raise ConfigError(f"{option} takes NAME=SOURCE (e.g. cifar10=data/cifar10/test-{{000000..000001}}.tar), "
                               f"got {shorten(spec, 80)}")
         if not _SET_NAME.fullmatch(name):
-            raise ConfigError(f"--set {shorten(name, 80)}: a set's name is letters, digits and _ . + - (it labels "
+            raise ConfigError(f"{option} {shorten(name, 80)}: a set's name is letters, digits and _ . + - (it labels "
                               f"the results), up to 64 characters")
-        if name.lower() in SETS:
+        if option == "--set" and name.lower() in SETS:
             raise ConfigError(f"--set {name}: {name} is the name of an ImageNet set; use --{name.lower()} for it, "
                               f"or another name for this one")
         if name in out:
-            raise ConfigError(f"--set {name} is given twice ({shorten(out[name], 60)} and {shorten(source, 60)})")
+            raise ConfigError(f"{option} {name} is given twice ({shorten(out[name], 60)} and {shorten(source, 60)})")
         out[name] = source
     return out
 
@@ -191,7 +201,7 @@ def load_set(name: str, source, classes: List[str], num_classes: int) -> EvalSet
     return EvalSet(samples, np.array([index[n] for n in names], dtype=np.int64))
 
 
-def _scan(what: str, source):
+def _scan(what: str, source, labelled: bool = True):
     """A set's samples; a shard that could not be read is an error (an evaluation scores every image of its set)."""
     from ..data.sources import scan_source
 
@@ -202,7 +212,9 @@ def _scan(what: str, source):
         raise ConfigError(f"{what}: shard {lost[0].path} could not be read: {lost[0].reason}{more}; an evaluation "
                           f"scores every image of its set: fix the source or name only the shards you mean")
     labels = np.asarray(samples.labels)
-    if len(labels) and labels.min() < 0:
+    if not len(labels):
+        raise ConfigError(f"{what} {source}: no images")
+    if labelled and labels.min() < 0:
         i = int(np.argmax(labels < 0))
         raise ConfigError(f"{what} {source}: {samples[i].key or samples[i].path} has no class (images belong in "
                           f"class folders, shards need a cls member)")
@@ -292,12 +304,16 @@ def read_classifier(path, which: str = "best"):
     if (p / which / "config.json").is_file():
         p = p / which
     if not (p / "config.json").is_file() or not (p / "model.safetensors").is_file():
-        raise ConfigError(f"{path}: not a classifier export (config.json + model.safetensors) nor a fine-tuning run "
-                          f"with {which}/")
+        raise ConfigError(f"{path}: not a classifier or image-text export (config.json + model.safetensors) nor a "
+                          f"fine-tuning or clip run with {which}/")
     try:
         meta = json.loads((p / "config.json").read_bytes().decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as e:
         raise ConfigError(f"{p / 'config.json'}: not readable JSON ({(str(e).splitlines() or [''])[0]})") from None
+    if isinstance(meta, dict) and meta.get("task") == "image_text":
+        if not isinstance(meta.get("visual"), dict) or not isinstance(meta.get("text"), dict):
+            raise ConfigError(f"{p / 'config.json'}: an image-text export without its towers' arguments")
+        return p, meta
     if not isinstance(meta, dict) or not isinstance(meta.get("model_args"), dict):
         raise ConfigError(f"{p / 'config.json'}: not a megadigpt/timm classifier export (no model_args)")
     if not meta.get("num_classes"):
@@ -399,22 +415,72 @@ def real_scorer(samples, labels: List[List[int]]):
     return score
 
 
+def zero_shot_names(name: str, source) -> List[str]:
+    """The class names a ``--set`` is scored zero-shot against (its ``classes.txt`` or class folders): refused in
+    one line where the source names none (zero-shot prompts are made of the names)."""
+    from ..data.sources import label_names
+
+    names = label_names(source)
+    if not names:
+        raise ConfigError(f"--set {name}: {shorten(source, 80)} names no classes; zero-shot scoring builds its "
+                          f"prompts from the class names (a classes.txt beside the shards, or class folders)")
+    return list(names)
+
+
+def zero_shot_head(clip, tokenize, classnames, templates: str, device, dtype):
+    """open_clip's zero-shot classifier of ``classnames`` x the templates, as a head ``images -> logits``."""
+    from open_clip import build_zero_shot_classifier
+
+    from .clip import ZeroShotHead, templates_of
+
+    with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+        classifier = build_zero_shot_classifier(clip, tokenize, classnames, templates_of(templates),
+                                                num_classes_per_batch=10, device=device).float()
+    return ZeroShotHead(clip, classifier)
+
+
+def retrieval_of(clip, tokenize, meta, samples, batch: int, num_workers: int, device, dtype, common) -> dict:
+    """Image-text retrieval (R@1/5/10 both ways) over every pair of ``samples`` (``--pairs``), every rank encoding
+    its share: :func:`megadigpt.train.clip.pair_retrieval`."""
+    import torch.distributed as dist
+
+    from ..data.captions import pair_loader
+    from ..data.classification import timm_transform
+    from .clip import pair_retrieval
+
+    size, ctx = common["size"], meta["text"]["text_cfg"]["context_length"]
+    transform = timm_transform(False, size, common["mean"], common["std"], common["crop_pct"], None)
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if common.get("limit"):
+        samples = samples[::max(1, len(samples) // common["limit"])][:common["limit"]]  # as run_set spreads a set
+    res = pair_retrieval(clip, samples, lambda idx: pair_loader(samples, idx, transform, tokenize, size, ctx, batch,
+                                                                False, num_workers=num_workers),
+                         batch, size, ctx, device, dtype, rank, world)
+    if not res["pairs"]:
+        raise ConfigError(f"--pairs: none of the {len(samples)} pairs has a readable image and caption")
+    return res
+
+
 OUTPUT_FILES = ("eval.json", "eval.md")  # what --out receives
 
 
 def evaluate_sets(model_path: str, folders: Dict[str, str], out_dir: Optional[str] = None, which: str = "best",
                   batch: int = 64, limit: Optional[int] = None, loader: str = "auto", num_workers: int = 4,
                   real_labels_path: Optional[str] = None, device: str = "auto", precision: str = "auto",
-                  named: Optional[Dict[str, str]] = None) -> dict:
+                  named: Optional[Dict[str, str]] = None, pairs: Optional[Dict[str, str]] = None,
+                  templates: Optional[str] = None) -> dict:
     """``megadigpt eval``. ``folders``: ImageNet set name -> its source; ``named``: any other labelled set, name ->
-    source (``--set NAME=SOURCE``); see the module doc. Returns and writes the table. Every check that can fail
-    (sources found, label spaces, the sets listed) runs before the weights are loaded. Remote reads follow
+    source (``--set NAME=SOURCE``); ``pairs``: held-out image-text pairs for retrieval (``--pairs NAME=SOURCE``,
+    image-text models only); ``templates``: the zero-shot prompts (``simple`` | ``openai``; default: the clip
+    run's, else ``openai``); see the module doc. Returns and writes the table. Every check that can fail (sources
+    found, label spaces, the sets listed) runs before the weights are loaded. Remote reads follow
     :func:`megadigpt.data.remote.configure` (the CLI sets it from ``--cache-dir`` ...)."""
     from ..data.sources import check_source
     from ..distributed import env as dist_env
     from .common import auto_precision, resolve_device_type, resolve_loader, torch_dtype
 
-    named = dict(named or {})
+    named, pairs = dict(named or {}), dict(pairs or {})
     unknown = set(folders) - set(SETS)
     if unknown:
         raise ConfigError(f"unknown evaluation sets {sorted(unknown)}; choose from {', '.join(SETS)}, or name your "
@@ -422,9 +488,9 @@ def evaluate_sets(model_path: str, folders: Dict[str, str], out_dir: Optional[st
     clash = sorted(n for n in named if n.lower() in SETS)
     if clash:
         raise ConfigError(f"--set {clash[0]}: the name of an ImageNet set; use --{clash[0].lower()} for it")
-    if not folders and not named:
+    if not folders and not named and not pairs:
         raise ConfigError("give at least one evaluation set (--set NAME=SOURCE for any labelled set; --imagenet, "
-                          "--v2, --a, --r, --sketch, --c for the ImageNet family)")
+                          "--v2, --a, --r, --sketch, --c for the ImageNet family; --pairs NAME=SOURCE for retrieval)")
     if "real" in folders and "imagenet" not in folders:
         folders["imagenet"] = folders["real"]
     if "real" in folders and folders["real"] != folders["imagenet"]:
@@ -433,17 +499,26 @@ def evaluate_sets(model_path: str, folders: Dict[str, str], out_dir: Optional[st
     for name, src in folders.items():  # every source found (remote shards fetched) before the model is loaded
         if name not in ("c", "real"):
             check_source(src)
-    for src in named.values():
+    for src in [*named.values(), *pairs.values()]:
         check_source(src)
     kind = resolve_loader(loader)
     dev_type = resolve_device_type(device)
-    _, meta = read_classifier(model_path, which)  # its config alone: the label spaces are checked before weights
-    num_classes = meta["num_classes"]
-    own_names = meta.get("label_names")
-    named_names = {n: check_label_space(n, src, own_names, num_classes) for n, src in named.items()}
-    classes = own_names
+    folder, meta = read_classifier(model_path, which)  # its config alone: the label spaces are checked before weights
+    zero_shot = meta.get("task") == "image_text"
     notes = []
-    if folders:  # the ImageNet family: the model's classes by name (synsets)
+    if zero_shot:  # any label space: each set's own class names are the classes (open_clip's for ImageNet's)
+        num_classes, own_names, classes = 1000, None, imagenet_synsets() if folders else None
+        named_names = {n: zero_shot_names(n, src) for n, src in named.items()}
+        templates = templates or (meta.get("zeroshot") or {}).get("templates") or "openai"
+    elif pairs or templates:
+        raise ConfigError(f"--pairs and --templates are for an image-text model (a megadigpt clip run or its "
+                          f"export); {shorten(model_path, 80)} is a classifier")
+    else:
+        num_classes = meta["num_classes"]
+        own_names = meta.get("label_names")
+        named_names = {n: check_label_space(n, src, own_names, num_classes) for n, src in named.items()}
+        classes = own_names
+    if folders and not zero_shot:  # the ImageNet family: the model's classes by name (synsets)
         if not classes:
             if num_classes != 1000:
                 raise ConfigError(f"the model has {num_classes} unnamed classes: the ImageNet sets need a 1000-class "
@@ -457,9 +532,20 @@ def evaluate_sets(model_path: str, folders: Dict[str, str], out_dir: Optional[st
     labels_real = real_labels(real_labels_path) if "real" in folders else None
     sets = {name: load_set(name, folders[name], classes, num_classes)
             for name in SETS if name in folders and name not in ("real", "c")}
-    sets.update({n: load_named_set(n, src, named_names[n], num_classes) for n, src in named.items()})
+    sets.update({n: load_named_set(n, src, named_names[n], len(named_names[n]) if zero_shot else num_classes)
+                 for n, src in named.items()})
+    pair_sets = {n: _scan(f"--pairs {n}", src, labelled=False)[0] for n, src in pairs.items()}
     notes += [e.note for e in sets.values() if e.note]
-    model, meta = load_classifier(model_path, which)
+    if zero_shot:
+        from .clip import load_export
+
+        model, tokenize = load_export(folder)
+        pre = meta.get("preprocessing") or {}
+        size = meta["visual"]["img_size"]
+    else:
+        model, meta = load_classifier(model_path, which)
+        pre = meta.get("pretrained_cfg", {})
+        size = meta["model_args"]["img_size"]
 
     env = dist_env.discover()
     from ..distributed.engine import init_distributed, pick_device
@@ -471,23 +557,38 @@ def evaluate_sets(model_path: str, folders: Dict[str, str], out_dir: Optional[st
     prec = precision if precision != "auto" else auto_precision(dev_type)
     dtype = torch_dtype(prec)
     model.to(device=device, dtype=dtype)
-    cfg = meta.get("pretrained_cfg", {})
-    size = meta["model_args"]["img_size"]
     common = dict(size=size, batch=batch, device=device, dtype=dtype, kind=kind, num_workers=num_workers,
-                  mean=cfg.get("mean", (0.485, 0.456, 0.406)), std=cfg.get("std", (0.229, 0.224, 0.225)),
-                  crop_pct=cfg.get("crop_pct", 0.875), limit=limit)
+                  mean=pre.get("mean", (0.485, 0.456, 0.406)), std=pre.get("std", (0.229, 0.224, 0.225)),
+                  crop_pct=pre.get("crop_pct", 0.875), limit=limit)
     results = {"model": str(model_path), "note": None, "img_size": size, "limit": limit, "precision": prec,
-               "sources": {**{k: str(v) for k, v in folders.items()}, **{k: str(v) for k, v in named.items()}},
+               "sources": {**{k: str(v) for k, v in folders.items()}, **{k: str(v) for k, v in named.items()},
+                           **{f"pairs:{k}": str(v) for k, v in pairs.items()}},
                "sets": {}}
+    heads = {}
+    if zero_shot:
+        from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
+
+        from .clip import templates_of
+
+        results["zero_shot"] = {"templates": templates, "prompts_per_class": len(templates_of(templates)),
+                                "imagenet_class_names": "open_clip's IMAGENET_CLASSNAMES" if folders else None}
+        heads = {n: zero_shot_head(model, tokenize, named_names[n], templates, device, dtype) for n in named}
+        if folders:
+            heads[None] = zero_shot_head(model, tokenize, list(IMAGENET_CLASSNAMES), templates, device, dtype)
+
+    def scorer_of(name):  # the classifier; for an image-text model, the zero-shot head of the set's class names
+        return heads.get(name, heads.get(None)) if zero_shot else model
+
     for name, es in sets.items():
-        c, used = run_set(model, es.samples, topk_scorer(es.subset), label_map=es.label_map, **common)
+        c, used = run_set(scorer_of(name), es.samples, topk_scorer(es.subset), label_map=es.label_map, **common)
         if name == "imagenet" and "real" in folders:
-            r, _ = run_set(model, es.samples, real_scorer(used, labels_real), label_map=es.label_map, **common)
+            r, _ = run_set(scorer_of(name), es.samples, real_scorer(used, labels_real), label_map=es.label_map,
+                           **common)
             results["sets"]["real"] = {"label": SET_LABELS["real"], "top1": 100 * r[0].item() / max(r[1].item(), 1),
                                        "top5": None, "images": int(r[1].item())}
         entry = results["sets"].setdefault(name, {"label": SET_LABELS.get(name, name)})
         if name in named:
-            entry.update({"source": str(named[name]), "classes": num_classes,
+            entry.update({"source": str(named[name]), "classes": len(named_names[name]) if zero_shot else num_classes,
                           "class_names": "the source's" if named_names[name] else "none (labels = class indices)"})
         elif es.subset is not None:
             entry["classes"] = len(es.subset)
@@ -505,11 +606,14 @@ def evaluate_sets(model_path: str, folders: Dict[str, str], out_dir: Optional[st
                     unreadable.append(f"{corr}/{sev}")  # a template names every combination; not all need exist
                     log.warning("ImageNet-C %s/%s left out: %s", corr, sev, e)
                     continue
-                cc, _ = run_set(model, es.samples, topk_scorer(), label_map=es.label_map, **common)
+                cc, _ = run_set(scorer_of(None), es.samples, topk_scorer(), label_map=es.label_map, **common)
                 errors.setdefault(corr, {})[sev] = 1 - cc[0].item() / max(cc[2].item(), 1)
         if not errors:
             raise ConfigError(f"--c {folders['c']}: no corruption and severity could be read")
         results["sets"]["c"] = {"label": SET_LABELS["c"], **mce(errors), "errors": errors, "unreadable": unreadable}
+    if pairs:
+        results["retrieval"] = {n: retrieval_of(model, tokenize, meta, samples, batch, num_workers, device, dtype,
+                                                common) for n, samples in pair_sets.items()}
     results["note"] = "; ".join(dict.fromkeys(notes)) or None
     if env.rank == 0:
         text = table(results)
@@ -552,6 +656,18 @@ def table(results: dict) -> str:
         if c.get("unreadable"):
             lines.append(f"\nImageNet-C: {len(c['unreadable'])} corruption/severity sources could not be read "
                          f"(left out): {', '.join(c['unreadable'][:5])}{' ...' if len(c['unreadable']) > 5 else ''}")
+    if results.get("retrieval"):
+        lines += ["", "| pairs (retrieval) | i2t R@1 | R@5 | R@10 | t2i R@1 | R@5 | R@10 | pairs |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for name, r in results["retrieval"].items():
+            bad = f" ({r['bad_pairs']} bad left out)" if r.get("bad_pairs") else ""
+            recalls = " | ".join(f"{r[f'{d}_r{k}']:.2f}" for d in ("i2t", "t2i") for k in (1, 5, 10))
+            lines.append(f"| {name} | {recalls} | {r['pairs']}{bad} |")
+    zs = results.get("zero_shot")
+    if zs:
+        lines.append(f"\nZero-shot: open_clip's {zs['templates']} templates ({zs['prompts_per_class']} prompts per class)"
+                     + (f"; ImageNet class names: {zs['imagenet_class_names']}" if zs.get("imagenet_class_names") else "")
+                     + "; other sets: their own class names")
     if results.get("note"):
         lines.append(f"\nNote: {results['note']}")
     return "\n".join(lines)
