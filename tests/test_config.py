@@ -66,6 +66,8 @@ def _cli_error(args, **env):
 @pytest.mark.parametrize("args,env,match", [
     (["pretrain", "model.dpeth=3"], {}, "did you mean 'depth'"),
     (["pretrain", "--data", "/nonexistent/shards"], {}, "data source not found: /nonexistent/shards"),
+    (["pretrain", "--data", "/nonexistent/s-{000..099}.tar"], {},
+     r"data source not found: /nonexistent/s-000.tar \(and 99 more of /nonexistent/s-\{000..099\}.tar\)$"),
     (["pretrain", "target.kind=timm", "target.model=vit_small_patch14_dinov2", "target.weights=/nope/w.safetensors"],
      {}, "timm teacher weights file not found: /nope/w.safetensors"),
     (["pretrain", "target.kind=open_clip", "target.model=ViT-B-16", "target.weights=/nope/clip.bin"], {},

@@ -193,6 +193,17 @@ def probe_shards(urls: Sequence[str]) -> int:
     raise ConfigError(f"no shard of data.source can be read ({len(urls)} tried; first: {first_error})")
 
 
+def check_resume_mode(saved: Optional[dict], current: Optional[dict]) -> None:
+    """A checkpoint's stream state (``saved``, None for an indexed-mode checkpoint) against this run's
+    (``current``: its :func:`run_identity`, None in indexed mode): refused (one line) where the mode or the
+    readers differ."""
+    if current is not None:
+        check_resume_state(saved, current)
+    elif saved is not None:
+        raise ConfigError("the latest checkpoint was written in data.mode=stream; resuming it in indexed mode would "
+                          "change the data order: use data.mode=stream or a new train.run_dir")
+
+
 def check_resume_state(saved: Optional[dict], current: dict) -> None:
     """Refuse (one line) resuming a stream-mode checkpoint with other settings, or one of the other mode."""
     if saved is None:
@@ -293,31 +304,24 @@ def iter_shard(url: str, offset: int = 0, ordinal: int = 0, timeout_s: float = N
                 group, key, start, bad, oversize = {}, k, m.offset, None, {}
                 if k in seen:
                     bad = f"duplicate key {k} in the shard (an earlier sample has it)"
-            if bad is None and ((ext in IMAGE_EXTS and not any(e in IMAGE_EXTS for e in group)) or ext == ".cls"):
-                too_large = member_too_large(m.name, m.size, max_member_bytes)
-                if too_large:
-                    bad = too_large
-                    group[ext] = None
-                    continue
-                f.seek(m.offset_data)
-                data = f.read(m.size)
-                if len(data) < m.size:
-                    damage = f"truncated: member {k}{ext} cut at byte {f.tell()}"
-                    break
-                group[ext] = data
-            elif bad is None and ext in extra and ext not in group:
-                if m.size > extra[ext]:
-                    oversize[ext] = m.size
-                    group[ext] = None
-                    continue
-                f.seek(m.offset_data)
-                data = f.read(m.size)
-                if len(data) < m.size:
-                    damage = f"truncated: member {k}{ext} cut at byte {f.tell()}"
-                    break
-                group[ext] = data
-            else:
+            wanted = bad is None and ((ext in IMAGE_EXTS and not any(e in IMAGE_EXTS for e in group)) or
+                                      ext == ".cls" or (ext in extra and ext not in group))
+            if not wanted:
                 group.setdefault(ext, None)  # seen, not needed
+                continue
+            if ext in extra and m.size > extra[ext]:  # (an extra member over its cap: said by the sample's user)
+                oversize[ext], group[ext] = m.size, None
+                continue
+            too_large = None if ext in extra else member_too_large(m.name, m.size, max_member_bytes)
+            if too_large:
+                bad, group[ext] = too_large, None
+                continue
+            f.seek(m.offset_data)
+            data = f.read(m.size)
+            if len(data) < m.size:
+                damage = f"truncated: member {k}{ext} cut at byte {f.tell()}"
+                break
+            group[ext] = data
         if damage is None:
             f.seek(tf.offset)
             block = f.read(tarfile.BLOCKSIZE)

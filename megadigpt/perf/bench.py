@@ -351,20 +351,59 @@ def segment_case_config(case: Case, base: Optional[str], overrides: List[str], w
         "train.progress=off", "segment.eval_mode=whole"])  # (no evaluation is measured: no window check)
 
 
+def check_synthetic_case(case: Case, device_type: Optional[str], step: str, attention: str) -> None:
+    """The grid's dimensions a step measured on synthetic inputs with its library's attention does not take."""
+    if case.data != "synthetic":
+        raise ConfigError(f"{step} is measured on synthetic inputs only (--data {case.data})")
+    if case.compile or case.attention not in ("sdpa", "eager"):
+        raise ConfigError(f"{step} is measured with {attention} (sdpa, or eager for the baseline) and without "
+                          f"torch.compile")
+    if case.offload and (device_type or "cuda") != "cuda":
+        raise ConfigError("CPU offload is measured on GPUs only")
+
+
 def check_segment_case(case: Case, base, overrides, world: int, run_dir: str, device_type: Optional[str] = None):
     """``plan_segment``'s checks of a segmentation case (synthetic inputs: no data folders) and the grid's
     dimensions that do not apply to it. -> (config, plan)."""
     from ..train.segment import plan_segment
 
-    if case.data != "synthetic":
-        raise ConfigError(f"the segmentation step is measured on synthetic inputs only (--data {case.data})")
-    if case.compile or case.attention not in ("sdpa", "eager"):
-        raise ConfigError("the segmentation step is measured with timm's attention (sdpa, or eager for the "
-                          "baseline) and without torch.compile")
-    if case.offload and (device_type or "cuda") != "cuda":
-        raise ConfigError("CPU offload is measured on GPUs only")
+    check_synthetic_case(case, device_type, "the segmentation step", "timm's attention")
     cfg = segment_case_config(case, base, overrides, world, run_dir)
     return cfg, plan_segment(cfg, world, device_type=device_type, need_data=False)
+
+
+def _synthetic_images(cfg, n: int, size: int, device, g):
+    """``n`` random images, normalised with the config's mean and std as the loaders give them."""
+    import torch
+
+    images = torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=g).to(device)
+    mean = torch.tensor(cfg.data.mean, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(cfg.data.std, device=device).view(1, 3, 1, 1)
+    return (images.float() / 255.0 - mean) / std
+
+
+def _timm_task_engine(task, run, case: Case, blocks_of, baseline_params):
+    """The engine of a task whose encoder is timm's ViT (segmentation, image-text), as the task builds it; the
+    baseline case: timm's attention without the fused kernel (``blocks_of(model)``'s) and torch's per-parameter
+    AdamW over ``baseline_params(model)``."""
+    import torch
+
+    from ..distributed import engine as ds_engine
+
+    model, ds_config = task.build(run)
+    if case.attention == "eager":  # the baseline: timm's attention without the fused kernel
+        for blk in blocks_of(model):
+            blk.attn.fused_attn = False
+    if case.offload:
+        ds_config["zero_optimization"]["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+    if case.baseline and not case.offload:  # the reference: torch's per-parameter loop
+        optimizer = torch.optim.AdamW(baseline_params(model), lr=1e-4, betas=tuple(task.cfg.optim.betas),
+                                      foreach=False)
+    else:  # what the task builds
+        optimizer = task.build_optimizer(run, model, ds_config)
+    run.engine = engine = ds_engine.initialize(model, optimizer, ds_config)
+    task.attach(run)
+    return engine
 
 
 def _segment_job(case: Case, base, overrides, env, run_dir) -> _Job:
@@ -394,37 +433,19 @@ def _segment_job(case: Case, base, overrides, env, run_dir) -> _Job:
     n_meta = sum(p.numel() for p in meta.parameters() if p.requires_grad)
     sizes = memory.ModelSizes(n_meta, 0, 0, fwd, 0.0)
     mem.start()
-    model, ds_config = task.build(run)
-    if case.attention == "eager":  # the baseline: timm's attention without the fused kernel
-        for blk in model.backbone.blocks:
-            blk.attn.fused_attn = False
-    if case.offload:
-        ds_config["zero_optimization"]["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
-    if case.baseline and not case.offload:  # the reference: torch's per-parameter loop
-        from ..model.segmentation import segment_param_groups
+    from ..model.segmentation import segment_param_groups
 
-        optimizer = torch.optim.AdamW(segment_param_groups(model, cfg.optim.weight_decay, cfg.optim.layer_decay),
-                                      lr=1e-4, betas=tuple(cfg.optim.betas), foreach=False)
-    else:  # what segmentation builds
-        optimizer = task.build_optimizer(run, model, ds_config)
-    run.engine = engine = ds_engine.initialize(model, optimizer, ds_config)
-    task.attach(run)
+    engine = _timm_task_engine(task, run, case, lambda model: model.backbone.blocks, lambda model: segment_param_groups(
+        model, cfg.optim.weight_decay, cfg.optim.layer_decay))
 
     B, c = case.micro_batch, m.crop_size
     g = torch.Generator().manual_seed(env.rank)
-    images = torch.randint(0, 256, (B, 3, c, c), dtype=torch.uint8, generator=g).to(device)
+    images = _synthetic_images(cfg, B, c, device, g)
     masks = torch.randint(0, m.num_classes, (B, c, c), dtype=torch.uint8, generator=g).to(device)
     masks[:, : c // 8] = 255  # some ignored pixels, as real masks have
-    mean = torch.tensor(cfg.data.mean, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(cfg.data.std, device=device).view(1, 3, 1, 1)
-    batch = {"image": (images.float() / 255.0 - mean) / std, "mask": masks,  # normalised, as the loader gives them
-             "valid": torch.ones(B, dtype=torch.bool, device=device)}
-
-    def batches():
-        while True:
-            yield batch
+    batch = {"image": images, "mask": masks, "valid": torch.ones(B, dtype=torch.bool, device=device)}
     engine.train()
-    step = _task_step(task, engine, device, batches())
+    step = _task_step(task, engine, device, itertools.repeat(batch))
     planned = segment_memory.plan_one(cfg, env.world_size, 1e9, case.zero, case.ckpt, case.offload, B,
                                       plan.precision, reserve_gib=0.0) if case.zero in (1, 2, 3) else None
     return _Job(cfg, device, mem, step, sizes, planned, plan.precision, None, engine.was_step_applied)
@@ -448,13 +469,7 @@ def check_clip_case(case: Case, base, overrides, world: int, run_dir: str, devic
     not apply to it. -> (config, plan)."""
     from ..train.clip import plan_clip
 
-    if case.data != "synthetic":
-        raise ConfigError(f"the image-text step is measured on synthetic inputs only (--data {case.data})")
-    if case.compile or case.attention not in ("sdpa", "eager"):
-        raise ConfigError("the image-text step is measured with timm's and open_clip's attention (sdpa, or eager "
-                          "for the baseline) and without torch.compile")
-    if case.offload and (device_type or "cuda") != "cuda":
-        raise ConfigError("CPU offload is measured on GPUs only")
+    check_synthetic_case(case, device_type, "the image-text step", "timm's and open_clip's attention")
     cfg = clip_case_config(case, base, overrides, world, run_dir)
     return cfg, plan_clip(cfg, world, device_type=device_type, need_data=False)
 
@@ -488,33 +503,15 @@ def _clip_job(case: Case, base, overrides, env, run_dir) -> _Job:
     freeze_towers(meta, cfg.clip)
     sizes = memory.ModelSizes(sum(p.numel() for p in meta.parameters() if p.requires_grad), 0, 0, fwd, 0.0)
     mem.start()
-    model, ds_config = task.build(run)
-    if case.attention == "eager":  # the baseline: timm's attention without the fused kernel
-        for blk in model.visual.blocks:
-            blk.attn.fused_attn = False
-    if case.offload:
-        ds_config["zero_optimization"]["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
-    if case.baseline and not case.offload:  # the reference: torch's per-parameter loop
-        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4,
-                                      betas=tuple(cfg.optim.betas), foreach=False)
-    else:  # what megadigpt clip builds
-        optimizer = task.build_optimizer(run, model, ds_config)
-    run.engine = engine = ds_engine.initialize(model, optimizer, ds_config)
-    task.attach(run)
+    engine = _timm_task_engine(task, run, case, lambda model: model.visual.blocks,
+                               lambda model: [p for p in model.parameters() if p.requires_grad])
     B = case.micro_batch
     g = torch.Generator().manual_seed(env.rank)
-    images = torch.randint(0, 256, (B, 3, s, s), dtype=torch.uint8, generator=g).to(device)
-    mean = torch.tensor(cfg.data.mean, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(cfg.data.std, device=device).view(1, 3, 1, 1)
-    batch = {"image": (images.float() / 255.0 - mean) / std,  # normalised, as the loader gives them
+    batch = {"image": _synthetic_images(cfg, B, s, device, g),
              "text": torch.randint(1, 1000, (B, ctx), generator=g).to(device),
              "valid": torch.ones(B, dtype=torch.bool, device=device)}
-
-    def batches():
-        while True:
-            yield batch
     engine.train()
-    step = _task_step(task, engine, device, batches())
+    step = _task_step(task, engine, device, itertools.repeat(batch))
     planned = clip_memory.plan_one(cfg, env.world_size, 1e9, case.zero, case.ckpt, case.offload, B, plan.precision,
                                    reserve_gib=0.0) if case.zero in (1, 2, 3) else None
     return _Job(cfg, device, mem, step, sizes, planned, plan.precision, None, engine.was_step_applied)

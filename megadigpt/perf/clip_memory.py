@@ -17,7 +17,7 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from .memory import RESERVE_GIB, LiveBytes, PlanRow, ds_buffers, fused_attention_memory, linear_plan_row, markdown
+from .memory import RESERVE_GIB, LiveBytes, PlanRow, ds_buffers, fused_attention_memory, linear_plan_row, plan_step_command
 from .segment_memory import encoder_geometry
 
 _TRACES: Dict[tuple, int] = {}
@@ -108,37 +108,11 @@ def is_clip_config(name_or_path: Optional[str]) -> bool:
 
 def cmd_plan_clip(args) -> int:
     """``megadigpt plan --config <clip config>``: ``args`` is ``megadigpt plan``'s namespace."""
-    import json
-    from dataclasses import asdict
-
     from ..clip_config import load_clip_config
-    from ..commands import parse_csv, parse_models, parse_onoff
-    from ..config import ConfigError
-    from ..model.vit import VIT_SIZES
 
     cfg = load_clip_config(args.config, args.overrides)
-    models = parse_models(args.models) if args.models is not None else [
-        (cfg.model.arch if cfg.model.arch != "auto" else "vit_large", cfg.model.patch_size or 14)]
-    for arch, _ in models:
-        if arch not in VIT_SIZES:
-            raise ConfigError(f"unknown model {arch!r}; choose from {', '.join(VIT_SIZES)}")
-    stages = parse_csv(args.zero, int, "--zero")
-    if not stages or any(z not in (1, 2, 3) for z in stages):
-        raise ConfigError(f"--zero takes stages 1, 2, 3, got {args.zero}")
-    if getattr(args, "json", None):
-        from ..checkpoint.convert import guard_output
-        from ..commands import is_plan_json
-
-        guard_output(args.json, "file", "--json", force=getattr(args, "force", False), inputs=[args.config],
-                     own=is_plan_json)
-    rows = plan(cfg, args.gpus, args.gpu_mem, models, stages, [parse_onoff(v) for v in parse_csv(args.ckpt)],
-                [parse_onoff(v) for v in parse_csv(args.offload)], args.micro_batch, args.precision, args.reserve)
-    print(f"# per-GPU memory of an image-text step: {args.gpus} GPUs of {args.gpu_mem:g} GiB ({args.reserve:g} GiB "
-          f"reserved), {cfg.model.img_size} px, text tower {cfg.text.model}, {args.precision}, global batch "
-          f"{cfg.train.global_batch} (contrasted per micro-step: micro-batch x {args.gpus}); GiB per GPU")
-    print(markdown(rows, args.gpus, args.gpu_mem))
-    if getattr(args, "json", None):
-        from ..checkpoint.convert import write_output
-
-        write_output(args.json, json.dumps([asdict(r) for r in rows], indent=1), "plan")
-    return 0
+    return plan_step_command(
+        args, cfg, plan, (cfg.model.arch if cfg.model.arch != "auto" else "vit_large", cfg.model.patch_size or 14),
+        f"# per-GPU memory of an image-text step: {args.gpus} GPUs of {args.gpu_mem:g} GiB ({args.reserve:g} GiB "
+        f"reserved), {cfg.model.img_size} px, text tower {cfg.text.model}, {args.precision}, global batch "
+        f"{cfg.train.global_batch} (contrasted per micro-step: micro-batch x {args.gpus}); GiB per GPU")

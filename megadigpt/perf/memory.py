@@ -329,6 +329,42 @@ def linear_plan_row(name: str, patch: int, P: int, largest: int, world: int, gpu
                    build_host_gib=build_host_bytes(P, largest, world, 0) / GiB)
 
 
+def plan_step_command(args, cfg, plan_fn, default_model: tuple, header: str) -> int:
+    """``megadigpt plan`` for a step without a teacher (segmentation, image-text): ``args`` is the command's
+    namespace (models, gpus, gpu_mem, zero, ckpt, offload, micro_batch, precision, reserve, json, force);
+    ``plan_fn(cfg, gpus, gpu_mem, models, stages, ckpts, offloads, micro_batch, precision, reserve)`` gives the rows
+    (``default_model``: (arch, patch) where ``--models`` is not given); ``header`` opens the table."""
+    import json
+    from dataclasses import asdict
+
+    from ..commands import parse_csv, parse_models, parse_onoff
+    from ..config import ConfigError
+    from ..model.vit import VIT_SIZES
+
+    models = parse_models(args.models) if args.models is not None else [default_model]
+    for arch, _ in models:
+        if arch not in VIT_SIZES:
+            raise ConfigError(f"unknown model {arch!r}; choose from {', '.join(VIT_SIZES)}")
+    stages = parse_csv(args.zero, int, "--zero")
+    if not stages or any(z not in (1, 2, 3) for z in stages):
+        raise ConfigError(f"--zero takes stages 1, 2, 3, got {args.zero}")
+    if getattr(args, "json", None):
+        from ..checkpoint.convert import guard_output
+        from ..commands import is_plan_json
+
+        guard_output(args.json, "file", "--json", force=getattr(args, "force", False), inputs=[args.config],
+                     own=is_plan_json)
+    rows = plan_fn(cfg, args.gpus, args.gpu_mem, models, stages, [parse_onoff(v) for v in parse_csv(args.ckpt)],
+                   [parse_onoff(v) for v in parse_csv(args.offload)], args.micro_batch, args.precision, args.reserve)
+    print(header)
+    print(markdown(rows, args.gpus, args.gpu_mem))
+    if getattr(args, "json", None):
+        from ..checkpoint.convert import write_output
+
+        write_output(args.json, json.dumps([asdict(r) for r in rows], indent=1), "plan")
+    return 0
+
+
 def build_host_bytes(P: int, largest: int, world: int, stage: int) -> int:
     """Host memory per rank while the fp32 student is built: the whole of it (4 P) for ZeRO 0-2; under ZeRO-3
     (``distributed.partitioned``) this rank's partitions (4 P / N) plus one block in full, the most that

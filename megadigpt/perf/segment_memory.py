@@ -17,7 +17,8 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from .memory import RESERVE_GIB, LiveBytes, PlanRow, ds_buffers, fused_attention_memory, linear_plan_row, markdown
+from .memory import (RESERVE_GIB, LiveBytes, PlanRow, ds_buffers, fused_attention_memory, linear_plan_row, markdown,
+                     plan_step_command)
 
 _TRACES: Dict[tuple, int] = {}
 
@@ -116,40 +117,13 @@ def is_segment_config(name_or_path: Optional[str]) -> bool:
 def cmd_plan_segment(args) -> int:
     """``megadigpt plan --config <segmentation config>``: ``args`` is ``megadigpt plan``'s namespace (config,
     models, gpus, gpu_mem, zero, ckpt, offload, micro_batch, precision, reserve, json, overrides)."""
-    import json
-    from dataclasses import asdict
-    from pathlib import Path
-
-    from ..commands import parse_csv, parse_models, parse_onoff
-    from ..config import ConfigError
-    from ..model.vit import VIT_SIZES
     from ..segment_config import load_segment_config
 
     cfg = load_segment_config(args.config, args.overrides)
-    models = parse_models(args.models) if args.models is not None else [
-        (cfg.model.arch if cfg.model.arch != "auto" else "vit_base", cfg.model.patch_size or 16)]
-    for arch, _ in models:
-        if arch not in VIT_SIZES:
-            raise ConfigError(f"unknown model {arch!r}; choose from {', '.join(VIT_SIZES)}")
-    stages = parse_csv(args.zero, int, "--zero")
-    if not stages or any(z not in (1, 2, 3) for z in stages):
-        raise ConfigError(f"--zero takes stages 1, 2, 3, got {args.zero}")
-    if getattr(args, "json", None):
-        from ..checkpoint.convert import guard_output
-        from ..commands import is_plan_json
-
-        guard_output(args.json, "file", "--json", force=getattr(args, "force", False), inputs=[args.config],
-                     own=is_plan_json)
-    rows = plan(cfg, args.gpus, args.gpu_mem, models, stages, [parse_onoff(v) for v in parse_csv(args.ckpt)],
-                [parse_onoff(v) for v in parse_csv(args.offload)], args.micro_batch, args.precision, args.reserve)
-    print(f"# per-GPU memory of a segmentation step: {args.gpus} GPUs of {args.gpu_mem:g} GiB ({args.reserve:g} GiB "
-          f"reserved), crop {cfg.model.crop_size}, {args.precision}, global batch {cfg.train.global_batch}; GiB per GPU")
-    print(markdown(rows, args.gpus, args.gpu_mem))
-    if getattr(args, "json", None):
-        from ..checkpoint.convert import write_output
-
-        write_output(args.json, json.dumps([asdict(r) for r in rows], indent=1), "plan")
-    return 0
+    return plan_step_command(
+        args, cfg, plan, (cfg.model.arch if cfg.model.arch != "auto" else "vit_base", cfg.model.patch_size or 16),
+        f"# per-GPU memory of a segmentation step: {args.gpus} GPUs of {args.gpu_mem:g} GiB ({args.reserve:g} GiB "
+        f"reserved), crop {cfg.model.crop_size}, {args.precision}, global batch {cfg.train.global_batch}; GiB per GPU")
 
 
 def main(argv=None) -> int:

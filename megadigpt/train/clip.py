@@ -427,12 +427,8 @@ class ClipTask(TransferTask):
     def check_resume(self, resume):
         from ..data import streaming
 
-        saved = resume.get("stream")
-        if self.stream_mode:  # the read positions fit only the same readers over the same shards
-            streaming.check_resume_state(saved, self.stream_id)
-        elif saved is not None:
-            raise ConfigError("the latest checkpoint was written in data.mode=stream; resuming it in indexed mode "
-                              "would change the data order: use data.mode=stream or a new train.run_dir")
+        # the read positions fit only the same readers over the same shards
+        streaming.check_resume_mode(resume.get("stream"), self.stream_id if self.stream_mode else None)
 
     def client_state(self, run: Run) -> dict:
         return {"stream": self.stream_id} if self.stream_mode else {}

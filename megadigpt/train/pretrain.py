@@ -237,12 +237,8 @@ class PretrainTask(Task):
     def check_resume(self, resume):
         from ..data import streaming
 
-        saved_stream = resume.get("stream")
-        if self.stream_mode:  # the read positions fit only the same readers over the same shards
-            streaming.check_resume_state(saved_stream, self.stream_id)
-        elif saved_stream is not None:
-            raise ConfigError("the latest checkpoint was written in data.mode=stream; resuming it in indexed mode "
-                              "would change the data order: use data.mode=stream or a new train.run_dir")
+        # the read positions fit only the same readers over the same shards
+        streaming.check_resume_mode(resume.get("stream"), self.stream_id if self.stream_mode else None)
 
     def finished_line(self, run_dir, done, total):
         return (f"{run_dir} is already finished: step {done} of {total}; nothing to do (export it with "
