@@ -15,7 +15,10 @@ Data: 10,000 captioned training images (train-000000..000001), 1,000 held-out ca
 5,000..5,999) for retrieval, and the first 5,000 test images (test-000000) for zero-shot top-1, with class-name
 prompts from the same 18 templates.
 
-    python benchmarks/clip_cifar10.py [--out runs/clip_cifar10_evidence] [--steps N]
+    python benchmarks/clip_cifar10.py [--out runs/clip_cifar10_evidence] [--epochs E] [--seeds 0,1]
+
+Each seed (``train.seed``: the text tower's and projection's start, a random image tower's, the data order and
+augmentation) trains both arms; the table has a row per arm and seed, then each arm's median and range.
 
 Every stage is a plain ``megadigpt`` command (printed as it runs) and is skipped when its result exists. Prints a
 markdown table (also written to <out>/results.md).
@@ -24,6 +27,7 @@ markdown table (also written to <out>/results.md).
 import argparse
 import json
 import shlex
+import statistics
 import subprocess
 import sys
 import time
@@ -54,6 +58,7 @@ def main():
     ap.add_argument("--out", default="runs/clip_cifar10_evidence")
     ap.add_argument("--data", default=str(CIFAR))
     ap.add_argument("--epochs", type=float, default=2.0)
+    ap.add_argument("--seeds", default="0", help="comma-separated train.seed values; each trains both arms")
     args = ap.parse_args()
     out = (REPO / args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -88,23 +93,27 @@ def main():
               "train.progress=off"]
     arms = {"pretrained": ["--init-from", str(pre)], "random": ENCODER}
     rows = []
-    for arm, extra in arms.items():
-        run_dir = out / arm
-        if not (run_dir / "last" / "model.safetensors").is_file():
-            times[arm] = run(py + ["clip", "--run-dir", str(run_dir), *common, *extra], out / f"{arm}.log")
-        r = last_eval(run_dir)
-        start = next(json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines()
-                     if json.loads(ln).get("event") in ("start", "resume"))
-        steps = r["step"]
-        rows.append((arm, r, steps, start, times.get(arm)))
+    for seed in [int(x) for x in args.seeds.split(",")]:
+        for arm, extra in arms.items():
+            name = arm if seed == 0 else f"{arm}.seed{seed}"
+            run_dir = out / name
+            if not (run_dir / "last" / "model.safetensors").is_file():
+                times[name] = run(py + ["clip", "--run-dir", str(run_dir), *common, *extra, f"train.seed={seed}"],
+                                  out / f"{name}.log")
+            r = last_eval(run_dir)
+            rows.append((arm, seed, r, r["step"], times.get(name)))
 
-    lines = ["| image tower | zero-shot top-1 | top-5 | i2t R@1 | R@5 | R@10 | t2i R@1 | R@5 | R@10 | steps x batch "
-             "| train time |", "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for arm, r, steps, start, secs in rows:
-        lines.append(f"| {arm} | {r['zeroshot_top1']:.2f} | {r['zeroshot_top5']:.2f} | {r['val_i2t_r1']:.1f} | "
+    lines = ["| image tower | seed | zero-shot top-1 | top-5 | i2t R@1 | R@5 | R@10 | t2i R@1 | R@5 | R@10 | "
+             "steps x batch | train time |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for arm, seed, r, steps, secs in rows:
+        lines.append(f"| {arm} | {seed} | {r['zeroshot_top1']:.2f} | {r['zeroshot_top5']:.2f} | {r['val_i2t_r1']:.1f} | "
                      f"{r['val_i2t_r5']:.1f} | {r['val_i2t_r10']:.1f} | {r['val_t2i_r1']:.1f} | {r['val_t2i_r5']:.1f} | "
                      f"{r['val_t2i_r10']:.1f} | {steps} x 128 | "
                      f"{'%.1f min' % (secs / 60) if secs else 'earlier run'} |")
+    lines += ["", "| image tower | seeds | zero-shot top-1, median [min-max] |", "|---|---|---|"]
+    for arm in arms:
+        top1 = [r["zeroshot_top1"] for a, _, r, _, _ in rows if a == arm]
+        lines.append(f"| {arm} | {len(top1)} | {statistics.median(top1):.2f} [{min(top1):.2f}-{max(top1):.2f}] |")
     table = "\n".join(lines)
     print(table)
     (out / "results.md").write_text(table + "\n\nzero-shot: the first 5,000 CIFAR-10 test images, 10 class "

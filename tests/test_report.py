@@ -48,7 +48,10 @@ def test_wandb_offline_run_is_written_and_resumed_under_one_id(tmp_path, monkeyp
     assert data and data[0].stat().st_size > 0
     _log_run(run, steps=6, wandb=settings, start=3)  # a resume: the same W&B run id, a second offline segment
     assert (run / "wandb_id.txt").read_text().strip() == run_id
-    assert all(p.name.endswith(run_id) for p in (run / "wandb").glob("offline-run-*"))
+    # W&B names a second segment started within the same second <time>-<id>-1: the id is what must match
+    segments = sorted(p.name for p in (run / "wandb").glob("offline-run-*"))
+    assert len(segments) == 2 and all(re.fullmatch(rf"offline-run-\d{{8}}_\d{{6}}-{run_id}(-\d+)?", n)
+                                      for n in segments), segments
 
 
 def test_report_of_logged_steps_with_a_probe(tmp_path):
