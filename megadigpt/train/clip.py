@@ -336,6 +336,18 @@ class ZeroShotHead:
         return 100.0 * F.normalize(self.clip.encode_image(x).float(), dim=-1) @ self.classifier
 
 
+def zero_shot_head(clip, tokenize, classnames, templates: str, device, dtype) -> ZeroShotHead:
+    """open_clip's zero-shot classifier (``build_zero_shot_classifier``: each class's mean normalised prompt
+    feature) of ``classnames`` x the ``templates`` (``simple`` | ``openai``), as a head ``images -> logits``."""
+    import torch
+    from open_clip import build_zero_shot_classifier
+
+    with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+        classifier = build_zero_shot_classifier(clip, tokenize, classnames, templates_of(templates),
+                                                num_classes_per_batch=10, device=device).float()
+    return ZeroShotHead(clip, classifier)
+
+
 def templates_of(name: str):
     from open_clip import zero_shot_metadata as meta
 
@@ -637,26 +649,19 @@ class ClipTask(TransferTask):
     def zero_shot(self, run: Run) -> dict:
         """Top-1/top-5 of the zero-shot classifier (open_clip's: the mean normalised text feature of each class's
         prompts) on ``data.zeroshot``; every rank builds the same classifier and scores its share."""
-        import torch
-        from open_clip import build_zero_shot_classifier
-
         from ..data.classification import build_classification_loader
         from .finetune import evaluate
 
         m, d, t = self.cfg.model, self.cfg.data, self.cfg.train
         clip = run.engine.module
         was = clip.training
-        clip.eval()
-        with torch.no_grad(), torch.autocast(run.device.type, dtype=run.compute_dtype,
-                                             enabled=run.compute_dtype != torch.float32):
-            classifier = build_zero_shot_classifier(clip, self.tokenize, self.classnames,
-                                                    templates_of(self.cfg.clip.templates), num_classes_per_batch=10,
-                                                    device=run.device).float()
+        head = zero_shot_head(clip.eval(), self.tokenize, self.classnames, self.cfg.clip.templates, run.device,
+                              run.compute_dtype)
         clip.train(was)
         loader = build_classification_loader(self.zeroshot, False, m.img_size, t.micro_batch, run.env.rank,
                                              run.world, kind=self.plan.loader, device=run.device,
                                              num_workers=d.num_workers, mean=d.mean, std=d.std, crop_pct=d.crop_pct)
-        return evaluate(ZeroShotHead(clip, classifier), loader, eval_batches(len(self.zeroshot), run.world,
+        return evaluate(head, loader, eval_batches(len(self.zeroshot), run.world,
                                                                             t.micro_batch),
                         t.micro_batch, run.device, run.compute_dtype, m.img_size)
 

@@ -427,18 +427,6 @@ def zero_shot_names(name: str, source) -> List[str]:
     return list(names)
 
 
-def zero_shot_head(clip, tokenize, classnames, templates: str, device, dtype):
-    """open_clip's zero-shot classifier of ``classnames`` x the templates, as a head ``images -> logits``."""
-    from open_clip import build_zero_shot_classifier
-
-    from .clip import ZeroShotHead, templates_of
-
-    with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-        classifier = build_zero_shot_classifier(clip, tokenize, classnames, templates_of(templates),
-                                                num_classes_per_batch=10, device=device).float()
-    return ZeroShotHead(clip, classifier)
-
-
 def retrieval_of(clip, tokenize, meta, samples, batch: int, num_workers: int, device, dtype, common) -> dict:
     """Image-text retrieval (R@1/5/10 both ways) over every pair of ``samples`` (``--pairs``), every rank encoding
     its share: :func:`megadigpt.train.clip.pair_retrieval`."""
@@ -568,7 +556,7 @@ def evaluate_sets(model_path: str, folders: Dict[str, str], out_dir: Optional[st
     if zero_shot:
         from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
 
-        from .clip import templates_of
+        from .clip import templates_of, zero_shot_head
 
         results["zero_shot"] = {"templates": templates, "prompts_per_class": len(templates_of(templates)),
                                 "imagenet_class_names": "open_clip's IMAGENET_CLASSNAMES" if folders else None}
